@@ -185,6 +185,10 @@ struct WorkerArgs {
     /// Memory for the latent KV cache, in MiB.
     #[arg(long, default_value_t = 1024, env = "SHARDSEEK_KV_CACHE_MIB")]
     kv_cache_mib: usize,
+    /// Prefix-cache block keys: sha256 (collision-resistant) or fnv1a64 (the cheaper key of
+    /// earlier releases, kept for comparison). Hits are verified against the tokens either way.
+    #[arg(long, default_value = "sha256", env = "SHARDSEEK_PREFIX_CACHE_HASH")]
+    prefix_cache_hash: shardseek_worker::prefix::PrefixHash,
     /// Disable the two-micro-batch overlap of attention and remote experts.
     #[arg(long)]
     no_overlap: bool,
@@ -430,6 +434,7 @@ async fn generate_remote(url: String, a: GenerateArgs) -> Result<()> {
         stop: vec![],
         ignore_eos: a.ignore_eos,
         stop_token_ids: vec![],
+        cache_salt: None,
     };
     let mut stream = client.generate(req).await.context("Generate")?.into_inner();
     let mut out = GenerateOutput {
@@ -741,6 +746,7 @@ fn run_worker(mut a: WorkerArgs) -> Result<()> {
         max_waiting_requests: a.max_waiting_requests,
         max_seq_len,
         kv_blocks,
+        prefix_key: a.prefix_cache_hash.key_fn(),
     };
     match a.role {
         Role::Attention => {

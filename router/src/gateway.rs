@@ -217,6 +217,7 @@ impl Backend for GrpcBackend {
                 stop: Vec::new(),
                 ignore_eos: req.ignore_eos,
                 stop_token_ids: req.stop_token_ids.clone(),
+                cache_salt: req.cache_salt.clone(),
             };
             let mut tried = Vec::new();
             let mut last_err = BackendError::Unavailable("no healthy attention pod".into());
@@ -359,6 +360,7 @@ impl Gateway for GatewayService {
             echo: r.echo,
             ignore_eos: r.ignore_eos,
             stop_token_ids: r.stop_token_ids.clone(),
+            cache_salt: r.cache_salt.clone(),
         };
         let events = self.backend.generate(req).await.map_err(|e| match e {
             BackendError::Invalid(m) => Status::invalid_argument(m),

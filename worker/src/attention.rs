@@ -75,6 +75,11 @@ pub fn engine_request(r: &GenerateRequest) -> Result<EngineRequest, Status> {
     if r.max_tokens == 0 {
         return Err(Status::invalid_argument("max_tokens: must be >= 1"));
     }
+    if r.cache_salt.as_deref() == Some("") {
+        return Err(Status::invalid_argument(
+            "cache_salt: must be a non-empty string when given",
+        ));
+    }
     Ok(EngineRequest {
         prompt,
         max_tokens: r.max_tokens as usize,
@@ -88,6 +93,7 @@ pub fn engine_request(r: &GenerateRequest) -> Result<EngineRequest, Status> {
         echo: r.echo,
         ignore_eos: r.ignore_eos,
         stop_token_ids: r.stop_token_ids.clone(),
+        cache_salt: r.cache_salt.clone(),
     })
 }
 

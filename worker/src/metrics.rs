@@ -26,6 +26,7 @@ pub struct WorkerMetrics {
     prompt_tokens: IntCounter,
     generation_tokens: IntCounter,
     prefix_cache_hits: IntCounter,
+    prefix_cache_rejected: IntCounter,
     preemptions: IntCounter,
     /// Round trip of one MoE layer's dispatch + combine, seen by the attention pod.
     pub dispatch_duration: Histogram,
@@ -35,7 +36,7 @@ pub struct WorkerMetrics {
     pub expert_tokens: IntCounterVec,
     /// max/mean of per-expert token counts over this process's experts.
     pub expert_load_imbalance: Gauge,
-    last: Mutex<[u64; 4]>,
+    last: Mutex<[u64; 5]>,
     /// Tokens per expert id, for the imbalance ratio.
     per_expert: Mutex<Vec<u64>>,
 }
@@ -83,6 +84,11 @@ impl WorkerMetrics {
             "shardseek_prefix_cache_hits_total",
             "KV blocks of prompts served from the prefix cache (their prefill skipped)",
         );
+        let prefix_cache_rejected = ic(
+            "shardseek_prefix_cache_rejected_total",
+            "Prefix-cache key matches refused because the block's tokens or parent differed \
+             (hash collisions and stale entries; each costs a miss, never wrong KV)",
+        );
         let preemptions = ic(
             "shardseek_preemptions_total",
             "Requests preempted for KV space",
@@ -124,12 +130,13 @@ impl WorkerMetrics {
             prompt_tokens,
             generation_tokens,
             prefix_cache_hits,
+            prefix_cache_rejected,
             preemptions,
             dispatch_duration,
             dispatch_bytes,
             expert_tokens,
             expert_load_imbalance,
-            last: Mutex::new([0; 4]),
+            last: Mutex::new([0; 5]),
             per_expert: Mutex::new(Vec::new()),
         }
     }
@@ -169,6 +176,7 @@ impl WorkerMetrics {
                 s.generation_tokens_total.load(Ordering::Relaxed),
                 s.prefix_cache_hit_blocks.load(Ordering::Relaxed),
                 s.preemptions_total.load(Ordering::Relaxed),
+                s.prefix_cache_rejected_blocks.load(Ordering::Relaxed),
             ];
             if let Ok(mut last) = self.last.lock() {
                 let counters = [
@@ -176,6 +184,7 @@ impl WorkerMetrics {
                     &self.generation_tokens,
                     &self.prefix_cache_hits,
                     &self.preemptions,
+                    &self.prefix_cache_rejected,
                 ];
                 for ((c, n), l) in counters.iter().zip(now).zip(last.iter_mut()) {
                     c.inc_by(n.saturating_sub(*l));

@@ -111,6 +111,7 @@ async fn run(st: &AppState, req: Request, started: Instant) -> Result<Reply, Api
                 echo: false,
                 ignore_eos: sampling.ignore_eos,
                 stop_token_ids: sampling.stop_token_ids.clone(),
+                cache_salt: sampling.cache_salt.clone(),
             },
             stop: sampling.stop.clone(),
             logprobs: logprobs.is_some(),

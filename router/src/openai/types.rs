@@ -70,6 +70,8 @@ pub struct CompletionRequest {
     pub logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
     pub suffix: Option<String>,
     pub user: Option<String>,
+    /// vLLM's prefix-cache isolation: only requests with the same salt share cached KV.
+    pub cache_salt: Option<String>,
 }
 
 /// `content` of a chat message: a string or a list of parts.
@@ -126,6 +128,8 @@ pub struct ChatRequest {
     pub parallel_tool_calls: Option<bool>,
     pub store: Option<bool>,
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// vLLM's prefix-cache isolation: only requests with the same salt share cached KV.
+    pub cache_salt: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -145,6 +149,7 @@ pub struct Sampling {
     pub stop: Vec<String>,
     pub ignore_eos: bool,
     pub stop_token_ids: Vec<u32>,
+    pub cache_salt: Option<String>,
 }
 
 /// The sampling fields as both request types carry them.
@@ -160,6 +165,7 @@ pub struct SamplingFields<'a> {
     pub frequency_penalty: Option<f32>,
     pub presence_penalty: Option<f32>,
     pub logit_bias: Option<&'a serde_json::Map<String, serde_json::Value>>,
+    pub cache_salt: Option<&'a String>,
 }
 
 impl SamplingFields<'_> {
@@ -240,6 +246,12 @@ impl SamplingFields<'_> {
                 "logit_bias is not supported by this server",
             ));
         }
+        if self.cache_salt.is_some_and(|s| s.is_empty()) {
+            return Err(ApiError::invalid(
+                "cache_salt",
+                "cache_salt must be a non-empty string when given",
+            ));
+        }
         Ok(Sampling {
             temperature: temperature as f32,
             // Validated on f64: a positive top_p too small for f32 is still positive.
@@ -251,6 +263,7 @@ impl SamplingFields<'_> {
             stop,
             ignore_eos: self.ignore_eos.unwrap_or(false),
             stop_token_ids: self.stop_token_ids.cloned().unwrap_or_default(),
+            cache_salt: self.cache_salt.cloned(),
         })
     }
 }
@@ -283,6 +296,7 @@ impl CompletionRequest {
             frequency_penalty: self.frequency_penalty,
             presence_penalty: self.presence_penalty,
             logit_bias: self.logit_bias.as_ref(),
+            cache_salt: self.cache_salt.as_ref(),
         }
         .validate()
     }
@@ -341,6 +355,7 @@ impl ChatRequest {
             frequency_penalty: self.frequency_penalty,
             presence_penalty: self.presence_penalty,
             logit_bias: self.logit_bias.as_ref(),
+            cache_salt: self.cache_salt.as_ref(),
         }
         .validate()
     }

@@ -3,6 +3,7 @@
 use crate::generate::{FinishReason, top_k_logprobs};
 use crate::kv::{KvPool, SeqCache};
 use crate::model::{Model, SeqInput};
+use crate::prefix::{BlockKeyFn, sha256_block_key};
 use shardseek_kernels::sampling::{Rng, SamplingParams, sample};
 use shardseek_kernels::softmax::log_softmax;
 use std::collections::VecDeque;
@@ -24,6 +25,9 @@ pub struct EngineConfig {
     pub max_seq_len: usize,
     /// KV cache blocks (of 64 tokens) in the pool.
     pub kv_blocks: usize,
+    /// How prefix-cache blocks are keyed (hits are verified whatever the function; see
+    /// `prefix::PrefixHash` for the choices a deployment has).
+    pub prefix_key: BlockKeyFn,
 }
 
 impl Default for EngineConfig {
@@ -34,6 +38,7 @@ impl Default for EngineConfig {
             max_waiting_requests: 256,
             max_seq_len: 4096,
             kv_blocks: 512,
+            prefix_key: sha256_block_key,
         }
     }
 }
@@ -50,6 +55,9 @@ pub struct EngineRequest {
     pub ignore_eos: bool,
     /// Extra token ids that end generation (besides the model's EOS).
     pub stop_token_ids: Vec<u32>,
+    /// Prefix-cache isolation (vLLM's `cache_salt`): only requests with the same salt share
+    /// cached blocks; `None` shares with every other unsalted request.
+    pub cache_salt: Option<String>,
 }
 
 /// What a request's channel carries, in order.
@@ -90,6 +98,8 @@ pub struct EngineStats {
     pub kv_blocks_total: AtomicUsize,
     pub kv_blocks_available: AtomicUsize,
     pub prefix_cache_hit_blocks: AtomicU64,
+    /// Prefix-cache key matches refused because the block's tokens or parent differed.
+    pub prefix_cache_rejected_blocks: AtomicU64,
     pub prompt_tokens_total: AtomicU64,
     pub generation_tokens_total: AtomicU64,
     pub preemptions_total: AtomicU64,
@@ -188,10 +198,11 @@ impl Engine {
     pub fn start(model: Arc<Model>, cfg: EngineConfig) -> Arc<Self> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
-        let pool = KvPool::new(
+        let pool = KvPool::with_key_fn(
             model.cfg.num_hidden_layers,
             model.cfg.latent_dim(),
             cfg.kv_blocks,
+            cfg.prefix_key,
         );
         stats
             .kv_blocks_total
@@ -386,6 +397,9 @@ impl Scheduler {
         self.stats
             .prefix_cache_hit_blocks
             .store(self.pool.prefix_hits(), Ordering::Relaxed);
+        self.stats
+            .prefix_cache_rejected_blocks
+            .store(self.pool.prefix_rejected(), Ordering::Relaxed);
         let outstanding: usize = self
             .running
             .iter()
@@ -449,8 +463,15 @@ impl Scheduler {
             let Some(mut s) = self.waiting.pop_front() else {
                 break;
             };
-            if s.cache.is_empty() && !s.req.echo {
-                s.cache = self.pool.start_with_prefix(&s.tokens);
+            if s.cache.is_empty() {
+                let salt = s.req.cache_salt.as_deref();
+                // Echo needs every prompt position's logits, so it reads nothing cached; its
+                // blocks are still registered for later requests.
+                s.cache = if s.req.echo {
+                    self.pool.start_cold(salt)
+                } else {
+                    self.pool.start_with_prefix(&s.tokens, salt)
+                };
                 s.cached_tokens = s.cache.len();
             }
             let mut take = s.pending().min(budget);
