@@ -124,6 +124,9 @@ struct BenchServeArgs {
     /// Prompt length in tokens (random token ids).
     #[arg(long, default_value_t = 128)]
     input_len: usize,
+    /// Tokens every prompt starts with before its own input (a shared system prompt).
+    #[arg(long, default_value_t = 0)]
+    shared_prefix_len: usize,
     /// Tokens to generate per request (end-of-sequence is ignored).
     #[arg(long, default_value_t = 128)]
     output_len: usize,
@@ -861,6 +864,7 @@ fn run_bench_serve(a: BenchServeArgs) -> Result<()> {
         concurrency: a.concurrency,
         rate: a.rate,
         input_len: a.input_len,
+        shared_prefix_len: a.shared_prefix_len,
         output_len: a.output_len,
         model: a.model,
         vocab: a.vocab,

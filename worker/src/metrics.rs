@@ -4,8 +4,8 @@
 
 use crate::engine::EngineStats;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Counter, Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
@@ -28,6 +28,10 @@ pub struct WorkerMetrics {
     prefix_cache_hits: IntCounter,
     prefix_cache_rejected: IntCounter,
     preemptions: IntCounter,
+    step_seconds: Counter,
+    prefix_cache_seconds: Counter,
+    /// Nanosecond totals last copied into the two float counters above.
+    last_nanos: Mutex<[u64; 2]>,
     /// Round trip of one MoE layer's dispatch + combine, seen by the attention pod.
     pub dispatch_duration: Histogram,
     /// Bytes of rows sent and received by dispatch.
@@ -89,6 +93,19 @@ impl WorkerMetrics {
             "Prefix-cache key matches refused because the block's tokens or parent differed \
              (hash collisions and stale entries; each costs a miss, never wrong KV)",
         );
+        let fc = |n: &str, h: &str| {
+            let c = must(Counter::new(n, h));
+            must(registry.register(Box::new(c.clone())));
+            c
+        };
+        let step_seconds = fc(
+            "shardseek_engine_step_seconds_total",
+            "Wall time of the engine's forward steps (planning, forward pass, sampling)",
+        );
+        let prefix_cache_seconds = fc(
+            "shardseek_prefix_cache_seconds_total",
+            "Of the step time, the time spent keying, verifying and registering prefix-cache blocks",
+        );
         let preemptions = ic(
             "shardseek_preemptions_total",
             "Requests preempted for KV space",
@@ -132,6 +149,9 @@ impl WorkerMetrics {
             prefix_cache_hits,
             prefix_cache_rejected,
             preemptions,
+            step_seconds,
+            prefix_cache_seconds,
+            last_nanos: Mutex::new([0; 2]),
             dispatch_duration,
             dispatch_bytes,
             expert_tokens,
@@ -188,6 +208,20 @@ impl WorkerMetrics {
                 ];
                 for ((c, n), l) in counters.iter().zip(now).zip(last.iter_mut()) {
                     c.inc_by(n.saturating_sub(*l));
+                    *l = n.max(*l);
+                }
+            }
+            let nanos = [
+                s.step_nanos.load(Ordering::Relaxed),
+                s.prefix_cache_nanos.load(Ordering::Relaxed),
+            ];
+            if let Ok(mut last) = self.last_nanos.lock() {
+                for ((c, n), l) in [&self.step_seconds, &self.prefix_cache_seconds]
+                    .iter()
+                    .zip(nanos)
+                    .zip(last.iter_mut())
+                {
+                    c.inc_by(n.saturating_sub(*l) as f64 * 1e-9);
                     *l = n.max(*l);
                 }
             }

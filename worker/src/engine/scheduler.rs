@@ -104,6 +104,11 @@ pub struct EngineStats {
     pub generation_tokens_total: AtomicU64,
     pub preemptions_total: AtomicU64,
     pub steps_total: AtomicU64,
+    /// Wall time of forward steps (planning, forward pass, sampling), in nanoseconds.
+    pub step_nanos: AtomicU64,
+    /// Of that, the time spent keying, looking up, verifying and registering prefix-cache
+    /// blocks, in nanoseconds: what the collision-resistant keys cost.
+    pub prefix_cache_nanos: AtomicU64,
     /// Tokens not yet computed of running and waiting requests (for load balancing).
     pub outstanding_tokens: AtomicUsize,
 }
@@ -336,7 +341,11 @@ impl Scheduler {
                     return;
                 }
             }
+            let t = std::time::Instant::now();
             self.step();
+            self.stats
+                .step_nanos
+                .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
             self.publish();
         }
     }
@@ -464,6 +473,7 @@ impl Scheduler {
                 break;
             };
             if s.cache.is_empty() {
+                let t = std::time::Instant::now();
                 let salt = s.req.cache_salt.as_deref();
                 // Echo needs every prompt position's logits, so it reads nothing cached; its
                 // blocks are still registered for later requests.
@@ -473,6 +483,9 @@ impl Scheduler {
                     self.pool.start_with_prefix(&s.tokens, salt)
                 };
                 s.cached_tokens = s.cache.len();
+                self.stats
+                    .prefix_cache_nanos
+                    .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
             }
             let mut take = s.pending().min(budget);
             while take > 0
@@ -571,8 +584,12 @@ impl Scheduler {
                 }
             }
             let done_len = s.cache.len();
+            let t = std::time::Instant::now();
             self.pool
                 .register_full_blocks(&mut s.cache, &s.tokens[..done_len]);
+            self.stats
+                .prefix_cache_nanos
+                .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
             if s.pending() > 0 {
                 continue; // mid-prefill: nothing to sample yet
             }
