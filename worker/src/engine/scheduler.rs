@@ -1,11 +1,11 @@
 //! Scheduling loop of the engine; see the module docs of `engine`.
 
-use crate::generate::{FinishReason, top_k_logprobs};
+use super::sampler::{Sampler, SeqContext, SeqParams, SeqSampler};
+use crate::generate::FinishReason;
 use crate::kv::{KvPool, SeqCache};
 use crate::model::{Model, SeqInput};
 use crate::prefix::{BlockKeyFn, sha256_block_key};
-use shardseek_kernels::sampling::{Rng, SamplingParams, sample};
-use shardseek_kernels::softmax::log_softmax;
+use shardseek_kernels::sampling::SamplingParams;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -186,7 +186,7 @@ struct Seq {
     /// Prompt followed by the generated tokens.
     tokens: Vec<u32>,
     cache: SeqCache,
-    rng: Rng,
+    sampler: SeqSampler,
     generated: usize,
     prompt_lp: Option<Vec<Option<f32>>>,
     cached_tokens: usize,
@@ -216,18 +216,10 @@ impl Engine {
             .kv_blocks_available
             .store(pool.available(), Ordering::Relaxed);
         let vocab = model.cfg.vocab_size;
-        let mut sched = Scheduler {
-            model,
-            cfg: cfg.clone(),
-            pool,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            stats: stats.clone(),
-            rx,
-        };
+        let (sched_cfg, sched_stats) = (cfg.clone(), stats.clone());
         let thread = std::thread::Builder::new()
             .name("shardseek-engine".into())
-            .spawn(move || sched.run())
+            .spawn(move || Scheduler::new(&model, sched_cfg, pool, sched_stats, rx).run())
             .ok();
         Arc::new(Self {
             tx: Mutex::new(tx),
@@ -312,17 +304,90 @@ impl Drop for Engine {
     }
 }
 
-struct Scheduler {
-    model: Arc<Model>,
+/// Runs requests to completion on the calling thread with the engine's own scheduling loop
+/// (what `shardseek generate` and `bench model` do in process, so that there is one
+/// generation loop). Returns each request's events in order.
+pub fn run_blocking(model: &Model, cfg: EngineConfig, reqs: Vec<EngineRequest>) -> Vec<Vec<Event>> {
+    let (_tx, rx) = mpsc::channel();
+    let pool = KvPool::new(
+        model.cfg.num_hidden_layers,
+        model.cfg.latent_dim(),
+        cfg.kv_blocks,
+    );
+    let mut sched = Scheduler::new(model, cfg, pool, Arc::default(), rx);
+    let mut receivers = Vec::with_capacity(reqs.len());
+    for (i, req) in reqs.into_iter().enumerate() {
+        let (etx, erx) = unbounded_channel();
+        sched.add(i as u64, req, etx);
+        receivers.push(erx);
+    }
+    while !(sched.running.is_empty() && sched.waiting.is_empty()) {
+        if !sched.step() {
+            break;
+        }
+    }
+    receivers
+        .into_iter()
+        .map(|mut rx| {
+            let mut evs = Vec::new();
+            while let Ok(e) = rx.try_recv() {
+                evs.push(e);
+            }
+            evs
+        })
+        .collect()
+}
+
+struct Scheduler<'m> {
+    model: &'m Model,
     cfg: EngineConfig,
     pool: KvPool,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     stats: Arc<EngineStats>,
     rx: mpsc::Receiver<Command>,
+    sampler: Sampler,
 }
 
-impl Scheduler {
+impl<'m> Scheduler<'m> {
+    fn new(
+        model: &'m Model,
+        cfg: EngineConfig,
+        pool: KvPool,
+        stats: Arc<EngineStats>,
+        rx: mpsc::Receiver<Command>,
+    ) -> Self {
+        Self {
+            model,
+            cfg,
+            pool,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            stats,
+            rx,
+            sampler: Sampler::new(),
+        }
+    }
+
+    fn add(&mut self, id: u64, req: EngineRequest, tx: UnboundedSender<Event>) {
+        let sampler = SeqSampler::new(SeqParams {
+            sampling: req.sampling.clone(),
+            seed: req.seed,
+            top_logprobs: req.top_logprobs,
+        });
+        self.waiting.push_back(Seq {
+            id,
+            tokens: req.prompt.clone(),
+            prompt_lp: req.echo.then(|| vec![None]),
+            req,
+            tx,
+            cache: SeqCache::default(),
+            sampler,
+            generated: 0,
+            cached_tokens: 0,
+        });
+    }
+
     fn run(&mut self) {
         loop {
             // Block only when there is nothing to compute.
@@ -353,20 +418,7 @@ impl Scheduler {
     /// Applies one command; false means stop.
     fn apply(&mut self, c: Command) -> bool {
         match c {
-            Command::Add(id, req, tx) => {
-                let seed = req.seed;
-                self.waiting.push_back(Seq {
-                    id,
-                    tokens: req.prompt.clone(),
-                    prompt_lp: req.echo.then(|| vec![None]),
-                    req,
-                    tx,
-                    cache: SeqCache::default(),
-                    rng: Rng::new(seed),
-                    generated: 0,
-                    cached_tokens: 0,
-                });
-            }
+            Command::Add(id, req, tx) => self.add(id, req, tx),
             Command::Abort(id) => {
                 if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
                     if let Some(s) = self.waiting.remove(i) {
@@ -435,7 +487,8 @@ impl Scheduler {
         true
     }
 
-    fn step(&mut self) {
+    /// One forward step over the planned batch; false when nothing could be scheduled.
+    fn step(&mut self) -> bool {
         let mut budget = self.cfg.max_batch_tokens;
         // Plan: (index into running, tokens this step). Running sequences first, oldest first.
         let mut plan: Vec<(usize, usize)> = Vec::new();
@@ -506,7 +559,7 @@ impl Scheduler {
             budget -= take;
         }
         if plan.is_empty() {
-            return;
+            return false;
         }
         for &(i, take) in &plan {
             let s = &mut self.running[i];
@@ -542,7 +595,7 @@ impl Scheduler {
             self.model.forward(&mut self.pool, &mut inputs)
         };
         self.stats.steps_total.fetch_add(1, Ordering::Relaxed);
-        let logits = match result {
+        let mut logits = match result {
             Ok(l) => l,
             Err(e) => {
                 // A failed step (e.g. an expert shard is down) fails the requests in it; the
@@ -553,12 +606,12 @@ impl Scheduler {
                     let _ = s.tx.send(Event::Error(e.to_string()));
                     self.pool.release(&mut s.cache);
                 }
-                return;
+                return true;
             }
         };
         let v = self.model.cfg.vocab_size;
         let mut finished: Vec<usize> = Vec::new();
-        for ((&(i, take), lg), &start) in plan.iter().zip(&logits).zip(&started) {
+        for ((&(i, take), lg), &start) in plan.iter().zip(logits.iter_mut()).zip(&started) {
             let s = &mut self.running[i];
             let prompt_len = s.req.prompt.len();
             if start < prompt_len {
@@ -574,8 +627,8 @@ impl Scheduler {
                 for r in 0..take {
                     let pos = start + r;
                     if pos + 1 < prompt_len {
-                        let lp = log_softmax(&lg[r * v..(r + 1) * v]);
-                        pl.push(Some(lp[s.tokens[pos + 1] as usize]));
+                        let row = &lg[r * v..(r + 1) * v];
+                        pl.push(Some(Sampler::token_logprob(row, s.tokens[pos + 1])));
                     }
                 }
                 if start + take >= prompt_len {
@@ -593,9 +646,13 @@ impl Scheduler {
             if s.pending() > 0 {
                 continue; // mid-prefill: nothing to sample yet
             }
-            let last = &lg[lg.len() - v..];
-            let lp = log_softmax(last);
-            let tok = sample(last, &s.req.sampling, &mut s.rng) as u32;
+            let n = lg.len();
+            let ctx = SeqContext {
+                prompt: &s.tokens[..prompt_len],
+                generated: &s.tokens[prompt_len..],
+            };
+            let picked = self.sampler.sample(&mut s.sampler, &ctx, &mut lg[n - v..]);
+            let tok = picked.token;
             s.tokens.push(tok);
             s.generated += 1;
             self.stats
@@ -603,8 +660,8 @@ impl Scheduler {
                 .fetch_add(1, Ordering::Relaxed);
             let _ = s.tx.send(Event::Token {
                 id: tok,
-                logprob: lp[tok as usize],
-                top: top_k_logprobs(&lp, s.req.top_logprobs),
+                logprob: picked.logprob,
+                top: picked.top,
             });
             let eos = !s.req.ignore_eos
                 && (self.model.cfg.eos_token_ids.contains(&tok)
@@ -629,5 +686,6 @@ impl Scheduler {
             let s = self.running.remove(i);
             self.finish_silently(s);
         }
+        true
     }
 }
