@@ -22,6 +22,8 @@ pub struct UpConfig {
     /// Extra arguments for every expert shard.
     pub expert_args: Vec<String>,
     pub served_model_name: String,
+    /// Environment variables of every child (for example the log format).
+    pub env: Vec<(String, String)>,
 }
 
 /// A port that was free a moment ago: children are given explicit ports so the attention pods
@@ -79,7 +81,7 @@ impl LocalCluster {
                 name: format!("expert-{i}"),
                 program: prog.clone(),
                 args,
-                env: vec![],
+                env: cfg.env.clone(),
                 wait_ready: true,
             });
             shard_addrs.push(addr);
@@ -108,7 +110,7 @@ impl LocalCluster {
                 name: format!("attention-{i}"),
                 program: prog.clone(),
                 args,
-                env: vec![],
+                env: cfg.env.clone(),
                 wait_ready: true,
             });
             pod_addrs.push(addr);
@@ -137,7 +139,7 @@ impl LocalCluster {
             name: "router".into(),
             program: prog.clone(),
             args,
-            env: vec![],
+            env: cfg.env.clone(),
             wait_ready: true,
         });
         let supervisor = Supervisor::start(specs, SupervisorConfig::default()).await?;
