@@ -7,7 +7,8 @@
 //!   per-object backoff);
 //! - [`leader`]: Lease-based leader election so only one replica writes;
 //! - [`metrics`]: the operator's own metrics and its `/metrics`, `/health`, `/ready` server;
-//! - [`metrics_catalog`]: every metric name shardseek exports, which the dashboard test checks.
+//! - [`metrics_catalog`]: every metric name shardseek exports, which the dashboard test checks;
+//! - [`render`]: `shardseek render`, the objects the operator would apply, without a cluster.
 //!
 //! See `operator/README.md` for installation and what the tests cover.
 
@@ -17,6 +18,7 @@ pub mod crd;
 pub mod leader;
 pub mod metrics;
 pub mod metrics_catalog;
+pub mod render;
 pub mod status;
 
 use std::time::Duration;

@@ -27,6 +27,8 @@ pub struct UpConfig {
     /// Extra arguments for every expert shard.
     pub expert_args: Vec<String>,
     pub served_model_name: String,
+    /// Environment variables of every child (for example the log format).
+    pub env: Vec<(String, String)>,
 }
 
 /// A port that was free a moment ago: children are given explicit ports so the attention pods
@@ -99,7 +101,7 @@ impl LocalCluster {
                 name: format!("expert-{i}"),
                 program: prog.clone(),
                 args,
-                env: vec![],
+                env: cfg.env.clone(),
                 wait_ready: true,
                 restart: Restart::Always,
             });
@@ -131,7 +133,7 @@ impl LocalCluster {
                 name: format!("attention-{i}"),
                 program: prog.clone(),
                 args,
-                env: vec![],
+                env: cfg.env.clone(),
                 wait_ready: true,
                 restart: Restart::Always,
             });
@@ -161,7 +163,7 @@ impl LocalCluster {
             name: "router".into(),
             program: prog.clone(),
             args,
-            env: vec![],
+            env: cfg.env.clone(),
             wait_ready: true,
             restart: Restart::Always,
         });

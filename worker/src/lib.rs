@@ -12,6 +12,7 @@ pub mod expert;
 pub mod experts;
 pub mod generate;
 pub mod kv;
+pub mod kv_sizing;
 pub mod metrics;
 pub mod model;
 pub mod modelgen;

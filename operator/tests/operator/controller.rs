@@ -316,7 +316,14 @@ async fn create_reconcile_ready_update_delete() {
     );
 
     // Spec change → owned objects updated, pods roll (new config hash), observedGeneration 2.
-    let old_hash = h.fake.get(STS, NS, "v3-attention").expect("sts")["spec"]["template"]["metadata"]["annotations"]["shardseek.io/config-hash"].clone();
+    let template_hash = |h: &Harness, kind, name| {
+        h.fake.get(kind, NS, name).expect("workload")["spec"]["template"]["metadata"]["annotations"]
+            ["shardseek.io/config-hash"]
+            .clone()
+    };
+    let old_hash = template_hash(&h, STS, "v3-attention");
+    let old_experts_hash = template_hash(&h, STS, "v3-experts");
+    let old_router_hash = template_hash(&h, DEPLOY, "v3-router");
     h.api()
         .patch(
             "v3",
@@ -336,9 +343,18 @@ async fn create_reconcile_ready_update_delete() {
     assert_eq!(sts["metadata"]["generation"], 2);
     let new_hash = &sts["spec"]["template"]["metadata"]["annotations"]["shardseek.io/config-hash"];
     assert_ne!(*new_hash, old_hash, "a config change rolls the pods");
-    let experts_hash = &h.fake.get(STS, NS, "v3-experts").expect("sts")["spec"]["template"]["metadata"]
-        ["annotations"]["shardseek.io/config-hash"];
-    assert_eq!(experts_hash, new_hash);
+    // Attention pods read the dispatch dtype; expert shards and routers do not, and nobody reads
+    // the attention replica count: only the attention pods roll.
+    assert_eq!(
+        template_hash(&h, STS, "v3-experts"),
+        old_experts_hash,
+        "the shards do not roll"
+    );
+    assert_eq!(
+        template_hash(&h, DEPLOY, "v3-router"),
+        old_router_hash,
+        "the routers do not roll"
+    );
     let config = h.fake.get(CM, NS, "v3-config").expect("config map");
     assert!(
         config["data"]["cluster.json"]

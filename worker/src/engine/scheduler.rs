@@ -287,6 +287,15 @@ impl Engine {
         }
     }
 
+    /// Whether the scheduling thread runs: false after [`Engine::stop`] and after a panic in
+    /// the thread (the pod's liveness probe fails, so the kubelet restarts it).
+    pub fn is_alive(&self) -> bool {
+        self.thread
+            .lock()
+            .map(|t| t.as_ref().is_some_and(|h| !h.is_finished()))
+            .unwrap_or(false)
+    }
+
     /// Stops the scheduling thread; running requests get an error event.
     pub fn stop(&self) {
         if let Ok(tx) = self.tx.lock() {
