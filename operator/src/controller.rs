@@ -357,9 +357,7 @@ async fn write_status(dsd: &DeepSeekDeployment, ctx: &Context, observed: &Observ
     let now = Timestamp::now()
         .round(k8s_openapi::jiff::Unit::Second)
         .unwrap_or_else(|_| Timestamp::now());
-    let mut next = status::compute(dsd, observed, previous, now);
-    // Keep a rebalancer's placement version (it owns that field).
-    next.placement_version = previous.and_then(|p| p.placement_version);
+    let next = status::compute(dsd, observed, previous, now);
     if previous == Some(&next) {
         return Ok(());
     }

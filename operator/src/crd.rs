@@ -579,9 +579,9 @@ pub struct DeepSeekDeploymentStatus {
     /// Ready router pods.
     #[serde(default)]
     pub router_ready: i32,
-    /// The expert placement version in force. The operator does not compute placements (every
-    /// process derives the initial one itself); a rebalancer writes this with its own field
-    /// manager and the operator leaves it alone.
+    /// The expert placement version in force, owned by the operator: 1 (the initial table,
+    /// which every process derives itself from experts, shards and redundant slots) while
+    /// there are expert shards. Online rebalancing, which would raise it, is not implemented.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement_version: Option<i64>,
     /// The in-cluster URL of the OpenAI-compatible API.
