@@ -55,6 +55,14 @@ const CM: &str = "/v1/configmaps";
 const GRACE: Duration = Duration::from_secs(10);
 /// Upper bound of every wait in this test.
 const WAIT: Duration = Duration::from_secs(120);
+/// The tests of this binary run one at a time: each starts several processes and the rollout
+/// test counts failures that CPU starvation by a neighbour would cause.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The kubelet's and the controllers' loop period.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -594,6 +602,7 @@ fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
 
 #[test]
 fn operator_pods_run_as_processes() {
+    let _serial = serial();
     if !namespaces_available() {
         assert!(
             std::env::var_os("SHARDSEEK_REQUIRE_NAMESPACES").is_none(),
@@ -797,8 +806,10 @@ fn operator_pods_run_as_processes() {
     assert_eq!(
         failed,
         0,
-        "requests failed during the rollout; router log:\n{}",
-        kubelet.log_tail(&format!("{NAME}-router"), 40)
+        "requests failed during the rollout; starts {:?}; logs:\n{}{}",
+        kubelet.starts.lock().unwrap(),
+        kubelet.log_tail(&format!("{NAME}-router"), 20),
+        kubelet.log_tail(&format!("{NAME}-attention"), 8)
     );
     for (name, starts) in &before {
         assert_eq!(
@@ -813,4 +824,117 @@ fn operator_pods_run_as_processes() {
     rt.block_on(async {
         let _ = tokio::time::timeout(Duration::from_secs(20), controller).await;
     });
+}
+
+/// DESIGN.md §5: a pod sizes its KV cache so that one max-length sequence fits. On a model with
+/// v3-slice's attention shape (3 layers of DeepSeek-V3's MLA, a 163840-token context), at default
+/// settings, a chat request without `max_tokens` (which asks for the rest of the context) is
+/// admitted and streams; the fixed 1 GiB f32 cache of before held 155k tokens and refused it.
+/// The routed experts are shrunk (8 experts of width 256, one group) so the checkpoint is 1.6 GB
+/// instead of 4.7 GB; the KV cache does not depend on them.
+#[test]
+fn chat_without_max_tokens_on_v3_slice_at_default_settings() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(common::bin())
+        .args(["model", "gen", "--preset", "v3-slice", "--out"])
+        .arg(dir.path())
+        .args([
+            "--set",
+            "n_routed_experts=8",
+            "--set",
+            "n_group=1",
+            "--set",
+            "topk_group=1",
+            "--set",
+            "moe_intermediate_size=256",
+            "--set",
+            "intermediate_size=2048",
+        ])
+        .output()
+        .expect("model gen");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["max_position_embeddings"], 163_840);
+    assert_eq!(config["num_hidden_layers"], 3);
+    assert_eq!(config["kv_lora_rank"], 512);
+    let (_up, addr) = common::up(dir.path(), 0, &[]);
+    let model = dir
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .to_string();
+    let body = json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Hello! Who are you?"}],
+        "stream": true
+    })
+    .to_string();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // The answer may run to the end of the context: read until a few tokens have streamed, then
+    // hang up (the router frees the request).
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while seen.matches("\"content\":\"").count() < 4 {
+        let n = s.read(&mut buf).expect("read the stream");
+        assert!(n > 0, "the stream ended early: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+    assert!(seen.contains("chat.completion.chunk"), "{seen}");
+}
+
+/// One max-length sequence that does not fit the KV cache: `refuse` (the default) exits with the
+/// numbers, written where the kubelet reads the termination message; `cap` starts with the
+/// longest length that fits and warns.
+#[test]
+fn kv_cache_that_cannot_hold_one_sequence_refuses_or_caps() {
+    let _serial = serial();
+    let model = common::tiny("fp8");
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("termination-log");
+    let m = model.path().to_string_lossy().to_string();
+    let args = [
+        "worker",
+        "--role",
+        "attention",
+        "--model",
+        &m,
+        "--max-seq-len",
+        "4096",
+        "--kv-cache-memory",
+        "1Mi",
+    ];
+    let out = Command::new(common::bin())
+        .args(args)
+        .env("SHARDSEEK_TERMINATION_LOG", &log)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a refused KV cache must fail the worker"
+    );
+    let message = std::fs::read_to_string(&log).expect("termination message written");
+    assert!(
+        message.contains("max_seq_len 4096") && message.contains("1048576 bytes"),
+        "{message}"
+    );
+    assert!(message.contains("--kv-cache-memory"), "{message}");
+
+    let capped = common::spawn(&[&args[..], &["--kv-cache-on-overflow", "cap"]].concat());
+    common::wait_line(&capped, "READY", Duration::from_secs(60));
 }
