@@ -771,9 +771,14 @@ fn read_cluster_config(
         .with_context(|| format!("--cluster-config {}", path.display()))
 }
 
-/// `0.0.0.0:port`: inside a pod, every interface.
+/// Inside a pod: the pod's IP (`SHARDSEEK_POD_IP`, from the downward API) when given, else
+/// every interface.
 fn any_addr(port: u16) -> std::net::SocketAddr {
-    std::net::SocketAddr::from(([0, 0, 0, 0], port))
+    let ip = std::env::var(shardseek_proto::cluster_config::ENV_POD_IP)
+        .ok()
+        .and_then(|ip| ip.parse().ok())
+        .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+    std::net::SocketAddr::new(ip, port)
 }
 
 fn run_worker(mut a: WorkerArgs) -> Result<()> {

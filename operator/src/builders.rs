@@ -48,6 +48,9 @@ pub const MANAGED_BY: &str = "shardseek-operator";
 pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
 /// The port name of the `/metrics`, `/health`, `/ready` server in every pod.
 pub const METRICS_PORT_NAME: &str = "metrics";
+/// Seconds an attention pod must be ready before a rollout moves on (see `stateful_set`): the
+/// router's discovery interval plus the DNS cache time, with a margin.
+pub const ATTENTION_MIN_READY_SECONDS: i32 = 12;
 /// The router's environment variable holding the API key clients must present.
 pub const API_KEY_ENV: &str = "SHARDSEEK_API_KEY";
 /// Non-root user the image runs as (the chart and the restricted Pod Security Standard need a
@@ -662,6 +665,7 @@ fn pod_template(
         0..0,
         [
             field_env(cc::ENV_POD_NAME, "metadata.name"),
+            field_env(cc::ENV_POD_IP, "status.podIP"),
             value_env(cc::ENV_CLUSTER_CONFIG, &config_path()),
             value_env("SHARDSEEK_LOG_FORMAT", "json"),
         ],
@@ -968,6 +972,11 @@ fn stateful_set(
             // Pods are independent peers; starting them one by one would multiply the model
             // load time by the replica count.
             pod_management_policy: Some("Parallel".to_string()),
+            // A rolling update replaces the next attention pod only once routers can have seen
+            // the new one: they re-resolve the Service every DISCOVERY_INTERVAL (5 s) through
+            // DNS that caches answers up to 5 s. Without this, the last old pod could go before
+            // any router knew a new one, and requests would find no pod.
+            min_ready_seconds: (role == Role::Attention).then_some(ATTENTION_MIN_READY_SECONDS),
             persistent_volume_claim_retention_policy: Some(
                 StatefulSetPersistentVolumeClaimRetentionPolicy {
                     when_deleted: Some("Delete".to_string()),

@@ -27,6 +27,9 @@ pub const MOUNT_DIR: &str = "/etc/shardseek";
 pub const ENV_SHARD_ID: &str = "SHARDSEEK_SHARD_ID";
 /// Environment variable carrying the pod's name (downward API), used in logs and metrics labels.
 pub const ENV_POD_NAME: &str = "SHARDSEEK_POD_NAME";
+/// Environment variable carrying the pod's IP (downward API `status.podIP`): the process
+/// listens on it (every port of the pod) instead of on every interface.
+pub const ENV_POD_IP: &str = "SHARDSEEK_POD_IP";
 /// Environment variable naming the cluster config file, so local runs can point elsewhere.
 pub const ENV_CLUSTER_CONFIG: &str = "SHARDSEEK_CLUSTER_CONFIG";
 

@@ -205,7 +205,9 @@ fn map_status(s: &Status) -> BackendError {
     match s.code() {
         tonic::Code::InvalidArgument => BackendError::Invalid(s.message().to_string()),
         tonic::Code::ResourceExhausted => BackendError::QueueFull(s.message().to_string()),
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+        // Cancelled: the pod's connection went away under the call (a pod shutting down
+        // refuses new streams with GOAWAY); before the first event that is retried elsewhere.
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
             BackendError::Unavailable(s.message().to_string())
         }
         _ => BackendError::Internal(s.message().to_string()),
