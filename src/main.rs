@@ -88,6 +88,12 @@ enum BenchCommand {
         prompt_len: usize,
         #[arg(long, default_value_t = 32)]
         decode: usize,
+        /// Batch sizes (concurrent sequences), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        batch: Vec<usize>,
+        /// Element type of the latent KV cache: f32, bf16 or fp8.
+        #[arg(long, default_value = "bf16")]
+        kv_cache_dtype: String,
         #[arg(long)]
         json: bool,
     },
@@ -182,9 +188,12 @@ struct WorkerArgs {
     /// Longest sequence, prompt + generated (default: the model's max_position_embeddings).
     #[arg(long, env = "SHARDSEEK_MAX_SEQ_LEN")]
     max_seq_len: Option<usize>,
-    /// Memory for the latent KV cache, in MiB.
+    /// Memory for the latent KV cache, in MiB (counted in --kv-cache-dtype).
     #[arg(long, default_value_t = 1024, env = "SHARDSEEK_KV_CACHE_MIB")]
     kv_cache_mib: usize,
+    /// Element type of the latent KV cache: f32 (exact), bf16, or fp8 (e4m3, per-token scale).
+    #[arg(long, default_value = "bf16", env = "SHARDSEEK_KV_CACHE_DTYPE")]
+    kv_cache_dtype: String,
     /// Disable the two-micro-batch overlap of attention and remote experts.
     #[arg(long)]
     no_overlap: bool,
@@ -257,6 +266,9 @@ struct UpArgs {
     /// Tokens per forward step of each attention pod.
     #[arg(long, default_value_t = 2048)]
     max_batch_tokens: usize,
+    /// Element type of the latent KV cache: f32 (exact), bf16, or fp8 (e4m3, per-token scale).
+    #[arg(long, default_value = "bf16")]
+    kv_cache_dtype: String,
     /// Start, answer one OpenAI chat request through the router, print it, and stop.
     #[arg(long)]
     demo: bool,
@@ -297,6 +309,9 @@ struct GenerateArgs {
     /// Continue past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
+    /// Element type of the latent KV cache: f32 (exact), bf16, or fp8 (e4m3, per-token scale).
+    #[arg(long, default_value = "bf16")]
+    kv_cache_dtype: String,
     /// Print one JSON object on the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -377,6 +392,10 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         top_logprobs: a.logprobs,
         echo: a.echo,
         ignore_eos: a.ignore_eos,
+        kv_dtype: a
+            .kv_cache_dtype
+            .parse()
+            .with_context(|| format!("--kv-cache-dtype {}", a.kv_cache_dtype))?,
     };
     let mut out = generate(&model, &req)?;
     if let Some(t) = &tokenizer {
@@ -580,6 +599,8 @@ fn run_up(a: UpArgs) -> Result<()> {
             a.dispatch_dtype.clone(),
             "--max-batch-tokens".into(),
             a.max_batch_tokens.to_string(),
+            "--kv-cache-dtype".into(),
+            a.kv_cache_dtype.clone(),
         ],
         expert_args: vec![],
         served_model_name: served.clone(),
@@ -725,8 +746,17 @@ fn run_worker(mut a: WorkerArgs) -> Result<()> {
     let cfg = shardseek_worker::config::ModelConfig::from_dir(&model_dir)
         .with_context(|| format!("--model {}", model_dir.display()))?;
     let max_seq_len = a.max_seq_len.unwrap_or(cfg.max_position_embeddings);
-    let block_bytes =
-        cfg.num_hidden_layers * shardseek_worker::kv::BLOCK_TOKENS * cfg.latent_dim() * 4;
+    let kv_dtype: shardseek_worker::kv::KvDtype = a
+        .kv_cache_dtype
+        .parse()
+        .with_context(|| format!("--kv-cache-dtype {}", a.kv_cache_dtype))?;
+    let block_bytes = shardseek_worker::kv::KvLayout {
+        layers: cfg.num_hidden_layers,
+        kv_lora_rank: cfg.kv_lora_rank,
+        rope_dim: cfg.qk_rope_head_dim,
+        dtype: kv_dtype,
+    }
+    .block_bytes();
     let kv_blocks = (a.kv_cache_mib << 20) / block_bytes.max(1);
     if kv_blocks == 0 {
         bail!(
@@ -741,6 +771,7 @@ fn run_worker(mut a: WorkerArgs) -> Result<()> {
         max_waiting_requests: a.max_waiting_requests,
         max_seq_len,
         kv_blocks,
+        kv_dtype,
     };
     match a.role {
         Role::Attention => {
@@ -792,25 +823,40 @@ fn run_bench(b: BenchCommand) -> Result<()> {
             model,
             prompt_len,
             decode,
+            batch,
+            kv_cache_dtype,
             json,
         } => {
-            let r = shardseek_worker::speed::measure(&model, prompt_len, decode)?;
+            let kv: shardseek_worker::kv::KvDtype = kv_cache_dtype
+                .parse()
+                .with_context(|| format!("--kv-cache-dtype {kv_cache_dtype}"))?;
+            let r = shardseek_worker::speed::measure(&model, prompt_len, decode, &batch, kv)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "{}: load {:.1}s (peak RSS {:.0} MB of {:.0} MB files); prefill {} tokens: {:.1} tok/s; decode: {:.2} tok/s (p50 {:.1} ms, p90 {:.1} ms); peak RSS {:.0} MB",
+                    "{}: {}, {} KV cache; load {:.1}s (peak RSS {:.0} MB of {:.0} MB files); prompt {} tokens, decode {} tokens per sequence",
                     model.display(),
+                    r.backend,
+                    r.kv_cache_dtype,
                     r.load_seconds,
                     r.load_peak_rss_bytes as f64 / 1e6,
                     r.checkpoint_bytes as f64 / 1e6,
                     r.prompt_tokens,
-                    r.prefill_tokens_per_s,
-                    r.decode_tokens_per_s,
-                    r.decode_ms_p50,
-                    r.decode_ms_p90,
-                    r.peak_rss_bytes as f64 / 1e6
+                    r.decode_tokens,
                 );
+                println!("batch  prefill tok/s  decode tok/s  step p50 ms  step p90 ms");
+                for b in &r.batches {
+                    println!(
+                        "{:>5}  {:>13.1}  {:>12.2}  {:>11.1}  {:>11.1}",
+                        b.batch,
+                        b.prefill_tokens_per_s,
+                        b.decode_tokens_per_s,
+                        b.decode_ms_p50,
+                        b.decode_ms_p90
+                    );
+                }
+                println!("peak RSS {:.0} MB", r.peak_rss_bytes as f64 / 1e6);
             }
         }
         BenchCommand::Dispatch {

@@ -1,12 +1,12 @@
 //! Routed experts behind one trait, so the model does not care where they run: in process
 //! ([`LocalExperts`]), or on expert shards through the dispatch client (DESIGN.md §2).
 
+use crate::backend::{Backend, CpuBackend, MoeGroup};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::Mlp;
+use crate::model::{Mlp, load_mlp};
 use crate::weights::Store;
 use shardseek_kernels::gate::Routing;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Computes, for each row, Σ weight · expert(row) over the row's routed experts.
@@ -62,7 +62,7 @@ impl RoutedExperts for NoExperts {
 
 /// Routed experts held by this process: every expert (single process) or a shard's subset.
 pub struct LocalExperts {
-    store: Arc<Store>,
+    backend: Arc<dyn Backend>,
     hidden: usize,
     first_moe: usize,
     /// `layers[l - first_moe][expert]`; `None` for experts this process does not hold.
@@ -71,8 +71,19 @@ pub struct LocalExperts {
 }
 
 impl LocalExperts {
-    /// Locates the tensors of `experts` in every MoE layer (nothing is read until used).
+    /// Locates the tensors of `experts` in every MoE layer (nothing is read until used), on
+    /// the CPU backend.
     pub fn load(cfg: &ModelConfig, store: Arc<Store>, experts: &[usize]) -> Result<Self> {
+        Self::load_on(cfg, store, experts, CpuBackend::shared())
+    }
+
+    /// [`LocalExperts::load`] with the weights prepared for, and run on, `backend`.
+    pub fn load_on(
+        cfg: &ModelConfig,
+        store: Arc<Store>,
+        experts: &[usize],
+        backend: Arc<dyn Backend>,
+    ) -> Result<Self> {
         let mut layers = Vec::new();
         for l in cfg.first_k_dense_replace..cfg.num_hidden_layers {
             let mut row: Vec<Option<Mlp>> = vec![None; cfg.n_routed_experts];
@@ -83,7 +94,8 @@ impl LocalExperts {
                         cfg.n_routed_experts
                     )));
                 }
-                row[e] = Some(Mlp::load(
+                row[e] = Some(load_mlp(
+                    &*backend,
                     &store,
                     &format!("model.layers.{l}.mlp.experts.{e}"),
                     cfg.hidden_size,
@@ -96,7 +108,7 @@ impl LocalExperts {
         held.sort_unstable();
         held.dedup();
         Ok(Self {
-            store,
+            backend,
             hidden: cfg.hidden_size,
             first_moe: cfg.first_k_dense_replace,
             layers,
@@ -119,7 +131,7 @@ impl LocalExperts {
             .iter()
             .flatten()
             .flatten()
-            .map(|m| m.gate.stored_bytes() + m.up.stored_bytes() + m.down.stored_bytes())
+            .map(Mlp::stored_bytes)
             .sum()
     }
 
@@ -145,35 +157,45 @@ impl LocalExperts {
                 layer,
                 detail: "not a MoE layer".into(),
             })?;
-        // Rows grouped by expert: each expert runs once over all of its rows (a small GEMM).
-        let mut by_expert: BTreeMap<usize, Vec<(usize, f32)>> = BTreeMap::new();
-        for (r, list) in assign.iter().enumerate() {
-            for &(e, w) in list {
-                by_expert.entry(e).or_default().push((r, w));
-            }
-        }
-        let mut out = vec![0f32; rows.len()];
-        for (e, members) in by_expert {
-            let mlp = self.layers[li]
-                .get(e)
-                .and_then(Option::as_ref)
-                .ok_or_else(|| Error::Dispatch {
-                    layer,
-                    detail: format!("expert {e} is not held by this process"),
-                })?;
-            let mut xs = Vec::with_capacity(members.len() * h);
-            for &(r, _) in &members {
-                xs.extend_from_slice(&rows[r * h..(r + 1) * h]);
-            }
-            let y = mlp.forward(&self.store, &xs, members.len())?;
-            for (k, &(r, w)) in members.iter().enumerate() {
-                for (o, v) in out[r * h..(r + 1) * h]
-                    .iter_mut()
-                    .zip(&y[k * h..(k + 1) * h])
-                {
-                    *o += w * v;
+        // Sort the (row, expert) pairs by expert: one group of consecutive rows per expert,
+        // all experts in one grouped pass (gate+up with SiLU·mul, down scaled by the combine
+        // weight), then each output row is added onto its token's row.
+        let mut pairs: Vec<(usize, usize, f32)> = assign
+            .iter()
+            .enumerate()
+            .flat_map(|(r, list)| list.iter().map(move |&(e, w)| (e, r, w)))
+            .collect();
+        pairs.sort_by_key(|&(e, r, _)| (e, r));
+        let n = pairs.len();
+        let mut xs = vec![0f32; n * h];
+        let mut weight = Vec::with_capacity(n);
+        let mut groups: Vec<MoeGroup> = Vec::new();
+        for (k, &(e, r, w)) in pairs.iter().enumerate() {
+            xs[k * h..(k + 1) * h].copy_from_slice(&rows[r * h..(r + 1) * h]);
+            weight.push(w);
+            match groups.last_mut() {
+                Some(g) if pairs[g.rows.start].0 == e => g.rows.end = k + 1,
+                _ => {
+                    let mlp = self.layers[li]
+                        .get(e)
+                        .and_then(Option::as_ref)
+                        .ok_or_else(|| Error::Dispatch {
+                            layer,
+                            detail: format!("expert {e} is not held by this process"),
+                        })?;
+                    groups.push(MoeGroup {
+                        mlp,
+                        rows: k..k + 1,
+                    });
                 }
             }
+        }
+        let mut ys = vec![0f32; n * h];
+        self.backend.moe(&xs, h, &groups, &weight, &mut ys)?;
+        let mut out = vec![0f32; rows.len()];
+        for (k, &(_, r, _)) in pairs.iter().enumerate() {
+            self.backend
+                .add(&mut out[r * h..(r + 1) * h], &ys[k * h..(k + 1) * h])?;
         }
         Ok(out)
     }

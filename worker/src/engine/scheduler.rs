@@ -2,7 +2,7 @@
 
 use super::sampler::{Sampler, SeqContext, SeqParams, SeqSampler};
 use crate::generate::FinishReason;
-use crate::kv::{KvPool, SeqCache};
+use crate::kv::{KvDtype, KvPool, SeqCache};
 use crate::model::{Model, SeqInput};
 use shardseek_kernels::sampling::SamplingParams;
 use std::collections::VecDeque;
@@ -24,6 +24,8 @@ pub struct EngineConfig {
     pub max_seq_len: usize,
     /// KV cache blocks (of 64 tokens) in the pool.
     pub kv_blocks: usize,
+    /// Element type of the latent cache (`--kv-cache-dtype`).
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for EngineConfig {
@@ -34,6 +36,7 @@ impl Default for EngineConfig {
             max_waiting_requests: 256,
             max_seq_len: 4096,
             kv_blocks: 512,
+            kv_dtype: KvDtype::default(),
         }
     }
 }
@@ -188,11 +191,7 @@ impl Engine {
     pub fn start(model: Arc<Model>, cfg: EngineConfig) -> Arc<Self> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
-        let pool = KvPool::new(
-            model.cfg.num_hidden_layers,
-            model.cfg.latent_dim(),
-            cfg.kv_blocks,
-        );
+        let pool = KvPool::new(model.kv_layout(cfg.kv_dtype), cfg.kv_blocks);
         stats
             .kv_blocks_total
             .store(pool.num_blocks(), Ordering::Relaxed);
@@ -293,11 +292,7 @@ impl Drop for Engine {
 /// generation loop). Returns each request's events in order.
 pub fn run_blocking(model: &Model, cfg: EngineConfig, reqs: Vec<EngineRequest>) -> Vec<Vec<Event>> {
     let (_tx, rx) = mpsc::channel();
-    let pool = KvPool::new(
-        model.cfg.num_hidden_layers,
-        model.cfg.latent_dim(),
-        cfg.kv_blocks,
-    );
+    let pool = KvPool::new(model.kv_layout(cfg.kv_dtype), cfg.kv_blocks);
     let mut sched = Scheduler::new(model, cfg, pool, Arc::default(), rx);
     let mut receivers = Vec::with_capacity(reqs.len());
     for (i, req) in reqs.into_iter().enumerate() {

@@ -5,6 +5,7 @@ use crate::fixtures::fixture_dir;
 use shardseek_kernels::sampling::SamplingParams;
 use shardseek_worker::engine::{Engine, EngineConfig, EngineRequest, Event, SubmitError};
 use shardseek_worker::generate::{GenerateRequest, generate};
+use shardseek_worker::kv::KvDtype;
 use shardseek_worker::model::{ExpertSelection, Model};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -66,6 +67,7 @@ fn concurrent_requests_equal_one_at_a_time() {
         max_waiting_requests: 128,
         max_seq_len: 512,
         kv_blocks: 12,
+        kv_dtype: KvDtype::F32,
     };
     let engine = Engine::start(m.clone(), cfg);
     let n = 64;
@@ -84,6 +86,7 @@ fn concurrent_requests_equal_one_at_a_time() {
                 top_logprobs: 0,
                 echo: false,
                 ignore_eos: true,
+                kv_dtype: KvDtype::F32,
             },
         )
         .unwrap();
@@ -106,6 +109,7 @@ fn echo_through_the_engine_matches_generate() {
         m.clone(),
         EngineConfig {
             max_batch_tokens: 40,
+            kv_dtype: KvDtype::F32,
             ..Default::default()
         },
     );
@@ -127,6 +131,7 @@ fn echo_through_the_engine_matches_generate() {
             top_logprobs: 0,
             echo: true,
             ignore_eos: true,
+            kv_dtype: KvDtype::F32,
         },
     )
     .unwrap();
