@@ -23,6 +23,20 @@ pub trait RoutedExperts: Send + Sync {
         false
     }
 
+    /// Starts the routed experts and, where this backend can, the shared expert `shared` over
+    /// every row in the same grouped pass (weight 1). The flag says whether the shared expert's
+    /// output is included; when it is not, the caller computes it.
+    fn start_with_shared(
+        &self,
+        layer: usize,
+        rows: &[f32],
+        routing: &[Routing],
+        shared: Option<&Mlp>,
+    ) -> Result<(PendingExperts, bool)> {
+        let _ = shared;
+        Ok((self.start(layer, rows, routing)?, false))
+    }
+
     /// Convenience: start and wait.
     fn forward(&self, layer: usize, rows: &[f32], routing: &[Routing]) -> Result<Vec<f32>> {
         self.start(layer, rows, routing)?.wait()
@@ -142,6 +156,18 @@ impl LocalExperts {
         rows: &[f32],
         assign: &[Vec<(usize, f32)>],
     ) -> Result<Vec<f32>> {
+        self.combine_with_shared(layer, rows, assign, None)
+    }
+
+    /// [`LocalExperts::combine`], plus `shared` over every row with weight 1 in the same
+    /// grouped pass (the single-process MoE layer).
+    pub fn combine_with_shared(
+        &self,
+        layer: usize,
+        rows: &[f32],
+        assign: &[Vec<(usize, f32)>],
+        shared: Option<&Mlp>,
+    ) -> Result<Vec<f32>> {
         let h = self.hidden;
         if rows.len() != assign.len() * h {
             return Err(Error::Input(format!(
@@ -167,8 +193,10 @@ impl LocalExperts {
             .collect();
         pairs.sort_by_key(|&(e, r, _)| (e, r));
         let n = pairs.len();
-        let mut xs = vec![0f32; n * h];
-        let mut weight = Vec::with_capacity(n);
+        let m = assign.len();
+        let extra = if shared.is_some() { m } else { 0 };
+        let mut xs = vec![0f32; (n + extra) * h];
+        let mut weight = Vec::with_capacity(n + extra);
         let mut groups: Vec<MoeGroup> = Vec::new();
         for (k, &(e, r, w)) in pairs.iter().enumerate() {
             xs[k * h..(k + 1) * h].copy_from_slice(&rows[r * h..(r + 1) * h]);
@@ -190,10 +218,19 @@ impl LocalExperts {
                 }
             }
         }
-        let mut ys = vec![0f32; n * h];
+        if let Some(mlp) = shared {
+            xs[n * h..].copy_from_slice(rows);
+            weight.resize(n + m, 1.0);
+            groups.push(MoeGroup {
+                mlp,
+                rows: n..n + m,
+            });
+        }
+        let mut ys = vec![0f32; (n + extra) * h];
         self.backend.moe(&xs, h, &groups, &weight, &mut ys)?;
         let mut out = vec![0f32; rows.len()];
-        for (k, &(_, r, _)) in pairs.iter().enumerate() {
+        let sorted_rows = pairs.iter().map(|p| p.1).chain(0..extra);
+        for (k, r) in sorted_rows.enumerate() {
             self.backend
                 .add(&mut out[r * h..(r + 1) * h], &ys[k * h..(k + 1) * h])?;
         }
@@ -201,19 +238,34 @@ impl LocalExperts {
     }
 }
 
+/// One row's `(expert, weight)` list from the router's choice.
+fn assignments(routing: &[Routing]) -> Vec<Vec<(usize, f32)>> {
+    routing
+        .iter()
+        .map(|r| {
+            r.experts
+                .iter()
+                .copied()
+                .zip(r.weights.iter().copied())
+                .collect()
+        })
+        .collect()
+}
+
 impl RoutedExperts for LocalExperts {
     fn start(&self, layer: usize, rows: &[f32], routing: &[Routing]) -> Result<PendingExperts> {
-        let assign: Vec<Vec<(usize, f32)>> = routing
-            .iter()
-            .map(|r| {
-                r.experts
-                    .iter()
-                    .copied()
-                    .zip(r.weights.iter().copied())
-                    .collect()
-            })
-            .collect();
-        self.combine(layer, rows, &assign)
+        self.combine(layer, rows, &assignments(routing))
             .map(PendingExperts::Ready)
+    }
+
+    fn start_with_shared(
+        &self,
+        layer: usize,
+        rows: &[f32],
+        routing: &[Routing],
+        shared: Option<&Mlp>,
+    ) -> Result<(PendingExperts, bool)> {
+        let out = self.combine_with_shared(layer, rows, &assignments(routing), shared)?;
+        Ok((PendingExperts::Ready(out), shared.is_some()))
     }
 }

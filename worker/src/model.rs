@@ -501,18 +501,21 @@ impl Model {
             .collect())
     }
 
-    /// Routes `m` rows of MoE layer `l`, starts their routed experts and, while those run,
-    /// computes the shared expert locally.
+    /// Routes `m` rows of MoE layer `l` and starts their routed experts; the shared expert
+    /// joins the experts' grouped pass when they are local, and is computed here while they
+    /// run when they are remote.
     fn start_moe(&self, l: usize, g: &MoeGate, y: Vec<f32>, m: usize) -> Result<PendingMoe> {
         let routing = self.route(g, &y, m)?;
-        let routed = self.experts.start(l, &y, &routing)?;
+        let (routed, with_shared) =
+            self.experts
+                .start_with_shared(l, &y, &routing, g.shared.as_ref())?;
         let shared = match &g.shared {
-            Some(sh) => {
+            Some(sh) if !with_shared => {
                 let mut out = vec![0f32; y.len()];
                 self.backend.mlp(&y, m, sh, false, &mut out)?;
                 Some(out)
             }
-            None => None,
+            _ => None,
         };
         Ok(PendingMoe {
             layer: l,
