@@ -97,6 +97,12 @@ enum BenchCommand {
         prompt_len: usize,
         #[arg(long, default_value_t = 32)]
         decode: usize,
+        /// Batch sizes (concurrent sequences), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        batch: Vec<usize>,
+        /// Element type of the latent KV cache: f32, bf16 or fp8.
+        #[arg(long, default_value = "bf16")]
+        kv_cache_dtype: String,
         #[arg(long)]
         json: bool,
     },
@@ -202,7 +208,8 @@ struct WorkerArgs {
     /// one --max-seq-len sequence (at least 1 GiB), at most half of the process's memory limit.
     #[arg(long, env = "SHARDSEEK_KV_CACHE_MEMORY")]
     kv_cache_memory: Option<String>,
-    /// Element type of the KV cache: f32, bf16 or fp8 (sizes the cache from the budget).
+    /// Element type of the latent KV cache: f32 (exact), bf16, or fp8 (e4m3, per-token scale);
+    /// the memory budget counts it.
     #[arg(long, default_value = "bf16", env = "SHARDSEEK_KV_CACHE_DTYPE")]
     kv_cache_dtype: String,
     /// When one --max-seq-len sequence does not fit the KV cache: `refuse` to start (saying
@@ -285,6 +292,9 @@ struct UpArgs {
     /// Tokens per forward step of each attention pod.
     #[arg(long, default_value_t = 2048)]
     max_batch_tokens: usize,
+    /// Element type of the latent KV cache: f32 (exact), bf16, or fp8 (e4m3, per-token scale).
+    #[arg(long, default_value = "bf16")]
+    kv_cache_dtype: String,
     /// Start, answer one OpenAI chat request through the router, print it, and stop.
     #[arg(long)]
     demo: bool,
@@ -325,6 +335,9 @@ struct GenerateArgs {
     /// Continue past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
+    /// Element type of the latent KV cache: f32 (exact), bf16, or fp8 (e4m3, per-token scale).
+    #[arg(long, default_value = "bf16")]
+    kv_cache_dtype: String,
     /// Print one JSON object on the last line of stdout.
     #[arg(long)]
     json: bool,
@@ -451,6 +464,10 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         top_logprobs: a.logprobs,
         echo: a.echo,
         ignore_eos: a.ignore_eos,
+        kv_dtype: a
+            .kv_cache_dtype
+            .parse()
+            .with_context(|| format!("--kv-cache-dtype {}", a.kv_cache_dtype))?,
     };
     let mut out = generate(&model, &req)?;
     if let Some(t) = &tokenizer {
@@ -650,6 +667,8 @@ fn run_up(a: UpArgs) -> Result<()> {
             a.dispatch_dtype.clone(),
             "--max-batch-tokens".into(),
             a.max_batch_tokens.to_string(),
+            "--kv-cache-dtype".into(),
+            a.kv_cache_dtype.clone(),
         ],
         expert_args: vec![],
         served_model_name: served.clone(),
@@ -827,6 +846,10 @@ fn run_worker(mut a: WorkerArgs) -> Result<()> {
     let cfg = shardseek_worker::config::ModelConfig::from_dir(&model_dir)
         .with_context(|| format!("--model {}", model_dir.display()))?;
     let max_seq_len = a.max_seq_len.unwrap_or(cfg.max_position_embeddings);
+    let kv_dtype: shardseek_worker::kv::KvDtype = a
+        .kv_cache_dtype
+        .parse()
+        .with_context(|| format!("--kv-cache-dtype {}", a.kv_cache_dtype))?;
     let kv = if a.role == Role::Attention {
         size_kv_cache(&a, &cfg, max_seq_len)?
     } else {
@@ -845,6 +868,7 @@ fn run_worker(mut a: WorkerArgs) -> Result<()> {
         max_seq_len: kv.max_seq_len,
         kv_blocks: kv.blocks,
         prefix_key: a.prefix_cache_hash.key_fn(),
+        kv_dtype,
     };
     match a.role {
         Role::Attention => {
@@ -897,17 +921,15 @@ fn size_kv_cache(
     max_seq_len: usize,
 ) -> Result<shardseek_worker::kv_sizing::KvSizing> {
     use shardseek_worker::kv_sizing;
-    let bytes_per_value = match a.kv_cache_dtype.as_str() {
-        "f32" => 4,
-        "bf16" => 2,
-        "fp8" => 1,
-        other => bail!("--kv-cache-dtype {other}: expected f32, bf16 or fp8"),
-    };
+    let dtype: shardseek_worker::kv::KvDtype = a
+        .kv_cache_dtype
+        .parse()
+        .with_context(|| format!("--kv-cache-dtype {}", a.kv_cache_dtype))?;
     let on_overflow: kv_sizing::OnOverflow = a
         .kv_cache_on_overflow
         .parse()
         .map_err(|e| anyhow::anyhow!("--kv-cache-on-overflow {e}"))?;
-    let block_bytes = kv_sizing::block_bytes(cfg, bytes_per_value);
+    let block_bytes = kv_sizing::block_bytes(cfg, dtype);
     let budget = match &a.kv_cache_memory {
         Some(text) => {
             kv_sizing::parse_bytes(text).map_err(|e| anyhow::anyhow!("--kv-cache-memory {e}"))?
@@ -940,25 +962,40 @@ fn run_bench(b: BenchCommand) -> Result<()> {
             model,
             prompt_len,
             decode,
+            batch,
+            kv_cache_dtype,
             json,
         } => {
-            let r = shardseek_worker::speed::measure(&model, prompt_len, decode)?;
+            let kv: shardseek_worker::kv::KvDtype = kv_cache_dtype
+                .parse()
+                .with_context(|| format!("--kv-cache-dtype {kv_cache_dtype}"))?;
+            let r = shardseek_worker::speed::measure(&model, prompt_len, decode, &batch, kv)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "{}: load {:.1}s (peak RSS {:.0} MB of {:.0} MB files); prefill {} tokens: {:.1} tok/s; decode: {:.2} tok/s (p50 {:.1} ms, p90 {:.1} ms); peak RSS {:.0} MB",
+                    "{}: {}, {} KV cache; load {:.1}s (peak RSS {:.0} MB of {:.0} MB files); prompt {} tokens, decode {} tokens per sequence",
                     model.display(),
+                    r.backend,
+                    r.kv_cache_dtype,
                     r.load_seconds,
                     r.load_peak_rss_bytes as f64 / 1e6,
                     r.checkpoint_bytes as f64 / 1e6,
                     r.prompt_tokens,
-                    r.prefill_tokens_per_s,
-                    r.decode_tokens_per_s,
-                    r.decode_ms_p50,
-                    r.decode_ms_p90,
-                    r.peak_rss_bytes as f64 / 1e6
+                    r.decode_tokens,
                 );
+                println!("batch  prefill tok/s  decode tok/s  step p50 ms  step p90 ms");
+                for b in &r.batches {
+                    println!(
+                        "{:>5}  {:>13.1}  {:>12.2}  {:>11.1}  {:>11.1}",
+                        b.batch,
+                        b.prefill_tokens_per_s,
+                        b.decode_tokens_per_s,
+                        b.decode_ms_p50,
+                        b.decode_ms_p90
+                    );
+                }
+                println!("peak RSS {:.0} MB", r.peak_rss_bytes as f64 / 1e6);
             }
         }
         BenchCommand::Dispatch {

@@ -77,8 +77,14 @@ pub struct KvFitError {
 
 /// Bytes of one block of the latent cache: every layer's latent and rope key for
 /// [`BLOCK_TOKENS`] tokens, at `bytes_per_value`.
-pub fn block_bytes(cfg: &ModelConfig, bytes_per_value: usize) -> u64 {
-    (cfg.num_hidden_layers * BLOCK_TOKENS * cfg.latent_dim() * bytes_per_value) as u64
+pub fn block_bytes(cfg: &ModelConfig, dtype: crate::kv::KvDtype) -> u64 {
+    crate::kv::KvLayout {
+        layers: cfg.num_hidden_layers,
+        kv_lora_rank: cfg.kv_lora_rank,
+        rope_dim: cfg.qk_rope_head_dim,
+        dtype,
+    }
+    .block_bytes() as u64
 }
 
 /// The automatic budget for `max_seq_len` when the process may use `memory_limit` bytes.

@@ -5,6 +5,7 @@
 //! [`generate`] (the sampling loop and its JSON result).
 
 pub mod attention;
+pub mod backend;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -2,7 +2,7 @@
 
 use super::sampler::{Sampler, SeqContext, SeqParams, SeqSampler};
 use crate::generate::FinishReason;
-use crate::kv::{KvPool, SeqCache};
+use crate::kv::{KvDtype, KvPool, SeqCache};
 use crate::model::{Model, SeqInput};
 use crate::prefix::{BlockKeyFn, sha256_block_key};
 use shardseek_kernels::sampling::SamplingParams;
@@ -28,6 +28,8 @@ pub struct EngineConfig {
     /// How prefix-cache blocks are keyed (hits are verified whatever the function; see
     /// `prefix::PrefixHash` for the choices a deployment has).
     pub prefix_key: BlockKeyFn,
+    /// Element type of the latent cache (`--kv-cache-dtype`).
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for EngineConfig {
@@ -39,6 +41,7 @@ impl Default for EngineConfig {
             max_seq_len: 4096,
             kv_blocks: 512,
             prefix_key: sha256_block_key,
+            kv_dtype: KvDtype::default(),
         }
     }
 }
@@ -203,12 +206,8 @@ impl Engine {
     pub fn start(model: Arc<Model>, cfg: EngineConfig) -> Arc<Self> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
-        let pool = KvPool::with_key_fn(
-            model.cfg.num_hidden_layers,
-            model.cfg.latent_dim(),
-            cfg.kv_blocks,
-            cfg.prefix_key,
-        );
+        let pool =
+            KvPool::with_key_fn(model.kv_layout(cfg.kv_dtype), cfg.kv_blocks, cfg.prefix_key);
         stats
             .kv_blocks_total
             .store(pool.num_blocks(), Ordering::Relaxed);
@@ -318,11 +317,7 @@ impl Drop for Engine {
 /// generation loop). Returns each request's events in order.
 pub fn run_blocking(model: &Model, cfg: EngineConfig, reqs: Vec<EngineRequest>) -> Vec<Vec<Event>> {
     let (_tx, rx) = mpsc::channel();
-    let pool = KvPool::new(
-        model.cfg.num_hidden_layers,
-        model.cfg.latent_dim(),
-        cfg.kv_blocks,
-    );
+    let pool = KvPool::new(model.kv_layout(cfg.kv_dtype), cfg.kv_blocks);
     let mut sched = Scheduler::new(model, cfg, pool, Arc::default(), rx);
     let mut receivers = Vec::with_capacity(reqs.len());
     for (i, req) in reqs.into_iter().enumerate() {
