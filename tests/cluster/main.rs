@@ -329,3 +329,28 @@ fn skewed_load_imbalance_ratio_and_the_eplb_placement_for_it() {
         assert!(x < before && x <= 1.15, "{what}: {x} (initial {before})");
     }
 }
+
+/// Redundant slots that cannot be spread evenly (or with one shard) are refused before any
+/// process starts, with the flag named.
+#[test]
+fn uneven_redundant_experts_are_refused() {
+    let m = tiny("fp8");
+    for (shards, redundant) in [("4", "3"), ("1", "2")] {
+        let out = std::process::Command::new(bin())
+            .args(["up", "--model"])
+            .arg(m.path())
+            .args([
+                "--port",
+                "0",
+                "--expert-shards",
+                shards,
+                "--redundant-experts",
+                redundant,
+            ])
+            .output()
+            .expect("run up");
+        assert!(!out.status.success(), "{shards} shards, {redundant} slots");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--redundant-experts"), "{err}");
+    }
+}
