@@ -235,6 +235,44 @@ struct RouterArgs {
     /// Context limit checked before forwarding (default: max_position_embeddings).
     #[arg(long, env = "SHARDSEEK_MAX_MODEL_LEN")]
     max_model_len: Option<usize>,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+/// Options of the OpenAI API (router and `up`).
+#[derive(Args, Clone)]
+struct ApiArgs {
+    /// A Jinja chat template file replacing the checkpoint's (tokenizer_config.json).
+    #[arg(long, env = "SHARDSEEK_CHAT_TEMPLATE")]
+    chat_template: Option<PathBuf>,
+    /// Reasoning parser: deepseek-r1, or none. Default: deepseek-r1 when the chat template
+    /// opens a `<think>` block.
+    #[arg(long, env = "SHARDSEEK_REASONING_PARSER")]
+    reasoning_parser: Option<String>,
+    /// Require `Authorization: Bearer KEY` on the API.
+    #[arg(long, env = "SHARDSEEK_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// CORS origins allowed (comma-separated; `*` for any, empty for none).
+    #[arg(long, value_delimiter = ',', default_value = "*", env = "SHARDSEEK_ALLOWED_ORIGINS")]
+    allowed_origins: Vec<String>,
+}
+
+impl ApiArgs {
+    /// The same options as router arguments (what `up` passes its router child).
+    fn to_args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(t) = &self.chat_template {
+            v.extend(["--chat-template".into(), t.display().to_string()]);
+        }
+        if let Some(r) = &self.reasoning_parser {
+            v.extend(["--reasoning-parser".into(), r.clone()]);
+        }
+        if let Some(k) = &self.api_key {
+            v.extend(["--api-key".into(), k.clone()]);
+        }
+        v.extend(["--allowed-origins".into(), self.allowed_origins.join(",")]);
+        v
+    }
 }
 
 #[derive(Args)]
@@ -260,6 +298,8 @@ struct UpArgs {
     /// Start, answer one OpenAI chat request through the router, print it, and stop.
     #[arg(long)]
     demo: bool,
+    #[command(flatten)]
+    api: ApiArgs,
 }
 
 #[derive(Args)]
@@ -430,6 +470,7 @@ async fn generate_remote(url: String, a: GenerateArgs) -> Result<()> {
         stop: vec![],
         ignore_eos: a.ignore_eos,
         stop_token_ids: vec![],
+        ..Default::default()
     };
     let mut stream = client.generate(req).await.context("Generate")?.into_inner();
     let mut out = GenerateOutput {
@@ -537,6 +578,10 @@ fn run_router(mut a: RouterArgs) -> Result<()> {
         served_model_name,
         max_model_len,
         extra_listen,
+        chat_template: a.api.chat_template,
+        reasoning_parser: a.api.reasoning_parser,
+        api_key: a.api.api_key,
+        allowed_origins: a.api.allowed_origins,
     };
     runtime()?.block_on(shardseek_router::gateway::run(cfg, shutdown_signal()))?;
     Ok(())
@@ -582,6 +627,7 @@ fn run_up(a: UpArgs) -> Result<()> {
             a.max_batch_tokens.to_string(),
         ],
         expert_args: vec![],
+        router_args: a.api.to_args(),
         served_model_name: served.clone(),
     };
     runtime()?.block_on(async move {

@@ -30,6 +30,8 @@ pub enum Error {
     Input(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error("grammar: {0}")]
+    Grammar(String),
     #[error("expert dispatch failed at layer {layer}: {detail}")]
     Dispatch { layer: usize, detail: String },
     #[error(transparent)]

@@ -32,6 +32,11 @@ pub struct ChoiceSpec {
     /// Only the prompt's log-probs are wanted (`max_tokens: 0` with echo): the choice ends, and
     /// the backend request is aborted, as soon as they arrive.
     pub prompt_only: bool,
+    /// Drop special tokens from the text (`skip_special_tokens`; chat keeps them while a tool
+    /// parser needs its markers).
+    pub skip_special_tokens: bool,
+    /// `include_stop_str_in_output`.
+    pub include_stop: bool,
 }
 
 /// A generated token as the reply reports it.
@@ -116,12 +121,21 @@ pub async fn start(
             .metrics
             .prompt_tokens
             .inc_by(spec.request.prompt.len() as u64);
+        // With special tokens kept, the ids that end generation still never become text.
+        let mut ends = state
+            .codec
+            .as_ref()
+            .map(|c| c.eos_token_ids())
+            .unwrap_or_default();
+        ends.extend(&spec.request.stop_token_ids);
         let choice = Choice {
             index: spec.index,
             stream: Some(stream),
             codec: state.codec.clone(),
-            decoder: IncrementalDecoder::default(),
-            stop: StopMatcher::new(spec.stop),
+            decoder: IncrementalDecoder::new(spec.skip_special_tokens),
+            skip_special: spec.skip_special_tokens,
+            ends,
+            stop: StopMatcher::new(spec.stop).including_stop(spec.include_stop),
             logprobs: spec.logprobs,
             prompt_only: spec.prompt_only,
             prompt_tokens: spec.request.prompt.len(),
@@ -146,6 +160,8 @@ struct Choice {
     stream: Option<TokenStream>,
     codec: Option<Arc<dyn TextCodec>>,
     decoder: IncrementalDecoder,
+    skip_special: bool,
+    ends: Vec<u32>,
     stop: StopMatcher,
     logprobs: bool,
     prompt_only: bool,
@@ -183,6 +199,9 @@ impl Choice {
     }
 
     fn decode(&mut self, id: u32) -> Result<String, ApiError> {
+        if !self.skip_special && self.ends.contains(&id) {
+            return Ok(String::new());
+        }
         match &self.codec {
             Some(c) => self.decoder.push(c.as_ref(), id).map_err(decode_error),
             None => Ok(String::new()),

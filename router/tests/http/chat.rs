@@ -139,15 +139,23 @@ async fn chat_refusals() {
         ),
         (
             json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}),
-            "tools",
+            "tools[0].function",
         ),
         (
-            json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}),
-            "response_format",
+            json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}),
+            "response_format.type",
         ),
         (
-            json!({"messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5}),
+            json!({"messages": [{"role": "user", "content": "x"}], "presence_penalty": 2.5}),
             "presence_penalty",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "use_beam_search": true}),
+            "use_beam_search",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}),
+            "tool_choice",
         ),
         (
             json!({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}),
@@ -160,12 +168,13 @@ async fn chat_refusals() {
         assert_eq!(v["error"]["param"], param, "{body} -> {v}");
         assert_eq!(v["error"]["type"], "invalid_request_error");
     }
-    // Neutral values of unsupported fields are fine.
+    // Neutral values of unsupported fields, and unknown fields, are fine.
     let (st, v) = post(
         &url,
         &json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "presence_penalty": 0,
                 "frequency_penalty": 0, "logit_bias": {}, "tools": [], "response_format": {"type": "text"},
-                "user": "u", "store": false, "tool_choice": "none"}),
+                "user": "u", "store": false, "tool_choice": "none", "use_beam_search": false,
+                "some_future_field": {"a": 1}}),
     )
     .await;
     assert_eq!(st, 200, "{v}");

@@ -4,7 +4,7 @@
 use futures::future::BoxFuture;
 use futures::stream::{self, StreamExt};
 use shardseek_router::openai::{
-    AppState, Backend, BackendError, ChatMessage, FinishReason, Metrics, TextCodec, TokenEvent,
+    AppState, Backend, BackendError, FinishReason, Metrics, TemplateOptions, TextCodec, TokenEvent,
     TokenRequest, TokenStream,
 };
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -172,17 +172,19 @@ impl TextCodec for ByteCodec {
 
     fn apply_chat_template(
         &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
+        messages: &[serde_json::Value],
+        opts: &TemplateOptions,
     ) -> Result<String, String> {
         let mut s = String::new();
         for m in messages {
-            if m.role == "assistant" && m.content.contains("{%") {
+            let role = m["role"].as_str().unwrap_or_default();
+            let content = m["content"].as_str().unwrap_or_default();
+            if role == "assistant" && content.contains("{%") {
                 return Err("template error: raise_exception('bad assistant turn')".into());
             }
-            s.push_str(&format!("{}:{}\n", m.role, m.content));
+            s.push_str(&format!("{role}:{content}\n"));
         }
-        if add_generation_prompt {
+        if opts.add_generation_prompt {
             s.push_str("assistant:");
         }
         Ok(s)

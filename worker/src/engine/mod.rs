@@ -9,6 +9,8 @@
 //! recomputed later from its prompt and the tokens it already produced, so a request that fits
 //! the limits never fails for lack of cache.
 
+pub mod grammar;
+pub mod logits;
 mod scheduler;
 
 pub use scheduler::{

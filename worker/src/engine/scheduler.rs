@@ -1,5 +1,7 @@
 //! Scheduling loop of the engine; see the module docs of `engine`.
 
+use super::grammar::{Constraint, Grammar, GrammarCompiler};
+use super::logits::{self, LogitsParams, LogitsState};
 use crate::generate::{FinishReason, top_k_logprobs};
 use crate::kv::{KvPool, SeqCache};
 use crate::model::{Model, SeqInput};
@@ -50,6 +52,10 @@ pub struct EngineRequest {
     pub ignore_eos: bool,
     /// Extra token ids that end generation (besides the model's EOS).
     pub stop_token_ids: Vec<u32>,
+    /// Penalties, bias, min_tokens, min_p: the stage before selection.
+    pub logits: LogitsParams,
+    /// Grammar the output must follow (structured output, forced tool calls).
+    pub constraint: Option<Constraint>,
 }
 
 /// What a request's channel carries, in order.
@@ -96,6 +102,12 @@ pub struct EngineStats {
     pub steps_total: AtomicU64,
     /// Tokens not yet computed of running and waiting requests (for load balancing).
     pub outstanding_tokens: AtomicUsize,
+    /// Grammar masks computed, and the time spent computing them (on the mask thread, in
+    /// parallel with the forward pass).
+    pub grammar_masks_total: AtomicU64,
+    pub grammar_mask_nanos_total: AtomicU64,
+    /// Time steps waited for masks after their forward pass had finished (the cost not hidden).
+    pub grammar_wait_nanos_total: AtomicU64,
 }
 
 impl EngineStats {
@@ -106,7 +118,7 @@ impl EngineStats {
 }
 
 enum Command {
-    Add(u64, EngineRequest, UnboundedSender<Event>),
+    Add(u64, EngineRequest, Option<Grammar>, UnboundedSender<Event>),
     Abort(u64),
     Stop,
 }
@@ -161,6 +173,8 @@ pub struct Engine {
     pub stats: Arc<EngineStats>,
     cfg: EngineConfig,
     vocab: usize,
+    /// Compiles constraints; None when the checkpoint has no tokenizer.json.
+    grammar: Option<Arc<GrammarCompiler>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -175,6 +189,8 @@ struct Seq {
     generated: usize,
     prompt_lp: Option<Vec<Option<f32>>>,
     cached_tokens: usize,
+    logits: LogitsState,
+    grammar: Option<Grammar>,
 }
 
 impl Seq {
@@ -184,8 +200,18 @@ impl Seq {
 }
 
 impl Engine {
-    /// Starts the scheduling thread for `model`.
+    /// Starts the scheduling thread for `model`, without grammar support.
     pub fn start(model: Arc<Model>, cfg: EngineConfig) -> Arc<Self> {
+        Self::start_with_grammar(model, cfg, None)
+    }
+
+    /// Starts the scheduling thread for `model`; `grammar` compiles the constraints of
+    /// structured-output requests (without it they are refused).
+    pub fn start_with_grammar(
+        model: Arc<Model>,
+        cfg: EngineConfig,
+        grammar: Option<Arc<GrammarCompiler>>,
+    ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
         let pool = KvPool::new(
@@ -219,6 +245,7 @@ impl Engine {
             stats,
             cfg,
             vocab,
+            grammar,
             thread: Mutex::new(thread),
         })
     }
@@ -254,14 +281,32 @@ impl Engine {
                 "a sequence of {total} tokens does not fit the KV cache"
             )));
         }
+        req.logits.validate(self.vocab).map_err(SubmitError::Invalid)?;
         if self.stats.waiting.load(Ordering::Relaxed) >= self.cfg.max_waiting_requests {
             return Err(SubmitError::QueueFull(self.cfg.max_waiting_requests));
         }
+        // Compiled here, on the caller's thread, so a slow schema never stalls a step.
+        let grammar = match &req.constraint {
+            None => None,
+            Some(c) => {
+                let compiler = self.grammar.as_ref().ok_or_else(|| {
+                    SubmitError::Invalid(
+                        "structured output needs the model's tokenizer.json, which this pod does not have"
+                            .into(),
+                    )
+                })?;
+                Some(
+                    compiler
+                        .compile(c)
+                        .map_err(|e| SubmitError::Invalid(e.to_string()))?,
+                )
+            }
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (etx, erx) = unbounded_channel();
         let tx = self.tx.lock().map_err(|_| SubmitError::Stopped)?.clone();
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-        tx.send(Command::Add(id, req, etx))
+        tx.send(Command::Add(id, req, grammar, etx))
             .map_err(|_| SubmitError::Stopped)?;
         Ok(RequestHandle {
             id,
@@ -333,9 +378,11 @@ impl Scheduler {
     /// Applies one command; false means stop.
     fn apply(&mut self, c: Command) -> bool {
         match c {
-            Command::Add(id, req, tx) => {
+            Command::Add(id, req, grammar, tx) => {
                 let seed = req.seed;
                 self.waiting.push_back(Seq {
+                    logits: LogitsState::new(&req.logits, &req.prompt),
+                    grammar,
                     id,
                     tokens: req.prompt.clone(),
                     prompt_lp: req.echo.then(|| vec![None]),
@@ -487,9 +534,26 @@ impl Scheduler {
             .iter()
             .map(|&(i, _)| self.running[i].cache.len())
             .collect();
-        let result = {
+        let plan_rows = plan.clone();
+        // Sequences that select a token this step and follow a grammar: their masks depend only
+        // on tokens already chosen, so they are computed on another thread during the forward
+        // pass (the grammars are moved there and back).
+        let mut grammars: Vec<(usize, Grammar)> = Vec::new();
+        for &(i, take) in &plan {
+            let s = &mut self.running[i];
+            if take == s.pending()
+                && let Some(g) = s.grammar.take()
+            {
+                grammars.push((i, g));
+            }
+        }
+        let stats = self.stats.clone();
+        let model = self.model.clone();
+        let pool = &mut self.pool;
+        let running = &mut self.running;
+        let mut forward = move || {
             let mut inputs: Vec<SeqInput> = Vec::with_capacity(plan.len());
-            let mut rest: &mut [Seq] = &mut self.running;
+            let mut rest: &mut [Seq] = running;
             let mut base = 0;
             for &(i, take) in &plan {
                 let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - base);
@@ -505,15 +569,49 @@ impl Scheduler {
                 rest = tail;
                 base = i + 1;
             }
-            self.model.forward(&mut self.pool, &mut inputs)
+            model.forward(pool, &mut inputs)
         };
+        let mut masks: Vec<(usize, Result<Option<toktrie::SimpleVob>, String>)> = Vec::new();
+        let result = if grammars.is_empty() {
+            forward()
+        } else {
+            std::thread::scope(|scope| {
+                let job = scope.spawn(|| {
+                    let t0 = std::time::Instant::now();
+                    let out: Vec<_> = grammars
+                        .iter_mut()
+                        .map(|(i, g)| (*i, g.mask().map_err(|e| e.to_string())))
+                        .collect();
+                    stats
+                        .grammar_mask_nanos_total
+                        .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    out
+                });
+                let result = forward();
+                let t0 = std::time::Instant::now();
+                masks = job.join().unwrap_or_else(|_| {
+                    vec![(usize::MAX, Err("the grammar mask thread panicked".into()))]
+                });
+                stats
+                    .grammar_wait_nanos_total
+                    .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                result
+            })
+        };
+        let computed = masks.iter().filter(|m| matches!(m.1, Ok(Some(_)))).count();
+        self.stats
+            .grammar_masks_total
+            .fetch_add(computed as u64, Ordering::Relaxed);
+        for (i, g) in grammars {
+            self.running[i].grammar = Some(g);
+        }
         self.stats.steps_total.fetch_add(1, Ordering::Relaxed);
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
                 // A failed step (e.g. an expert shard is down) fails the requests in it; the
                 // others go on at the next step.
-                let failed: Vec<usize> = plan.iter().map(|p| p.0).collect();
+                let failed: Vec<usize> = plan_rows.iter().map(|p| p.0).collect();
                 for &i in failed.iter().rev() {
                     let mut s = self.running.remove(i);
                     let _ = s.tx.send(Event::Error(e.to_string()));
@@ -522,9 +620,34 @@ impl Scheduler {
                 return;
             }
         };
+        let mut mask_of: Vec<Option<toktrie::SimpleVob>> = Vec::new();
+        mask_of.resize_with(self.running.len(), || None);
+        let mut failed: Vec<usize> = Vec::new();
+        for (i, m) in masks {
+            match m {
+                Ok(m) if i < mask_of.len() => mask_of[i] = m,
+                Ok(_) => {}
+                Err(e) => {
+                    let targets: Vec<usize> = if i < self.running.len() {
+                        vec![i]
+                    } else {
+                        plan_rows.iter().map(|p| p.0).collect()
+                    };
+                    for t in targets {
+                        let _ = self.running[t]
+                            .tx
+                            .send(Event::Error(format!("grammar: {e}")));
+                        failed.push(t);
+                    }
+                }
+            }
+        }
         let v = self.model.cfg.vocab_size;
-        let mut finished: Vec<usize> = Vec::new();
-        for ((&(i, take), lg), &start) in plan.iter().zip(&logits).zip(&started) {
+        let mut finished: Vec<usize> = failed.clone();
+        for ((&(i, take), lg), &start) in plan_rows.iter().zip(&logits).zip(&started) {
+            if failed.contains(&i) {
+                continue;
+            }
             let s = &mut self.running[i];
             let prompt_len = s.req.prompt.len();
             if start < prompt_len {
@@ -557,7 +680,44 @@ impl Scheduler {
             }
             let last = &lg[lg.len() - v..];
             let lp = log_softmax(last);
-            let tok = sample(last, &s.req.sampling, &mut s.rng) as u32;
+            // The logits-processing stage runs on a copy: log-probs report the model's own
+            // distribution, as vLLM's do by default.
+            let mask = mask_of[i].take();
+            let processed;
+            let row: &[f32] = if s.req.logits.is_neutral() && mask.is_none() {
+                last
+            } else {
+                let mut r = last.to_vec();
+                let ends: Vec<u32> = self
+                    .model
+                    .cfg
+                    .eos_token_ids
+                    .iter()
+                    .chain(&s.req.stop_token_ids)
+                    .copied()
+                    .collect();
+                logits::apply(
+                    &mut r,
+                    &s.req.logits,
+                    &s.logits,
+                    &ends,
+                    mask.as_ref(),
+                    s.req.sampling.temperature,
+                );
+                processed = r;
+                &processed
+            };
+            let tok = sample(row, &s.req.sampling, &mut s.rng) as u32;
+            s.logits.push(tok);
+            let mut grammar_done = false;
+            if let Some(g) = s.grammar.as_mut() {
+                if let Err(e) = g.accept(tok) {
+                    let _ = s.tx.send(Event::Error(e.to_string()));
+                    finished.push(i);
+                    continue;
+                }
+                grammar_done = g.is_finished();
+            }
             s.tokens.push(tok);
             s.generated += 1;
             self.stats
@@ -568,9 +728,11 @@ impl Scheduler {
                 logprob: lp[tok as usize],
                 top: top_k_logprobs(&lp, s.req.top_logprobs),
             });
-            let eos = !s.req.ignore_eos
-                && (self.model.cfg.eos_token_ids.contains(&tok)
-                    || s.req.stop_token_ids.contains(&tok));
+            // A complete grammar ends the output (only end-of-sequence could follow).
+            let eos = grammar_done
+                || (!s.req.ignore_eos
+                    && (self.model.cfg.eos_token_ids.contains(&tok)
+                        || s.req.stop_token_ids.contains(&tok)));
             if eos || s.generated >= s.req.max_tokens || s.tokens.len() >= self.cfg.max_seq_len {
                 let reason = if eos {
                     FinishReason::Stop
@@ -587,6 +749,7 @@ impl Scheduler {
             }
         }
         finished.sort_unstable();
+        finished.dedup();
         for &i in finished.iter().rev() {
             let s = self.running.remove(i);
             self.finish_silently(s);
