@@ -363,8 +363,17 @@ impl Tokenizer {
         if let Value::Object(m) = extra {
             ctx.extend(m.clone());
         }
-        let messages = serde_json::to_value(messages)
+        let mut messages = serde_json::to_value(messages)
             .map_err(|e| TokenizerError::Template(format!("messages: {e}")))?;
+        // As transformers does before rendering: keys whose value is None are dropped
+        // (`content: null` of a tool-call turn becomes an undefined `content`).
+        if let Value::Array(list) = &mut messages {
+            for m in list {
+                if let Value::Object(o) = m {
+                    o.retain(|_, v| !v.is_null());
+                }
+            }
+        }
         ctx.insert("messages".into(), messages);
         ctx.insert("add_generation_prompt".into(), add_generation_prompt.into());
         ctx.insert(

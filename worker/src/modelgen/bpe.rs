@@ -302,7 +302,7 @@ pub const CHAT_TEMPLATE: &str = r#"{%- if add_generation_prompt is not defined -
             {{- '<｜tool▁outputs▁end｜>' -}}
             {%- set ns.is_tool = false -%}
         {%- endif -%}
-        {%- set content = message['content'] if message['content'] is not none else '' -%}
+        {%- set content = message['content'] if message['content'] is defined and message['content'] is not none else '' -%}
         {%- if '</think>' in content -%}
             {%- set content = content.split('</think>')[-1].strip() -%}
         {%- endif -%}
