@@ -203,14 +203,20 @@ pub async fn serve() -> Server {
 }
 
 pub async fn serve_with(codec: bool) -> Server {
+    serve_configured(codec, |_| {}).await
+}
+
+/// A server whose state `configure` adjusts first (API key, CORS origins, …).
+pub async fn serve_configured(codec: bool, configure: impl FnOnce(&mut AppState)) -> Server {
     let backend = Arc::new(FakeBackend::default());
-    let state = AppState::new(
+    let mut state = AppState::new(
         Arc::new(SharedBackend(backend.clone())),
         codec.then(|| Arc::new(ByteCodec) as Arc<dyn TextCodec>),
         MODEL,
         MAX_MODEL_LEN,
         Metrics::new().expect("metrics"),
     );
+    configure(&mut state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
