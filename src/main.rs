@@ -124,6 +124,9 @@ struct BenchServeArgs {
     /// Prompt length in tokens (random token ids).
     #[arg(long, default_value_t = 128)]
     input_len: usize,
+    /// Tokens every prompt starts with before its own input (a shared system prompt).
+    #[arg(long, default_value_t = 0)]
+    shared_prefix_len: usize,
     /// Tokens to generate per request (end-of-sequence is ignored).
     #[arg(long, default_value_t = 128)]
     output_len: usize,
@@ -185,6 +188,10 @@ struct WorkerArgs {
     /// Memory for the latent KV cache, in MiB.
     #[arg(long, default_value_t = 1024, env = "SHARDSEEK_KV_CACHE_MIB")]
     kv_cache_mib: usize,
+    /// Prefix-cache block keys: sha256 (collision-resistant) or fnv1a64 (the cheaper key of
+    /// earlier releases, kept for comparison). Hits are verified against the tokens either way.
+    #[arg(long, default_value = "sha256", env = "SHARDSEEK_PREFIX_CACHE_HASH")]
+    prefix_cache_hash: shardseek_worker::prefix::PrefixHash,
     /// Disable the two-micro-batch overlap of attention and remote experts.
     #[arg(long)]
     no_overlap: bool,
@@ -787,6 +794,7 @@ fn run_worker(mut a: WorkerArgs) -> Result<()> {
         max_waiting_requests: a.max_waiting_requests,
         max_seq_len,
         kv_blocks,
+        prefix_key: a.prefix_cache_hash.key_fn(),
     };
     match a.role {
         Role::Attention => {
@@ -901,6 +909,7 @@ fn run_bench_serve(a: BenchServeArgs) -> Result<()> {
         concurrency: a.concurrency,
         rate: a.rate,
         input_len: a.input_len,
+        shared_prefix_len: a.shared_prefix_len,
         output_len: a.output_len,
         model: a.model,
         vocab: a.vocab,

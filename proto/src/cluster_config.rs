@@ -243,10 +243,13 @@ impl ClusterConfig {
                 ),
             );
         }
-        if self.transport == Transport::Nccl && self.dispatch_dtype == DispatchDtype::F32 {
+        if self.transport == Transport::Nccl {
+            // Expert shards compute on CPUs and no worker opens an NCCL communicator yet:
+            // refusing beats serving over gRPC while the config says NCCL.
             return invalid(
-                "dispatchDtype",
-                "f32 rows are not supported over NCCL; use bf16 or fp8".into(),
+                "transport",
+                "nccl is not wired yet (expert shards exchange rows over gRPC only); use grpc"
+                    .into(),
             );
         }
         Ok(())
@@ -348,6 +351,14 @@ mod tests {
         let mut config = sample();
         config.experts.addresses.pop();
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn nccl_is_refused_until_it_is_wired() {
+        let mut config = sample();
+        config.transport = Transport::Nccl;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("transport") && err.contains("nccl"), "{err}");
     }
 
     #[test]

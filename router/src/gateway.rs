@@ -243,6 +243,7 @@ impl Backend for GrpcBackend {
                     start_after: c.start_after,
                 }),
                 skip_special_tokens: None,
+                cache_salt: req.cache_salt.clone(),
             };
             let mut tried = Vec::new();
             let mut last_err = BackendError::Unavailable("no healthy attention pod".into());
@@ -387,6 +388,7 @@ fn sampling_request(r: &GenerateRequest) -> SamplingRequest {
         }),
         min_tokens: (r.min_tokens != 0).then_some(u64::from(r.min_tokens)),
         skip_special_tokens: r.skip_special_tokens,
+        cache_salt: r.cache_salt.clone(),
         structured_outputs: r.constraint.as_ref().map(|c| {
             let mut so = openai::types::StructuredOutputs::default();
             match &c.kind {
@@ -457,6 +459,7 @@ impl Gateway for GatewayService {
                 kind,
                 start_after: r.constraint.as_ref().and_then(|c| c.start_after),
             }),
+            cache_salt: r.cache_salt.clone(),
         };
         let events = self.backend.generate(req).await.map_err(|e| match e {
             BackendError::Invalid(m) => Status::invalid_argument(m),

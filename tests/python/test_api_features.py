@@ -10,11 +10,12 @@ sampling parameters by comparing against what they must equal. Skipped without a
 
 import json
 import os
+import urllib.error
+import urllib.request
 
 import pytest
 
 openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
 
 URL = os.environ.get("SHARDSEEK_URL")
 pytestmark = [
@@ -79,9 +80,34 @@ def model(client):
     return client.models.list().data[0].id
 
 
+class Resp:
+    def __init__(self, status, headers, body):
+        self.status_code, self.headers, self.text = status, headers, body
+
+    def json(self):
+        return json.loads(self.text)
+
+
+class Http:
+    """Plain HTTP for the endpoints the openai client has no method for (stdlib only)."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def post(self, path, json=None, headers=None):
+        data = __import__("json").dumps(json).encode()
+        req = urllib.request.Request(self.base + path, data=data, method="POST",
+                                     headers={"content-type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=300) as r:
+                return Resp(r.status, {k.lower(): v for k, v in r.headers.items()}, r.read().decode())
+        except urllib.error.HTTPError as e:
+            return Resp(e.code, {k.lower(): v for k, v in e.headers.items()}, e.read().decode())
+
+
 @pytest.fixture(scope="module")
 def http():
-    return httpx.Client(base_url=URL.rstrip("/"), timeout=300)
+    return Http(URL.rstrip("/"))
 
 
 @pytest.fixture(scope="module")

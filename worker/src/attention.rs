@@ -107,6 +107,11 @@ pub fn engine_request(r: &GenerateRequest) -> Result<EngineRequest, Status> {
             })
         }
     };
+    if r.cache_salt.as_deref() == Some("") {
+        return Err(Status::invalid_argument(
+            "cache_salt: must be a non-empty string when given",
+        ));
+    }
     Ok(EngineRequest {
         prompt,
         max_tokens: r.max_tokens as usize,
@@ -122,6 +127,7 @@ pub fn engine_request(r: &GenerateRequest) -> Result<EngineRequest, Status> {
         stop_token_ids: r.stop_token_ids.clone(),
         logits,
         constraint,
+        cache_salt: r.cache_salt.clone(),
     })
 }
 

@@ -2,13 +2,15 @@
 //! token holds, per layer, MLA's normalised latent and rotated rope key (`latent_dim` f32).
 //! Sequences own a page table of block ids.
 //!
-//! Prefix caching: a block that is full is registered under a hash of (previous block's hash,
-//! its tokens). A new sequence whose prompt starts with the same tokens shares those blocks
-//! (reference counted) and skips their prefill. Unreferenced registered blocks stay cached
-//! (and count as available) until the pool needs them, oldest first.
+//! Prefix caching: a block that is full is registered in a [`PrefixIndex`] under a key chained
+//! from the request's salt and the blocks before it (see `prefix` for the keys and why a hit is
+//! verified). A new sequence whose prompt starts with the same tokens, under the same salt,
+//! shares those blocks (reference counted) and skips their prefill. Unreferenced registered
+//! blocks stay cached (and count as available) until the pool needs them, oldest first.
 
 use crate::error::{Error, Result};
-use std::collections::{HashMap, VecDeque};
+use crate::prefix::{BlockKeyFn, ChainLink, PrefixIndex, sha256_block_key};
+use std::collections::VecDeque;
 
 /// Tokens per block: FlashMLA's page size, and what the kernels' paged decode expects.
 pub const BLOCK_TOKENS: usize = 64;
@@ -19,12 +21,11 @@ pub struct KvPool {
     /// `storage[layer]` is `[num_blocks][BLOCK_TOKENS][latent_dim]`.
     storage: Vec<Vec<f32>>,
     refcount: Vec<u32>,
-    /// Hash of each registered block (full and immutable), if any.
-    hash_of: Vec<Option<u64>>,
+    /// Registered (full, immutable, verifiable) blocks and their keys.
+    index: PrefixIndex,
     free: Vec<u32>,
     /// Registered blocks nobody references, least recently released first.
     evictable: VecDeque<u32>,
-    by_hash: HashMap<u64, u32>,
     prefix_hits: u64,
 }
 
@@ -33,8 +34,10 @@ pub struct KvPool {
 pub struct SeqCache {
     pub(crate) blocks: Vec<u32>,
     pub(crate) len: usize,
-    /// Hash chain of this sequence's full blocks (for registering them).
-    hashes: Vec<u64>,
+    /// Where this sequence's key chain starts (its salt); `None`: never registered.
+    root: Option<ChainLink>,
+    /// Chain links of this sequence's full blocks, registered or verified.
+    links: Vec<ChainLink>,
 }
 
 impl SeqCache {
@@ -49,31 +52,28 @@ impl SeqCache {
     }
 }
 
-fn block_hash(parent: u64, tokens: &[u32]) -> u64 {
-    // FNV-1a over the parent hash and the token ids: stable across processes and runs.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ parent;
-    for &t in tokens {
-        for b in t.to_le_bytes() {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    h
-}
-
 impl KvPool {
     /// A pool of `num_blocks` blocks for a model with `layers` layers.
     pub fn new(layers: usize, latent_dim: usize, num_blocks: usize) -> Self {
+        Self::with_key_fn(layers, latent_dim, num_blocks, sha256_block_key)
+    }
+
+    /// A pool whose prefix index keys blocks with `key_fn`.
+    pub fn with_key_fn(
+        layers: usize,
+        latent_dim: usize,
+        num_blocks: usize,
+        key_fn: BlockKeyFn,
+    ) -> Self {
         Self {
             latent_dim,
             storage: (0..layers)
                 .map(|_| vec![0f32; num_blocks * BLOCK_TOKENS * latent_dim])
                 .collect(),
             refcount: vec![0; num_blocks],
-            hash_of: vec![None; num_blocks],
+            index: PrefixIndex::new(num_blocks, key_fn),
             free: (0..num_blocks as u32).rev().collect(),
             evictable: VecDeque::new(),
-            by_hash: HashMap::new(),
             prefix_hits: 0,
         }
     }
@@ -102,6 +102,10 @@ impl KvPool {
     pub fn prefix_hits(&self) -> u64 {
         self.prefix_hits
     }
+    /// Key matches refused by verification so far (collisions, stale entries).
+    pub fn prefix_rejected(&self) -> u64 {
+        self.index.rejected()
+    }
 
     /// Blocks needed to grow `cache` to `len` tokens.
     pub fn blocks_needed(&self, cache: &SeqCache, len: usize) -> usize {
@@ -110,13 +114,11 @@ impl KvPool {
     }
 
     fn take_block(&mut self) -> Option<u32> {
-        if let Some(b) = self.free.pop() {
-            return Some(b);
-        }
-        let b = self.evictable.pop_front()?;
-        if let Some(h) = self.hash_of[b as usize].take() {
-            self.by_hash.remove(&h);
-        }
+        let b = match self.free.pop() {
+            Some(b) => b,
+            None => self.evictable.pop_front()?,
+        };
+        self.index.recycle(b);
         Some(b)
     }
 
@@ -139,15 +141,19 @@ impl KvPool {
         Ok(())
     }
 
-    /// Starts a sequence for `prompt`, sharing cached full blocks of its prefix. At least one
-    /// prompt token is always left to compute, so the step yields logits.
-    pub fn start_with_prefix(&mut self, prompt: &[u32]) -> SeqCache {
-        let mut cache = SeqCache::default();
-        let mut parent = 0u64;
+    /// Starts a sequence for `prompt` under `salt`, sharing cached full blocks of its prefix
+    /// that verify (same tokens after the same verified parent). At least one prompt token is
+    /// always left to compute, so the step yields logits.
+    pub fn start_with_prefix(&mut self, prompt: &[u32], salt: Option<&str>) -> SeqCache {
+        let mut at = ChainLink::root(salt);
+        let mut cache = SeqCache {
+            root: Some(at),
+            ..SeqCache::default()
+        };
         let max_blocks = prompt.len().saturating_sub(1) / BLOCK_TOKENS;
         for i in 0..max_blocks {
-            let h = block_hash(parent, &prompt[i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS]);
-            let Some(&b) = self.by_hash.get(&h) else {
+            let chunk = &prompt[i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS];
+            let Some((b, link)) = self.index.lookup(&at, chunk) else {
                 break;
             };
             if self.refcount[b as usize] == 0 {
@@ -155,28 +161,39 @@ impl KvPool {
             }
             self.refcount[b as usize] += 1;
             cache.blocks.push(b);
-            cache.hashes.push(h);
+            cache.links.push(link);
             cache.len += BLOCK_TOKENS;
             self.prefix_hits += 1;
-            parent = h;
+            at = link;
         }
         cache
     }
 
-    /// Registers the sequence's newly filled blocks under their content hash; `tokens` are
-    /// all tokens cached so far (`tokens.len() == cache.len`).
+    /// Starts a sequence that reads nothing from the cache (its prompt is computed in full) but
+    /// registers its full blocks under `salt` for later requests.
+    pub fn start_cold(&mut self, salt: Option<&str>) -> SeqCache {
+        SeqCache {
+            root: Some(ChainLink::root(salt)),
+            ..SeqCache::default()
+        }
+    }
+
+    /// Registers the sequence's newly filled blocks; `tokens` are all tokens cached so far
+    /// (`tokens.len() == cache.len`). A sequence started without a root registers nothing.
     pub fn register_full_blocks(&mut self, cache: &mut SeqCache, tokens: &[u32]) {
+        let Some(root) = cache.root else {
+            return;
+        };
         let full = cache.len.min(tokens.len()) / BLOCK_TOKENS;
-        while cache.hashes.len() < full {
-            let i = cache.hashes.len();
-            let parent = cache.hashes.last().copied().unwrap_or(0);
-            let h = block_hash(parent, &tokens[i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS]);
-            cache.hashes.push(h);
-            let b = cache.blocks[i];
-            if self.hash_of[b as usize].is_none() && !self.by_hash.contains_key(&h) {
-                self.hash_of[b as usize] = Some(h);
-                self.by_hash.insert(h, b);
-            }
+        while cache.links.len() < full {
+            let i = cache.links.len();
+            let at = cache.links.last().copied().unwrap_or(root);
+            let link = self.index.register(
+                &at,
+                cache.blocks[i],
+                &tokens[i * BLOCK_TOKENS..(i + 1) * BLOCK_TOKENS],
+            );
+            cache.links.push(link);
         }
     }
 
@@ -186,7 +203,7 @@ impl KvPool {
             let rc = &mut self.refcount[b as usize];
             *rc = rc.saturating_sub(1);
             if *rc == 0 {
-                if self.hash_of[b as usize].is_some() {
+                if self.index.is_registered(b) {
                     self.evictable.push_back(b);
                 } else {
                     self.free.push(b);
@@ -194,7 +211,7 @@ impl KvPool {
             }
         }
         cache.len = 0;
-        cache.hashes.clear();
+        cache.links.clear();
     }
 
     /// Writes one token's entry for `layer` at position `pos` of `cache`.
@@ -235,12 +252,12 @@ mod tests {
     fn prefix_blocks_are_shared_and_counted() {
         let mut p = KvPool::new(1, 4, 8);
         let prompt: Vec<u32> = (0..150).collect();
-        let mut a = p.start_with_prefix(&prompt);
+        let mut a = p.start_with_prefix(&prompt, None);
         assert_eq!(a.len, 0);
         p.reserve(&mut a, prompt.len()).unwrap();
         a.len = prompt.len();
         p.register_full_blocks(&mut a, &prompt);
-        let mut b = p.start_with_prefix(&prompt);
+        let mut b = p.start_with_prefix(&prompt, None);
         assert_eq!(b.len, 128, "two full blocks shared");
         assert_eq!(p.prefix_hits(), 2);
         assert_eq!(&b.blocks[..2], &a.blocks[..2]);
@@ -249,14 +266,51 @@ mod tests {
         assert_eq!(p.available(), 8);
         // A prompt of exactly one block keeps its last token to compute.
         let one: Vec<u32> = (0..64).collect();
-        assert_eq!(p.start_with_prefix(&one).len, 0);
+        assert_eq!(p.start_with_prefix(&one, None).len, 0);
         // Cached blocks are reused for new allocations when the free list runs dry.
         let mut c = SeqCache::default();
         p.reserve(&mut c, 8 * 64).unwrap();
         assert_eq!(
-            p.start_with_prefix(&prompt).len,
+            p.start_with_prefix(&prompt, None).len,
             0,
             "evicted blocks no longer hit"
         );
+    }
+
+    #[test]
+    fn salts_separate_the_cache_and_the_same_salt_shares_it() {
+        let mut p = KvPool::new(1, 4, 16);
+        let prompt: Vec<u32> = (0..150).collect();
+        let mut a = p.start_with_prefix(&prompt, Some("tenant-a"));
+        p.reserve(&mut a, prompt.len()).unwrap();
+        a.len = prompt.len();
+        p.register_full_blocks(&mut a, &prompt);
+        assert_eq!(p.start_with_prefix(&prompt, Some("tenant-b")).len, 0);
+        assert_eq!(p.start_with_prefix(&prompt, None).len, 0);
+        let b = p.start_with_prefix(&prompt, Some("tenant-a"));
+        assert_eq!(b.len, 128);
+        assert_eq!(p.prefix_hits(), 2);
+    }
+
+    #[test]
+    fn a_weak_key_function_never_shares_different_prompts() {
+        fn weak(_: &crate::prefix::BlockKey, t: &[u32]) -> crate::prefix::BlockKey {
+            // Collides every prompt whose blocks have the same length and first token.
+            let mut k = [0u8; 32];
+            k[0] = t.len() as u8;
+            k[1..5].copy_from_slice(&t[0].to_le_bytes());
+            k
+        }
+        let mut p = KvPool::with_key_fn(1, 4, 16, weak);
+        let first: Vec<u32> = (0..150).collect();
+        let mut second = first.clone();
+        second[70] = 9999; // same first block, different second block, same key
+        let mut a = p.start_with_prefix(&first, None);
+        p.reserve(&mut a, first.len()).unwrap();
+        a.len = first.len();
+        p.register_full_blocks(&mut a, &first);
+        let b = p.start_with_prefix(&second, None);
+        assert_eq!(b.len, 64, "only the truly shared first block is reused");
+        assert_eq!(p.prefix_rejected(), 1);
     }
 }

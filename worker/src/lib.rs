@@ -15,6 +15,7 @@ pub mod kv;
 pub mod metrics;
 pub mod model;
 pub mod modelgen;
+pub mod prefix;
 pub mod remote;
 pub mod serve;
 pub mod speed;

@@ -4,8 +4,8 @@
 
 use crate::engine::EngineStats;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Counter, Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
@@ -26,7 +26,12 @@ pub struct WorkerMetrics {
     prompt_tokens: IntCounter,
     generation_tokens: IntCounter,
     prefix_cache_hits: IntCounter,
+    prefix_cache_rejected: IntCounter,
     preemptions: IntCounter,
+    step_seconds: Counter,
+    prefix_cache_seconds: Counter,
+    /// Nanosecond totals last copied into the two float counters above.
+    last_nanos: Mutex<[u64; 2]>,
     /// Round trip of one MoE layer's dispatch + combine, seen by the attention pod.
     pub dispatch_duration: Histogram,
     /// Bytes of rows sent and received by dispatch.
@@ -35,7 +40,7 @@ pub struct WorkerMetrics {
     pub expert_tokens: IntCounterVec,
     /// max/mean of per-expert token counts over this process's experts.
     pub expert_load_imbalance: Gauge,
-    last: Mutex<[u64; 4]>,
+    last: Mutex<[u64; 5]>,
     /// Tokens per expert id, for the imbalance ratio.
     per_expert: Mutex<Vec<u64>>,
 }
@@ -83,6 +88,24 @@ impl WorkerMetrics {
             "shardseek_prefix_cache_hits_total",
             "KV blocks of prompts served from the prefix cache (their prefill skipped)",
         );
+        let prefix_cache_rejected = ic(
+            "shardseek_prefix_cache_rejected_total",
+            "Prefix-cache key matches refused because the block's tokens or parent differed \
+             (hash collisions and stale entries; each costs a miss, never wrong KV)",
+        );
+        let fc = |n: &str, h: &str| {
+            let c = must(Counter::new(n, h));
+            must(registry.register(Box::new(c.clone())));
+            c
+        };
+        let step_seconds = fc(
+            "shardseek_engine_step_seconds_total",
+            "Wall time of the engine's forward steps (planning, forward pass, sampling)",
+        );
+        let prefix_cache_seconds = fc(
+            "shardseek_prefix_cache_seconds_total",
+            "Of the step time, the time spent keying, verifying and registering prefix-cache blocks",
+        );
         let preemptions = ic(
             "shardseek_preemptions_total",
             "Requests preempted for KV space",
@@ -124,12 +147,16 @@ impl WorkerMetrics {
             prompt_tokens,
             generation_tokens,
             prefix_cache_hits,
+            prefix_cache_rejected,
             preemptions,
+            step_seconds,
+            prefix_cache_seconds,
+            last_nanos: Mutex::new([0; 2]),
             dispatch_duration,
             dispatch_bytes,
             expert_tokens,
             expert_load_imbalance,
-            last: Mutex::new([0; 4]),
+            last: Mutex::new([0; 5]),
             per_expert: Mutex::new(Vec::new()),
         }
     }
@@ -169,6 +196,7 @@ impl WorkerMetrics {
                 s.generation_tokens_total.load(Ordering::Relaxed),
                 s.prefix_cache_hit_blocks.load(Ordering::Relaxed),
                 s.preemptions_total.load(Ordering::Relaxed),
+                s.prefix_cache_rejected_blocks.load(Ordering::Relaxed),
             ];
             if let Ok(mut last) = self.last.lock() {
                 let counters = [
@@ -176,9 +204,24 @@ impl WorkerMetrics {
                     &self.generation_tokens,
                     &self.prefix_cache_hits,
                     &self.preemptions,
+                    &self.prefix_cache_rejected,
                 ];
                 for ((c, n), l) in counters.iter().zip(now).zip(last.iter_mut()) {
                     c.inc_by(n.saturating_sub(*l));
+                    *l = n.max(*l);
+                }
+            }
+            let nanos = [
+                s.step_nanos.load(Ordering::Relaxed),
+                s.prefix_cache_nanos.load(Ordering::Relaxed),
+            ];
+            if let Ok(mut last) = self.last_nanos.lock() {
+                for ((c, n), l) in [&self.step_seconds, &self.prefix_cache_seconds]
+                    .iter()
+                    .zip(nanos)
+                    .zip(last.iter_mut())
+                {
+                    c.inc_by(n.saturating_sub(*l) as f64 * 1e-9);
                     *l = n.max(*l);
                 }
             }

@@ -247,7 +247,7 @@ fn crd_has_scale_printer_columns_and_rules() {
     let text = serde_json::to_string(&crd).expect("json");
     for rule in [
         "self.redundantSlots % self.shards == 0",
-        "self.dispatchDtype != 'f32'",
+        "self.transport != 'nccl'",
         "size(self.metadata.name) <= 40",
     ] {
         assert!(text.contains(rule), "rule {rule} missing");
@@ -269,7 +269,7 @@ fn examples_pass_and_fail_the_cel_rules() {
     for message in [
         "experts.redundantSlots must be a multiple of experts.shards",
         "model.volume must set exactly one of",
-        "dispatchDtype f32 is not supported with transport nccl",
+        "transport nccl is not wired yet",
     ] {
         assert!(errors.contains(message), "expected {message:?} in {errors}");
     }

@@ -28,6 +28,8 @@ pub struct TokenRequest {
     pub ignore_eos: bool,
     /// Extra token ids that end generation, besides the model's EOS.
     pub stop_token_ids: Vec<u32>,
+    /// Prefix-cache isolation: only requests with the same salt share cached KV blocks.
+    pub cache_salt: Option<String>,
     /// Penalties, bias, min_tokens, min_p (the engine's stage before selection).
     pub logits: LogitsFields,
     /// A grammar the output must follow.

@@ -33,6 +33,9 @@ pub struct BenchConfig {
     /// Requests per second, Poisson arrivals.
     pub rate: Option<f64>,
     pub input_len: usize,
+    /// Tokens every prompt starts with, before its own `input_len` tokens (0: none), as
+    /// vLLM's `--random-prefix-len`: a shared system prompt, for measuring the prefix cache.
+    pub shared_prefix_len: usize,
     pub output_len: usize,
     /// Model name to request; None takes the first of `/v1/models`.
     pub model: Option<String>,
@@ -99,6 +102,7 @@ pub struct BenchReport {
     pub concurrency: Option<usize>,
     pub rate: Option<f64>,
     pub input_len: usize,
+    pub shared_prefix_len: usize,
     pub output_len: usize,
     pub completed: usize,
     pub failed: usize,
@@ -178,9 +182,12 @@ pub async fn run(cfg: BenchConfig) -> Result<BenchReport, BenchError> {
         let model = model.clone();
         let cfg = cfg.clone();
         move |i: usize| -> Bytes {
+            // The shared prefix depends on the seed only, the rest on the request too.
+            let mut shared = Rng(cfg.seed ^ 0x5DEE_CE66_D1CE_5EED);
             let mut rng = Rng(cfg.seed ^ (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            let prompt: Vec<u32> = (0..cfg.input_len)
-                .map(|_| (rng.next() % u64::from(cfg.vocab)) as u32)
+            let prompt: Vec<u32> = (0..cfg.shared_prefix_len)
+                .map(|_| (shared.next() % u64::from(cfg.vocab)) as u32)
+                .chain((0..cfg.input_len).map(|_| (rng.next() % u64::from(cfg.vocab)) as u32))
                 .collect();
             Bytes::from(
                 serde_json::json!({
@@ -289,6 +296,7 @@ pub async fn run(cfg: BenchConfig) -> Result<BenchReport, BenchError> {
         concurrency: cfg.concurrency,
         rate: cfg.rate,
         input_len: cfg.input_len,
+        shared_prefix_len: cfg.shared_prefix_len,
         output_len: cfg.output_len,
         completed: ok.len(),
         failed: results.len() - ok.len() + (cfg.requests - results.len()),
@@ -528,8 +536,15 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "{} requests, {load}, input {} tokens, output {} tokens",
-            self.requests, self.input_len, self.output_len
+            "{} requests, {load}, input {} tokens{}, output {} tokens",
+            self.requests,
+            self.input_len,
+            if self.shared_prefix_len > 0 {
+                format!(" after a shared prefix of {}", self.shared_prefix_len)
+            } else {
+                String::new()
+            },
+            self.output_len
         )?;
         writeln!(f, "completed            {:>10}", self.completed)?;
         writeln!(f, "failed               {:>10}", self.failed)?;

@@ -166,6 +166,7 @@ async fn run(st: &AppState, req: Request, started: Instant) -> Result<Reply, Api
                     stop_token_ids: sampling.stop_token_ids.clone(),
                     logits: sampling.logits.clone(),
                     constraint: super::types::constraint_of(sampling.constraint.clone(), None),
+                    cache_salt: sampling.cache_salt.clone(),
                 },
                 stop: sampling.stop.clone(),
                 logprobs: logprobs.is_some(),

@@ -110,6 +110,8 @@ pub struct SamplingRequest {
     pub guided_regex: Option<String>,
     pub guided_grammar: Option<String>,
     pub guided_choice: Option<Vec<String>>,
+    /// vLLM's prefix-cache isolation: only requests with the same salt share cached KV.
+    pub cache_salt: Option<String>,
 }
 
 /// Defaults of the checkpoint (`generation_config.json`), used where a request is silent.
@@ -159,6 +161,7 @@ pub struct Sampling {
     pub include_stop_str_in_output: bool,
     /// The structured-output constraint asked for (tool-choice constraints are added by chat).
     pub constraint: Option<ConstraintKind>,
+    pub cache_salt: Option<String>,
 }
 
 fn range(name: &str, v: f64, lo: f64, hi: f64) -> Result<f64, ApiError> {
@@ -330,6 +333,12 @@ impl SamplingRequest {
         }
         let min_tokens = usize::try_from(self.min_tokens.unwrap_or(0)).unwrap_or(usize::MAX);
         let constraint = self.constraint()?;
+        if self.cache_salt.as_deref().is_some_and(str::is_empty) {
+            return Err(ApiError::invalid(
+                "cache_salt",
+                "cache_salt must be a non-empty string when given",
+            ));
+        }
         Ok(Sampling {
             temperature: temperature as f32,
             // Validated on f64: a positive top_p too small for f32 is still positive.
@@ -352,6 +361,7 @@ impl SamplingRequest {
             skip_special_tokens: self.skip_special_tokens.unwrap_or(true),
             include_stop_str_in_output: self.include_stop_str_in_output.unwrap_or(false),
             constraint,
+            cache_salt: self.cache_salt.clone(),
         })
     }
 
@@ -442,7 +452,6 @@ const INFORMATIONAL: &[&str] = &[
     "guided_decoding_backend",
     "structured_outputs_backend",
     "return_token_ids",
-    "cache_salt",
 ];
 
 /// Known OpenAI/vLLM fields this server does not implement, and the values that mean "off".

@@ -12,6 +12,7 @@ fn config(url: &str) -> BenchConfig {
         concurrency: Some(3),
         rate: None,
         input_len: 8,
+        shared_prefix_len: 0,
         output_len: 5,
         model: None,
         vocab: 200,
@@ -52,6 +53,25 @@ async fn closed_loop_measures_everything() {
     let text = r.to_string();
     assert!(text.contains("TTFT") && text.contains("shardseek_generation_tokens_total 40"));
     serde_json::to_value(&r).unwrap();
+}
+
+#[tokio::test]
+async fn shared_prefix_starts_every_prompt() {
+    let s = serve().await;
+    let mut cfg = config(&s.url);
+    cfg.shared_prefix_len = 12;
+    let r = run(cfg).await.unwrap();
+    assert_eq!((r.completed, r.failed), (8, 0), "{:?}", r.errors);
+    let reqs = s.backend.requests.lock().unwrap();
+    let first = &reqs[0].prompt;
+    assert_eq!(first.len(), 20);
+    for req in reqs.iter() {
+        assert_eq!(req.prompt[..12], first[..12], "the prefix is shared");
+    }
+    assert!(
+        reqs.iter().any(|r| r.prompt[12..] != first[12..]),
+        "the rest is each request's own"
+    );
 }
 
 #[tokio::test]

@@ -308,3 +308,39 @@ async fn without_a_codec_prompts_are_token_ids() {
     assert_eq!(st, 400);
     assert_eq!(v["error"]["param"], "stop");
 }
+
+#[tokio::test]
+async fn cache_salt_reaches_the_backend_on_both_endpoints() {
+    let s = serve().await;
+    let (st, v) = post(
+        &format!("{}/v1/completions", s.url),
+        &json!({"prompt": "hello", "max_tokens": 1, "cache_salt": "tenant-a"}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = post(
+        &format!("{}/v1/chat/completions", s.url),
+        &json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1,
+                "cache_salt": "tenant-b"}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, _) = post(
+        &format!("{}/v1/completions", s.url),
+        &json!({"prompt": "hello", "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let salts: Vec<Option<String>> = s
+        .backend
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r.cache_salt.clone())
+        .collect();
+    assert_eq!(
+        salts,
+        [Some("tenant-a".into()), Some("tenant-b".into()), None]
+    );
+}

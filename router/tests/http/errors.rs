@@ -68,6 +68,7 @@ async fn bad_parameters_are_400_naming_them() {
         (json!({"prompt": "x", "best_of": 3}), Some("best_of")),
         (json!({"prompt": "x", "suffix": "s"}), Some("suffix")),
         (json!({"prompt": "x", "seed": 1.5}), Some("seed")),
+        (json!({"prompt": "x", "cache_salt": ""}), Some("cache_salt")),
         (json!({"prompt": [1, 299, 300]}), None),
         (json!([1, 2]), None),
     ];

@@ -5,6 +5,7 @@ use super::logits::{self, LogitsParams, LogitsState};
 use crate::generate::{FinishReason, top_k_logprobs};
 use crate::kv::{KvPool, SeqCache};
 use crate::model::{Model, SeqInput};
+use crate::prefix::{BlockKeyFn, sha256_block_key};
 use shardseek_kernels::sampling::{Rng, SamplingParams, sample};
 use shardseek_kernels::softmax::log_softmax;
 use std::collections::VecDeque;
@@ -26,6 +27,9 @@ pub struct EngineConfig {
     pub max_seq_len: usize,
     /// KV cache blocks (of 64 tokens) in the pool.
     pub kv_blocks: usize,
+    /// How prefix-cache blocks are keyed (hits are verified whatever the function; see
+    /// `prefix::PrefixHash` for the choices a deployment has).
+    pub prefix_key: BlockKeyFn,
 }
 
 impl Default for EngineConfig {
@@ -36,6 +40,7 @@ impl Default for EngineConfig {
             max_waiting_requests: 256,
             max_seq_len: 4096,
             kv_blocks: 512,
+            prefix_key: sha256_block_key,
         }
     }
 }
@@ -56,6 +61,9 @@ pub struct EngineRequest {
     pub logits: LogitsParams,
     /// Grammar the output must follow (structured output, forced tool calls).
     pub constraint: Option<Constraint>,
+    /// Prefix-cache isolation (vLLM's `cache_salt`): only requests with the same salt share
+    /// cached blocks; `None` shares with every other unsalted request.
+    pub cache_salt: Option<String>,
 }
 
 /// What a request's channel carries, in order.
@@ -96,10 +104,17 @@ pub struct EngineStats {
     pub kv_blocks_total: AtomicUsize,
     pub kv_blocks_available: AtomicUsize,
     pub prefix_cache_hit_blocks: AtomicU64,
+    /// Prefix-cache key matches refused because the block's tokens or parent differed.
+    pub prefix_cache_rejected_blocks: AtomicU64,
     pub prompt_tokens_total: AtomicU64,
     pub generation_tokens_total: AtomicU64,
     pub preemptions_total: AtomicU64,
     pub steps_total: AtomicU64,
+    /// Wall time of forward steps (planning, forward pass, sampling), in nanoseconds.
+    pub step_nanos: AtomicU64,
+    /// Of that, the time spent keying, looking up, verifying and registering prefix-cache
+    /// blocks, in nanoseconds: what the collision-resistant keys cost.
+    pub prefix_cache_nanos: AtomicU64,
     /// Tokens not yet computed of running and waiting requests (for load balancing).
     pub outstanding_tokens: AtomicUsize,
     /// Grammar masks computed, and the time spent computing them (on the mask thread, in
@@ -214,10 +229,11 @@ impl Engine {
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
-        let pool = KvPool::new(
+        let pool = KvPool::with_key_fn(
             model.cfg.num_hidden_layers,
             model.cfg.latent_dim(),
             cfg.kv_blocks,
+            cfg.prefix_key,
         );
         stats
             .kv_blocks_total
@@ -370,7 +386,11 @@ impl Scheduler {
                     return;
                 }
             }
+            let t = std::time::Instant::now();
             self.step();
+            self.stats
+                .step_nanos
+                .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
             self.publish();
         }
     }
@@ -433,6 +453,9 @@ impl Scheduler {
         self.stats
             .prefix_cache_hit_blocks
             .store(self.pool.prefix_hits(), Ordering::Relaxed);
+        self.stats
+            .prefix_cache_rejected_blocks
+            .store(self.pool.prefix_rejected(), Ordering::Relaxed);
         let outstanding: usize = self
             .running
             .iter()
@@ -496,9 +519,20 @@ impl Scheduler {
             let Some(mut s) = self.waiting.pop_front() else {
                 break;
             };
-            if s.cache.is_empty() && !s.req.echo {
-                s.cache = self.pool.start_with_prefix(&s.tokens);
+            if s.cache.is_empty() {
+                let t = std::time::Instant::now();
+                let salt = s.req.cache_salt.as_deref();
+                // Echo needs every prompt position's logits, so it reads nothing cached; its
+                // blocks are still registered for later requests.
+                s.cache = if s.req.echo {
+                    self.pool.start_cold(salt)
+                } else {
+                    self.pool.start_with_prefix(&s.tokens, salt)
+                };
                 s.cached_tokens = s.cache.len();
+                self.stats
+                    .prefix_cache_nanos
+                    .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
             }
             let mut take = s.pending().min(budget);
             while take > 0
@@ -673,8 +707,12 @@ impl Scheduler {
                 }
             }
             let done_len = s.cache.len();
+            let t = std::time::Instant::now();
             self.pool
                 .register_full_blocks(&mut s.cache, &s.tokens[..done_len]);
+            self.stats
+                .prefix_cache_nanos
+                .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
             if s.pending() > 0 {
                 continue; // mid-prefill: nothing to sample yet
             }

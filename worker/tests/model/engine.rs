@@ -5,7 +5,9 @@ use crate::fixtures::fixture_dir;
 use shardseek_kernels::sampling::SamplingParams;
 use shardseek_worker::engine::{Engine, EngineConfig, EngineRequest, Event, SubmitError};
 use shardseek_worker::generate::{GenerateRequest, generate};
+use shardseek_worker::metrics::WorkerMetrics;
 use shardseek_worker::model::{ExpertSelection, Model};
+use shardseek_worker::prefix::BlockKey;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -26,6 +28,7 @@ fn req(prompt: Vec<u32>, max_tokens: usize) -> EngineRequest {
         stop_token_ids: vec![],
         logits: Default::default(),
         constraint: None,
+        cache_salt: None,
     }
 }
 
@@ -68,6 +71,7 @@ fn concurrent_requests_equal_one_at_a_time() {
         max_waiting_requests: 128,
         max_seq_len: 512,
         kv_blocks: 12,
+        ..Default::default()
     };
     let engine = Engine::start(m.clone(), cfg);
     let n = 64;
@@ -248,5 +252,92 @@ fn prefix_cache_hits_skip_prefill() {
     assert!(engine.stats.prefix_cache_hit_blocks.load(Ordering::Relaxed) >= 2);
     // Same prompt again: cached blocks give the same tokens as the first run.
     let (ta2, _, _, _) = collect(&mut engine.submit(req(a, 5)).unwrap());
+    assert_eq!(ta, ta2);
+}
+
+/// A deliberately weak block key: every block of 64 tokens gets the same key, so any two
+/// prompts collide. Verification must turn each collision into a miss.
+fn colliding_key(_: &BlockKey, _: &[u32]) -> BlockKey {
+    [0x5a; 32]
+}
+
+#[test]
+fn colliding_keys_never_serve_another_prompts_kv() {
+    let m = model();
+    let engine = Engine::start(
+        m.clone(),
+        EngineConfig {
+            prefix_key: colliding_key,
+            ..Default::default()
+        },
+    );
+    let first: Vec<u32> = (0..140).map(|k| (k * 11 % 500) as u32 + 2).collect();
+    // Different from the first token on: its blocks' keys collide with the first prompt's.
+    let second: Vec<u32> = (0..140).map(|k| (k * 7 % 480) as u32 + 3).collect();
+    // Shares the first block only; its second block's key collides with the first prompt's.
+    let mut third = first[..64].to_vec();
+    third.extend((0..76).map(|k| (k * 13 % 470) as u32 + 5));
+    collect(&mut engine.submit(req(first, 6)).unwrap());
+    let (t2, lp2, _, c2) = collect(&mut engine.submit(req(second.clone(), 6)).unwrap());
+    assert_eq!(
+        c2, 0,
+        "a colliding key must not reuse another prompt's blocks"
+    );
+    let (t3, lp3, _, c3) = collect(&mut engine.submit(req(third.clone(), 6)).unwrap());
+    assert_eq!(c3, 64, "only the truly shared first block is reused");
+    assert!(
+        engine
+            .stats
+            .prefix_cache_rejected_blocks
+            .load(Ordering::Relaxed)
+            >= 2
+    );
+    // Each output equals a cold run: a fresh engine with nothing cached.
+    for (prompt, toks, lps) in [(second, t2, lp2), (third, t3, lp3)] {
+        let cold = Engine::start(m.clone(), EngineConfig::default());
+        let (tc, lpc, _, cc) = collect(&mut cold.submit(req(prompt, 6)).unwrap());
+        assert_eq!(cc, 0);
+        assert_eq!(toks, tc);
+        for (a, b) in lps.iter().zip(&lpc) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
+}
+
+/// The value of a counter in Prometheus text.
+fn counter(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from\n{text}"))
+}
+
+#[test]
+fn cache_salt_separates_tenants_and_the_same_salt_shares() {
+    let engine = Engine::start(model(), EngineConfig::default());
+    let metrics = WorkerMetrics::new();
+    let hits = || {
+        counter(
+            &metrics.render(Some(&engine.stats)),
+            "shardseek_prefix_cache_hits_total",
+        )
+    };
+    let prompt: Vec<u32> = (0..200).map(|k| (k * 11 % 500) as u32 + 2).collect();
+    let salted = |salt: &str| EngineRequest {
+        cache_salt: Some(salt.into()),
+        ..req(prompt.clone(), 3)
+    };
+    let (ta, _, _, ca) = collect(&mut engine.submit(salted("tenant-a")).unwrap());
+    assert_eq!(ca, 0);
+    assert_eq!(hits(), 0.0);
+    let (tb, _, _, cb) = collect(&mut engine.submit(salted("tenant-b")).unwrap());
+    assert_eq!(cb, 0, "another salt shares nothing");
+    let (tn, _, _, cn) = collect(&mut engine.submit(req(prompt.clone(), 3)).unwrap());
+    assert_eq!(cn, 0, "no salt shares nothing with a salted request");
+    assert_eq!(hits(), 0.0);
+    let (ta2, _, _, ca2) = collect(&mut engine.submit(salted("tenant-a")).unwrap());
+    assert_eq!(ca2, 192, "the same salt shares its three full blocks");
+    assert_eq!(hits(), 3.0);
+    assert_eq!(ta, tb);
+    assert_eq!(ta, tn);
     assert_eq!(ta, ta2);
 }
