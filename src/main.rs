@@ -141,6 +141,9 @@ struct BenchServeArgs {
     /// Give up on one request after this many seconds.
     #[arg(long, default_value_t = 600)]
     request_timeout: u64,
+    /// A JSON Schema file: every request's output follows it (constrained decoding).
+    #[arg(long)]
+    json_schema: Option<PathBuf>,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
@@ -260,7 +263,12 @@ struct ApiArgs {
     #[arg(long, env = "SHARDSEEK_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
     /// CORS origins allowed (comma-separated; `*` for any, empty for none).
-    #[arg(long, value_delimiter = ',', default_value = "*", env = "SHARDSEEK_ALLOWED_ORIGINS")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "*",
+        env = "SHARDSEEK_ALLOWED_ORIGINS"
+    )]
     allowed_origins: Vec<String>,
 }
 
@@ -915,6 +923,16 @@ fn run_bench_serve(a: BenchServeArgs) -> Result<()> {
         vocab: a.vocab,
         seed: a.seed,
         request_timeout: std::time::Duration::from_secs(a.request_timeout),
+        json_schema: match &a.json_schema {
+            Some(p) => Some(
+                serde_json::from_str(
+                    &std::fs::read_to_string(p)
+                        .with_context(|| format!("reading {}", p.display()))?,
+                )
+                .with_context(|| format!("{} is not JSON", p.display()))?,
+            ),
+            None => None,
+        },
     })?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -236,7 +236,9 @@ impl Backend for GrpcBackend {
                 min_tokens: req.logits.min_tokens as u32,
                 constraint: req.constraint.as_ref().map(|c| pb::Constraint {
                     kind: Some(match &c.kind {
-                        ConstraintKind::JsonSchema(s) => pb::constraint::Kind::JsonSchema(s.clone()),
+                        ConstraintKind::JsonSchema(s) => {
+                            pb::constraint::Kind::JsonSchema(s.clone())
+                        }
                         ConstraintKind::Regex(s) => pb::constraint::Kind::Regex(s.clone()),
                         ConstraintKind::Lark(s) => pb::constraint::Kind::Lark(s.clone()),
                     }),
@@ -648,8 +650,8 @@ pub async fn run(
         tokenizer,
         defaults,
     })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     // gRPC calls are routed by their path; everything else is the HTTP API (with its own
     // OpenAI-shaped 404 fallback).
     let app = openai::router(state).route_service("/shardseek.v1.Gateway/{*method}", gateway);

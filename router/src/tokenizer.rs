@@ -274,8 +274,9 @@ impl Tokenizer {
 
     /// Replaces the checkpoint's chat template (`--chat-template FILE`).
     pub fn set_chat_template(&mut self, source: String) -> Result<()> {
-        let env = template_env(source.clone())
-            .map_err(|e| TokenizerError::Template(format!("the chat template does not parse: {e}")))?;
+        let env = template_env(source.clone()).map_err(|e| {
+            TokenizerError::Template(format!("the chat template does not parse: {e}"))
+        })?;
         self.env = Some(env);
         self.template_source = Some(source);
         Ok(())

@@ -118,7 +118,11 @@ fn python_render(dir: &Path, templates: &[String], cases: &[Value]) -> Vec<Vec<V
         use std::io::Write;
         let mut stdin = child.stdin.take().expect("stdin");
         stdin
-            .write_all(json!({"templates": templates, "cases": cases}).to_string().as_bytes())
+            .write_all(
+                json!({"templates": templates, "cases": cases})
+                    .to_string()
+                    .as_bytes(),
+            )
             .expect("write");
     }
     let out = child.wait_with_output().expect("python3");
@@ -138,7 +142,11 @@ fn templates_match_transformers_byte_for_byte() {
     let dir = tokenizer_dir();
     let mut names = vec!["generated".to_string()];
     let mut sources = vec![modelgen::bpe::CHAT_TEMPLATE.to_string()];
-    for name in ["deepseek-v3.jinja", "deepseek-r1.jinja", "deepseek-v3.1.jinja"] {
+    for name in [
+        "deepseek-v3.jinja",
+        "deepseek-r1.jinja",
+        "deepseek-v3.1.jinja",
+    ] {
         names.push(name.into());
         sources.push(std::fs::read_to_string(templates_dir().join(name)).expect("template"));
     }
@@ -174,7 +182,10 @@ fn templates_match_transformers_byte_for_byte() {
         }
     }
     // Every template rendered most cases (the comparison is not vacuous).
-    assert!(compared >= 4 * cases.len() - 4, "only {compared} renders compared");
+    assert!(
+        compared >= 4 * cases.len() - 4,
+        "only {compared} renders compared"
+    );
 }
 
 /// The generated template offers everything the API needs: tools in the system prompt,
@@ -191,13 +202,21 @@ fn generated_template_has_tools_and_thinking() {
             &json!({"tools": case["tools"]}),
         )
         .expect("render");
-    assert!(s.contains("### get_weather\nDescription: Weather of a city"), "{s}");
-    assert!(s.contains("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather"), "{s}");
+    assert!(
+        s.contains("### get_weather\nDescription: Weather of a city"),
+        "{s}"
+    );
+    assert!(
+        s.contains("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather"),
+        "{s}"
+    );
     let msgs = [json!({"role": "user", "content": "x"})];
     let on = tok
         .apply_chat_template_with(&msgs, true, &json!({"thinking": true}))
         .expect("render");
     assert!(on.ends_with("<｜Assistant｜><think>"), "{on}");
-    let off = tok.apply_chat_template_with(&msgs, true, &json!({})).expect("render");
+    let off = tok
+        .apply_chat_template_with(&msgs, true, &json!({}))
+        .expect("render");
     assert!(off.ends_with("<｜Assistant｜>"), "{off}");
 }

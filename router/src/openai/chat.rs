@@ -2,6 +2,7 @@
 
 use super::AppState;
 use super::backend::TokenRequest;
+use super::backend::{ConstraintKind, TemplateOptions};
 use super::completions::{now_secs, stream_usage};
 use super::error::ApiError;
 use super::generate::{
@@ -9,7 +10,6 @@ use super::generate::{
 };
 use super::json::read_json;
 use super::metrics::RequestStatus;
-use super::backend::{ConstraintKind, TemplateOptions};
 use super::ops::tools_value;
 use super::reasoning::{ReasoningSplitter, prompt_opens_thinking};
 use super::tools::{self, MarkerIds, ToolCall, ToolParser, call_grammar};
@@ -192,7 +192,9 @@ async fn run(st: &AppState, req: Request, started: Instant) -> Result<Reply, Api
             _ => None,
         };
         let parallel = body.parallel_tool_calls.unwrap_or(true) && only.is_none();
-        constraint = Some(ConstraintKind::Lark(call_grammar(tools, only, parallel, ids)));
+        constraint = Some(ConstraintKind::Lark(call_grammar(
+            tools, only, parallel, ids,
+        )));
     }
     let max_tokens = match body.max_tokens() {
         (Some(0), name) => {

@@ -44,9 +44,9 @@ pub use backend::{
     Backend, BackendError, FinishReason, TemplateOptions, TextCodec, TokenEvent, TokenRequest,
     TokenStream,
 };
-pub use ops::current_request_id;
 pub use error::ApiError;
 pub use metrics::Metrics;
+pub use ops::current_request_id;
 
 use axum::Router;
 use axum::extract::{Path, State};

@@ -45,7 +45,9 @@ pub fn prompt_opens_thinking(prompt: &str) -> bool {
 fn partial_suffix(s: &str, tag: &str) -> usize {
     (1..tag.len().min(s.len() + 1))
         .rev()
-        .find(|&k| tag.is_char_boundary(k) && s.is_char_boundary(s.len() - k) && s.ends_with(&tag[..k]))
+        .find(|&k| {
+            tag.is_char_boundary(k) && s.is_char_boundary(s.len() - k) && s.ends_with(&tag[..k])
+        })
         .unwrap_or(0)
 }
 

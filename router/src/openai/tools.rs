@@ -78,7 +78,9 @@ pub struct Parsed {
 fn partial_suffix(s: &str, tag: &str) -> usize {
     (1..tag.len().min(s.len() + 1))
         .rev()
-        .find(|&k| tag.is_char_boundary(k) && s.is_char_boundary(s.len() - k) && s.ends_with(&tag[..k]))
+        .find(|&k| {
+            tag.is_char_boundary(k) && s.is_char_boundary(s.len() - k) && s.ends_with(&tag[..k])
+        })
         .unwrap_or(0)
 }
 
@@ -155,7 +157,12 @@ pub struct MarkerIds {
 /// A Lark grammar (llguidance dialect) for the calls `tool_choice` forces: one call of `only`
 /// when named, otherwise one call (or several with `parallel`) of any of `tools`, each with
 /// arguments valid under its `parameters` schema.
-pub fn call_grammar(tools: &[ToolIn], only: Option<&str>, parallel: bool, ids: MarkerIds) -> String {
+pub fn call_grammar(
+    tools: &[ToolIn],
+    only: Option<&str>,
+    parallel: bool,
+    ids: MarkerIds,
+) -> String {
     let mut g = String::new();
     let calls = if parallel {
         "call (\"\\n\" call)*"
@@ -242,7 +249,11 @@ mod tests {
             for chunk in chars.chunks(step) {
                 let s: String = chunk.iter().collect();
                 let o = p.push(&s);
-                assert!(!o.content.contains('｜'), "a marker leaked: {:?}", o.content);
+                assert!(
+                    !o.content.contains('｜'),
+                    "a marker leaked: {:?}",
+                    o.content
+                );
                 content += &o.content;
                 calls.extend(o.calls);
             }
@@ -279,6 +290,9 @@ mod tests {
         assert!(g.contains("f1: \"b\""), "{g}");
         assert!(!g.contains("f0:"), "{g}");
         let g = call_grammar(&tools, None, true, ids);
-        assert!(g.contains("(f0 | f1)") && g.contains("call (\"\\n\" call)*"), "{g}");
+        assert!(
+            g.contains("(f0 | f1)") && g.contains("call (\"\\n\" call)*"),
+            "{g}"
+        );
     }
 }

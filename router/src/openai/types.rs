@@ -133,8 +133,7 @@ impl GenerationDefaults {
             return Ok(Self::default());
         }
         let text = std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?;
-        let v: Value =
-            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
         Ok(Self {
             temperature: v.get("temperature").and_then(Value::as_f64),
             top_p: v.get("top_p").and_then(Value::as_f64),
@@ -458,21 +457,38 @@ const INFORMATIONAL: &[&str] = &[
 /// `null` is always accepted.
 fn neutral(field: &str, v: &Value) -> Option<bool> {
     let is = |x: Value| v == &x;
-    let empty = || v.as_array().is_some_and(|a| a.is_empty()) || v.as_object().is_some_and(|o| o.is_empty());
+    let empty = || {
+        v.as_array().is_some_and(|a| a.is_empty()) || v.as_object().is_some_and(|o| o.is_empty())
+    };
     Some(match field {
-        "use_beam_search" | "return_tokens_as_token_ids" | "continue_final_message" | "echo"
+        "use_beam_search"
+        | "return_tokens_as_token_ids"
+        | "continue_final_message"
+        | "echo"
         | "parallel_tool_calls_strict" => is(Value::Bool(false)),
         "length_penalty" => v.as_f64() == Some(1.0),
         "best_of" => v.as_u64() == Some(1),
         "spaces_between_special_tokens" => is(Value::Bool(true)),
         "priority" => v.as_i64() == Some(0),
-        "allowed_token_ids" | "bad_words" | "logits_processors" | "functions" | "documents"
-        | "mm_processor_kwargs" | "vllm_xargs" | "kv_transfer_params" | "prediction"
-        | "audio" | "web_search_options" => empty(),
+        "allowed_token_ids"
+        | "bad_words"
+        | "logits_processors"
+        | "functions"
+        | "documents"
+        | "mm_processor_kwargs"
+        | "vllm_xargs"
+        | "kv_transfer_params"
+        | "prediction"
+        | "audio"
+        | "web_search_options" => empty(),
         "modalities" => is(serde_json::json!(["text"])),
         "function_call" => v.as_str().is_some_and(|s| s == "none" || s == "auto"),
-        "truncate_prompt_tokens" | "prompt_logprobs" | "reasoning_effort" | "chat_template"
-        | "guided_whitespace_pattern" | "suffix" => v.as_str().is_some_and(str::is_empty),
+        "truncate_prompt_tokens"
+        | "prompt_logprobs"
+        | "reasoning_effort"
+        | "chat_template"
+        | "guided_whitespace_pattern"
+        | "suffix" => v.as_str().is_some_and(str::is_empty),
         _ => return None,
     })
 }
@@ -690,7 +706,9 @@ impl ChatRequest {
                 other => {
                     return Err(ApiError::invalid(
                         "tool_choice",
-                        format!("tool_choice must be none, auto, required or a named function, got {other:?}"),
+                        format!(
+                            "tool_choice must be none, auto, required or a named function, got {other:?}"
+                        ),
                     ));
                 }
             },
@@ -901,18 +919,27 @@ mod tests {
             "messages": [{"role": "user", "content": "x"}], "guided_choice": ["a.b", "c"],
         }));
         let s = r.sampling(&GenerationDefaults::default()).unwrap();
-        assert_eq!(s.constraint, Some(ConstraintKind::Regex("(a\\.b|c)".into())));
+        assert_eq!(
+            s.constraint,
+            Some(ConstraintKind::Regex("(a\\.b|c)".into()))
+        );
     }
 
     #[test]
     fn tool_choice_is_validated_against_tools() {
         let tools = serde_json::json!([{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]);
-        let r = parse(serde_json::json!({"messages": [{"role": "user", "content": "x"}], "tools": tools}));
+        let r = parse(
+            serde_json::json!({"messages": [{"role": "user", "content": "x"}], "tools": tools}),
+        );
         assert_eq!(r.tool_choice().unwrap(), ToolChoice::Auto);
-        let r = parse(serde_json::json!({"messages": [{"role": "user", "content": "x"}], "tools": tools,
-            "tool_choice": {"type": "function", "function": {"name": "g"}}}));
+        let r = parse(
+            serde_json::json!({"messages": [{"role": "user", "content": "x"}], "tools": tools,
+            "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+        );
         assert!(r.tool_choice().is_err());
-        let r = parse(serde_json::json!({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}));
+        let r = parse(
+            serde_json::json!({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}),
+        );
         assert!(r.tool_choice().is_err());
     }
 }

@@ -20,7 +20,10 @@ async fn bad_parameters_are_400_naming_them() {
     let s = serve().await;
     let url = format!("{}/v1/completions", s.url);
     let cases = [
-        (json!({"prompt": "x", "use_beam_search": true}), Some("use_beam_search")),
+        (
+            json!({"prompt": "x", "use_beam_search": true}),
+            Some("use_beam_search"),
+        ),
         (
             json!({"prompt": "x", "max_tokens": "ten"}),
             Some("max_tokens"),
@@ -56,7 +59,6 @@ async fn bad_parameters_are_400_naming_them() {
             json!({"prompt": "x", "stream_options": {"include_usage": true}}),
             Some("stream_options"),
         ),
-
         (
             json!({"prompt": "x", "frequency_penalty": 9}),
             Some("frequency_penalty"),

@@ -196,11 +196,29 @@ async fn api_key_is_required_where_it_should_be() {
     let (st, _, v) = send("POST", &url, &[], Some(body.clone())).await;
     assert_eq!(st, 401, "{v}");
     assert_eq!(v["error"]["code"], "invalid_api_key");
-    let (st, _, _) = send("POST", &url, &[("authorization", "Bearer wrong!")], Some(body.clone())).await;
+    let (st, _, _) = send(
+        "POST",
+        &url,
+        &[("authorization", "Bearer wrong!")],
+        Some(body.clone()),
+    )
+    .await;
     assert_eq!(st, 401);
-    let (st, _, v) = send("POST", &url, &[("authorization", "Bearer sekret")], Some(body)).await;
+    let (st, _, v) = send(
+        "POST",
+        &url,
+        &[("authorization", "Bearer sekret")],
+        Some(body),
+    )
+    .await;
     assert_eq!(st, 200, "{v}");
-    let (st, _, _) = send("POST", &format!("{}/tokenize", s.url), &[], Some(json!({"prompt": "a"}))).await;
+    let (st, _, _) = send(
+        "POST",
+        &format!("{}/tokenize", s.url),
+        &[],
+        Some(json!({"prompt": "a"})),
+    )
+    .await;
     assert_eq!(st, 401);
     // Probes and metrics stay open.
     assert_eq!(get(&format!("{}/health", s.url)).await.0, 200);
@@ -212,7 +230,13 @@ async fn request_id_and_cors() {
     let s = serve().await;
     let url = format!("{}/v1/completions", s.url);
     let body = json!({"prompt": "hi", "max_tokens": 1});
-    let (st, h, _) = send("POST", &url, &[("x-request-id", "abc-123")], Some(body.clone())).await;
+    let (st, h, _) = send(
+        "POST",
+        &url,
+        &[("x-request-id", "abc-123")],
+        Some(body.clone()),
+    )
+    .await;
     assert_eq!(st, 200);
     assert_eq!(h["x-request-id"], "abc-123");
     // A refused request carries its id too; a made-up id when the client sent none.
@@ -222,14 +246,28 @@ async fn request_id_and_cors() {
     let (st, h, _) = send(
         "OPTIONS",
         &url,
-        &[("origin", "https://app.example"), ("access-control-request-method", "POST")],
+        &[
+            ("origin", "https://app.example"),
+            ("access-control-request-method", "POST"),
+        ],
         None,
     )
     .await;
     assert_eq!(st, 204);
     assert_eq!(h["access-control-allow-origin"], "*");
-    assert!(h["access-control-allow-methods"].to_str().unwrap().contains("POST"));
-    let (_, h, _) = send("POST", &url, &[("origin", "https://app.example")], Some(body)).await;
+    assert!(
+        h["access-control-allow-methods"]
+            .to_str()
+            .unwrap()
+            .contains("POST")
+    );
+    let (_, h, _) = send(
+        "POST",
+        &url,
+        &[("origin", "https://app.example")],
+        Some(body),
+    )
+    .await;
     assert_eq!(h["access-control-allow-origin"], "*");
     let s = crate::fake::serve_configured(true, |st| {
         st.allowed_origins = vec!["https://ok.example".into()]
@@ -257,11 +295,19 @@ async fn tokenize_and_detokenize() {
     .await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["count"], "user:hi\nassistant:".len());
-    let (st, v) = post(&format!("{}/detokenize", s.url), &json!({"tokens": [104, 105]})).await;
+    let (st, v) = post(
+        &format!("{}/detokenize", s.url),
+        &json!({"tokens": [104, 105]}),
+    )
+    .await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(v["prompt"], "hi");
     let (st, v) = post(&format!("{}/tokenize", s.url), &json!({})).await;
     assert_eq!(st, 400, "{v}");
-    let (st, _) = post(&format!("{}/tokenize", s.url), &json!({"prompt": "x", "model": "other"})).await;
+    let (st, _) = post(
+        &format!("{}/tokenize", s.url),
+        &json!({"prompt": "x", "model": "other"}),
+    )
+    .await;
     assert_eq!(st, 404);
 }

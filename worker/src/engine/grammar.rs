@@ -257,7 +257,14 @@ mod tests {
             })
             .unwrap();
         assert_eq!(allowed(&g.mask().unwrap().unwrap()), vec![257]);
-        for t in [257, b'f' as u32, b't' as u32, b'r' as u32, b'u' as u32, b'e' as u32] {
+        for t in [
+            257,
+            b'f' as u32,
+            b't' as u32,
+            b'r' as u32,
+            b'u' as u32,
+            b'e' as u32,
+        ] {
             g.accept(t).unwrap();
         }
         assert!(g.is_finished() || allowed(&g.mask().unwrap().unwrap()) == vec![256]);

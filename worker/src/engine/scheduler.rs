@@ -297,7 +297,9 @@ impl Engine {
                 "a sequence of {total} tokens does not fit the KV cache"
             )));
         }
-        req.logits.validate(self.vocab).map_err(SubmitError::Invalid)?;
+        req.logits
+            .validate(self.vocab)
+            .map_err(SubmitError::Invalid)?;
         if self.stats.waiting.load(Ordering::Relaxed) >= self.cfg.max_waiting_requests {
             return Err(SubmitError::QueueFull(self.cfg.max_waiting_requests));
         }
