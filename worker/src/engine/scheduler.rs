@@ -133,7 +133,8 @@ impl EngineStats {
 }
 
 enum Command {
-    Add(u64, EngineRequest, Option<Grammar>, UnboundedSender<Event>),
+    /// Boxed: a request is large next to the other commands.
+    Add(u64, Box<EngineRequest>, Option<Box<Grammar>>, UnboundedSender<Event>),
     Abort(u64),
     Stop,
 }
@@ -205,7 +206,7 @@ struct Seq {
     prompt_lp: Option<Vec<Option<f32>>>,
     cached_tokens: usize,
     logits: LogitsState,
-    grammar: Option<Grammar>,
+    grammar: Option<Box<Grammar>>,
 }
 
 impl Seq {
@@ -313,18 +314,18 @@ impl Engine {
                             .into(),
                     )
                 })?;
-                Some(
+                Some(Box::new(
                     compiler
                         .compile(c)
                         .map_err(|e| SubmitError::Invalid(e.to_string()))?,
-                )
+                ))
             }
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (etx, erx) = unbounded_channel();
         let tx = self.tx.lock().map_err(|_| SubmitError::Stopped)?.clone();
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-        tx.send(Command::Add(id, req, grammar, etx))
+        tx.send(Command::Add(id, Box::new(req), grammar, etx))
             .map_err(|_| SubmitError::Stopped)?;
         Ok(RequestHandle {
             id,
@@ -401,6 +402,7 @@ impl Scheduler {
     fn apply(&mut self, c: Command) -> bool {
         match c {
             Command::Add(id, req, grammar, tx) => {
+                let req = *req;
                 let seed = req.seed;
                 self.waiting.push_back(Seq {
                     logits: LogitsState::new(&req.logits, &req.prompt),
@@ -574,7 +576,7 @@ impl Scheduler {
         // Sequences that select a token this step and follow a grammar: their masks depend only
         // on tokens already chosen, so they are computed on another thread during the forward
         // pass (the grammars are moved there and back).
-        let mut grammars: Vec<(usize, Grammar)> = Vec::new();
+        let mut grammars: Vec<(usize, Box<Grammar>)> = Vec::new();
         for &(i, take) in &plan {
             let s = &mut self.running[i];
             if take == s.pending()
