@@ -134,7 +134,12 @@ impl EngineStats {
 
 enum Command {
     /// Boxed: a request is large next to the other commands.
-    Add(u64, Box<EngineRequest>, Option<Box<Grammar>>, UnboundedSender<Event>),
+    Add(
+        u64,
+        Box<EngineRequest>,
+        Option<Box<Grammar>>,
+        UnboundedSender<Event>,
+    ),
     Abort(u64),
     Stop,
 }
