@@ -301,6 +301,10 @@ struct UpArgs {
     /// Expert shards; 0 keeps the routed experts inside the attention pods.
     #[arg(long, default_value_t = 2)]
     expert_shards: usize,
+    /// Redundant expert slots over all shards (a multiple of --expert-shards): replicas that
+    /// take a dead shard's experts and share hot experts' load.
+    #[arg(long, default_value_t = 0)]
+    redundant_experts: usize,
     /// The router's public port (HTTP and gRPC); 0 picks a free one.
     #[arg(long, default_value_t = 8000)]
     port: u16,
@@ -542,6 +546,14 @@ fn run_router(mut a: RouterArgs) -> Result<()> {
     let mut extra_listen = Vec::new();
     if let Some(path) = a.cluster_config.clone() {
         let cc = read_cluster_config(&path)?;
+        if let Some(secs) = cc.experts.rebalance_interval_seconds {
+            bail!(
+                "--cluster-config {}: experts.rebalanceIntervalSeconds is {secs}, but online expert \
+                 rebalancing is not implemented yet (the EPLB algorithm is, in \
+                 shardseek_router::eplb); remove the field to serve with the initial placement",
+                path.display()
+            );
+        }
         a.model = Some(PathBuf::from(&cc.model.path));
         a.served_model_name = Some(cc.model.served_name.clone());
         a.max_model_len
@@ -634,6 +646,7 @@ fn run_up(a: UpArgs) -> Result<()> {
         model,
         attention: a.attention,
         expert_shards: a.expert_shards,
+        redundant_experts: a.redundant_experts,
         port: a.port,
         attention_args: vec![
             "--dispatch-dtype".into(),
@@ -650,6 +663,10 @@ fn run_up(a: UpArgs) -> Result<()> {
         println!(
             "shardseek up: {served} on http://{} (OpenAI API at /v1, gRPC Gateway, /metrics) with {} attention pod(s) and {} expert shard(s)",
             cluster.addr, a.attention, a.expert_shards
+        );
+        println!(
+            "shardseek supervisor: metrics on http://{}/metrics",
+            cluster.metrics_addr
         );
         if a.demo {
             let result = demo_request(&cluster.addr, &served).await;
@@ -756,6 +773,14 @@ fn run_worker(mut a: WorkerArgs) -> Result<()> {
     if let Some(path) = a.cluster_config.clone() {
         use shardseek_proto::cluster_config::DispatchDtype;
         let cc = read_cluster_config(&path)?;
+        if let Some(secs) = cc.experts.rebalance_interval_seconds {
+            bail!(
+                "--cluster-config {}: experts.rebalanceIntervalSeconds is {secs}, but online expert \
+                 rebalancing is not implemented yet (the EPLB algorithm is, in \
+                 shardseek_router::eplb); remove the field to serve with the initial placement",
+                path.display()
+            );
+        }
         a.model = Some(PathBuf::from(&cc.model.path));
         a.metrics_listen = Some(any_addr(cc.metrics_port));
         a.max_batch_tokens = cc.attention.max_batch_tokens as usize;

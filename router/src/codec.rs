@@ -4,6 +4,10 @@
 //! fp8 e4m3fn with one f32 scale per 128 values of a row. The fp8 codec is implemented here rather
 //! than borrowed from `shardseek-kernels` because the dependency arrows (DESIGN.md §1) keep the
 //! router free of the numeric crate; it is small and tested over every one of its 256 codes.
+//!
+//! The per-value loops live in [`kernels`], compiled for AVX-512, AVX2 and the portable baseline
+//! and chosen at run time; rows are encoded straight into the payload buffer (one write per
+//! value) and decoded straight out of the received `Bytes` (no intermediate copy).
 
 use std::fmt;
 use std::str::FromStr;
@@ -12,6 +16,9 @@ use bytes::Bytes;
 use shardseek_proto::v1::{RowDtype, Rows};
 
 use crate::{Error, Result};
+
+pub mod kernels;
+use kernels::Level;
 
 /// Values per fp8 scale block along a row: the same 128 as the checkpoints' weight blocks.
 pub const FP8_BLOCK: usize = 128;
@@ -129,39 +136,26 @@ impl EncodedRows {
                 (Bytes::from_owner(LeWords(out)), Bytes::new())
             }
             WireDtype::Bf16 => {
-                let mut out: Vec<u16> = Vec::with_capacity(count * width);
-                for row in rows {
+                let level = Level::detect();
+                let mut out: Vec<u16> = vec![0; count * width];
+                for (row, dst) in rows.zip(out.chunks_exact_mut(width)) {
                     if row.len() != width {
                         return Err(bad_row(row.len()));
                     }
-                    out.extend(row.iter().map(|&v| f32_to_bf16_bits(v).to_le()));
+                    kernels::encode_bf16(level, row, dst);
                 }
                 (Bytes::from_owner(LeWords(out)), Bytes::new())
             }
             WireDtype::Fp8E4m3 => {
+                let level = Level::detect();
                 let blocks = width.div_ceil(FP8_BLOCK);
-                let mut out: Vec<u8> = Vec::with_capacity(count * width);
+                let mut out: Vec<u8> = vec![0; count * width];
                 let mut scales = Vec::with_capacity(count * blocks * 4);
-                for row in rows {
+                for (row, dst) in rows.zip(out.chunks_exact_mut(width)) {
                     if row.len() != width {
                         return Err(bad_row(row.len()));
                     }
-                    for src in row.chunks(FP8_BLOCK) {
-                        // Max of |v| on the bit patterns: for non-negative floats integer
-                        // order is float order, and an integer max vectorizes.
-                        let amax = f32::from_bits(
-                            src.iter()
-                                .fold(0u32, |m, v| m.max(v.to_bits() & 0x7FFF_FFFF)),
-                        );
-                        let scale = if amax > 0.0 && amax.is_finite() {
-                            amax / FP8_MAX
-                        } else {
-                            1.0
-                        };
-                        let inv = 1.0 / scale;
-                        out.extend(src.iter().map(|&v| f32_to_e4m3(v * inv)));
-                        scales.extend_from_slice(&scale.to_le_bytes());
-                    }
+                    kernels::encode_fp8_row(level, row, dst, &mut scales);
                 }
                 (Bytes::from(out), Bytes::from(scales))
             }
@@ -201,65 +195,43 @@ impl EncodedRows {
         self.validate()?;
         let mut out = vec![0.0f32; self.count * self.width];
         for (i, row) in out.chunks_exact_mut(self.width.max(1)).enumerate() {
-            self.row_op(i, row, |d, v| *d = v);
+            self.row_op(i, row, false);
         }
         Ok(out)
     }
 
-    /// Appends every row, decoded, to `out` (no zero-fill of the destination first).
+    /// Appends every row, decoded, to `out`.
     pub fn decode_append(&self, out: &mut Vec<f32>) -> Result<()> {
         self.validate()?;
-        out.reserve(self.count * self.width);
-        match self.dtype {
-            WireDtype::F32 => out.extend(
-                self.data
-                    .chunks_exact(4)
-                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-            ),
-            WireDtype::Bf16 => out.extend(
-                self.data
-                    .chunks_exact(2)
-                    .map(|b| bf16_bits_to_f32(u16::from_le_bytes([b[0], b[1]]))),
-            ),
-            WireDtype::Fp8E4m3 => {
-                let start = out.len();
-                out.resize(start + self.count * self.width, 0.0);
-                for i in 0..self.count {
-                    let row = &mut out[start + i * self.width..start + (i + 1) * self.width];
-                    self.row_op(i, row, |d, v| *d = v);
-                }
-            }
+        let start = out.len();
+        out.resize(start + self.count * self.width, 0.0);
+        for i in 0..self.count {
+            let row = &mut out[start + i * self.width..start + (i + 1) * self.width];
+            self.row_op(i, row, false);
         }
         Ok(())
     }
 
     /// Decodes row `i` into `out` (`width` values). Call [`validate`](Self::validate) first.
     pub fn row_into(&self, i: usize, out: &mut [f32]) {
-        self.row_op(i, out, |d, v| *d = v);
+        self.row_op(i, out, false);
     }
 
-    /// Adds row `i` into `out` (`width` values): the combine step. Call [`validate`](Self::validate) first.
+    /// Adds row `i` into `out` (`width` values): the combine step, read in place from the
+    /// received payload. Call [`validate`](Self::validate) first.
     pub fn add_row_into(&self, i: usize, out: &mut [f32]) {
-        self.row_op(i, out, |d, v| *d += v);
+        self.row_op(i, out, true);
     }
 
-    fn row_op(&self, i: usize, out: &mut [f32], op: impl Fn(&mut f32, f32)) {
+    fn row_op(&self, i: usize, out: &mut [f32], add: bool) {
         let w = self.width;
+        let level = Level::detect();
         match self.dtype {
             WireDtype::F32 => {
-                let src = &self.data[i * w * 4..(i + 1) * w * 4];
-                for (d, b) in out.iter_mut().zip(src.chunks_exact(4)) {
-                    op(d, f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-                }
+                kernels::apply_f32(level, &self.data[i * w * 4..(i + 1) * w * 4], out, add);
             }
             WireDtype::Bf16 => {
-                let src = &self.data[i * w * 2..(i + 1) * w * 2];
-                for (d, b) in out.iter_mut().zip(src.chunks_exact(2)) {
-                    op(
-                        d,
-                        f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16),
-                    );
-                }
+                kernels::apply_bf16(level, &self.data[i * w * 2..(i + 1) * w * 2], out, add);
             }
             WireDtype::Fp8E4m3 => {
                 let blocks = w.div_ceil(FP8_BLOCK);
@@ -271,9 +243,7 @@ impl EncodedRows {
                     .zip(scales.chunks_exact(4))
                 {
                     let scale = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
-                    for (d, &code) in dst.iter_mut().zip(q) {
-                        op(d, E4M3_TABLE[usize::from(code)] * scale);
-                    }
+                    kernels::apply_fp8(level, q, scale, dst, add);
                 }
             }
         }

@@ -7,8 +7,16 @@
 //! partial sums into the output. When a shard fails and every expert it was asked for has a
 //! live replica elsewhere, those tokens are re-sent there once; otherwise the call fails with an
 //! error naming the shard and the layer.
+//!
+//! Replica choice: for each (token, expert) the dispatcher takes, among the expert's live
+//! replicas (all of them when none is live), the one with the least load, where load is the
+//! (token, expert) pairs this pod has in flight on that shard (other layers, the other
+//! micro-batch) plus those already given to it in this batch; ties go to a shard the token
+//! already travels to (no extra row on the wire), then to the primary. A masked (dead) shard is
+//! never chosen while a replica lives.
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -61,6 +69,20 @@ pub struct Dispatcher<T: Transport> {
     placement: RwLock<Arc<Placement>>,
     hidden: usize,
     config: DispatchConfig,
+    /// Per shard: (token, expert) pairs sent and not yet answered (the replica-choice load).
+    in_flight: Vec<AtomicUsize>,
+}
+
+/// Holds a chunk's pairs in [`Dispatcher::in_flight`] until its reply (or failure) is in.
+struct InFlight<'a> {
+    counter: &'a AtomicUsize,
+    pairs: usize,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.pairs, Ordering::Relaxed);
+    }
 }
 
 impl<T: Transport> Dispatcher<T> {
@@ -77,11 +99,15 @@ impl<T: Transport> Dispatcher<T> {
                 transport.shards()
             )));
         }
+        let in_flight = (0..transport.shards())
+            .map(|_| AtomicUsize::new(0))
+            .collect();
         Ok(Dispatcher {
             transport,
             placement: RwLock::new(Arc::new(placement)),
             hidden,
             config,
+            in_flight,
         })
     }
 
@@ -234,6 +260,13 @@ impl<T: Transport> Dispatcher<T> {
             })
             .collect();
         let mut per_shard: Vec<Vec<(u32, f32)>> = vec![Vec::new(); shards];
+        let mut load: Vec<usize> = (0..shards)
+            .map(|s| {
+                self.in_flight
+                    .get(s)
+                    .map_or(0, |c| c.load(Ordering::Relaxed))
+            })
+            .collect();
         for (&t, (experts, weights)) in tokens.iter().zip(pairs) {
             for (&e, &w) in experts.iter().zip(weights) {
                 let candidates: Vec<usize> = placement
@@ -248,11 +281,14 @@ impl<T: Transport> Dispatcher<T> {
                     .filter(|&s| self.transport.is_live(s))
                     .collect();
                 let pool = if live.is_empty() { &candidates } else { &live };
+                // Least loaded; ties: a shard the token already goes to, then replica order.
                 let shard = pool
                     .iter()
                     .copied()
-                    .find(|&s| !per_shard[s].is_empty())
-                    .or_else(|| pool.first().copied())?;
+                    .enumerate()
+                    .min_by_key(|&(rank, s)| (load[s], per_shard[s].is_empty(), rank))
+                    .map(|(_, s)| s)?;
+                load[shard] += 1;
                 per_shard[shard].push((e, w));
             }
             for (s, list) in per_shard.iter_mut().enumerate() {
@@ -313,6 +349,10 @@ impl<T: Transport> Dispatcher<T> {
                 let token_rows = g.tokens[start..start + len]
                     .iter()
                     .map(|&t| &rows[t * h..(t + 1) * h]);
+                let pairs = assignments.experts().len();
+                let counter = &self.in_flight[g.shard];
+                counter.fetch_add(pairs, Ordering::Relaxed);
+                let _held = InFlight { counter, pairs };
                 let reply = match EncodedRows::encode_rows(token_rows, h, dtype) {
                     Ok(encoded) => {
                         let request = ShardRequest {

@@ -9,6 +9,7 @@
 
 pub mod codec;
 pub mod dispatch;
+pub mod eplb;
 pub mod gateway;
 pub mod local;
 pub mod openai;

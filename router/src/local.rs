@@ -1,8 +1,10 @@
 //! `shardseek up`: the whole cluster as local processes on 127.0.0.1 — expert shards, then
-//! attention pods pointed at them, then the router — under one [`Supervisor`], so Ctrl-C,
-//! SIGTERM or any child's crash stops every child.
+//! attention pods pointed at them, then the router — under one [`Supervisor`]. A child that
+//! dies is restarted on the same address with backoff while the rest keep serving (as a kubelet
+//! restarts a pod's container); Ctrl-C, SIGTERM, or the death of `up` itself stops every child.
+//! The supervisor's own metrics (restarts per child) are served on a `/metrics` of their own.
 
-use crate::supervisor::{ChildSpec, StopReason, Supervisor, SupervisorConfig};
+use crate::supervisor::{ChildSpec, Restart, StopReason, Supervisor, SupervisorConfig};
 use crate::{Error, Result};
 use std::path::PathBuf;
 
@@ -15,6 +17,9 @@ pub struct UpConfig {
     pub attention: usize,
     /// 0 keeps the routed experts inside the attention pods.
     pub expert_shards: usize,
+    /// Redundant expert slots over all shards (a multiple of `expert_shards`): replicas that
+    /// serve a dead shard's experts and spread hot experts' load.
+    pub redundant_experts: usize,
     /// The router's public port (0 picks one).
     pub port: u16,
     /// Extra arguments for every attention pod (limits, dispatch dtype, ...).
@@ -46,6 +51,9 @@ pub struct LocalCluster {
     pub supervisor: Supervisor,
     /// The router's address (`127.0.0.1:PORT`): HTTP (OpenAI API) and gRPC on one port.
     pub addr: String,
+    /// Where the supervisor's `/metrics` is served (`127.0.0.1:PORT`).
+    pub metrics_addr: String,
+    metrics_task: tokio::task::JoinHandle<()>,
 }
 
 impl LocalCluster {
@@ -54,6 +62,16 @@ impl LocalCluster {
         if cfg.attention == 0 {
             return Err(Error::Input("--attention must be at least 1".into()));
         }
+        if cfg.redundant_experts > 0
+            && (cfg.expert_shards < 2 || !cfg.redundant_experts.is_multiple_of(cfg.expert_shards))
+        {
+            return Err(Error::Input(format!(
+                "--redundant-experts {} needs at least 2 expert shards and must be a multiple of \
+                 --expert-shards {}",
+                cfg.redundant_experts, cfg.expert_shards
+            )));
+        }
+        let slots_per_shard = (cfg.redundant_experts / cfg.expert_shards.max(1)).to_string();
         let prog = cfg.program.to_string_lossy().to_string();
         let model = cfg.model.to_string_lossy().to_string();
         let mut specs = Vec::new();
@@ -72,6 +90,8 @@ impl LocalCluster {
                 &i.to_string(),
                 "--shards",
                 &cfg.expert_shards.to_string(),
+                "--redundant-slots",
+                &slots_per_shard,
             ]
             .iter()
             .map(|s| s.to_string())
@@ -83,6 +103,7 @@ impl LocalCluster {
                 args,
                 env: vec![],
                 wait_ready: true,
+                restart: Restart::Always,
             });
             shard_addrs.push(addr);
         }
@@ -104,6 +125,8 @@ impl LocalCluster {
             if !shard_addrs.is_empty() {
                 args.push("--experts".into());
                 args.push(shard_addrs.join(","));
+                args.push("--redundant-slots".into());
+                args.push(slots_per_shard.clone());
             }
             args.extend(cfg.attention_args.iter().cloned());
             specs.push(ChildSpec {
@@ -112,6 +135,7 @@ impl LocalCluster {
                 args,
                 env: vec![],
                 wait_ready: true,
+                restart: Restart::Always,
             });
             pod_addrs.push(addr);
         }
@@ -142,13 +166,51 @@ impl LocalCluster {
             args,
             env: vec![],
             wait_ready: true,
+            restart: Restart::Always,
         });
         let supervisor = Supervisor::start(specs, SupervisorConfig::default()).await?;
-        Ok(Self { supervisor, addr })
+        let io = |source| Error::Io {
+            op: "serving the supervisor's /metrics".into(),
+            source,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(io)?;
+        let metrics_addr = listener.local_addr().map_err(io)?.to_string();
+        let registry = supervisor.registry();
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut text = String::new();
+                    // Encoding counters into a String cannot fail.
+                    let _ =
+                        prometheus::TextEncoder::new().encode_utf8(&registry.gather(), &mut text);
+                    text
+                }
+            }),
+        );
+        let metrics_task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self {
+            supervisor,
+            addr,
+            metrics_addr,
+            metrics_task,
+        })
     }
 
-    /// Serves until a signal or a child's exit, then stops every child.
+    /// Serves until a signal (restarting children that die), then stops every child.
     pub async fn run(self) -> Result<StopReason> {
-        self.supervisor.run().await
+        let LocalCluster {
+            supervisor,
+            metrics_task,
+            ..
+        } = self;
+        let reason = supervisor.run().await;
+        metrics_task.abort();
+        reason
     }
 }

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use shardseek_router::supervisor::{ChildSpec, StopReason, Supervisor, SupervisorConfig};
+use shardseek_router::supervisor::{ChildSpec, Restart, StopReason, Supervisor, SupervisorConfig};
 
 fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks for existence.
@@ -19,6 +19,7 @@ fn quick() -> SupervisorConfig {
         ready_timeout: Duration::from_secs(5),
         grace: Duration::from_millis(500),
         stop_on_child_exit: true,
+        ..SupervisorConfig::default()
     }
 }
 
@@ -146,6 +147,70 @@ async fn a_child_that_never_gets_ready_fails_start_and_stops_the_rest() {
     .err()
     .expect("times out");
     assert!(err.to_string().contains("not ready within"), "{err}");
+}
+
+/// Value of `shardseek_supervisor_restarts_total{child="name"}` in the registry.
+fn restarts(registry: &prometheus::Registry, name: &str) -> u64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == "shardseek_supervisor_restarts_total")
+        .flat_map(|f| f.get_metric().iter())
+        .filter(|m| m.get_label().iter().any(|l| l.value() == name))
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
+#[tokio::test]
+async fn a_crashing_child_is_restarted_with_backoff_while_the_others_keep_running() {
+    // Each incarnation of `crashy` appends a line to a file, then dies after 0.1 s.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("starts");
+    let script = format!(
+        "echo start >> {}; echo READY c; sleep 0.1; exit 3",
+        log.display()
+    );
+    let config = SupervisorConfig {
+        restart_backoff: Duration::from_millis(100),
+        restart_backoff_max: Duration::from_millis(400),
+        ..quick()
+    };
+    let sup = Supervisor::start(
+        vec![
+            sh("steady", "echo READY s; exec sleep 30").restart(Restart::Always),
+            sh("crashy", &script).restart(Restart::Always),
+        ],
+        config.clone(),
+    )
+    .await
+    .expect("ready");
+    let registry = sup.registry();
+    let steady = sup.pids()[0];
+    let t0 = Instant::now();
+    let run = tokio::spawn(sup.run());
+    // Backoffs 100, 200, 400, 400 ms (+0.1 s of life each): about 5 starts in 1.6 s.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let starts = std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .count();
+    let counted = restarts(&registry, "crashy");
+    assert!(alive(steady), "the other child kept running");
+    assert_eq!(restarts(&registry, "steady"), 0);
+    assert!(
+        (3..=7).contains(&starts),
+        "{starts} starts in {:?}: backoff grows, capped",
+        t0.elapsed()
+    );
+    assert!(
+        counted + 1 == starts as u64 || counted == starts as u64,
+        "metric {counted} vs {starts} starts"
+    );
+    assert_eq!(config.backoff(0), Duration::from_millis(100));
+    assert_eq!(config.backoff(1), Duration::from_millis(200));
+    assert_eq!(config.backoff(5), Duration::from_millis(400));
+    run.abort();
+    let _ = run.await;
 }
 
 /// Set in the helper process of [`children_die_with_their_parent`].

@@ -79,6 +79,30 @@ fn tiny_models_all_shard_counts_f32_wire() {
     }
 }
 
+/// Redundant experts (replicas chosen per token by load) change which shard computes an
+/// expert, never the math: tokens equal the single process at f32 wire. (One shard cannot hold
+/// a replica of its own experts, so redundancy starts at two shards.)
+#[test]
+fn tiny_model_with_redundant_experts_f32_wire() {
+    let m = tiny("fp8");
+    let want = local(m.path());
+    for (shards, redundant) in [(2, 2), (2, 16), (4, 4), (4, 16)] {
+        let r = redundant.to_string();
+        let (_up, addr) = up(
+            m.path(),
+            shards,
+            &["--dispatch-dtype", "f32", "--redundant-experts", &r],
+        );
+        compare(
+            &want,
+            &remote(&addr),
+            F32_WIRE_TOL,
+            &format!("tiny fp8, {shards} shards, {redundant} redundant, f32 wire"),
+            true,
+        );
+    }
+}
+
 #[test]
 fn fixtures_two_shards_f32_and_bf16_wire() {
     for name in ["open-bf16", "open-fp8"] {

@@ -196,3 +196,169 @@ pub fn tiny(dtype: &str) -> tempfile::TempDir {
     );
     dir
 }
+
+/// `GET http://addr/path` (HTTP/1.0, so the body ends with the connection); the body.
+pub fn http_get(addr: &str, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
+    let (head, body) = resp.split_once("\r\n\r\n").ok_or("no HTTP head")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(head.lines().next().unwrap_or_default().to_string());
+    }
+    Ok(body.to_string())
+}
+
+/// A streaming `/v1/completions` of `max_tokens` tokens after `prompt` (token ids), ignoring
+/// EOS. Returns the arrival time of every generated token, or the error the stream carried
+/// (HTTP status, or an `{"error": …}` event) — whatever failed, as text.
+pub fn stream_completion(
+    addr: &str,
+    prompt: &[u32],
+    max_tokens: usize,
+) -> Result<Vec<std::time::Instant>, String> {
+    use std::io::Write;
+    let body = serde_json::json!({
+        "prompt": prompt, "max_tokens": max_tokens, "stream": true,
+        "ignore_eos": true, "temperature": 0
+    })
+    .to_string();
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(|e| e.to_string())?;
+    // HTTP/1.0: no chunked framing around the events, the body ends with the connection.
+    write!(
+        s,
+        "POST /v1/completions HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(s);
+    let mut status = String::new();
+    reader.read_line(&mut status).map_err(|e| e.to_string())?;
+    if !status.contains(" 200 ") {
+        let rest: Vec<String> = reader.lines().map_while(Result::ok).collect();
+        return Err(format!("{} {}", status.trim(), rest.join(" ")));
+    }
+    let mut times = Vec::new();
+    let mut done = false;
+    for line in reader.lines() {
+        let line = line.map_err(|e| format!("reading the stream: {e}"))?;
+        let Some(payload) = line.strip_prefix("data:") else {
+            continue;
+        };
+        let payload = payload.trim();
+        if payload == "[DONE]" {
+            done = true;
+            break;
+        }
+        let v: Value = serde_json::from_str(payload).map_err(|e| format!("{e}: {payload}"))?;
+        if let Some(err) = v.get("error") {
+            return Err(err.to_string());
+        }
+        let tokens = v["choices"].as_array().map_or(0, |c| {
+            c.iter().filter(|c| c["finish_reason"].is_null()).count()
+        });
+        for _ in 0..tokens {
+            times.push(std::time::Instant::now());
+        }
+    }
+    if !done {
+        return Err(format!(
+            "the stream ended without [DONE] after {} tokens",
+            times.len()
+        ));
+    }
+    Ok(times)
+}
+
+/// `up` with its stdout lines up to and including the one announcing the supervisor's metrics:
+/// the process, the router's address, the metrics address, and those lines (child starts with
+/// their pids are among them).
+pub fn up_supervised(
+    model: &Path,
+    shards: usize,
+    extra: &[&str],
+) -> (Proc, String, String, Vec<String>) {
+    let m = model.to_string_lossy().to_string();
+    let s = shards.to_string();
+    let mut args = vec!["up", "--model", &m, "--expert-shards", &s, "--port", "0"];
+    args.extend_from_slice(extra);
+    let p = spawn(&args);
+    let lines = lines_until(
+        &p,
+        "shardseek supervisor: metrics on",
+        Duration::from_secs(180),
+    );
+    let after = |prefix: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|r| r.split("http://").nth(1))
+            .and_then(|r| r.split(['/', ' ']).next())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let addr = after("shardseek up:");
+    let metrics = after("shardseek supervisor: metrics on");
+    (p, addr, metrics, lines)
+}
+
+/// The pid in a supervisor line `[supervisor] started NAME pid PID` for `name`, the last one.
+pub fn started_pid(lines: &[String], name: &str) -> Option<i32> {
+    let prefix = format!("[supervisor] started {name} pid ");
+    lines
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|p| p.trim().parse().ok())
+}
+
+/// Every pid the supervisor reported starting.
+pub fn all_started_pids(lines: &[String]) -> Vec<i32> {
+    lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("[supervisor] started "))
+        .filter_map(|r| r.rsplit(' ').next())
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// Whether process `pid` exists (and is not a zombie waiting to be reaped by a dead parent).
+pub fn pid_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// The value of the Prometheus sample `name{labels}` (labels as written, e.g. `child="x"`).
+pub fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let key = if labels.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}{{{labels}}}")
+    };
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(&key).map(str::trim))
+        .and_then(|v| v.parse().ok())
+}
+
+/// The p-th percentile (0..=100) of `xs` (nearest rank); NaN when empty.
+pub fn percentile(xs: &[f64], p: f64) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}

@@ -1,6 +1,8 @@
 //! Faults of the running cluster: a shard killed mid-generation fails the affected request
 //! with a clear error within the dispatch deadline, and the cluster recovers when the shard
-//! comes back; a shard for another shard count is refused at connect.
+//! comes back; a shard for another shard count is refused at connect. Under `shardseek up` a
+//! killed shard is restarted by the supervisor while `up` keeps serving, and with redundant
+//! experts its death fails no request at all.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -165,4 +167,211 @@ fn shard_for_another_shard_count_is_refused() {
         err.contains("3") && (err.contains("shard") || err.contains("refused")),
         "{err}"
     );
+}
+
+fn sigkill(pid: i32) {
+    let st = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(st.success(), "kill -KILL {pid}");
+}
+
+/// Waits (bounded) until none of `pids` is alive.
+fn all_gone(pids: &[i32]) -> Result<(), Vec<i32>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let alive: Vec<i32> = pids.iter().copied().filter(|&p| pid_alive(p)).collect();
+        if alive.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(alive);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn up_restarts_a_killed_shard_the_affected_request_fails_and_up_serves_again() {
+    let m = tiny("fp8");
+    let (mut up, addr, metrics, mut lines) = up_supervised(m.path(), 2, &[]);
+    let victim = started_pid(&lines, "expert-1").expect("expert-1's pid in the output");
+    stream_completion(&addr, &[1, 2, 3], 4).expect("healthy cluster");
+
+    // A long generation through shard 1 (every tiny-model token uses both shards), then the
+    // shard is SIGKILLed under it.
+    let a2 = addr.clone();
+    let long = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        (stream_completion(&a2, &[1, 2, 3], 4000), t0.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    sigkill(victim);
+    let (res, took) = long.join().unwrap();
+    let err = res.expect_err("the request whose shard died fails");
+    assert!(
+        err.contains("expert shard 1"),
+        "the error names the shard: {err}"
+    );
+    assert!(took < Duration::from_secs(60), "failed promptly: {took:?}");
+
+    // `up` stays up and restarts the shard on its address.
+    assert!(
+        up.child.try_wait().expect("try_wait").is_none(),
+        "up exited after a shard died"
+    );
+    let more = lines_until(
+        &up,
+        "[supervisor] expert-1 is ready again",
+        Duration::from_secs(60),
+    );
+    let reborn = started_pid(&more, "expert-1").expect("restarted expert-1's pid");
+    assert_ne!(reborn, victim);
+    lines.extend(more);
+
+    // Requests succeed again once it is back.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match stream_completion(&addr, &[1, 2, 3], 8) {
+            Ok(t) => {
+                assert_eq!(t.len(), 8);
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("the restarted shard did not rejoin: {e}"),
+        }
+    }
+    let text = http_get(&metrics, "/metrics").expect("supervisor metrics");
+    assert_eq!(
+        sample(
+            &text,
+            "shardseek_supervisor_restarts_total",
+            r#"child="expert-1""#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            "shardseek_supervisor_restarts_total",
+            r#"child="expert-0""#
+        ),
+        None,
+        "{text}"
+    );
+
+    // Stopping `up` stops every child it ever started, the restarted one included.
+    let pids = all_started_pids(&lines);
+    assert!(pids.contains(&reborn));
+    drop(up);
+    if let Err(alive) = all_gone(&pids) {
+        panic!("children outlived `up`: {alive:?}");
+    }
+}
+
+/// The inter-token gaps (seconds) of `streams`, split by when each token arrived: before
+/// `kill`, between `kill` and `rejoined`, after `rejoined`.
+fn itl_phases(
+    streams: &[Vec<Instant>],
+    kill: Instant,
+    rejoined: Instant,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mut before, mut during, mut after) = (Vec::new(), Vec::new(), Vec::new());
+    for s in streams {
+        for w in s.windows(2) {
+            let gap = (w[1] - w[0]).as_secs_f64();
+            if w[1] < kill {
+                before.push(gap);
+            } else if w[1] < rejoined {
+                during.push(gap);
+            } else {
+                after.push(gap);
+            }
+        }
+    }
+    (before, during, after)
+}
+
+#[test]
+fn with_redundant_experts_a_killed_shard_fails_no_request_and_rejoins() {
+    const STREAMS: usize = 16;
+    const TOKENS: usize = 400;
+    let m = tiny("fp8");
+    // 16 redundant slots over 4 shards: every expert of the 16 has a replica on another shard
+    // (with the tiny model's 16 experts, fewer slots leave some experts with one copy).
+    let (up, addr, _metrics, lines) = up_supervised(
+        m.path(),
+        4,
+        &["--redundant-experts", "16", "--dispatch-dtype", "bf16"],
+    );
+    let victim = started_pid(&lines, "expert-1").expect("expert-1's pid");
+    let t0 = Instant::now();
+    let handles: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let prompt = [1 + i as u32, 2 * i as u32 + 7, 3, 4];
+                stream_completion(&addr, &prompt, TOKENS)
+            })
+        })
+        .collect();
+    // Kill once every stream is generating.
+    std::thread::sleep(Duration::from_secs(4));
+    let kill = Instant::now();
+    sigkill(victim);
+    let more = lines_until(
+        &up,
+        "[supervisor] expert-1 is ready again",
+        Duration::from_secs(60),
+    );
+    let rejoined = Instant::now();
+    let metrics_of_reborn = more
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("[expert-1] METRICS "))
+        .expect("the restarted shard's metrics address")
+        .trim()
+        .to_string();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let finished = Instant::now();
+    let failed: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {STREAMS} failed: {failed:?}",
+        failed.len()
+    );
+    let streams: Vec<Vec<Instant>> = results.into_iter().map(Result::unwrap).collect();
+    assert!(streams.iter().all(|s| s.len() == TOKENS));
+    assert!(
+        finished > rejoined,
+        "the shard rejoined only after the streams ended; raise TOKENS"
+    );
+    let (before, during, after) = itl_phases(&streams, kill, rejoined);
+    let p99 = |v: &[f64]| percentile(v, 99.0) * 1e3;
+    eprintln!(
+        "ITL p99 ms: before {:.1} ({} gaps), during {:.1} ({}), after {:.1} ({}); kill at {:.1} s, rejoined after {:.2} s",
+        p99(&before),
+        before.len(),
+        p99(&during),
+        during.len(),
+        p99(&after),
+        after.len(),
+        (kill - t0).as_secs_f64(),
+        (rejoined - kill).as_secs_f64()
+    );
+    assert!(!before.is_empty() && !after.is_empty());
+    // The restarted shard takes tokens again (least-loaded replica choice uses it).
+    let text = http_get(&metrics_of_reborn, "/metrics").expect("restarted shard's metrics");
+    let served: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("shardseek_expert_tokens_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(served > 0.0, "the restarted shard served no token:\n{text}");
+    drop(up);
 }

@@ -32,6 +32,8 @@ pub enum Error {
     Tokenizer(String),
     #[error("grammar: {0}")]
     Grammar(String),
+    #[error("generation failed: {0}")]
+    Generation(String),
     #[error("expert dispatch failed at layer {layer}: {detail}")]
     Dispatch { layer: usize, detail: String },
     #[error(transparent)]

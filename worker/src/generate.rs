@@ -1,12 +1,14 @@
 //! One request, start to finish, on a loaded model: prefill, then decode step by step with
-//! sampling, recording log-probs. This is what `shardseek generate` runs in process; the
-//! attention pod's scheduler runs the same steps batched.
+//! sampling, recording log-probs. This is what `shardseek generate` runs in process; it drives
+//! the engine's scheduling loop ([`crate::engine::run_blocking`]), so the in-process and the
+//! served paths share one generation loop.
 
+use crate::engine::{EngineConfig, EngineRequest, Event, run_blocking};
 use crate::error::{Error, Result};
-use crate::model::{Model, SeqInput};
+use crate::kv::BLOCK_TOKENS;
+use crate::model::Model;
 use serde::{Deserialize, Serialize};
-use shardseek_kernels::sampling::{Rng, SamplingParams, sample};
-use shardseek_kernels::softmax::log_softmax;
+use shardseek_kernels::sampling::SamplingParams;
 
 /// What to generate.
 #[derive(Clone, Debug)]
@@ -45,21 +47,6 @@ pub struct GenerateOutput {
     pub finish_reason: FinishReason,
 }
 
-/// The `k` most likely tokens with their log-probs, best first.
-pub fn top_k_logprobs(lp: &[f32], k: usize) -> Vec<(u32, f32)> {
-    if k == 0 {
-        return Vec::new();
-    }
-    let mut idx: Vec<u32> = (0..lp.len() as u32).collect();
-    let k = k.min(lp.len());
-    idx.select_nth_unstable_by(k - 1, |&a, &b| {
-        lp[b as usize].total_cmp(&lp[a as usize]).then(a.cmp(&b))
-    });
-    idx.truncate(k);
-    idx.sort_by(|&a, &b| lp[b as usize].total_cmp(&lp[a as usize]).then(a.cmp(&b)));
-    idx.into_iter().map(|i| (i, lp[i as usize])).collect()
-}
-
 /// Checks a request against the model's limits.
 pub fn validate(model: &Model, req: &GenerateRequest) -> Result<()> {
     let cfg = &model.cfg;
@@ -87,63 +74,65 @@ pub fn validate(model: &Model, req: &GenerateRequest) -> Result<()> {
     Ok(())
 }
 
-/// Runs a request to completion.
+/// Runs a request to completion through the engine's scheduling loop on this thread (one
+/// generation loop for `generate` and the engine): the whole prompt in one step, then one
+/// token per step.
 pub fn generate(model: &Model, req: &GenerateRequest) -> Result<GenerateOutput> {
     validate(model, req)?;
-    let mut pool = model.new_pool(req.prompt.len() + req.max_tokens);
-    let mut cache = crate::kv::SeqCache::default();
-    let mut rng = Rng::new(req.seed);
-    let logits = model.forward(
-        &mut pool,
-        &mut [SeqInput {
-            tokens: &req.prompt,
-            cache: &mut cache,
-            all_logits: req.echo,
-        }],
-    )?;
-    let logits = logits.into_iter().next().unwrap_or_default();
-    let v = model.cfg.vocab_size;
-    let prompt_logprobs = req.echo.then(|| {
-        let mut pl = vec![None];
-        for t in 1..req.prompt.len() {
-            let lp = log_softmax(&logits[(t - 1) * v..t * v]);
-            pl.push(Some(lp[req.prompt[t] as usize]));
-        }
-        pl
-    });
-    let mut last = logits[logits.len() - v..].to_vec();
+    let total = req.prompt.len() + req.max_tokens;
+    let cfg = EngineConfig {
+        max_batch_tokens: req.prompt.len().max(1),
+        max_running_requests: 1,
+        max_waiting_requests: 1,
+        max_seq_len: total,
+        kv_blocks: total.div_ceil(BLOCK_TOKENS).max(1),
+        ..EngineConfig::default()
+    };
+    let ereq = EngineRequest {
+        prompt: req.prompt.clone(),
+        max_tokens: req.max_tokens,
+        sampling: req.sampling.clone(),
+        seed: req.seed,
+        top_logprobs: req.top_logprobs,
+        echo: req.echo,
+        ignore_eos: req.ignore_eos,
+        stop_token_ids: Vec::new(),
+        cache_salt: None,
+        logits: Default::default(),
+        constraint: None,
+    };
+    let events = run_blocking(model, cfg, vec![ereq])
+        .pop()
+        .unwrap_or_default();
     let mut out = GenerateOutput {
         prompt_tokens: req.prompt.clone(),
         tokens: Vec::new(),
         logprobs: Vec::new(),
         top_logprobs: Vec::new(),
-        prompt_logprobs,
+        prompt_logprobs: None,
         text: None,
         finish_reason: FinishReason::Length,
     };
-    for step in 0..req.max_tokens {
-        let lp = log_softmax(&last);
-        let tok = sample(&last, &req.sampling, &mut rng) as u32;
-        out.tokens.push(tok);
-        out.logprobs.push(lp[tok as usize]);
-        out.top_logprobs.push(top_k_logprobs(&lp, req.top_logprobs));
-        if !req.ignore_eos && model.cfg.eos_token_ids.contains(&tok) {
-            out.finish_reason = FinishReason::Stop;
-            break;
+    let mut finished = false;
+    for ev in events {
+        match ev {
+            Event::PromptLogprobs(pl) => out.prompt_logprobs = Some(pl),
+            Event::Token { id, logprob, top } => {
+                out.tokens.push(id);
+                out.logprobs.push(logprob);
+                out.top_logprobs.push(top);
+            }
+            Event::Finished { reason, .. } => {
+                out.finish_reason = reason;
+                finished = true;
+            }
+            Event::Error(e) => return Err(Error::Generation(e)),
         }
-        if step + 1 == req.max_tokens {
-            break;
-        }
-        let next = [tok];
-        let l = model.forward(
-            &mut pool,
-            &mut [SeqInput {
-                tokens: &next,
-                cache: &mut cache,
-                all_logits: false,
-            }],
-        )?;
-        last = l.into_iter().next().unwrap_or_default();
+    }
+    if !finished {
+        return Err(Error::Generation(
+            "the request ended without finishing".into(),
+        ));
     }
     Ok(out)
 }

@@ -62,6 +62,8 @@ pub async fn run_expert(
     cfg: ExpertRoleConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    // Per-layer row buffers reuse the heap instead of fresh mmaps (see tune_allocator).
+    crate::expert::tune_allocator();
     let mcfg = ModelConfig::from_dir(&cfg.model)?;
     if cfg.shards == 0 || cfg.shard >= cfg.shards {
         return Err(Error::Input(format!(
@@ -142,6 +144,10 @@ pub async fn run_attention(
     cfg: AttentionConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    if !cfg.experts.is_empty() {
+        // The dispatch client's per-layer row buffers: as on the shards (see tune_allocator).
+        crate::expert::tune_allocator();
+    }
     let model_dir = cfg.model.clone();
     let sel = if cfg.experts.is_empty() {
         ExpertSelection::All
@@ -172,6 +178,9 @@ pub async fn run_attention(
             .connect_all()
             .await
             .map_err(|e| Error::Input(format!("connecting to expert shards: {e}")))?;
+        // A shard that dies is masked; this brings it back once it serves again. The task ends
+        // when the transport is dropped.
+        transport.spawn_rejoin(shardseek_router::transport::grpc::DEFAULT_RECONNECT_BACKOFF);
         let dispatcher = Dispatcher::new(
             transport,
             placement,

@@ -6,6 +6,12 @@
 //! its deadline on a shard known to be gone). A broken link is rebuilt on the next call after a
 //! short back-off; rebuilding starts with `Info`, and a shard that serves another model, another
 //! shard count or another shard id is refused with a message saying which.
+//!
+//! A shard whose stream ends is masked at once ([`Transport::is_live`] turns false in the reader
+//! task, before any caller times out), so the dispatcher sends its tokens to replicas. Nothing
+//! would then call the masked shard again, so [`GrpcTransport::spawn_rejoin`] probes masked
+//! shards in the background and unmasks one as soon as a connection succeeds: a restarted shard
+//! rejoins without any request paying for the probe.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -98,8 +104,9 @@ struct SlotState {
 struct Slot {
     addr: String,
     state: tokio::sync::Mutex<SlotState>,
-    /// Mirror of "has a live link or no recent failure", readable without the async lock.
-    live: AtomicBool,
+    /// Mirror of "has a live link or no recent failure", readable without the async lock;
+    /// shared with the link's reader task, which clears it the moment the stream ends.
+    live: Arc<AtomicBool>,
 }
 
 /// gRPC transport to a fixed list of shard addresses (`host:port`, shard id = position).
@@ -133,7 +140,7 @@ impl GrpcTransport {
             .map(|addr| Slot {
                 addr,
                 state: tokio::sync::Mutex::new(SlotState::default()),
-                live: AtomicBool::new(true),
+                live: Arc::new(AtomicBool::new(true)),
             })
             .collect();
         GrpcTransport {
@@ -151,6 +158,29 @@ impl GrpcTransport {
             r?;
         }
         Ok(())
+    }
+
+    /// Probes masked shards every `every` until the transport is dropped: a shard that comes
+    /// back (restarted on its address) is reconnected and unmasked, so the dispatcher uses it
+    /// again. Connect failures only re-arm the back-off.
+    pub fn spawn_rejoin(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(this) = weak.upgrade() else { return };
+                for shard in 0..this.slots.len() {
+                    if this.is_live(shard) {
+                        continue;
+                    }
+                    if this.link(shard).await.is_ok() {
+                        tracing::info!(shard, addr = %this.addr(shard), "expert shard rejoined");
+                    }
+                }
+            }
+        })
     }
 
     /// The address of shard `shard`.
@@ -182,7 +212,7 @@ impl GrpcTransport {
                 reason: format!("unavailable ({why}); retrying shortly"),
             });
         }
-        match self.open(shard, &slot.addr).await {
+        match self.open(shard, &slot.addr, Arc::clone(&slot.live)).await {
             Ok(link) => {
                 let link = Arc::new(link);
                 state.link = Some(Arc::clone(&link));
@@ -199,7 +229,7 @@ impl GrpcTransport {
     }
 
     /// Connects, checks `Info` against the expected model and shard layout, opens the stream.
-    async fn open(&self, shard: usize, addr: &str) -> Result<Link> {
+    async fn open(&self, shard: usize, addr: &str, slot_live: Arc<AtomicBool>) -> Result<Link> {
         let connect_err = |reason: String| Error::Connect {
             shard,
             addr: addr.to_string(),
@@ -294,7 +324,8 @@ impl GrpcTransport {
                     }
                 };
                 alive.store(false, Ordering::Release);
-                tracing::warn!(shard, reason = %why, "dispatch stream ended");
+                slot_live.store(false, Ordering::Release);
+                tracing::warn!(shard, reason = %why, "dispatch stream ended; shard masked");
                 let waiters: Vec<_> = pending
                     .lock()
                     .map(|mut m| m.drain().map(|(_, w)| w).collect())

@@ -1,13 +1,16 @@
-//! The logits-processing stage: what runs on one sequence's row of logits after the forward
-//! pass and before a token is selected. In order (vLLM's order): grammar mask, `min_tokens`
-//! (end-of-sequence and stop ids barred), repetition / frequency / presence penalties,
-//! `logit_bias`, `min_p`.
+//! The logits-processing stages of the engine's sampler ([`super::sampler::LogitsProcessor`]):
+//! what runs on one sequence's row of logits after the forward pass and before a token is
+//! selected. In order (vLLM's order): grammar mask ([`GrammarMask`]), then [`LogitsStage`]:
+//! `min_tokens` (end-of-sequence and stop ids barred), repetition / frequency / presence
+//! penalties, `logit_bias`, `min_p`.
 //!
 //! Everything here is per sequence and cheap next to the forward pass (O(vocab) at most), except
-//! the grammar mask, which [`super::grammar`] computes while the forward pass runs; this stage
-//! only applies the finished mask.
+//! the grammar mask, which [`super::grammar`] computes while the forward pass runs; the
+//! scheduler puts the finished mask in the sequence's [`MaskSlot`] and the processor applies it.
 
+use super::sampler::{LogitsProcessor, SeqContext};
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use toktrie::SimpleVob;
 
 /// What a request asks of the stage; the neutral value of every field leaves the row untouched.
@@ -120,6 +123,92 @@ impl LogitsState {
     }
 }
 
+/// Where the scheduler leaves a sequence's next grammar mask for its [`GrammarMask`].
+#[derive(Clone, Debug, Default)]
+pub struct MaskSlot(Arc<Mutex<Option<SimpleVob>>>);
+
+impl MaskSlot {
+    /// Sets the mask for the next selection (None: unconstrained this step).
+    pub fn put(&self, mask: Option<SimpleVob>) {
+        if let Ok(mut m) = self.0.lock() {
+            *m = mask;
+        }
+    }
+
+    fn take(&self) -> Option<SimpleVob> {
+        self.0.lock().ok().and_then(|mut m| m.take())
+    }
+}
+
+/// Bars the tokens a grammar does not allow (its mask was computed during the forward pass).
+pub struct GrammarMask {
+    slot: MaskSlot,
+}
+
+impl GrammarMask {
+    pub fn new(slot: MaskSlot) -> Self {
+        Self { slot }
+    }
+}
+
+impl LogitsProcessor for GrammarMask {
+    fn process(&mut self, _ctx: &SeqContext<'_>, logits: &mut [f32]) {
+        if let Some(m) = self.slot.take() {
+            apply_mask(logits, &m);
+        }
+    }
+}
+
+fn apply_mask(row: &mut [f32], m: &SimpleVob) {
+    for (i, l) in row.iter_mut().enumerate() {
+        if !m.is_allowed(i as u32) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+}
+
+/// `min_tokens`, penalties, `logit_bias` and `min_p` as one processor of a sequence.
+pub struct LogitsStage {
+    params: LogitsParams,
+    /// Ids that end generation (EOS and the request's stop ids), barred before `min_tokens`.
+    ends: Vec<u32>,
+    temperature: f32,
+    state: LogitsState,
+}
+
+impl LogitsStage {
+    pub fn new(params: LogitsParams, ends: Vec<u32>, temperature: f32, prompt: &[u32]) -> Self {
+        let state = LogitsState::new(&params, prompt);
+        Self {
+            params,
+            ends,
+            temperature,
+            state,
+        }
+    }
+}
+
+impl LogitsProcessor for LogitsStage {
+    fn process(&mut self, ctx: &SeqContext<'_>, logits: &mut [f32]) {
+        // The history only grows; count what was generated since the last call.
+        for &t in ctx
+            .generated
+            .get(self.state.generated..)
+            .unwrap_or_default()
+        {
+            self.state.push(t);
+        }
+        apply(
+            logits,
+            &self.params,
+            &self.state,
+            &self.ends,
+            None,
+            self.temperature,
+        );
+    }
+}
+
 /// Applies the stage to `row` in place. `ends` are the ids that end generation (EOS and the
 /// request's stop ids); `temperature` is the one selection will use (min_p depends on it).
 pub fn apply(
@@ -131,11 +220,7 @@ pub fn apply(
     temperature: f32,
 ) {
     if let Some(m) = mask {
-        for (i, l) in row.iter_mut().enumerate() {
-            if !m.is_allowed(i as u32) {
-                *l = f32::NEG_INFINITY;
-            }
-        }
+        apply_mask(row, m);
     }
     if state.generated < params.min_tokens {
         for &e in ends {
@@ -263,6 +348,42 @@ mod tests {
         let mut row = vec![3.0, 1.0, 2.0];
         apply(&mut row, &p, &st, &[], Some(&m), 1.0);
         assert_eq!(row, vec![f32::NEG_INFINITY, 1.0, f32::NEG_INFINITY]);
+    }
+
+    #[test]
+    fn processors_follow_the_history_and_the_slot() {
+        let p = LogitsParams {
+            frequency_penalty: 1.0,
+            ..params()
+        };
+        let mut stage = LogitsStage::new(p, vec![], 1.0, &[]);
+        let mut row = vec![0.0, 0.0];
+        let ctx = SeqContext {
+            prompt: &[],
+            generated: &[1, 1],
+        };
+        stage.process(&ctx, &mut row);
+        assert_eq!(row, vec![0.0, -2.0]);
+        let ctx = SeqContext {
+            prompt: &[],
+            generated: &[1, 1, 0],
+        };
+        let mut row = vec![0.0, 0.0];
+        stage.process(&ctx, &mut row);
+        assert_eq!(row, vec![-1.0, -2.0]);
+
+        let slot = MaskSlot::default();
+        let mut g = GrammarMask::new(slot.clone());
+        let mut m = SimpleVob::alloc(2);
+        m.allow_token(0);
+        slot.put(Some(m));
+        let mut row = vec![1.0, 2.0];
+        g.process(&ctx, &mut row);
+        assert_eq!(row, vec![1.0, f32::NEG_INFINITY]);
+        // A mask is used once.
+        let mut row = vec![1.0, 2.0];
+        g.process(&ctx, &mut row);
+        assert_eq!(row, vec![1.0, 2.0]);
     }
 
     #[test]

@@ -9,10 +9,17 @@
 //! recomputed later from its prompt and the tokens it already produced, so a request that fits
 //! the limits never fails for lack of cache.
 
+//!
+//! Sampling is [`sampler`]: one batched sampler with a logits-processing stage in front of
+//! selection. [`run_blocking`] drives the same scheduling loop on the calling thread; that is
+//! how `shardseek generate` runs a request in process, so there is one generation loop.
+
 pub mod grammar;
 pub mod logits;
+pub mod sampler;
 mod scheduler;
 
 pub use scheduler::{
     Engine, EngineConfig, EngineRequest, EngineStats, Event, RequestHandle, SubmitError,
+    run_blocking,
 };

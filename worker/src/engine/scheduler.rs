@@ -1,13 +1,13 @@
 //! Scheduling loop of the engine; see the module docs of `engine`.
 
 use super::grammar::{Constraint, Grammar, GrammarCompiler};
-use super::logits::{self, LogitsParams, LogitsState};
-use crate::generate::{FinishReason, top_k_logprobs};
+use super::logits::{GrammarMask, LogitsParams, LogitsStage, MaskSlot};
+use super::sampler::{Sampler, SeqContext, SeqParams, SeqSampler};
+use crate::generate::FinishReason;
 use crate::kv::{KvPool, SeqCache};
 use crate::model::{Model, SeqInput};
 use crate::prefix::{BlockKeyFn, sha256_block_key};
-use shardseek_kernels::sampling::{Rng, SamplingParams, sample};
-use shardseek_kernels::softmax::log_softmax;
+use shardseek_kernels::sampling::SamplingParams;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -57,13 +57,13 @@ pub struct EngineRequest {
     pub ignore_eos: bool,
     /// Extra token ids that end generation (besides the model's EOS).
     pub stop_token_ids: Vec<u32>,
-    /// Penalties, bias, min_tokens, min_p: the stage before selection.
-    pub logits: LogitsParams,
-    /// Grammar the output must follow (structured output, forced tool calls).
-    pub constraint: Option<Constraint>,
     /// Prefix-cache isolation (vLLM's `cache_salt`): only requests with the same salt share
     /// cached blocks; `None` shares with every other unsalted request.
     pub cache_salt: Option<String>,
+    /// Penalties, bias, min_tokens, min_p: a logits processor of the sequence's sampler.
+    pub logits: LogitsParams,
+    /// Grammar the output must follow (structured output, forced tool calls).
+    pub constraint: Option<Constraint>,
 }
 
 /// What a request's channel carries, in order.
@@ -118,7 +118,7 @@ pub struct EngineStats {
     /// Tokens not yet computed of running and waiting requests (for load balancing).
     pub outstanding_tokens: AtomicUsize,
     /// Grammar masks computed, and the time spent computing them (on the mask thread, in
-    /// parallel with the forward pass).
+    /// parallel with the forward pass), in nanoseconds.
     pub grammar_masks_total: AtomicU64,
     pub grammar_mask_nanos_total: AtomicU64,
     /// Time steps waited for masks after their forward pass had finished (the cost not hidden).
@@ -206,12 +206,13 @@ struct Seq {
     /// Prompt followed by the generated tokens.
     tokens: Vec<u32>,
     cache: SeqCache,
-    rng: Rng,
+    sampler: SeqSampler,
     generated: usize,
     prompt_lp: Option<Vec<Option<f32>>>,
     cached_tokens: usize,
-    logits: LogitsState,
-    grammar: Option<Box<Grammar>>,
+    /// The request's grammar and where its next mask goes (read by the sampler's
+    /// [`GrammarMask`] processor).
+    grammar: Option<(Box<Grammar>, MaskSlot)>,
 }
 
 impl Seq {
@@ -248,18 +249,10 @@ impl Engine {
             .kv_blocks_available
             .store(pool.available(), Ordering::Relaxed);
         let vocab = model.cfg.vocab_size;
-        let mut sched = Scheduler {
-            model,
-            cfg: cfg.clone(),
-            pool,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-            stats: stats.clone(),
-            rx,
-        };
+        let (sched_cfg, sched_stats) = (cfg.clone(), stats.clone());
         let thread = std::thread::Builder::new()
             .name("shardseek-engine".into())
-            .spawn(move || sched.run())
+            .spawn(move || Scheduler::new(&model, sched_cfg, pool, sched_stats, rx).run())
             .ok();
         Arc::new(Self {
             tx: Mutex::new(tx),
@@ -365,17 +358,129 @@ impl Drop for Engine {
     }
 }
 
-struct Scheduler {
-    model: Arc<Model>,
+/// Runs requests to completion on the calling thread with the engine's own scheduling loop
+/// (what `shardseek generate` and `bench model` do in process, so that there is one
+/// generation loop). Returns each request's events in order.
+pub fn run_blocking(model: &Model, cfg: EngineConfig, reqs: Vec<EngineRequest>) -> Vec<Vec<Event>> {
+    let (_tx, rx) = mpsc::channel();
+    let pool = KvPool::new(
+        model.cfg.num_hidden_layers,
+        model.cfg.latent_dim(),
+        cfg.kv_blocks,
+    );
+    let mut sched = Scheduler::new(model, cfg, pool, Arc::default(), rx);
+    let mut receivers = Vec::with_capacity(reqs.len());
+    for (i, req) in reqs.into_iter().enumerate() {
+        let (etx, erx) = unbounded_channel();
+        // The in-process loop has no grammar compiler: a constrained request fails, rather
+        // than running unconstrained.
+        if req.constraint.is_some() {
+            let _ = etx.send(Event::Error(
+                "structured output is served by attention pods, not in process".into(),
+            ));
+            receivers.push(erx);
+            continue;
+        }
+        sched.add(i as u64, req, None, etx);
+        receivers.push(erx);
+    }
+    while !(sched.running.is_empty() && sched.waiting.is_empty()) {
+        if !sched.step() {
+            break;
+        }
+    }
+    receivers
+        .into_iter()
+        .map(|mut rx| {
+            let mut evs = Vec::new();
+            while let Ok(e) = rx.try_recv() {
+                evs.push(e);
+            }
+            evs
+        })
+        .collect()
+}
+
+struct Scheduler<'m> {
+    model: &'m Model,
     cfg: EngineConfig,
     pool: KvPool,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     stats: Arc<EngineStats>,
     rx: mpsc::Receiver<Command>,
+    sampler: Sampler,
 }
 
-impl Scheduler {
+impl<'m> Scheduler<'m> {
+    fn new(
+        model: &'m Model,
+        cfg: EngineConfig,
+        pool: KvPool,
+        stats: Arc<EngineStats>,
+        rx: mpsc::Receiver<Command>,
+    ) -> Self {
+        Self {
+            model,
+            cfg,
+            pool,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            stats,
+            rx,
+            sampler: Sampler::new(),
+        }
+    }
+
+    fn add(
+        &mut self,
+        id: u64,
+        req: EngineRequest,
+        grammar: Option<Box<Grammar>>,
+        tx: UnboundedSender<Event>,
+    ) {
+        let mut sampler = SeqSampler::new(SeqParams {
+            sampling: req.sampling.clone(),
+            seed: req.seed,
+            top_logprobs: req.top_logprobs,
+        });
+        // The logits-processing stages, in vLLM's order: grammar mask, then min_tokens,
+        // penalties, bias and min_p.
+        let grammar = grammar.map(|g| {
+            let slot = MaskSlot::default();
+            sampler.push_processor(Box::new(GrammarMask::new(slot.clone())));
+            (g, slot)
+        });
+        if !req.logits.is_neutral() {
+            let ends: Vec<u32> = self
+                .model
+                .cfg
+                .eos_token_ids
+                .iter()
+                .chain(&req.stop_token_ids)
+                .copied()
+                .collect();
+            sampler.push_processor(Box::new(LogitsStage::new(
+                req.logits.clone(),
+                ends,
+                req.sampling.temperature,
+                &req.prompt,
+            )));
+        }
+        self.waiting.push_back(Seq {
+            id,
+            tokens: req.prompt.clone(),
+            prompt_lp: req.echo.then(|| vec![None]),
+            req,
+            tx,
+            cache: SeqCache::default(),
+            sampler,
+            generated: 0,
+            cached_tokens: 0,
+            grammar,
+        });
+    }
+
     fn run(&mut self) {
         loop {
             // Block only when there is nothing to compute.
@@ -406,23 +511,7 @@ impl Scheduler {
     /// Applies one command; false means stop.
     fn apply(&mut self, c: Command) -> bool {
         match c {
-            Command::Add(id, req, grammar, tx) => {
-                let req = *req;
-                let seed = req.seed;
-                self.waiting.push_back(Seq {
-                    logits: LogitsState::new(&req.logits, &req.prompt),
-                    grammar,
-                    id,
-                    tokens: req.prompt.clone(),
-                    prompt_lp: req.echo.then(|| vec![None]),
-                    req,
-                    tx,
-                    cache: SeqCache::default(),
-                    rng: Rng::new(seed),
-                    generated: 0,
-                    cached_tokens: 0,
-                });
-            }
+            Command::Add(id, req, grammar, tx) => self.add(id, *req, grammar, tx),
             Command::Abort(id) => {
                 if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
                     if let Some(s) = self.waiting.remove(i) {
@@ -491,7 +580,8 @@ impl Scheduler {
         true
     }
 
-    fn step(&mut self) {
+    /// One forward step over the planned batch; false when nothing could be scheduled.
+    fn step(&mut self) -> bool {
         let mut budget = self.cfg.max_batch_tokens;
         // Plan: (index into running, tokens this step). Running sequences first, oldest first.
         let mut plan: Vec<(usize, usize)> = Vec::new();
@@ -562,7 +652,7 @@ impl Scheduler {
             budget -= take;
         }
         if plan.is_empty() {
-            return;
+            return false;
         }
         for &(i, take) in &plan {
             let s = &mut self.running[i];
@@ -577,24 +667,24 @@ impl Scheduler {
             .iter()
             .map(|&(i, _)| self.running[i].cache.len())
             .collect();
-        let plan_rows = plan.clone();
         // Sequences that select a token this step and follow a grammar: their masks depend only
-        // on tokens already chosen, so they are computed on another thread during the forward
-        // pass (the grammars are moved there and back).
-        let mut grammars: Vec<(usize, Box<Grammar>)> = Vec::new();
+        // on tokens already chosen, so they are computed on another thread while the forward
+        // pass runs (the grammars are moved there and back).
+        let mut grammars: Vec<(usize, Box<Grammar>, MaskSlot)> = Vec::new();
         for &(i, take) in &plan {
             let s = &mut self.running[i];
             if take == s.pending()
-                && let Some(g) = s.grammar.take()
+                && let Some((g, slot)) = s.grammar.take()
             {
-                grammars.push((i, g));
+                grammars.push((i, g, slot));
             }
         }
         let stats = self.stats.clone();
-        let model = self.model.clone();
+        let mut mask_errors: Vec<(usize, String)> = Vec::new();
+        let model = self.model;
         let pool = &mut self.pool;
         let running = &mut self.running;
-        let mut forward = move || {
+        let mut forward = || {
             let mut inputs: Vec<SeqInput> = Vec::with_capacity(plan.len());
             let mut rest: &mut [Seq] = running;
             let mut base = 0;
@@ -614,26 +704,37 @@ impl Scheduler {
             }
             model.forward(pool, &mut inputs)
         };
-        let mut masks: Vec<(usize, Result<Option<toktrie::SimpleVob>, String>)> = Vec::new();
         let result = if grammars.is_empty() {
             forward()
         } else {
+            let constrained: Vec<usize> = grammars.iter().map(|g| g.0).collect();
             std::thread::scope(|scope| {
                 let job = scope.spawn(|| {
                     let t0 = std::time::Instant::now();
-                    let out: Vec<_> = grammars
-                        .iter_mut()
-                        .map(|(i, g)| (*i, g.mask().map_err(|e| e.to_string())))
-                        .collect();
+                    let mut errors = Vec::new();
+                    let mut n = 0u64;
+                    for (i, g, slot) in grammars.iter_mut() {
+                        match g.mask() {
+                            Ok(m) => {
+                                n += u64::from(m.is_some());
+                                slot.put(m);
+                            }
+                            Err(e) => errors.push((*i, e.to_string())),
+                        }
+                    }
+                    stats.grammar_masks_total.fetch_add(n, Ordering::Relaxed);
                     stats
                         .grammar_mask_nanos_total
                         .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                    out
+                    errors
                 });
                 let result = forward();
                 let t0 = std::time::Instant::now();
-                masks = job.join().unwrap_or_else(|_| {
-                    vec![(usize::MAX, Err("the grammar mask thread panicked".into()))]
+                mask_errors = job.join().unwrap_or_else(|_| {
+                    constrained
+                        .iter()
+                        .map(|&i| (i, "the grammar mask thread panicked".to_string()))
+                        .collect()
                 });
                 stats
                     .grammar_wait_nanos_total
@@ -641,54 +742,34 @@ impl Scheduler {
                 result
             })
         };
-        let computed = masks.iter().filter(|m| matches!(m.1, Ok(Some(_)))).count();
-        self.stats
-            .grammar_masks_total
-            .fetch_add(computed as u64, Ordering::Relaxed);
-        for (i, g) in grammars {
-            self.running[i].grammar = Some(g);
+        for (i, g, slot) in grammars {
+            self.running[i].grammar = Some((g, slot));
         }
         self.stats.steps_total.fetch_add(1, Ordering::Relaxed);
-        let logits = match result {
+        let mut logits = match result {
             Ok(l) => l,
             Err(e) => {
                 // A failed step (e.g. an expert shard is down) fails the requests in it; the
                 // others go on at the next step.
-                let failed: Vec<usize> = plan_rows.iter().map(|p| p.0).collect();
+                let failed: Vec<usize> = plan.iter().map(|p| p.0).collect();
                 for &i in failed.iter().rev() {
                     let mut s = self.running.remove(i);
                     let _ = s.tx.send(Event::Error(e.to_string()));
                     self.pool.release(&mut s.cache);
                 }
-                return;
+                return true;
             }
         };
-        let mut mask_of: Vec<Option<toktrie::SimpleVob>> = Vec::new();
-        mask_of.resize_with(self.running.len(), || None);
-        let mut failed: Vec<usize> = Vec::new();
-        for (i, m) in masks {
-            match m {
-                Ok(m) if i < mask_of.len() => mask_of[i] = m,
-                Ok(_) => {}
-                Err(e) => {
-                    let targets: Vec<usize> = if i < self.running.len() {
-                        vec![i]
-                    } else {
-                        plan_rows.iter().map(|p| p.0).collect()
-                    };
-                    for t in targets {
-                        let _ = self.running[t]
-                            .tx
-                            .send(Event::Error(format!("grammar: {e}")));
-                        failed.push(t);
-                    }
-                }
-            }
-        }
         let v = self.model.cfg.vocab_size;
-        let mut finished: Vec<usize> = failed.clone();
-        for ((&(i, take), lg), &start) in plan_rows.iter().zip(&logits).zip(&started) {
-            if failed.contains(&i) {
+        let mut finished: Vec<usize> = Vec::new();
+        for (i, e) in mask_errors {
+            let _ = self.running[i]
+                .tx
+                .send(Event::Error(format!("grammar: {e}")));
+            finished.push(i);
+        }
+        for ((&(i, take), lg), &start) in plan.iter().zip(logits.iter_mut()).zip(&started) {
+            if finished.contains(&i) {
                 continue;
             }
             let s = &mut self.running[i];
@@ -706,8 +787,8 @@ impl Scheduler {
                 for r in 0..take {
                     let pos = start + r;
                     if pos + 1 < prompt_len {
-                        let lp = log_softmax(&lg[r * v..(r + 1) * v]);
-                        pl.push(Some(lp[s.tokens[pos + 1] as usize]));
+                        let row = &lg[r * v..(r + 1) * v];
+                        pl.push(Some(Sampler::token_logprob(row, s.tokens[pos + 1])));
                     }
                 }
                 if start + take >= prompt_len {
@@ -725,39 +806,15 @@ impl Scheduler {
             if s.pending() > 0 {
                 continue; // mid-prefill: nothing to sample yet
             }
-            let last = &lg[lg.len() - v..];
-            let lp = log_softmax(last);
-            // The logits-processing stage runs on a copy: log-probs report the model's own
-            // distribution, as vLLM's do by default.
-            let mask = mask_of[i].take();
-            let processed;
-            let row: &[f32] = if s.req.logits.is_neutral() && mask.is_none() {
-                last
-            } else {
-                let mut r = last.to_vec();
-                let ends: Vec<u32> = self
-                    .model
-                    .cfg
-                    .eos_token_ids
-                    .iter()
-                    .chain(&s.req.stop_token_ids)
-                    .copied()
-                    .collect();
-                logits::apply(
-                    &mut r,
-                    &s.req.logits,
-                    &s.logits,
-                    &ends,
-                    mask.as_ref(),
-                    s.req.sampling.temperature,
-                );
-                processed = r;
-                &processed
+            let n = lg.len();
+            let ctx = SeqContext {
+                prompt: &s.tokens[..prompt_len],
+                generated: &s.tokens[prompt_len..],
             };
-            let tok = sample(row, &s.req.sampling, &mut s.rng) as u32;
-            s.logits.push(tok);
+            let picked = self.sampler.sample(&mut s.sampler, &ctx, &mut lg[n - v..]);
+            let tok = picked.token;
             let mut grammar_done = false;
-            if let Some(g) = s.grammar.as_mut() {
+            if let Some((g, _)) = s.grammar.as_mut() {
                 if let Err(e) = g.accept(tok) {
                     let _ = s.tx.send(Event::Error(e.to_string()));
                     finished.push(i);
@@ -772,8 +829,8 @@ impl Scheduler {
                 .fetch_add(1, Ordering::Relaxed);
             let _ = s.tx.send(Event::Token {
                 id: tok,
-                logprob: lp[tok as usize],
-                top: top_k_logprobs(&lp, s.req.top_logprobs),
+                logprob: picked.logprob,
+                top: picked.top,
             });
             // A complete grammar ends the output (only end-of-sequence could follow).
             let eos = grammar_done
@@ -801,5 +858,6 @@ impl Scheduler {
             let s = self.running.remove(i);
             self.finish_silently(s);
         }
+        true
     }
 }

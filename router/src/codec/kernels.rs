@@ -1,0 +1,303 @@
+//! The codec's inner loops, compiled three times — for AVX-512 (F + BW), for AVX2 + FMA, and for
+//! the portable baseline — and chosen once per process from the CPU's features
+//! (`is_x86_feature_detected!`). The loops are written branch-free over plain slices so the
+//! compiler vectorizes each copy at its instruction set's width: bf16 rounding in 16- or 8-lane
+//! integer ops, the fp8 block maximum as an integer max, fp8 decoding arithmetically instead of
+//! through a 256-entry table (a table lookup would not vectorize without gathers).
+//!
+//! Every entry point agrees bit for bit with the scalar reference functions of the parent
+//! module (`f32_to_bf16_bits`, `f32_to_e4m3`, `e4m3_to_f32`); the tests check each level this
+//! CPU has against them.
+
+use super::{FP8_BLOCK, FP8_MAX, f32_to_bf16_bits, f32_to_e4m3};
+use std::sync::OnceLock;
+
+/// The instruction set the loops run with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    Portable,
+    Avx2,
+    Avx512,
+}
+
+impl Level {
+    /// The best level this CPU supports (detected once).
+    pub fn detect() -> Level {
+        static LEVEL: OnceLock<Level> = OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                {
+                    return Level::Avx512;
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    return Level::Avx2;
+                }
+            }
+            Level::Portable
+        })
+    }
+
+    /// Every level this CPU can run, portable first (for tests and benchmarks).
+    pub fn available() -> Vec<Level> {
+        let best = Level::detect();
+        [Level::Portable, Level::Avx2, Level::Avx512]
+            .into_iter()
+            .filter(|l| *l as u8 <= best as u8)
+            .collect()
+    }
+}
+
+/// Defines `pub fn $name(level, args…)` that runs `$body` compiled for the requested level.
+macro_rules! multiversion {
+    ($(#[$doc:meta])* fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? $body:block) => {
+        $(#[$doc])*
+        pub fn $name(level: Level, $($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512bw")]
+            fn avx512($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
+            match level {
+                // SAFETY: a level above Portable is only ever obtained from `Level::detect`
+                // (or `available`), which checked that the CPU has these features.
+                #[cfg(target_arch = "x86_64")]
+                Level::Avx512 if Level::detect() == Level::Avx512 => unsafe { avx512($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                Level::Avx2 | Level::Avx512 if Level::detect() as u8 >= Level::Avx2 as u8 => {
+                    // SAFETY: as above.
+                    unsafe { avx2($($arg),*) }
+                }
+                _ => body($($arg),*),
+            }
+        }
+    };
+}
+
+/// bf16 bits of `v`, as [`f32_to_bf16_bits`] but branch-free (NaN selected, not branched to).
+#[inline(always)]
+fn bf16(v: f32) -> u16 {
+    let b = v.to_bits();
+    let rounded = (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16;
+    let quiet = ((b >> 16) | 0x0040) as u16;
+    if b & 0x7FFF_FFFF > 0x7F80_0000 {
+        quiet
+    } else {
+        rounded
+    }
+}
+
+/// e4m3fn code → f32 without a table: the normal codes rebias the exponent, the subnormal ones
+/// are m·2⁻⁹, 0x7F/0xFF are NaN.
+#[inline(always)]
+fn e4m3(code: u8) -> f32 {
+    let c = u32::from(code);
+    let sign = (c & 0x80) << 24;
+    let e = (c >> 3) & 0x0F;
+    let m = c & 0x07;
+    let normal = ((e + 120) << 23) | (m << 20);
+    let subnormal = (m as f32 * (1.0 / 512.0)).to_bits();
+    let mag = if e == 0 { subnormal } else { normal };
+    let mag = if c & 0x7F == 0x7F { 0x7FC0_0000 } else { mag };
+    f32::from_bits(mag | sign)
+}
+
+multiversion! {
+    /// `dst[i] = bf16(src[i])` (little-endian words), `dst.len() == src.len()`.
+    fn encode_bf16(src: &[f32], dst: &mut [u16]) {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = bf16(v).to_le();
+        }
+    }
+}
+
+multiversion! {
+    /// Encodes one fp8 block (≤ 128 values) into `dst` and returns its scale.
+    fn encode_fp8_block(src: &[f32], dst: &mut [u8]) -> f32 {
+        // Max of |v| on the bit patterns: for non-negative floats integer order is float order.
+        let amax = f32::from_bits(src.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7FFF_FFFF)));
+        let scale = if amax > 0.0 && amax.is_finite() { amax / FP8_MAX } else { 1.0 };
+        let inv = 1.0 / scale;
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d = f32_to_e4m3(v * inv);
+        }
+        scale
+    }
+}
+
+multiversion! {
+    /// `out[i] (+)= bf16 value of little-endian word i of src`.
+    fn apply_bf16(src: &[u8], out: &mut [f32], add: bool) {
+        let words = src.chunks_exact(2).map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16));
+        if add {
+            for (d, v) in out.iter_mut().zip(words) {
+                *d += v;
+            }
+        } else {
+            for (d, v) in out.iter_mut().zip(words) {
+                *d = v;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `out[i] (+)= e4m3(src[i]) · scale`.
+    fn apply_fp8(src: &[u8], scale: f32, out: &mut [f32], add: bool) {
+        if add {
+            for (d, &c) in out.iter_mut().zip(src) {
+                *d += e4m3(c) * scale;
+            }
+        } else {
+            for (d, &c) in out.iter_mut().zip(src) {
+                *d = e4m3(c) * scale;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `out[i] (+)= little-endian f32 i of src`.
+    fn apply_f32(src: &[u8], out: &mut [f32], add: bool) {
+        let vals = src.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        if add {
+            for (d, v) in out.iter_mut().zip(vals) {
+                *d += v;
+            }
+        } else {
+            for (d, v) in out.iter_mut().zip(vals) {
+                *d = v;
+            }
+        }
+    }
+}
+
+/// Encodes one row into fp8 codes and per-block scales at `level`.
+pub fn encode_fp8_row(level: Level, row: &[f32], codes: &mut [u8], scales: &mut Vec<u8>) {
+    for (src, dst) in row.chunks(FP8_BLOCK).zip(codes.chunks_mut(FP8_BLOCK)) {
+        let scale = encode_fp8_block(level, src, dst);
+        scales.extend_from_slice(&scale.to_le_bytes());
+    }
+}
+
+/// The scalar reference of [`encode_bf16`], for tests.
+pub fn encode_bf16_reference(src: &[f32]) -> Vec<u16> {
+    src.iter().map(|&v| f32_to_bf16_bits(v).to_le()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::e4m3_to_f32;
+    use super::*;
+
+    /// Values that exercise rounding, ties, subnormals, infinities, NaN and saturation.
+    fn probes() -> Vec<f32> {
+        let mut v: Vec<f32> = (0..4096u32)
+            .map(|i| f32::from_bits(i.wrapping_mul(0x9E37_79B9) ^ 0x3F80_0000))
+            .collect();
+        v.extend((0..2000).map(|i| (i as f32 - 1000.0) * 0.731));
+        v.extend([
+            0.0,
+            -0.0,
+            1.0 + 1.0 / 256.0,
+            1.0 + 3.0 / 256.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            -f32::NAN,
+            f32::MIN_POSITIVE,
+            1e-40,
+            448.0,
+            449.0,
+            1e30,
+            -1e30,
+        ]);
+        v
+    }
+
+    #[test]
+    fn bf16_encode_matches_the_scalar_reference_at_every_level() {
+        let src = probes();
+        let want = encode_bf16_reference(&src);
+        for level in Level::available() {
+            let mut got = vec![0u16; src.len()];
+            encode_bf16(level, &src, &mut got);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    g,
+                    w,
+                    "{level:?}: value {:e} ({:#x})",
+                    src[i],
+                    src[i].to_bits()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fp8_decode_matches_the_table_for_every_code_at_every_level() {
+        let codes: Vec<u8> = (0..=255u8).collect();
+        for level in Level::available() {
+            let mut out = vec![0.0f32; 256];
+            apply_fp8(level, &codes, 2.0, &mut out, false);
+            for (c, v) in codes.iter().zip(&out) {
+                let want = e4m3_to_f32(*c) * 2.0;
+                assert!(
+                    (want.is_nan() && v.is_nan()) || want.to_bits() == v.to_bits(),
+                    "{level:?}: code {c:#04x}: {v} vs {want}"
+                );
+            }
+            let mut acc = vec![1.0f32; 256];
+            apply_fp8(level, &codes, 1.0, &mut acc, true);
+            for (c, v) in codes.iter().zip(&acc) {
+                let want = 1.0 + e4m3_to_f32(*c);
+                assert!(
+                    (want.is_nan() && v.is_nan()) || want == *v,
+                    "{level:?}: add code {c:#04x}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fp8_encode_and_bf16_f32_decode_match_the_reference_at_every_level() {
+        let src: Vec<f32> = probes().into_iter().filter(|v| v.is_finite()).collect();
+        let src = &src[..src.len() / FP8_BLOCK * FP8_BLOCK + 37];
+        // Reference: scalar block scale and codes.
+        let mut want_codes = Vec::new();
+        let mut want_scales = Vec::new();
+        for block in src.chunks(FP8_BLOCK) {
+            let amax = block.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let scale = if amax > 0.0 { amax / FP8_MAX } else { 1.0 };
+            want_scales.extend_from_slice(&scale.to_le_bytes());
+            want_codes.extend(block.iter().map(|&v| f32_to_e4m3(v * (1.0 / scale))));
+        }
+        let bytes: Vec<u8> = src.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let halves: Vec<u8> = encode_bf16_reference(src)
+            .iter()
+            .flat_map(|h| h.to_le_bytes())
+            .collect();
+        for level in Level::available() {
+            let mut codes = vec![0u8; src.len()];
+            let mut scales = Vec::new();
+            encode_fp8_row(level, src, &mut codes, &mut scales);
+            assert_eq!(codes, want_codes, "{level:?} codes");
+            assert_eq!(scales, want_scales, "{level:?} scales");
+            let mut out = vec![0.0f32; src.len()];
+            apply_f32(level, &bytes, &mut out, false);
+            assert_eq!(out, src, "{level:?} f32");
+            apply_bf16(level, &halves, &mut out, false);
+            for (o, h) in out.iter().zip(halves.chunks_exact(2)) {
+                let want = f32::from_bits(u32::from(u16::from_le_bytes([h[0], h[1]])) << 16);
+                assert_eq!(o.to_bits(), want.to_bits(), "{level:?} bf16");
+            }
+        }
+    }
+}
