@@ -110,12 +110,38 @@ pub async fn start(
     specs: Vec<ChoiceSpec>,
     started: Instant,
 ) -> Result<BoxStream<'static, ChoiceEvent>, ApiError> {
-    let streams = futures::future::try_join_all(
-        specs
-            .iter()
-            .map(|s| state.backend.generate(s.request.clone())),
-    )
-    .await?;
+    // n samples of one prompt: the first starts alone and the others once it produced its first
+    // event. By then its prompt is prefilled and its full KV blocks are in the pod's prefix
+    // cache, so the others reuse them: the prompt is prefilled once, not n times (only its last
+    // partial block is recomputed per sample).
+    let shared = specs.len() > 1
+        && !specs[0].request.echo
+        && specs
+            .windows(2)
+            .all(|w| w[0].request.prompt == w[1].request.prompt);
+    let streams: Vec<TokenStream> = if shared {
+        let mut first = state.backend.generate(specs[0].request.clone()).await?;
+        let head = first.next().await;
+        if let Some(Err(e)) = &head {
+            return Err(e.clone().into());
+        }
+        let rest = futures::future::try_join_all(
+            specs[1..]
+                .iter()
+                .map(|s| state.backend.generate(s.request.clone())),
+        )
+        .await?;
+        std::iter::once(stream::iter(head).chain(first).boxed())
+            .chain(rest)
+            .collect()
+    } else {
+        futures::future::try_join_all(
+            specs
+                .iter()
+                .map(|s| state.backend.generate(s.request.clone())),
+        )
+        .await?
+    };
     let choices = specs.into_iter().zip(streams).map(|(spec, stream)| {
         state
             .metrics

@@ -187,3 +187,34 @@ async fn chat_refusals() {
     assert_eq!(st, 400);
     assert_eq!(v["error"]["param"], "messages");
 }
+
+/// n samples of one prompt: the others start once the first produced its first token (its
+/// prompt prefilled and in the prefix cache), so the prompt is prefilled once.
+#[tokio::test]
+async fn n_samples_start_after_the_first_is_prefilled() {
+    use std::sync::atomic::Ordering;
+    let s = serve().await;
+    *s.backend.token_delay.lock().unwrap() = std::time::Duration::from_millis(300);
+    let url = format!("{}/v1/chat/completions", s.url);
+    let req = tokio::spawn(async move {
+        post(
+            &url,
+            &json!({"messages": [{"role": "user", "content": "hi"}], "n": 3, "max_tokens": 2, "temperature": 0}),
+        )
+        .await
+    });
+    crate::fake::eventually("the first sample started", || {
+        s.backend.started.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    assert_eq!(
+        s.backend.started.load(Ordering::SeqCst),
+        1,
+        "the other samples wait for the first one's prefill"
+    );
+    let (st, v) = req.await.unwrap();
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 3);
+    assert_eq!(s.backend.started.load(Ordering::SeqCst), 3);
+}
