@@ -238,8 +238,8 @@ async fn metrics(State(st): State<AppState>) -> Response {
     }
 }
 
-/// The OpenAPI 3 document of this API (hand-written: the request types refuse unknown fields,
-/// and the document says so with `additionalProperties: false`).
+/// The OpenAPI 3 document of this API (hand-written; request schemas list the implemented
+/// fields and allow others, which the server logs and ignores).
 pub const OPENAPI: &str = include_str!("openapi.json");
 
 async fn openapi() -> Response {
