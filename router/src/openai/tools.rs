@@ -9,7 +9,8 @@
 //! ```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>…<｜tool▁call▁end｜><｜tool▁calls▁end｜>
 //! ```
 //!
-//! Text before `<｜tool▁calls▁begin｜>` is `content`. These markers are special tokens, so the
+//! DeepSeek-V3.1 writes a call as `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>`;
+//! the parser reads both. Text before `<｜tool▁calls▁begin｜>` is `content`. These markers are special tokens, so the
 //! chat endpoint decodes replies with special tokens kept whenever tools are offered.
 
 use super::types::ToolIn;
@@ -42,14 +43,17 @@ impl ToolCall {
     }
 }
 
-/// Parses one `<｜tool▁call▁begin｜>…<｜tool▁call▁end｜>` body (between the markers).
+/// Parses one `<｜tool▁call▁begin｜>…<｜tool▁call▁end｜>` body (between the markers): V3's
+/// `function<｜tool▁sep｜>NAME\n```json\nARGS\n```` or V3.1's `NAME<｜tool▁sep｜>ARGS`.
 fn parse_call(body: &str) -> Option<ToolCall> {
-    let (_kind, rest) = body.split_once(SEP)?;
+    let (head, rest) = body.split_once(SEP)?;
     let (name, args) = match rest.split_once(ARGS_OPEN) {
         Some((name, args)) => (name, args.strip_suffix(ARGS_CLOSE).unwrap_or(args)),
-        // DeepSeek-V3.1 writes `NAME<｜tool▁sep｜>ARGS` without the fence.
-        None => return None,
+        None => (head, rest),
     };
+    if name.trim().is_empty() {
+        return None;
+    }
     Some(ToolCall {
         name: name.trim().to_string(),
         arguments: args.trim().to_string(),
@@ -261,6 +265,22 @@ mod tests {
             assert_eq!(content, "Sure.");
             assert_eq!(calls.len(), 2);
         }
+    }
+
+    #[test]
+    fn parses_deepseek_v31_calls_without_a_fence() {
+        let text = format!(
+            "{CALLS_BEGIN}{CALL_BEGIN}get_weather{SEP}{{\"city\": \"Oslo\"}}{CALL_END}{CALLS_END}"
+        );
+        let (content, calls) = parse(&text);
+        assert_eq!(content, "");
+        assert_eq!(
+            calls,
+            vec![ToolCall {
+                name: "get_weather".into(),
+                arguments: "{\"city\": \"Oslo\"}".into()
+            }]
+        );
     }
 
     #[test]

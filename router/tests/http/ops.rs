@@ -168,7 +168,12 @@ async fn openapi_document_covers_the_api() {
         assert!(req["properties"][f].is_object(), "{f}");
     }
     let chat = &doc["components"]["schemas"]["ChatCompletionRequest"];
-    for f in ["tools", "tool_choice", "response_format", "chat_template_kwargs"] {
+    for f in [
+        "tools",
+        "tool_choice",
+        "response_format",
+        "chat_template_kwargs",
+    ] {
         assert!(chat["properties"][f].is_object(), "{f}");
     }
     for (path, method) in [("/tokenize", "post"), ("/detokenize", "post")] {
