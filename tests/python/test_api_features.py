@@ -415,3 +415,14 @@ def test_cached_tokens_are_reported(client, model):
     client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0)
     r = client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0)
     assert r.usage.prompt_tokens_details.cached_tokens >= 128
+
+
+def test_n_samples_share_the_prompt_prefill(client, model):
+    # A prompt no earlier request used: only the first sample can have filled the cache.
+    words = " ".join(f"w{(i * 7919 + os.getpid()) % 9973}" for i in range(160))
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": words}],
+                                       n=3, max_tokens=2, temperature=1, seed=5)
+    assert len(r.choices) == 3
+    assert r.usage.prompt_tokens >= 128
+    # Every full 64-token block of the prompt came from the first sample's prefill.
+    assert r.usage.prompt_tokens_details.cached_tokens >= (r.usage.prompt_tokens // 64 - 1) * 64

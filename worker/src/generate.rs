@@ -25,13 +25,9 @@ pub struct GenerateRequest {
     pub ignore_eos: bool,
 }
 
-/// Why generation stopped (OpenAI's `finish_reason`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    Length,
-    Stop,
-}
+/// Why generation stopped: the one enum the engine, the HTTP API and `generate --json` share
+/// (the wire has its protobuf twin).
+pub use shardseek_router::openai::FinishReason;
 
 /// The result, in the JSON shape `shardseek generate --json` prints.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

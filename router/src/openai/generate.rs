@@ -385,12 +385,14 @@ pub async fn collect(
 }
 
 /// Total usage of a request: the prompt of each of its prompts once (n samples share it), the
-/// completion tokens of every choice.
-#[derive(Clone, Copy, Debug, Default)]
+/// completion tokens of every choice, and per prompt the most cached tokens any of its samples
+/// had (the later samples of a prompt reuse the first one's KV blocks).
+#[derive(Clone, Debug, Default)]
 pub struct UsageTotal {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
-    pub cached_tokens: usize,
+    /// Per prompt (choice index / n): cached prompt tokens.
+    cached: Vec<usize>,
 }
 
 impl UsageTotal {
@@ -398,9 +400,18 @@ impl UsageTotal {
     pub fn add(&mut self, index: usize, n: usize, u: &Usage) {
         if index.is_multiple_of(n) {
             self.prompt_tokens += u.prompt_tokens;
-            self.cached_tokens += u.cached_tokens;
         }
+        let p = index / n.max(1);
+        if self.cached.len() <= p {
+            self.cached.resize(p + 1, 0);
+        }
+        self.cached[p] = self.cached[p].max(u.cached_tokens);
         self.completion_tokens += u.completion_tokens;
+    }
+
+    /// Prompt tokens served from the prefix cache.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached.iter().sum()
     }
 
     pub fn json(&self) -> Value {
@@ -408,7 +419,7 @@ impl UsageTotal {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": { "cached_tokens": self.cached_tokens },
+            "prompt_tokens_details": { "cached_tokens": self.cached_tokens() },
         })
     }
 }
