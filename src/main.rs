@@ -39,6 +39,15 @@ enum Command {
     Operator(shardseek_operator::OperatorArgs),
     /// Print the DeepSeekDeployment CustomResourceDefinition as YAML.
     Crd,
+    /// Print every object the operator would apply for the DeepSeekDeployment(s) in a file.
+    Render {
+        /// A YAML file of DeepSeekDeployment objects (`-` for stdin).
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+        /// Namespace for objects that name none (default: `default`).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
     /// Model files: generate random checkpoints in the published layout.
     Model {
         #[command(subcommand)]
@@ -88,6 +97,12 @@ enum BenchCommand {
         prompt_len: usize,
         #[arg(long, default_value_t = 32)]
         decode: usize,
+        /// Batch sizes (concurrent sequences), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        batch: Vec<usize>,
+        /// Element type of the latent KV cache: f32, bf16 or fp8.
+        #[arg(long, default_value = "bf16")]
+        kv_cache_dtype: String,
         #[arg(long)]
         json: bool,
     },
@@ -188,13 +203,22 @@ struct WorkerArgs {
     /// Longest sequence, prompt + generated (default: the model's max_position_embeddings).
     #[arg(long, env = "SHARDSEEK_MAX_SEQ_LEN")]
     max_seq_len: Option<usize>,
-    /// Memory for the latent KV cache, in MiB.
-    #[arg(long, default_value_t = 1024, env = "SHARDSEEK_KV_CACHE_MIB")]
-    kv_cache_mib: usize,
     /// Prefix-cache block keys: sha256 (collision-resistant) or fnv1a64 (the cheaper key of
     /// earlier releases, kept for comparison). Hits are verified against the tokens either way.
     #[arg(long, default_value = "sha256", env = "SHARDSEEK_PREFIX_CACHE_HASH")]
     prefix_cache_hash: shardseek_worker::prefix::PrefixHash,
+    /// Memory for the latent KV cache: bytes or a quantity (`8Gi`, `512Mi`). Default: room for
+    /// one --max-seq-len sequence (at least 1 GiB), at most half of the process's memory limit.
+    #[arg(long, env = "SHARDSEEK_KV_CACHE_MEMORY")]
+    kv_cache_memory: Option<String>,
+    /// Element type of the latent KV cache: f32 (exact), bf16, or fp8 (e4m3, per-token scale);
+    /// the memory budget counts it.
+    #[arg(long, default_value = "bf16", env = "SHARDSEEK_KV_CACHE_DTYPE")]
+    kv_cache_dtype: String,
+    /// When one --max-seq-len sequence does not fit the KV cache: `refuse` to start (saying
+    /// the numbers) or `cap` the length to what fits, with a warning.
+    #[arg(long, default_value = "refuse", env = "SHARDSEEK_KV_CACHE_ON_OVERFLOW")]
+    kv_cache_on_overflow: String,
     /// Disable the two-micro-batch overlap of attention and remote experts.
     #[arg(long)]
     no_overlap: bool,
@@ -314,6 +338,9 @@ struct UpArgs {
     /// Tokens per forward step of each attention pod.
     #[arg(long, default_value_t = 2048)]
     max_batch_tokens: usize,
+    /// Element type of the latent KV cache: f32 (exact), bf16, or fp8 (e4m3, per-token scale).
+    #[arg(long, default_value = "bf16")]
+    kv_cache_dtype: String,
     /// Start, answer one OpenAI chat request through the router, print it, and stop.
     #[arg(long)]
     demo: bool,
@@ -356,12 +383,47 @@ struct GenerateArgs {
     /// Continue past end-of-sequence tokens.
     #[arg(long)]
     ignore_eos: bool,
+    /// Element type of the latent KV cache: f32 (exact), bf16, or fp8 (e4m3, per-token scale).
+    #[arg(long, default_value = "bf16")]
+    kv_cache_dtype: String,
     /// Print one JSON object on the last line of stdout.
     #[arg(long)]
     json: bool,
 }
 
+/// Where the kubelet reads a container's termination message (the pod spec's
+/// `terminationMessagePath` default); `SHARDSEEK_TERMINATION_LOG` names another file.
+const TERMINATION_LOG: &str = "/dev/termination-log";
+/// The kubelet keeps at most 4096 bytes of a termination message.
+const TERMINATION_MESSAGE_MAX: usize = 4096;
+
+/// Writes why the process ends where the kubelet reads it, so `kubectl describe pod` and the
+/// operator's Degraded condition show the reason. Only when the file exists (a container) or is
+/// named explicitly: a local run writes nothing under /dev.
+fn write_termination_message(message: &str) {
+    let path = std::env::var_os("SHARDSEEK_TERMINATION_LOG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(TERMINATION_LOG));
+    if path.as_os_str().is_empty()
+        || (!path.exists() && std::env::var_os("SHARDSEEK_TERMINATION_LOG").is_none())
+    {
+        return;
+    }
+    let mut end = message.len().min(TERMINATION_MESSAGE_MAX);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let _ = std::fs::write(&path, &message[..end]);
+}
+
 fn main() {
+    // A panic anywhere (an engine thread included) leaves its message for the kubelet; the
+    // default hook still prints it.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        write_termination_message(&format!("panic: {info}"));
+        default_hook(info);
+    }));
     let cli = Cli::parse();
     shardseek_kernels::pool::init(cli.threads);
     let result = match cli.command {
@@ -384,6 +446,7 @@ fn main() {
                     set,
                 },
         } => model_gen(preset, dtype, out, seed, set),
+        Command::Render { file, namespace } => render(&file, namespace.as_deref()),
         Command::Crd => shardseek_operator::crd::crd_yaml()
             .context("rendering the CRD")
             .map(|y| print!("{y}")),
@@ -391,8 +454,21 @@ fn main() {
     if let Err(e) = result {
         // `{:#}` prints the whole context chain on one line: what failed and why.
         eprintln!("error: {e:#}");
+        write_termination_message(&format!("{e:#}"));
         std::process::exit(1);
     }
+}
+
+fn render(file: &std::path::Path, namespace: Option<&str>) -> Result<()> {
+    let text = if file == std::path::Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    let yaml = shardseek_operator::render::render(&text, namespace)
+        .with_context(|| format!("rendering {}", file.display()))?;
+    print!("{yaml}");
+    Ok(())
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
@@ -436,6 +512,10 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         top_logprobs: a.logprobs,
         echo: a.echo,
         ignore_eos: a.ignore_eos,
+        kv_dtype: a
+            .kv_cache_dtype
+            .parse()
+            .with_context(|| format!("--kv-cache-dtype {}", a.kv_cache_dtype))?,
     };
     let mut out = generate(&model, &req)?;
     if let Some(t) = &tokenizer {
@@ -538,12 +618,10 @@ async fn generate_remote(url: String, a: GenerateArgs) -> Result<()> {
     print_generation(&out, a.json)
 }
 
-/// How long the router waits for the attention service's DNS name to resolve to any pod.
-const ATTENTION_DNS_WAIT: std::time::Duration = std::time::Duration::from_secs(300);
-
 fn run_router(mut a: RouterArgs) -> Result<()> {
     init_tracing();
     let mut extra_listen = Vec::new();
+    let mut attention_service = None;
     if let Some(path) = a.cluster_config.clone() {
         let cc = read_cluster_config(&path)?;
         if let Some(secs) = cc.experts.rebalance_interval_seconds {
@@ -560,28 +638,15 @@ fn run_router(mut a: RouterArgs) -> Result<()> {
             .get_or_insert(cc.attention.max_seq_len as usize);
         a.listen = any_addr(cc.router.http_port);
         extra_listen = vec![any_addr(cc.router.grpc_port), any_addr(cc.metrics_port)];
-        a.attention = if cc.attention.addresses.is_empty() {
-            // Pods of the headless service, resolved once at start (a pod added later is not
-            // seen until the router restarts).
-            let host = format!("{}:{}", cc.attention.service, cc.attention.grpc_port);
-            let deadline = std::time::Instant::now() + ATTENTION_DNS_WAIT;
-            loop {
-                let found: Vec<String> = std::net::ToSocketAddrs::to_socket_addrs(&host)
-                    .map(|it| it.map(|s| s.to_string()).collect())
-                    .unwrap_or_default();
-                if !found.is_empty() {
-                    break found;
-                }
-                if std::time::Instant::now() > deadline {
-                    bail!(
-                        "attention.service {host} resolved to no pod within {ATTENTION_DNS_WAIT:?}"
-                    );
-                }
-                std::thread::sleep(std::time::Duration::from_secs(2));
-            }
-        } else {
-            cc.attention.addresses.clone()
-        };
+        a.attention = cc.attention.addresses.clone();
+        // On Kubernetes the pods are the headless Service's DNS answer, followed while the
+        // router runs (router/src/gateway.rs, `discovery_loop`).
+        if a.attention.is_empty() {
+            attention_service = Some(format!(
+                "{}:{}",
+                cc.attention.service, cc.attention.grpc_port
+            ));
+        }
     }
     let max_model_len = match (a.max_model_len, &a.model) {
         (Some(n), _) => n,
@@ -601,6 +666,7 @@ fn run_router(mut a: RouterArgs) -> Result<()> {
     let cfg = shardseek_router::gateway::RouterConfig {
         listen: a.listen,
         attention: a.attention,
+        attention_service,
         model_dir: a.model,
         served_model_name,
         max_model_len,
@@ -653,10 +719,14 @@ fn run_up(a: UpArgs) -> Result<()> {
             a.dispatch_dtype.clone(),
             "--max-batch-tokens".into(),
             a.max_batch_tokens.to_string(),
+            "--kv-cache-dtype".into(),
+            a.kv_cache_dtype.clone(),
         ],
         expert_args: vec![],
         router_args: a.api.to_args(),
         served_model_name: served.clone(),
+        // The children's stderr is a pipe to this process: they log in this terminal's format.
+        env: vec![("SHARDSEEK_LOG_FORMAT".into(), log_format().into())],
     };
     runtime()?.block_on(async move {
         let mut cluster = shardseek_router::local::LocalCluster::start(&cfg).await?;
@@ -738,15 +808,25 @@ async fn shutdown_signal() {
     }
 }
 
-/// JSON logs when stdout is not a terminal (pods), human-readable otherwise (DESIGN.md §7).
-fn init_tracing() {
+/// The log format: `SHARDSEEK_LOG_FORMAT` (`json` or `text`; the operator sets `json` in pods),
+/// else JSON when stderr is not a terminal, human-readable when it is (DESIGN.md §7).
+fn log_format() -> &'static str {
     use std::io::IsTerminal as _;
+    match std::env::var("SHARDSEEK_LOG_FORMAT").as_deref() {
+        Ok("json") => "json",
+        Ok("text") => "text",
+        _ if std::io::stderr().is_terminal() => "text",
+        _ => "json",
+    }
+}
+
+fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if std::io::stderr().is_terminal() {
+    if log_format() == "text" {
         builder.init();
     } else {
         builder.json().init();
@@ -763,9 +843,14 @@ fn read_cluster_config(
         .with_context(|| format!("--cluster-config {}", path.display()))
 }
 
-/// `0.0.0.0:port`: inside a pod, every interface.
+/// Inside a pod: the pod's IP (`SHARDSEEK_POD_IP`, from the downward API) when given, else
+/// every interface.
 fn any_addr(port: u16) -> std::net::SocketAddr {
-    std::net::SocketAddr::from(([0, 0, 0, 0], port))
+    let ip = std::env::var(shardseek_proto::cluster_config::ENV_POD_IP)
+        .ok()
+        .and_then(|ip| ip.parse().ok())
+        .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+    std::net::SocketAddr::new(ip, port)
 }
 
 fn run_worker(mut a: WorkerArgs) -> Result<()> {
@@ -785,6 +870,9 @@ fn run_worker(mut a: WorkerArgs) -> Result<()> {
         a.metrics_listen = Some(any_addr(cc.metrics_port));
         a.max_batch_tokens = cc.attention.max_batch_tokens as usize;
         a.max_seq_len = Some(cc.attention.max_seq_len as usize);
+        a.kv_cache_dtype = cc.attention.kv_cache.dtype.as_str().into();
+        a.kv_cache_memory = cc.attention.kv_cache.memory_bytes.map(|b| b.to_string());
+        a.kv_cache_on_overflow = cc.attention.kv_cache.on_overflow.as_str().into();
         a.dispatch_dtype = match cc.dispatch_dtype {
             DispatchDtype::F32 => "f32",
             DispatchDtype::Bf16 => "bf16",
@@ -811,23 +899,29 @@ fn run_worker(mut a: WorkerArgs) -> Result<()> {
     let cfg = shardseek_worker::config::ModelConfig::from_dir(&model_dir)
         .with_context(|| format!("--model {}", model_dir.display()))?;
     let max_seq_len = a.max_seq_len.unwrap_or(cfg.max_position_embeddings);
-    let block_bytes =
-        cfg.num_hidden_layers * shardseek_worker::kv::BLOCK_TOKENS * cfg.latent_dim() * 4;
-    let kv_blocks = (a.kv_cache_mib << 20) / block_bytes.max(1);
-    if kv_blocks == 0 {
-        bail!(
-            "--kv-cache-mib {} holds no block of {} bytes",
-            a.kv_cache_mib,
-            block_bytes
-        );
-    }
+    let kv_dtype: shardseek_worker::kv::KvDtype = a
+        .kv_cache_dtype
+        .parse()
+        .with_context(|| format!("--kv-cache-dtype {}", a.kv_cache_dtype))?;
+    let kv = if a.role == Role::Attention {
+        size_kv_cache(&a, &cfg, max_seq_len)?
+    } else {
+        // Expert shards hold no KV cache.
+        shardseek_worker::kv_sizing::KvSizing {
+            blocks: 1,
+            block_bytes: 0,
+            max_seq_len,
+            capped_from: None,
+        }
+    };
     let engine = EngineConfig {
         max_batch_tokens: a.max_batch_tokens,
         max_running_requests: a.max_running_requests,
         max_waiting_requests: a.max_waiting_requests,
-        max_seq_len,
-        kv_blocks,
+        max_seq_len: kv.max_seq_len,
+        kv_blocks: kv.blocks,
         prefix_key: a.prefix_cache_hash.key_fn(),
+        kv_dtype,
     };
     match a.role {
         Role::Attention => {
@@ -872,6 +966,48 @@ fn run_worker(mut a: WorkerArgs) -> Result<()> {
     Ok(())
 }
 
+/// The attention pod's KV cache from its flags (worker/src/kv_sizing.rs): checks that one
+/// max-length sequence fits, caps or refuses as asked.
+fn size_kv_cache(
+    a: &WorkerArgs,
+    cfg: &shardseek_worker::config::ModelConfig,
+    max_seq_len: usize,
+) -> Result<shardseek_worker::kv_sizing::KvSizing> {
+    use shardseek_worker::kv_sizing;
+    let dtype: shardseek_worker::kv::KvDtype = a
+        .kv_cache_dtype
+        .parse()
+        .with_context(|| format!("--kv-cache-dtype {}", a.kv_cache_dtype))?;
+    let on_overflow: kv_sizing::OnOverflow = a
+        .kv_cache_on_overflow
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--kv-cache-on-overflow {e}"))?;
+    let block_bytes = kv_sizing::block_bytes(cfg, dtype);
+    let budget = match &a.kv_cache_memory {
+        Some(text) => {
+            kv_sizing::parse_bytes(text).map_err(|e| anyhow::anyhow!("--kv-cache-memory {e}"))?
+        }
+        None => kv_sizing::auto_budget(block_bytes, max_seq_len, kv_sizing::memory_limit()),
+    };
+    let kv = kv_sizing::size(block_bytes, budget, max_seq_len, on_overflow)?;
+    if let Some(asked) = kv.capped_from {
+        tracing::warn!(
+            max_seq_len = asked,
+            capped_to = kv.max_seq_len,
+            kv_cache_bytes = budget,
+            "one max-length sequence does not fit the KV cache; capping the length"
+        );
+    }
+    tracing::info!(
+        kv_cache_bytes = budget,
+        blocks = kv.blocks,
+        dtype = %a.kv_cache_dtype,
+        max_seq_len = kv.max_seq_len,
+        "KV cache sized"
+    );
+    Ok(kv)
+}
+
 fn run_bench(b: BenchCommand) -> Result<()> {
     match b {
         BenchCommand::Serve(a) => return run_bench_serve(a),
@@ -879,25 +1015,40 @@ fn run_bench(b: BenchCommand) -> Result<()> {
             model,
             prompt_len,
             decode,
+            batch,
+            kv_cache_dtype,
             json,
         } => {
-            let r = shardseek_worker::speed::measure(&model, prompt_len, decode)?;
+            let kv: shardseek_worker::kv::KvDtype = kv_cache_dtype
+                .parse()
+                .with_context(|| format!("--kv-cache-dtype {kv_cache_dtype}"))?;
+            let r = shardseek_worker::speed::measure(&model, prompt_len, decode, &batch, kv)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "{}: load {:.1}s (peak RSS {:.0} MB of {:.0} MB files); prefill {} tokens: {:.1} tok/s; decode: {:.2} tok/s (p50 {:.1} ms, p90 {:.1} ms); peak RSS {:.0} MB",
+                    "{}: {}, {} KV cache; load {:.1}s (peak RSS {:.0} MB of {:.0} MB files); prompt {} tokens, decode {} tokens per sequence",
                     model.display(),
+                    r.backend,
+                    r.kv_cache_dtype,
                     r.load_seconds,
                     r.load_peak_rss_bytes as f64 / 1e6,
                     r.checkpoint_bytes as f64 / 1e6,
                     r.prompt_tokens,
-                    r.prefill_tokens_per_s,
-                    r.decode_tokens_per_s,
-                    r.decode_ms_p50,
-                    r.decode_ms_p90,
-                    r.peak_rss_bytes as f64 / 1e6
+                    r.decode_tokens,
                 );
+                println!("batch  prefill tok/s  decode tok/s  step p50 ms  step p90 ms");
+                for b in &r.batches {
+                    println!(
+                        "{:>5}  {:>13.1}  {:>12.2}  {:>11.1}  {:>11.1}",
+                        b.batch,
+                        b.prefill_tokens_per_s,
+                        b.decode_tokens_per_s,
+                        b.decode_ms_p50,
+                        b.decode_ms_p90
+                    );
+                }
+                println!("peak RSS {:.0} MB", r.peak_rss_bytes as f64 / 1e6);
             }
         }
         BenchCommand::Dispatch {

@@ -3,18 +3,20 @@
 //! Nothing here talks to the API server, so the golden tests can pin every field. Names are
 //! deterministic (`NAME-attention`, `NAME-experts`, `NAME-router`, `NAME-config`), every object
 //! carries the owner reference with `controller: true`, and every pod template carries the hash
-//! of the rendered cluster config so that a spec change that changes the config rolls the pods.
+//! of the part of the cluster config its role reads, so a spec change rolls exactly the pods it
+//! affects (scaling attention rolls no expert shard and no router).
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{
-    Deployment, DeploymentSpec, StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy,
-    StatefulSetSpec,
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment, StatefulSet,
+    StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, HTTPGetAction, LocalObjectReference, ObjectFieldSelector,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, LocalObjectReference, NodeAffinity,
+    NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, PodSecurityContext, PodSpec,
+    PodTemplateSpec, PreferredSchedulingTerm, Probe, ResourceRequirements, SeccompProfile,
     SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -26,12 +28,15 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use shardseek_proto::cluster_config::{self as cc, ClusterConfig};
 
-use crate::crd::{DeepSeekDeployment, DispatchDtype, Transport};
+use crate::crd::{
+    DeepSeekDeployment, DispatchDtype, KvCacheDtype, KvOverflow, PodTemplateOverrides, Transport,
+};
 use crate::{Error, Result};
 
 /// Where the model volume is mounted in every pod.
 pub const MODEL_MOUNT_DIR: &str = "/models";
-/// Annotation on pod templates with the hash of the cluster config they were rendered with.
+/// Annotation on pod templates with the hash of the part of the cluster config that the pod's
+/// role reads (`ClusterConfig::view_of`).
 pub const CONFIG_HASH_ANNOTATION: &str = "shardseek.io/config-hash";
 /// The label every owned object carries with the owning object's name.
 pub const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
@@ -43,6 +48,11 @@ pub const MANAGED_BY: &str = "shardseek-operator";
 pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
 /// The port name of the `/metrics`, `/health`, `/ready` server in every pod.
 pub const METRICS_PORT_NAME: &str = "metrics";
+/// Seconds an attention pod must be ready before a rollout moves on (see `stateful_set`): the
+/// router's discovery interval plus the DNS cache time, with a margin.
+pub const ATTENTION_MIN_READY_SECONDS: i32 = 12;
+/// The router's environment variable holding the API key clients must present.
+pub const API_KEY_ENV: &str = "SHARDSEEK_API_KEY";
 /// Non-root user the image runs as (the chart and the restricted Pod Security Standard need a
 /// numeric non-zero uid to verify runAsNonRoot).
 pub const RUN_AS_USER: i64 = 65532;
@@ -152,6 +162,11 @@ pub enum Role {
 }
 
 impl Role {
+    /// The spec field of the role (`attention`, `experts`, `router`).
+    pub fn spec_field(self) -> &'static str {
+        self.component()
+    }
+
     /// The component label value.
     pub fn component(self) -> &'static str {
         match self {
@@ -272,6 +287,28 @@ pub fn cluster_config(dsd: &DeepSeekDeployment) -> Result<ClusterConfig> {
                 spec.attention.max_batch_tokens,
             )?,
             max_seq_len: non_negative("attention.maxSeqLen", spec.attention.max_seq_len)?,
+            kv_cache: cc::KvCacheConfig {
+                dtype: match spec.attention.kv_cache.dtype {
+                    KvCacheDtype::F32 => cc::KvCacheDtype::F32,
+                    KvCacheDtype::Bf16 => cc::KvCacheDtype::Bf16,
+                    KvCacheDtype::Fp8 => cc::KvCacheDtype::Fp8,
+                },
+                memory_bytes: spec
+                    .attention
+                    .kv_cache
+                    .memory
+                    .as_ref()
+                    .map(|q| {
+                        cc::parse_bytes(&q.0).map_err(|e| {
+                            Error::InvalidSpec(format!("attention.kvCache.memory {e}"))
+                        })
+                    })
+                    .transpose()?,
+                on_overflow: match spec.attention.kv_cache.on_overflow {
+                    KvOverflow::Refuse => cc::KvOverflow::Refuse,
+                    KvOverflow::Cap => cc::KvOverflow::Cap,
+                },
+            },
         },
         experts: cc::ExpertsConfig {
             shards,
@@ -322,6 +359,9 @@ pub fn build(dsd: &DeepSeekDeployment) -> Result<OwnedObjects> {
     let config = cluster_config(dsd)?;
     let config_text = config.to_json();
     let hash = config_hash(&config_text);
+    // Each role's pods carry the hash of only what that role reads (DESIGN.md §6), so scaling
+    // attention or changing the served name rolls no expert shard.
+    let role_hash = |reader| config_hash(&config.view_of(reader).to_json());
 
     let config_map = ConfigMap {
         metadata: owner.meta(&names.config, None),
@@ -348,8 +388,8 @@ pub fn build(dsd: &DeepSeekDeployment) -> Result<OwnedObjects> {
         dsd.spec.attention.replicas,
         dsd.spec.attention.resources.clone(),
         attention_ports,
-        &hash,
-    );
+        &role_hash(cc::Reader::Attention),
+    )?;
 
     let (experts_service, experts) = if dsd.spec.experts.shards > 0 {
         let ports = vec![
@@ -367,14 +407,14 @@ pub fn build(dsd: &DeepSeekDeployment) -> Result<OwnedObjects> {
             dsd.spec.experts.shards,
             dsd.spec.experts.resources.clone(),
             ports,
-            &hash,
-        );
+            &role_hash(cc::Reader::Expert),
+        )?;
         (Some(service), Some(sts))
     } else {
         (None, None)
     };
 
-    let router = router_deployment(&owner, dsd, &names, &hash);
+    let router = router_deployment(&owner, dsd, &names, &role_hash(cc::Reader::Router))?;
     let router_service = router_service(&owner, dsd, &names);
 
     let mut pod_disruption_budgets = vec![pdb(&owner, &names.attention, Role::Attention)];
@@ -383,8 +423,14 @@ pub fn build(dsd: &DeepSeekDeployment) -> Result<OwnedObjects> {
     }
     pod_disruption_budgets.push(pdb(&owner, &names.router, Role::Router));
 
+    let mut monitor_meta = owner.meta(&names.monitor, None);
+    if let Some(labels) = monitor_meta.labels.as_mut() {
+        for (k, v) in &dsd.spec.monitoring.service_monitor_labels {
+            labels.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
     let service_monitor = ServiceMonitor {
-        metadata: owner.meta(&names.monitor, None),
+        metadata: monitor_meta,
         spec: ServiceMonitorSpec {
             selector: LabelSelector {
                 match_labels: Some(BTreeMap::from([
@@ -609,14 +655,17 @@ fn pod_template(
     ports: Vec<ContainerPort>,
     resources: Option<ResourceRequirements>,
     config_hash: &str,
-) -> PodTemplateSpec {
+) -> Result<PodTemplateSpec> {
     let spec = &dsd.spec;
+    // Attention pods and expert shards carry the accelerators; routers do not.
+    let gpu_role = role != Role::Router;
     let mut labels = labels(&owner.name, Some(role));
     labels.extend(selector_labels(&owner.name, role));
     env.splice(
         0..0,
         [
             field_env(cc::ENV_POD_NAME, "metadata.name"),
+            field_env(cc::ENV_POD_IP, "status.podIP"),
             value_env(cc::ENV_CLUSTER_CONFIG, &config_path()),
             value_env("SHARDSEEK_LOG_FORMAT", "json"),
         ],
@@ -643,7 +692,7 @@ fn pod_template(
         termination_message_policy: Some("FallbackToLogsOnError".to_string()),
         ..Container::default()
     };
-    PodTemplateSpec {
+    let mut template = PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(labels),
             annotations: Some(BTreeMap::from([(
@@ -655,11 +704,15 @@ fn pod_template(
         spec: Some(PodSpec {
             containers: vec![container],
             volumes: Some(volumes),
-            node_selector: (!spec.scheduling.node_selector.is_empty())
+            node_selector: (gpu_role && !spec.scheduling.node_selector.is_empty())
                 .then(|| spec.scheduling.node_selector.clone()),
-            tolerations: (!spec.scheduling.tolerations.is_empty())
+            tolerations: (gpu_role && !spec.scheduling.tolerations.is_empty())
                 .then(|| spec.scheduling.tolerations.clone()),
-            affinity: spec.scheduling.affinity.clone(),
+            affinity: if gpu_role {
+                spec.scheduling.affinity.clone()
+            } else {
+                Some(router_affinity())
+            },
             priority_class_name: spec.scheduling.priority_class_name.clone(),
             image_pull_secrets: (!spec.image_pull_secrets.is_empty()).then(|| {
                 spec.image_pull_secrets
@@ -685,7 +738,191 @@ fn pod_template(
             termination_grace_period_seconds: Some(60),
             ..PodSpec::default()
         }),
+    };
+    let overrides = match role {
+        Role::Attention => &spec.attention.pod_template,
+        Role::Experts => &spec.experts.pod_template,
+        Role::Router => &spec.router.pod_template,
+    };
+    apply_overrides(&mut template, overrides, role)?;
+    Ok(template)
+}
+
+/// The label NVIDIA's GPU feature discovery puts on nodes with a GPU.
+pub const GPU_NODE_LABEL: &str = "nvidia.com/gpu.present";
+
+/// Routers by default prefer nodes without a GPU (preferred, so a cluster of GPU nodes only
+/// still schedules them).
+fn router_affinity() -> Affinity {
+    Affinity {
+        node_affinity: Some(NodeAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                PreferredSchedulingTerm {
+                    weight: 100,
+                    preference: NodeSelectorTerm {
+                        match_expressions: Some(vec![NodeSelectorRequirement {
+                            key: GPU_NODE_LABEL.to_string(),
+                            operator: "NotIn".to_string(),
+                            values: Some(vec!["true".to_string()]),
+                        }]),
+                        ..NodeSelectorTerm::default()
+                    },
+                },
+            ]),
+            ..NodeAffinity::default()
+        }),
+        ..Affinity::default()
     }
+}
+
+/// RFC 7386 JSON merge patch: `patch`'s fields replace `target`'s, objects merge recursively,
+/// `null` removes.
+fn json_merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
+    match (target, patch) {
+        (serde_json::Value::Object(t), serde_json::Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    json_merge(t.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+fn merged<T: Serialize + serde::de::DeserializeOwned + Default>(
+    base: Option<&T>,
+    patch: &T,
+    what: &str,
+) -> Result<T> {
+    let mut value = serde_json::to_value(base.unwrap_or(&T::default())).map_err(Error::Json)?;
+    json_merge(
+        &mut value,
+        &serde_json::to_value(patch).map_err(Error::Json)?,
+    );
+    serde_json::from_value(value).map_err(|e| Error::InvalidSpec(format!("{what}: {e}")))
+}
+
+/// Replaces the items of `base` that have the key of an item of `extra`, appends the others.
+fn merge_by<T: Clone, K: PartialEq>(base: &mut Vec<T>, extra: &[T], key: impl Fn(&T) -> K) {
+    for item in extra {
+        match base.iter_mut().find(|b| key(b) == key(item)) {
+            Some(slot) => *slot = item.clone(),
+            None => base.push(item.clone()),
+        }
+    }
+}
+
+/// Merges a role's `podTemplate` over the pod the operator built (see [`PodTemplateOverrides`]).
+fn apply_overrides(
+    template: &mut PodTemplateSpec,
+    o: &PodTemplateOverrides,
+    role: Role,
+) -> Result<()> {
+    let field = |name: &str| format!("{}.podTemplate.{name}", role.spec_field());
+    let meta = template.metadata.get_or_insert_with(ObjectMeta::default);
+    let labels = meta.labels.get_or_insert_with(BTreeMap::new);
+    for (k, v) in &o.labels {
+        labels.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+    let annotations = meta.annotations.get_or_insert_with(BTreeMap::new);
+    for (k, v) in &o.annotations {
+        annotations.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+    let pod = template.spec.get_or_insert_with(PodSpec::default);
+    let container = pod
+        .containers
+        .first_mut()
+        .ok_or(Error::MissingField("spec.template.spec.containers"))?;
+    merge_by(
+        container.env.get_or_insert_with(Vec::new),
+        &o.env,
+        |e: &EnvVar| e.name.clone(),
+    );
+    merge_by(
+        pod.volumes.get_or_insert_with(Vec::new),
+        &o.volumes,
+        |v: &Volume| v.name.clone(),
+    );
+    merge_by(
+        container.volume_mounts.get_or_insert_with(Vec::new),
+        &o.volume_mounts,
+        |m: &VolumeMount| m.mount_path.clone(),
+    );
+    if let Some(size) = &o.shared_memory {
+        merge_by(
+            pod.volumes.get_or_insert_with(Vec::new),
+            &[Volume {
+                name: "dshm".to_string(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    medium: Some("Memory".to_string()),
+                    size_limit: Some(size.clone()),
+                    ..EmptyDirVolumeSource::default()
+                }),
+                ..Volume::default()
+            }],
+            |v: &Volume| v.name.clone(),
+        );
+        merge_by(
+            container.volume_mounts.get_or_insert_with(Vec::new),
+            &[VolumeMount {
+                name: "dshm".to_string(),
+                mount_path: "/dev/shm".to_string(),
+                ..VolumeMount::default()
+            }],
+            |m: &VolumeMount| m.mount_path.clone(),
+        );
+    }
+    if !o.node_selector.is_empty() {
+        pod.node_selector
+            .get_or_insert_with(BTreeMap::new)
+            .extend(o.node_selector.clone());
+    }
+    if !o.tolerations.is_empty() {
+        pod.tolerations
+            .get_or_insert_with(Vec::new)
+            .extend(o.tolerations.iter().cloned());
+    }
+    if let Some(affinity) = &o.affinity {
+        pod.affinity = Some(affinity.clone());
+    }
+    if !o.topology_spread_constraints.is_empty() {
+        pod.topology_spread_constraints = Some(o.topology_spread_constraints.clone());
+    }
+    if let Some(p) = &o.priority_class_name {
+        pod.priority_class_name = Some(p.clone());
+    }
+    if let Some(r) = &o.runtime_class_name {
+        pod.runtime_class_name = Some(r.clone());
+    }
+    if let Some(sc) = &o.security_context {
+        container.security_context = Some(merged(
+            container.security_context.as_ref(),
+            sc,
+            &field("securityContext"),
+        )?);
+    }
+    if o.ipc_lock {
+        let caps = container
+            .security_context
+            .get_or_insert_with(SecurityContext::default)
+            .capabilities
+            .get_or_insert_with(Capabilities::default);
+        let add = caps.add.get_or_insert_with(Vec::new);
+        if !add.iter().any(|c| c == "IPC_LOCK") {
+            add.push("IPC_LOCK".to_string());
+        }
+    }
+    if let Some(psc) = &o.pod_security_context {
+        pod.security_context = Some(merged(
+            pod.security_context.as_ref(),
+            psc,
+            &field("podSecurityContext"),
+        )?);
+    }
+    Ok(())
 }
 
 fn role_args(role: Role) -> Vec<String> {
@@ -710,7 +947,7 @@ fn stateful_set(
     resources: Option<ResourceRequirements>,
     ports: Vec<ContainerPort>,
     config_hash: &str,
-) -> StatefulSet {
+) -> Result<StatefulSet> {
     let name = match role {
         Role::Experts => &names.experts,
         _ => &names.attention,
@@ -723,7 +960,7 @@ fn stateful_set(
         )],
         _ => Vec::new(),
     };
-    StatefulSet {
+    Ok(StatefulSet {
         metadata: owner.meta(name, Some(role)),
         spec: StatefulSetSpec {
             replicas: Some(replicas),
@@ -735,6 +972,11 @@ fn stateful_set(
             // Pods are independent peers; starting them one by one would multiply the model
             // load time by the replica count.
             pod_management_policy: Some("Parallel".to_string()),
+            // A rolling update replaces the next attention pod only once routers can have seen
+            // the new one: they re-resolve the Service every DISCOVERY_INTERVAL (5 s) through
+            // DNS that caches answers up to 5 s. Without this, the last old pod could go before
+            // any router knew a new one, and requests would find no pod.
+            min_ready_seconds: (role == Role::Attention).then_some(ATTENTION_MIN_READY_SECONDS),
             persistent_volume_claim_retention_policy: Some(
                 StatefulSetPersistentVolumeClaimRetentionPolicy {
                     when_deleted: Some("Delete".to_string()),
@@ -751,11 +993,11 @@ fn stateful_set(
                 ports,
                 resources,
                 config_hash,
-            ),
+            )?,
             ..StatefulSetSpec::default()
         },
         ..StatefulSet::default()
-    }
+    })
 }
 
 fn router_deployment(
@@ -763,16 +1005,24 @@ fn router_deployment(
     dsd: &DeepSeekDeployment,
     names: &Names,
     config_hash: &str,
-) -> Deployment {
+) -> Result<Deployment> {
     let ports = vec![
         container_port("http", i32::from(cc::DEFAULT_ROUTER_HTTP_PORT)),
         container_port("grpc", i32::from(cc::DEFAULT_ROUTER_GRPC_PORT)),
         container_port(METRICS_PORT_NAME, i32::from(cc::DEFAULT_METRICS_PORT)),
     ];
-    Deployment {
+    Ok(Deployment {
         metadata: owner.meta(&names.router, Some(Role::Router)),
         spec: DeploymentSpec {
             replicas: Some(dsd.spec.router.replicas),
+            // A new router is ready before an old one goes: a rollout never lowers capacity.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".to_string()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
             selector: LabelSelector {
                 match_labels: Some(selector_labels(&owner.name, Role::Router)),
                 ..LabelSelector::default()
@@ -783,15 +1033,27 @@ fn router_deployment(
                 names,
                 Role::Router,
                 role_args(Role::Router),
-                Vec::new(),
+                dsd.spec
+                    .router
+                    .api_key_secret
+                    .iter()
+                    .map(|secret| EnvVar {
+                        name: API_KEY_ENV.to_string(),
+                        value_from: Some(EnvVarSource {
+                            secret_key_ref: Some(secret.clone()),
+                            ..EnvVarSource::default()
+                        }),
+                        ..EnvVar::default()
+                    })
+                    .collect(),
                 ports,
                 dsd.spec.router.resources.clone(),
                 config_hash,
-            ),
+            )?,
             ..DeploymentSpec::default()
         },
         ..Deployment::default()
-    }
+    })
 }
 
 fn router_service(owner: &Owner, dsd: &DeepSeekDeployment, names: &Names) -> Service {

@@ -1,7 +1,6 @@
 //! The reconciler (STYLE.md rule 3; shaped after kube-rs/controller-rs `src/controller.rs`).
 //!
-//! `reconcile(obj, ctx)` wraps kube's `finalizer()` with an Apply and a Cleanup arm. Apply never
-//! asks why it runs: it renders every owned object, server-side applies each with the one field
+//! `reconcile(obj, ctx)` applies; it never asks why it runs: it renders every owned object, server-side applies each with the one field
 //! manager [`FIELD_MANAGER`] (so a second run with the same spec is a no-op on the server), reads
 //! back what the workloads report, lists the pods for failed workers, and writes the status
 //! conditions to `/status`, publishing one Event per condition that changed. Errors requeue with
@@ -21,7 +20,6 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -36,8 +34,9 @@ use crate::{Error, Result};
 
 /// The one field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "shardseek-operator";
-/// The finalizer the operator puts on every `DeepSeekDeployment`.
-pub const FINALIZER: &str = "shardseek.io/cleanup";
+/// The finalizer that earlier versions of the operator put on every `DeepSeekDeployment`; the
+/// operator now removes it (see [`reconcile`]).
+pub const LEGACY_FINALIZER: &str = "shardseek.io/cleanup";
 /// The Prometheus Operator API whose presence enables ServiceMonitors.
 const MONITORING_API: &str = "monitoring.coreos.com/v1";
 
@@ -162,24 +161,56 @@ pub async fn run_controller(
 }
 
 /// One reconciliation of one object.
+///
+/// No finalizer: deleting a `DeepSeekDeployment` needs no work from the operator (the garbage
+/// collector removes the owned objects through their owner references), and a finalizer that
+/// does nothing would only hang deletion once the operator is uninstalled. The finalizer that
+/// earlier versions added is removed.
 #[tracing::instrument(skip_all, fields(object = %dsd.name_any(), namespace = dsd.namespace().unwrap_or_default()))]
 pub async fn reconcile(dsd: Arc<DeepSeekDeployment>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.start_reconcile();
+    let object = ObjectRef::from_obj(dsd.as_ref());
+    remove_legacy_finalizer(&dsd, &ctx).await?;
+    if dsd.metadata.deletion_timestamp.is_some() {
+        // Going away: the garbage collector deletes what it owns.
+        ctx.reset_failures(&object);
+        return Ok(Action::await_change());
+    }
+    let action = apply(&dsd, &ctx).await?;
+    ctx.reset_failures(&object);
+    Ok(action)
+}
+
+/// Removes [`LEGACY_FINALIZER`] with a merge patch of the remaining finalizers, guarded by the
+/// object's resourceVersion so a concurrent change of the list fails (and is retried) instead of
+/// being overwritten.
+async fn remove_legacy_finalizer(dsd: &DeepSeekDeployment, ctx: &Context) -> Result<()> {
+    if !dsd.finalizers().iter().any(|f| f == LEGACY_FINALIZER) {
+        return Ok(());
+    }
     let namespace = dsd
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
-    let object = ObjectRef::from_obj(dsd.as_ref());
+    let remaining: Vec<&String> = dsd
+        .finalizers()
+        .iter()
+        .filter(|f| *f != LEGACY_FINALIZER)
+        .collect();
     let api: Api<DeepSeekDeployment> = Api::namespaced(ctx.client.clone(), &namespace);
-    let action = finalizer(&api, FINALIZER, dsd, |event| async {
-        match event {
-            FinalizerEvent::Apply(dsd) => apply(&dsd, &ctx).await,
-            FinalizerEvent::Cleanup(dsd) => cleanup(&dsd, &ctx).await,
-        }
-    })
+    let patch = serde_json::json!({
+        "metadata": {"finalizers": remaining, "resourceVersion": dsd.resource_version()}
+    });
+    api.patch(
+        &dsd.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))?;
-    ctx.reset_failures(&object);
-    Ok(action)
+    .map_err(|source| Error::Kube {
+        op: format!("remove finalizer {LEGACY_FINALIZER}"),
+        source,
+    })?;
+    Ok(())
 }
 
 /// Requeues a failed object after its backoff.
@@ -357,9 +388,7 @@ async fn write_status(dsd: &DeepSeekDeployment, ctx: &Context, observed: &Observ
     let now = Timestamp::now()
         .round(k8s_openapi::jiff::Unit::Second)
         .unwrap_or_else(|_| Timestamp::now());
-    let mut next = status::compute(dsd, observed, previous, now);
-    // Keep a rebalancer's placement version (it owns that field).
-    next.placement_version = previous.and_then(|p| p.placement_version);
+    let next = status::compute(dsd, observed, previous, now);
     if previous == Some(&next) {
         return Ok(());
     }
@@ -414,24 +443,4 @@ struct StatusPatch<'a> {
     api_version: String,
     kind: String,
     status: &'a DeepSeekDeploymentStatus,
-}
-
-/// Deletion: the owned objects carry owner references, so the garbage collector removes them;
-/// the operator records the deletion and forgets the object's backoff state.
-async fn cleanup(dsd: &DeepSeekDeployment, ctx: &Context) -> Result<Action> {
-    let event = Event {
-        type_: EventType::Normal,
-        reason: "Deleting".to_string(),
-        note: Some(
-            "owned objects are removed by the garbage collector through owner references"
-                .to_string(),
-        ),
-        action: "Cleanup".to_string(),
-        secondary: None,
-    };
-    if let Err(error) = ctx.recorder.publish(&event, &dsd.object_ref(&())).await {
-        tracing::warn!(%error, "could not publish event");
-    }
-    ctx.reset_failures(&ObjectRef::from_obj(dsd));
-    Ok(Action::await_change())
 }

@@ -11,9 +11,11 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, CSIVolumeSource, HostPathVolumeSource, ImageVolumeSource, NFSVolumeSource,
-    PersistentVolumeClaimVolumeSource, ResourceRequirements, Toleration,
+    Affinity, CSIVolumeSource, EnvVar, HostPathVolumeSource, ImageVolumeSource, NFSVolumeSource,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, ResourceRequirements, SecretKeySelector,
+    SecurityContext, Toleration, TopologySpreadConstraint, Volume, VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
@@ -73,7 +75,8 @@ pub const MAX_NAME_LEN: usize = 40;
         priority = "1"
     ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    validation = Rule::new("size(self.metadata.name) <= 40").message("metadata.name must be at most 40 characters: owned StatefulSets and their pods append suffixes")
+    validation = Rule::new("size(self.metadata.name) <= 40").message("metadata.name must be at most 40 characters: owned StatefulSets and their pods append suffixes"),
+    validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', starting with a letter, ending with a letter or digit, no '.'): it prefixes the owned Services' names")
 )]
 #[x_kube(
     validation = Rule::new("self.transport != 'nccl'").message("transport nccl is not wired yet (expert shards exchange rows over gRPC only); use grpc")
@@ -109,6 +112,26 @@ pub struct DeepSeekDeploymentSpec {
     /// Where the pods may run.
     #[serde(default)]
     pub scheduling: SchedulingSpec,
+    /// Scraping by the Prometheus Operator.
+    #[serde(default, skip_serializing_if = "MonitoringSpec::is_empty")]
+    pub monitoring: MonitoringSpec,
+}
+
+/// The ServiceMonitor the operator applies where the Prometheus Operator's API exists.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitoringSpec {
+    /// Labels added to the ServiceMonitor, so a Prometheus's `serviceMonitorSelector` (for
+    /// example `release: kube-prometheus-stack`) selects it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub service_monitor_labels: BTreeMap<String, String>,
+}
+
+impl MonitoringSpec {
+    /// Whether nothing is set.
+    pub fn is_empty(&self) -> bool {
+        self.service_monitor_labels.is_empty()
+    }
 }
 
 /// When the kubelet pulls the image.
@@ -211,6 +234,55 @@ pub struct AttentionSpec {
     #[serde(default = "default_max_seq_len")]
     #[schemars(range(min = 1))]
     pub max_seq_len: i32,
+    /// The latent KV cache of each pod. Each pod checks at start that one `maxSeqLen` sequence
+    /// fits it.
+    #[serde(default)]
+    pub kv_cache: KvCacheSpec,
+    /// Adjustments merged over the attention pods the operator builds.
+    #[serde(default, skip_serializing_if = "PodTemplateOverrides::is_empty")]
+    pub pod_template: PodTemplateOverrides,
+}
+
+/// The latent KV cache of an attention pod.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KvCacheSpec {
+    /// Element type of the cached latents.
+    #[serde(default)]
+    pub dtype: KvCacheDtype,
+    /// Memory for the cache (a quantity such as `40Gi`). Unset: room for one `maxSeqLen`
+    /// sequence (at least 1 GiB), at most half of the pod's memory limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Quantity>,
+    /// What a pod does when one `maxSeqLen` sequence does not fit: `refuse` to start, with the
+    /// numbers in its termination message (and so in the Degraded condition), or `cap` the
+    /// length to what fits and warn.
+    #[serde(default)]
+    pub on_overflow: KvOverflow,
+}
+
+/// Element type of the KV cache.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheDtype {
+    /// 4 bytes a value.
+    F32,
+    /// 2 bytes a value.
+    #[default]
+    Bf16,
+    /// 1 byte a value.
+    Fp8,
+}
+
+/// When one `maxSeqLen` sequence does not fit the KV cache.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KvOverflow {
+    /// Refuse to start, saying how much memory the length needs.
+    #[default]
+    Refuse,
+    /// Start with the longest length that fits, and warn.
+    Cap,
 }
 
 impl Default for AttentionSpec {
@@ -220,6 +292,8 @@ impl Default for AttentionSpec {
             resources: None,
             max_batch_tokens: default_max_batch_tokens(),
             max_seq_len: default_max_seq_len(),
+            kv_cache: KvCacheSpec::default(),
+            pod_template: PodTemplateOverrides::default(),
         }
     }
 }
@@ -261,6 +335,9 @@ pub struct ExpertsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 10))]
     pub rebalance_interval_seconds: Option<i32>,
+    /// Adjustments merged over the expert-shard pods the operator builds.
+    #[serde(default, skip_serializing_if = "PodTemplateOverrides::is_empty")]
+    pub pod_template: PodTemplateOverrides,
 }
 
 impl Default for ExpertsSpec {
@@ -270,6 +347,7 @@ impl Default for ExpertsSpec {
             redundant_slots: 0,
             resources: None,
             rebalance_interval_seconds: None,
+            pod_template: PodTemplateOverrides::default(),
         }
     }
 }
@@ -288,6 +366,15 @@ pub struct RouterSpec {
     /// The Service in front of the routers.
     #[serde(default)]
     pub service: RouterServiceSpec,
+    /// A Secret key holding the API key clients must send (`Authorization: Bearer KEY`); the
+    /// routers get it in the environment variable `SHARDSEEK_API_KEY`. Unset: no key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_secret: Option<SecretKeySelector>,
+    /// Adjustments merged over the router pods the operator builds. Routers need no
+    /// accelerator: `spec.scheduling` does not apply to them, and by default they prefer nodes
+    /// without the `nvidia.com/gpu.present=true` label; scheduling set here replaces that.
+    #[serde(default, skip_serializing_if = "PodTemplateOverrides::is_empty")]
+    pub pod_template: PodTemplateOverrides,
 }
 
 impl Default for RouterSpec {
@@ -296,6 +383,8 @@ impl Default for RouterSpec {
             replicas: 1,
             resources: None,
             service: RouterServiceSpec::default(),
+            api_key_secret: None,
+            pod_template: PodTemplateOverrides::default(),
         }
     }
 }
@@ -364,7 +453,8 @@ impl ImagePullPolicy {
     }
 }
 
-/// Where pods may be scheduled; applied to every pod of the deployment.
+/// Where the accelerator pods (attention pods and expert shards) may be scheduled. Routers are
+/// scheduled by `router.podTemplate` only; the priority class applies to every pod.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SchedulingSpec {
@@ -380,6 +470,73 @@ pub struct SchedulingSpec {
     /// The PriorityClass of every pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_class_name: Option<String>,
+}
+
+/// Adjustments of one role's pods, merged over what the operator builds (as LeaderWorkerSet's
+/// and KServe's pod templates are): labels and annotations are added (the operator's selector
+/// labels and config hash win); `env` replaces variables of the same name and adds the rest;
+/// `volumes` by name and `volumeMounts` by mount path likewise; `nodeSelector` is merged key by
+/// key and `tolerations` appended to `spec.scheduling`'s; `affinity`,
+/// `topologySpreadConstraints`, `priorityClassName` and `runtimeClassName` replace the
+/// operator's; `securityContext` and `podSecurityContext` are JSON-merged over the restricted
+/// defaults, field by field.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PodTemplateOverrides {
+    /// Labels added to the pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations added to the pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Environment variables of the container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Volumes of the pod.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
+    /// Volume mounts of the container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<VolumeMount>,
+    /// Node labels the pods require (merged over `spec.scheduling.nodeSelector`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the pods tolerate (added to `spec.scheduling.tolerations`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Node and pod (anti-)affinity (replaces `spec.scheduling.affinity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// How the pods spread over zones or nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    /// The PriorityClass (replaces `spec.scheduling.priorityClassName`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// The RuntimeClass (for example `nvidia`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_class_name: Option<String>,
+    /// The container's security context, merged over the restricted default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<SecurityContext>,
+    /// The pod's security context, merged over the default (non-root uid 65532).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_security_context: Option<PodSecurityContext>,
+    /// Size of a memory-backed emptyDir mounted at `/dev/shm` (NCCL and other shared-memory
+    /// transports need more than the runtime's 64 MiB). Unset: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_memory: Option<Quantity>,
+    /// Add the IPC_LOCK capability (NCCL pins host memory). Not allowed by the restricted Pod
+    /// Security Standard: the namespace must admit it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ipc_lock: bool,
+}
+
+impl PodTemplateOverrides {
+    /// Whether nothing is set.
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
 }
 
 /// What the operator observed, written to the status subresource.
@@ -422,9 +579,9 @@ pub struct DeepSeekDeploymentStatus {
     /// Ready router pods.
     #[serde(default)]
     pub router_ready: i32,
-    /// The expert placement version in force. The operator does not compute placements (every
-    /// process derives the initial one itself); a rebalancer writes this with its own field
-    /// manager and the operator leaves it alone.
+    /// The expert placement version in force, owned by the operator: 1 (the initial table,
+    /// which every process derives itself from experts, shards and redundant slots) while
+    /// there are expert shards. Online rebalancing, which would raise it, is not implemented.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement_version: Option<i64>,
     /// The in-cluster URL of the OpenAI-compatible API.

@@ -3,11 +3,12 @@
 //! - [`crd`]: the custom resource types, the source of truth for the CRD YAML;
 //! - [`builders`]: pure functions from a `DeepSeekDeployment` to the objects it owns;
 //! - [`status`]: pure functions from what the owned objects report to status conditions;
-//! - [`controller`]: the kube-runtime reconciler (finalizer, server-side apply, status, Events,
+//! - [`controller`]: the kube-runtime reconciler (server-side apply, status, Events,
 //!   per-object backoff);
 //! - [`leader`]: Lease-based leader election so only one replica writes;
 //! - [`metrics`]: the operator's own metrics and its `/metrics`, `/health`, `/ready` server;
-//! - [`metrics_catalog`]: every metric name shardseek exports, which the dashboard test checks.
+//! - [`metrics_catalog`]: every metric name shardseek exports, which the dashboard test checks;
+//! - [`render`]: `shardseek render`, the objects the operator would apply, without a cluster.
 //!
 //! See `operator/README.md` for installation and what the tests cover.
 
@@ -17,6 +18,7 @@ pub mod crd;
 pub mod leader;
 pub mod metrics;
 pub mod metrics_catalog;
+pub mod render;
 pub mod status;
 
 use std::time::Duration;
@@ -36,9 +38,6 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
-    /// Adding or removing the finalizer failed, or the reconcile inside it did.
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     /// The object's spec cannot be turned into a cluster (a rule the schema could not enforce).
     #[error("invalid spec: {0}")]
     InvalidSpec(String),
@@ -79,11 +78,6 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Self::Kube { .. } => "kube",
-            Self::Finalizer(inner) => match inner.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(e)
-                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
-                _ => "finalizer",
-            },
             Self::InvalidSpec(_) => "invalid_spec",
             Self::MissingField(_) => "missing_field",
             Self::Yaml(_) | Self::Json(_) => "serialize",

@@ -295,11 +295,18 @@ pub fn compute(
         experts_summary: observed.experts.summary(),
         router_desired: observed.router.desired,
         router_ready: observed.router.ready,
-        // Owned by a rebalancer's field manager, not by the operator (see the field's doc).
-        placement_version: None,
+        placement_version: placement_version(dsd),
         endpoint: builders::endpoint(dsd),
         config_hash: observed.config_hash.clone(),
     }
+}
+
+/// The expert placement version in force: 1, the initial table every process derives from
+/// (experts, shards, redundant slots), while there are expert shards; none without shards.
+/// Online rebalancing, which would publish higher versions, is not implemented: a cluster
+/// config with `experts.rebalanceIntervalSeconds` is refused by the workers.
+pub fn placement_version(dsd: &DeepSeekDeployment) -> Option<i64> {
+    (dsd.spec.experts.shards > 0).then_some(1)
 }
 
 /// The conditions whose status changed from `previous` to `next`, as `(type, status, reason,
@@ -364,6 +371,17 @@ mod tests {
         assert_eq!(s.observed_generation, Some(3));
         assert_eq!(find(&s, AVAILABLE).observed_generation, Some(3));
         assert_eq!(s.experts_summary, "4/4");
+    }
+
+    #[test]
+    fn placement_version_is_the_initial_one_with_shards_and_none_without() {
+        let mut d = dsd();
+        d.spec.experts.shards = 4;
+        let s = compute(&d, &Observed::default(), None, Timestamp::UNIX_EPOCH);
+        assert_eq!(s.placement_version, Some(1));
+        d.spec.experts.shards = 0;
+        let s = compute(&d, &Observed::default(), None, Timestamp::UNIX_EPOCH);
+        assert_eq!(s.placement_version, None);
     }
 
     #[test]

@@ -27,6 +27,9 @@ pub const MOUNT_DIR: &str = "/etc/shardseek";
 pub const ENV_SHARD_ID: &str = "SHARDSEEK_SHARD_ID";
 /// Environment variable carrying the pod's name (downward API), used in logs and metrics labels.
 pub const ENV_POD_NAME: &str = "SHARDSEEK_POD_NAME";
+/// Environment variable carrying the pod's IP (downward API `status.podIP`): the process
+/// listens on it (every port of the pod) instead of on every interface.
+pub const ENV_POD_IP: &str = "SHARDSEEK_POD_IP";
 /// Environment variable naming the cluster config file, so local runs can point elsewhere.
 pub const ENV_CLUSTER_CONFIG: &str = "SHARDSEEK_CLUSTER_CONFIG";
 
@@ -135,6 +138,70 @@ pub struct AttentionConfig {
     pub max_batch_tokens: u32,
     /// The longest sequence (prompt plus generated tokens) a request may reach.
     pub max_seq_len: u32,
+    /// The latent KV cache of each pod.
+    #[serde(default)]
+    pub kv_cache: KvCacheConfig,
+}
+
+/// Element type of the latent KV cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheDtype {
+    /// 4 bytes a value: exact, for tests.
+    F32,
+    /// 2 bytes a value: the default.
+    #[default]
+    Bf16,
+    /// 1 byte a value.
+    Fp8,
+}
+
+impl KvCacheDtype {
+    /// The spelling of the worker's `--kv-cache-dtype` flag.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::Fp8 => "fp8",
+        }
+    }
+}
+
+/// What an attention pod does when one `maxSeqLen` sequence does not fit its KV cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvOverflow {
+    /// Refuse to start, with the numbers (written to the termination message).
+    #[default]
+    Refuse,
+    /// Start with the longest length that fits, and warn.
+    Cap,
+}
+
+impl KvOverflow {
+    /// The spelling of the worker's `--kv-cache-on-overflow` flag.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Refuse => "refuse",
+            Self::Cap => "cap",
+        }
+    }
+}
+
+/// The latent KV cache of an attention pod.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KvCacheConfig {
+    /// Element type.
+    #[serde(default)]
+    pub dtype: KvCacheDtype,
+    /// Bytes for the cache; `None` sizes it automatically (room for one `maxSeqLen` sequence,
+    /// bounded by the pod's memory limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// When one `maxSeqLen` sequence does not fit.
+    #[serde(default)]
+    pub on_overflow: KvOverflow,
 }
 
 /// The expert shards.
@@ -264,6 +331,110 @@ impl ClusterConfig {
     }
 }
 
+/// The kinds of process that read the cluster config.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reader {
+    /// `shardseek worker --role attention`.
+    Attention,
+    /// `shardseek worker --role expert`.
+    Expert,
+    /// `shardseek router`.
+    Router,
+}
+
+impl ClusterConfig {
+    /// This config with every field that `reader` does not read set to a neutral value: what
+    /// the operator hashes into that role's pod template, so a change rolls exactly the pods
+    /// that would behave differently. Scaling attention (`attention.replicas`) changes no view:
+    /// routers follow the attention Service's DNS, and no process reads the count.
+    ///
+    /// Keep in step with the readers (src/main.rs `run_worker`, `run_router`); the tests below
+    /// pin which fields each view keeps.
+    pub fn view_of(&self, reader: Reader) -> ClusterConfig {
+        let mut v = self.clone();
+        // Nobody reads the replica count of attention pods.
+        v.attention.replicas = 1;
+        match reader {
+            Reader::Attention => {
+                v.model.served_name = String::new();
+                v.attention.service = String::new();
+                v.attention.addresses = Vec::new();
+                v.router = RouterConfig {
+                    http_port: 0,
+                    grpc_port: 0,
+                };
+            }
+            Reader::Expert => {
+                v.model.served_name = String::new();
+                v.attention = AttentionConfig {
+                    replicas: 1,
+                    service: String::new(),
+                    addresses: Vec::new(),
+                    grpc_port: 0,
+                    max_batch_tokens: 1,
+                    max_seq_len: 1,
+                    kv_cache: KvCacheConfig::default(),
+                };
+                // A shard learns its own id from its ordinal and listens on its port; the other
+                // shards' addresses are for attention pods.
+                v.experts.addresses = Vec::new();
+                v.dispatch_dtype = DispatchDtype::default();
+                v.router = RouterConfig {
+                    http_port: 0,
+                    grpc_port: 0,
+                };
+            }
+            Reader::Router => {
+                v.attention.max_batch_tokens = 1;
+                v.attention.kv_cache = KvCacheConfig::default();
+                v.experts = ExpertsConfig {
+                    shards: 0,
+                    redundant_slots: 0,
+                    addresses: Vec::new(),
+                    grpc_port: 0,
+                    rebalance_interval_seconds: None,
+                };
+                v.dispatch_dtype = DispatchDtype::default();
+                v.transport = Transport::default();
+            }
+        }
+        v
+    }
+}
+
+/// Parses a memory size: plain bytes or a Kubernetes quantity (`8Gi`, `512Mi`, `1G`, `1.5Gi`).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}`: not a number of bytes"))?;
+    let factor: f64 = match unit {
+        "" => 1.0,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024f64.powi(2),
+        "Gi" => 1024f64.powi(3),
+        "Ti" => 1024f64.powi(4),
+        other => {
+            return Err(format!(
+                "`{text}`: unknown unit `{other}` (use k, M, G, T, Ki, Mi, Gi or Ti)"
+            ));
+        }
+    };
+    let bytes = value * factor;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("`{text}`: out of range"));
+    }
+    Ok(bytes as u64)
+}
+
 /// Recovers a StatefulSet pod's ordinal from its host name `NAME-experts-I`.
 pub fn shard_id_from_hostname(hostname: &str) -> Option<u32> {
     let (_, ordinal) = hostname.rsplit_once('-')?;
@@ -289,6 +460,7 @@ mod tests {
                 grpc_port: DEFAULT_ATTENTION_GRPC_PORT,
                 max_batch_tokens: 8192,
                 max_seq_len: 16384,
+                kv_cache: KvCacheConfig::default(),
             },
             experts: ExpertsConfig {
                 shards: 4,
@@ -359,6 +531,67 @@ mod tests {
         config.transport = Transport::Nccl;
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("transport") && err.contains("nccl"), "{err}");
+    }
+
+    #[test]
+    fn scaling_attention_changes_no_view() {
+        let config = sample();
+        let mut scaled = sample();
+        scaled.attention.replicas = 7;
+        for reader in [Reader::Attention, Reader::Expert, Reader::Router] {
+            assert_eq!(config.view_of(reader), scaled.view_of(reader), "{reader:?}");
+        }
+    }
+
+    #[test]
+    fn each_view_keeps_what_its_reader_reads() {
+        let config = sample();
+        let changed = |f: &dyn Fn(&mut ClusterConfig)| {
+            let mut c = sample();
+            f(&mut c);
+            [Reader::Attention, Reader::Expert, Reader::Router]
+                .map(|r| c.view_of(r) != config.view_of(r))
+        };
+        // [attention, expert, router]
+        assert_eq!(
+            changed(&|c| c.attention.max_batch_tokens = 1),
+            [true, false, false]
+        );
+        assert_eq!(
+            changed(&|c| c.attention.max_seq_len = 1),
+            [true, false, true]
+        );
+        assert_eq!(
+            changed(&|c| c.attention.kv_cache.on_overflow = KvOverflow::Cap),
+            [true, false, false]
+        );
+        assert_eq!(
+            changed(&|c| c.model.served_name = "x".into()),
+            [false, false, true]
+        );
+        assert_eq!(changed(&|c| c.model.path = "/x".into()), [true, true, true]);
+        assert_eq!(
+            changed(&|c| c.dispatch_dtype = DispatchDtype::Bf16),
+            [true, false, false]
+        );
+        assert_eq!(
+            changed(&|c| c.experts.redundant_slots = 4),
+            [true, true, false]
+        );
+        assert_eq!(changed(&|c| c.router.http_port = 1), [false, false, true]);
+        assert_eq!(changed(&|c| c.metrics_port = 1), [true, true, true]);
+    }
+
+    #[test]
+    fn kv_cache_defaults_when_absent() {
+        let mut value = serde_json::to_value(sample()).unwrap();
+        value["attention"]
+            .as_object_mut()
+            .unwrap()
+            .remove("kvCache");
+        let config = ClusterConfig::from_json(&value.to_string()).unwrap();
+        assert_eq!(config.attention.kv_cache, KvCacheConfig::default());
+        assert_eq!(config.attention.kv_cache.dtype, KvCacheDtype::Bf16);
     }
 
     #[test]

@@ -15,10 +15,10 @@
 //! already travels to (no extra row on the wire), then to the primary. A masked (dead) shard is
 //! never chosen while a replica lives.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::codec::{EncodedRows, WireDtype};
 use crate::placement::Placement;
@@ -29,6 +29,49 @@ use crate::{Error, Result};
 /// large prefill chunk on CPU, short enough that a request on a hung shard fails while its
 /// client is still waiting.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The window of [`Dispatcher::load_imbalance`]: long enough to smooth a few requests' bursts,
+/// short enough that a placement change (or a shard's death) shows within a minute.
+pub const LOAD_WINDOW: Duration = Duration::from_secs(60);
+
+/// (token, expert) pairs sent per shard, in one-second buckets over [`LOAD_WINDOW`].
+struct LoadWindow {
+    start: Instant,
+    /// (second since `start`, pairs per shard), oldest first.
+    buckets: VecDeque<(u64, Vec<u64>)>,
+}
+
+impl LoadWindow {
+    fn add(&mut self, shard: usize, shards: usize, pairs: u64) {
+        let now = self.start.elapsed().as_secs();
+        if self.buckets.back().is_none_or(|(t, _)| *t != now) {
+            self.buckets.push_back((now, vec![0; shards]));
+        }
+        while self
+            .buckets
+            .front()
+            .is_some_and(|(t, _)| t + LOAD_WINDOW.as_secs() <= now)
+        {
+            self.buckets.pop_front();
+        }
+        if let Some(slot) = self.buckets.back_mut().and_then(|(_, v)| v.get_mut(shard)) {
+            *slot += pairs;
+        }
+    }
+
+    fn totals(&self, shards: usize) -> Vec<u64> {
+        let now = self.start.elapsed().as_secs();
+        let mut out = vec![0u64; shards];
+        for (t, v) in &self.buckets {
+            if t + LOAD_WINDOW.as_secs() > now {
+                for (o, x) in out.iter_mut().zip(v) {
+                    *o += x;
+                }
+            }
+        }
+        out
+    }
+}
 
 /// Settings of the dispatch client.
 #[derive(Clone, Debug)]
@@ -71,6 +114,8 @@ pub struct Dispatcher<T: Transport> {
     config: DispatchConfig,
     /// Per shard: (token, expert) pairs sent and not yet answered (the replica-choice load).
     in_flight: Vec<AtomicUsize>,
+    /// Per shard: pairs sent over the last [`LOAD_WINDOW`] (the imbalance figure).
+    window: Mutex<LoadWindow>,
 }
 
 /// Holds a chunk's pairs in [`Dispatcher::in_flight`] until its reply (or failure) is in.
@@ -108,6 +153,10 @@ impl<T: Transport> Dispatcher<T> {
             hidden,
             config,
             in_flight,
+            window: Mutex::new(LoadWindow {
+                start: Instant::now(),
+                buckets: VecDeque::new(),
+            }),
         })
     }
 
@@ -125,6 +174,28 @@ impl<T: Transport> Dispatcher<T> {
             Ok(p) => Arc::clone(&p),
             Err(poisoned) => Arc::clone(&poisoned.into_inner()),
         }
+    }
+
+    /// (token, expert) pairs this pod sent to each shard over the last [`LOAD_WINDOW`].
+    pub fn shard_load(&self) -> Vec<u64> {
+        let shards = self.transport.shards();
+        match self.window.lock() {
+            Ok(w) => w.totals(shards),
+            Err(poisoned) => poisoned.into_inner().totals(shards),
+        }
+    }
+
+    /// `shardseek_expert_load_imbalance_ratio`: the busiest shard's load ÷ the mean shard load
+    /// over the last [`LOAD_WINDOW`] of this pod's dispatches (load = (token, expert) pairs,
+    /// what a shard computes). `None` before any dispatch.
+    pub fn load_imbalance(&self) -> Option<f64> {
+        let load = self.shard_load();
+        let total: u64 = load.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let max = load.iter().copied().max().unwrap_or(0) as f64;
+        Some(max / (total as f64 / load.len() as f64))
     }
 
     /// Switches to a newer placement table (EPLB); its version travels with later dispatches.
@@ -352,6 +423,9 @@ impl<T: Transport> Dispatcher<T> {
                 let pairs = assignments.experts().len();
                 let counter = &self.in_flight[g.shard];
                 counter.fetch_add(pairs, Ordering::Relaxed);
+                if let Ok(mut w) = self.window.lock() {
+                    w.add(g.shard, self.in_flight.len(), pairs as u64);
+                }
                 let _held = InFlight { counter, pairs };
                 let reply = match EncodedRows::encode_rows(token_rows, h, dtype) {
                     Ok(encoded) => {

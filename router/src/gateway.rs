@@ -34,6 +34,12 @@ use tonic::{Request, Response, Status};
 /// How often pods are health-checked, and how long a check may take.
 const HEALTH_INTERVAL: Duration = Duration::from_millis(500);
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the attention service's DNS name is resolved again (a headless Service answers
+/// with one address per ready pod): a new pod gets traffic within this time, a removed one
+/// stops getting new requests (health checks take a dead pod out sooner, within
+/// `HEALTH_INTERVAL`). Kubernetes' DNS caches answers for 5 s (CoreDNS default TTL for
+/// headless services is 5 s too), so resolving faster would see nothing newer.
+pub const DISCOVERY_INTERVAL: Duration = Duration::from_secs(5);
 /// Largest message between router and pods (prompts of 100k tokens fit easily).
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
@@ -43,6 +49,10 @@ pub struct RouterConfig {
     pub listen: SocketAddr,
     /// Attention pod addresses (`host:port`).
     pub attention: Vec<String>,
+    /// A `host:port` whose DNS answer lists the attention pods (the headless Service): resolved
+    /// every [`DISCOVERY_INTERVAL`], pods are added and dropped as the answer changes. Its
+    /// addresses join [`RouterConfig::attention`].
+    pub attention_service: Option<String>,
     /// Model directory, for tokenizer.json / tokenizer_config.json (optional files).
     pub model_dir: Option<PathBuf>,
     pub served_model_name: String,
@@ -67,57 +77,126 @@ struct Pod {
     healthy: AtomicBool,
 }
 
-/// The attention pods and their load.
+/// The attention pods and their load. The set of pods can change while the router runs
+/// ([`AttentionPool::set_members`], driven by [`AttentionPool::discovery_loop`]); a request in
+/// flight keeps its pod's client until it ends.
 pub struct AttentionPool {
-    pods: Vec<Arc<Pod>>,
+    pods: std::sync::RwLock<Vec<Arc<Pod>>>,
+    /// Addresses that are always members (`--attention`); discovery adds to them.
+    fixed: Vec<String>,
     next_id: AtomicU64,
+}
+
+fn connect_pod(a: &str) -> Result<Arc<Pod>, BackendError> {
+    let uri = if a.contains("://") {
+        a.to_string()
+    } else {
+        format!("http://{a}")
+    };
+    let ep = Endpoint::from_shared(uri)
+        .map_err(|e| BackendError::Invalid(format!("attention pod address {a}: {e}")))?
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(2));
+    let client = AttentionClient::new(ep.connect_lazy())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    Ok(Arc::new(Pod {
+        addr: a.to_string(),
+        client,
+        outstanding: AtomicUsize::new(0),
+        healthy: AtomicBool::new(true),
+    }))
 }
 
 impl AttentionPool {
     /// Lazily connected clients to `addrs`; all start healthy until a check says otherwise.
     pub fn new(addrs: &[String]) -> Result<Arc<Self>, BackendError> {
-        let mut pods = Vec::new();
-        for a in addrs {
-            let uri = if a.contains("://") {
-                a.clone()
-            } else {
-                format!("http://{a}")
-            };
-            let ep = Endpoint::from_shared(uri)
-                .map_err(|e| BackendError::Invalid(format!("attention pod address {a}: {e}")))?
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(5))
-                .keep_alive_timeout(Duration::from_secs(5))
-                .connect_timeout(Duration::from_secs(2));
-            let client = AttentionClient::new(ep.connect_lazy())
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES);
-            pods.push(Arc::new(Pod {
-                addr: a.clone(),
-                client,
-                outstanding: AtomicUsize::new(0),
-                healthy: AtomicBool::new(true),
-            }));
-        }
+        let pods = addrs
+            .iter()
+            .map(|a| connect_pod(a))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Arc::new(Self {
-            pods,
+            pods: std::sync::RwLock::new(pods),
+            fixed: addrs.to_vec(),
             next_id: AtomicU64::new(1),
         }))
     }
 
-    fn pick(&self, exclude: &[usize]) -> Option<usize> {
-        self.pods
-            .iter()
-            .enumerate()
-            .filter(|(i, p)| !exclude.contains(i) && p.healthy.load(Ordering::Relaxed))
-            .min_by_key(|(_, p)| p.outstanding.load(Ordering::Relaxed))
-            .map(|(i, _)| i)
+    fn snapshot(&self) -> Vec<Arc<Pod>> {
+        self.pods.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The addresses of the current members, in order.
+    pub fn members(&self) -> Vec<String> {
+        self.snapshot().iter().map(|p| p.addr.clone()).collect()
+    }
+
+    /// Makes the members exactly the fixed addresses plus `discovered`: pods not listed any more
+    /// get no new requests (their requests in flight go on), new ones join as healthy, and the
+    /// pods that stay keep their connection and load count. Returns (added, removed).
+    pub fn set_members(&self, discovered: &[String]) -> Result<(usize, usize), BackendError> {
+        let mut want: Vec<String> = self.fixed.clone();
+        for a in discovered {
+            if !want.contains(a) {
+                want.push(a.clone());
+            }
+        }
+        let mut pods = self.pods.write().unwrap_or_else(|p| p.into_inner());
+        let before = pods.len();
+        pods.retain(|p| want.contains(&p.addr));
+        let removed = before - pods.len();
+        let mut added = 0;
+        for a in &want {
+            if !pods.iter().any(|p| &p.addr == a) {
+                pods.push(connect_pod(a)?);
+                added += 1;
+            }
+        }
+        Ok((added, removed))
+    }
+
+    /// Resolves `host_port` every `interval` forever (spawn it) and makes the addresses of each
+    /// answer the members. A failed lookup keeps the members as they are: the health checks
+    /// already take dead pods out, and a resolver hiccup must not empty the pool.
+    pub async fn discovery_loop(self: Arc<Self>, host_port: String, interval: Duration) {
+        loop {
+            match tokio::net::lookup_host(host_port.as_str()).await {
+                Ok(found) => {
+                    let mut addrs: Vec<String> = found.map(|a| a.to_string()).collect();
+                    addrs.sort();
+                    addrs.dedup();
+                    match self.set_members(&addrs) {
+                        Ok((0, 0)) => {}
+                        Ok((added, removed)) => tracing::info!(
+                            service = %host_port, added, removed, members = ?self.members(),
+                            "attention pods changed"
+                        ),
+                        Err(e) => {
+                            tracing::warn!(service = %host_port, error = %e, "attention discovery")
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(service = %host_port, error = %e, "attention service did not resolve")
+                }
+            }
+            tokio::time::sleep(interval).await;
+        }
+    }
+
+    fn pick(&self, exclude: &[String]) -> Option<Arc<Pod>> {
+        self.snapshot()
+            .into_iter()
+            .filter(|p| !exclude.contains(&p.addr) && p.healthy.load(Ordering::Relaxed))
+            .min_by_key(|p| p.outstanding.load(Ordering::Relaxed))
     }
 
     /// Checks every pod's health forever (spawn it).
     pub async fn health_loop(self: Arc<Self>) {
         loop {
-            for p in &self.pods {
+            for p in &self.snapshot() {
                 let mut c = p.client.clone();
                 let ok = tokio::time::timeout(HEALTH_TIMEOUT, c.health(HealthRequest {}))
                     .await
@@ -136,7 +215,9 @@ fn map_status(s: &Status) -> BackendError {
     match s.code() {
         tonic::Code::InvalidArgument => BackendError::Invalid(s.message().to_string()),
         tonic::Code::ResourceExhausted => BackendError::QueueFull(s.message().to_string()),
-        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+        // Cancelled: the pod's connection went away under the call (a pod shutting down
+        // refuses new streams with GOAWAY); before the first event that is retried elsewhere.
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
             BackendError::Unavailable(s.message().to_string())
         }
         _ => BackendError::Internal(s.message().to_string()),
@@ -249,9 +330,8 @@ impl Backend for GrpcBackend {
             };
             let mut tried = Vec::new();
             let mut last_err = BackendError::Unavailable("no healthy attention pod".into());
-            while let Some(i) = pool.pick(&tried) {
-                tried.push(i);
-                let pod = pool.pods[i].clone();
+            while let Some(pod) = pool.pick(&tried) {
+                tried.push(pod.addr.clone());
                 let n = req.prompt.len() + req.max_tokens;
                 pod.outstanding.fetch_add(n, Ordering::Relaxed);
                 let guard = Outstanding {
@@ -311,7 +391,7 @@ impl Backend for GrpcBackend {
 
     fn ready(&self) -> bool {
         self.pool
-            .pods
+            .snapshot()
             .iter()
             .any(|p| p.healthy.load(Ordering::Relaxed))
     }
@@ -590,6 +670,9 @@ pub async fn run(
     let pool =
         AttentionPool::new(&cfg.attention).map_err(|e| crate::Error::Input(e.to_string()))?;
     tokio::spawn(pool.clone().health_loop());
+    if let Some(service) = cfg.attention_service.clone() {
+        tokio::spawn(pool.clone().discovery_loop(service, DISCOVERY_INTERVAL));
+    }
     let backend = Arc::new(GrpcBackend::new(pool));
     let mut tokenizer = match &cfg.model_dir {
         Some(d) if d.join("tokenizer.json").exists() => Some(

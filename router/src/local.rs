@@ -29,6 +29,8 @@ pub struct UpConfig {
     /// Extra arguments for the router (API options).
     pub router_args: Vec<String>,
     pub served_model_name: String,
+    /// Environment variables of every child (for example the log format).
+    pub env: Vec<(String, String)>,
 }
 
 /// A port that was free a moment ago: children are given explicit ports so the attention pods
@@ -101,7 +103,7 @@ impl LocalCluster {
                 name: format!("expert-{i}"),
                 program: prog.clone(),
                 args,
-                env: vec![],
+                env: cfg.env.clone(),
                 wait_ready: true,
                 restart: Restart::Always,
             });
@@ -133,7 +135,7 @@ impl LocalCluster {
                 name: format!("attention-{i}"),
                 program: prog.clone(),
                 args,
-                env: vec![],
+                env: cfg.env.clone(),
                 wait_ready: true,
                 restart: Restart::Always,
             });
@@ -164,7 +166,7 @@ impl LocalCluster {
             name: "router".into(),
             program: prog.clone(),
             args,
-            env: vec![],
+            env: cfg.env.clone(),
             wait_ready: true,
             restart: Restart::Always,
         });

@@ -258,9 +258,80 @@ async fn children_die_with_their_parent() {
 }
 
 #[tokio::test]
+async fn a_restarted_child_dies_with_its_parent_too() {
+    use tokio::io::AsyncBufReadExt;
+    // The helper supervises a child that crashes once and then stays up; the restarted
+    // incarnation is started by the run loop, not by `start`, and must not outlive a SIGKILLed
+    // supervisor either.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let exe = std::env::current_exe().expect("test binary path");
+    let mut helper = tokio::process::Command::new(exe)
+        .args([
+            "--exact",
+            "supervisor_helper",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HELPER_ENV, "restart")
+        .env(HELPER_DIR_ENV, dir.path())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("helper starts");
+    let stdout = helper.stdout.take().expect("pipe");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let prefix = "[supervisor] started flaky pid ";
+    let reborn = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut starts = 0;
+        while let Ok(Some(line)) = lines.next_line().await {
+            // The first event shares its line with libtest's `test supervisor_helper ... `.
+            if let Some(pid) = line.split(prefix).nth(1) {
+                starts += 1;
+                if starts == 2 {
+                    return pid.trim().parse::<i32>().ok();
+                }
+            }
+        }
+        None
+    })
+    .await
+    .expect("helper restarts its child in time")
+    .expect("the restart's pid");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(alive(reborn), "the restarted child runs");
+    helper.start_kill().expect("SIGKILL the supervisor");
+    let _ = helper.wait().await;
+    assert!(
+        gone(reborn).await,
+        "restarted child {reborn} outlived its supervisor"
+    );
+}
+
+/// Where the `restart` helper keeps the flag file of its flaky child.
+const HELPER_DIR_ENV: &str = "SHARDSEEK_SUPERVISOR_HELPER_DIR";
+
+#[tokio::test]
 #[ignore = "helper process of children_die_with_their_parent"]
 async fn supervisor_helper() {
-    if std::env::var_os(HELPER_ENV).is_none() {
+    let Some(mode) = std::env::var_os(HELPER_ENV) else {
+        return;
+    };
+    if mode == "restart" {
+        let dir = std::env::var(HELPER_DIR_ENV).expect("helper dir");
+        let flag = format!("{dir}/crashed");
+        // First run: crash after READY; later runs: stay up.
+        let script = format!(
+            "if [ -e {flag} ]; then echo READY f; exec sleep 60; else touch {flag}; echo READY f; sleep 0.3; exit 1; fi"
+        );
+        let config = SupervisorConfig {
+            restart_backoff: Duration::from_millis(50),
+            ..quick()
+        };
+        let sup = Supervisor::start(vec![sh("flaky", &script).restart(Restart::Always)], config)
+            .await
+            .expect("ready");
+        let _ = tokio::time::timeout(Duration::from_secs(60), sup.run()).await;
         return;
     }
     let sup = Supervisor::start(

@@ -253,3 +253,104 @@ fn pods_started_from_the_operators_cluster_config() {
     }
     drop((router, pod, shard));
 }
+
+/// Per-expert load summed over the shards' `shardseek_expert_tokens_total{expert="e"}`.
+fn expert_load(metrics_addrs: &[String], experts: usize) -> Vec<f64> {
+    let mut load = vec![0.0; experts];
+    for addr in metrics_addrs {
+        let text = http_get(addr, "/metrics").expect("shard metrics");
+        for (e, l) in load.iter_mut().enumerate() {
+            *l += sample(
+                &text,
+                "shardseek_expert_tokens_total",
+                &format!("expert=\"{e}\""),
+            )
+            .unwrap_or(0.0);
+        }
+    }
+    load
+}
+
+/// A skewed workload (one prompt, repeated) on 4 shards: the attention pod's exported
+/// imbalance ratio is the busiest shard's share over the mean, as computed from the shards' own
+/// per-expert counts, and the EPLB algorithm's placement for that load balances it. The
+/// placement is applied offline here (the figure it would give), not switched online.
+#[test]
+fn skewed_load_imbalance_ratio_and_the_eplb_placement_for_it() {
+    use shardseek_router::eplb::{EplbShape, imbalance, rebalance};
+    use shardseek_router::placement::Placement;
+    let m = tiny("fp8");
+    let (_up, addr, _sup, lines) = up_supervised(m.path(), 4, &["--dispatch-dtype", "f32"]);
+    let shard_metrics: Vec<String> = lines
+        .iter()
+        .filter(|l| l.starts_with("[expert-"))
+        .filter_map(|l| {
+            l.split_once("] METRICS ")
+                .map(|(_, a)| a.trim().to_string())
+        })
+        .collect();
+    assert_eq!(shard_metrics.len(), 4, "{lines:?}");
+    let attention = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("[attention-0] READY "))
+        .expect("attention pod address")
+        .trim()
+        .to_string();
+    let prompt: Vec<u32> = PROMPT.split(',').map(|t| t.parse().unwrap()).collect();
+    for _ in 0..6 {
+        stream_completion(&addr, &prompt, 16).expect("generation");
+    }
+    let load = expert_load(&shard_metrics, 16);
+    let initial = Placement::initial(16, 4, 0).expect("initial placement");
+    let before = imbalance(&initial, &load);
+    let text = http_get(&attention, "/metrics").expect("attention metrics");
+    let exported = sample(&text, "shardseek_expert_load_imbalance_ratio", "").expect("ratio");
+    assert!(
+        (exported - before).abs() <= 1e-9 * before,
+        "exported {exported} vs {before} from the shards' counts {load:?}"
+    );
+    // tiny: 4 expert groups (n_group), one node.
+    let shape = |redundant| EplbShape {
+        shards: 4,
+        redundant,
+        groups: 4,
+        nodes: 1,
+    };
+    let moved = rebalance(&load, shape(0), 2).expect("rebalance");
+    let replicated = rebalance(&load, shape(4), 2).expect("rebalance");
+    let (after, after_r) = (imbalance(&moved, &load), imbalance(&replicated, &load));
+    eprintln!(
+        "skewed load {load:?}: imbalance {before:.3} initial, {after:.3} rebalanced, {after_r:.3} rebalanced with 4 redundant slots"
+    );
+    assert!(before > 1.0, "one repeated prompt skews the load");
+    // The goal for a rebalanced placement. (With replicas the greedy packing is not
+    // always better than without: 5 slots per shard pack differently from 4.)
+    for (what, x) in [("rebalanced", after), ("with replicas", after_r)] {
+        assert!(x < before && x <= 1.15, "{what}: {x} (initial {before})");
+    }
+}
+
+/// Redundant slots that cannot be spread evenly (or with one shard) are refused before any
+/// process starts, with the flag named.
+#[test]
+fn uneven_redundant_experts_are_refused() {
+    let m = tiny("fp8");
+    for (shards, redundant) in [("4", "3"), ("1", "2")] {
+        let out = std::process::Command::new(bin())
+            .args(["up", "--model"])
+            .arg(m.path())
+            .args([
+                "--port",
+                "0",
+                "--expert-shards",
+                shards,
+                "--redundant-experts",
+                redundant,
+            ])
+            .output()
+            .expect("run up");
+        assert!(!out.status.success(), "{shards} shards, {redundant} slots");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--redundant-experts"), "{err}");
+    }
+}

@@ -1,12 +1,12 @@
 //! Routed experts behind one trait, so the model does not care where they run: in process
 //! ([`LocalExperts`]), or on expert shards through the dispatch client (DESIGN.md §2).
 
+use crate::backend::{Backend, CpuBackend, MoeGroup};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::model::Mlp;
+use crate::model::{Mlp, load_mlp};
 use crate::weights::Store;
 use shardseek_kernels::gate::Routing;
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Computes, for each row, Σ weight · expert(row) over the row's routed experts.
@@ -21,6 +21,20 @@ pub trait RoutedExperts: Send + Sync {
     /// model only splits batches into micro-batches when that buys overlap.
     fn is_remote(&self) -> bool {
         false
+    }
+
+    /// Starts the routed experts and, where this backend can, the shared expert `shared` over
+    /// every row in the same grouped pass (weight 1). The flag says whether the shared expert's
+    /// output is included; when it is not, the caller computes it.
+    fn start_with_shared(
+        &self,
+        layer: usize,
+        rows: &[f32],
+        routing: &[Routing],
+        shared: Option<&Mlp>,
+    ) -> Result<(PendingExperts, bool)> {
+        let _ = shared;
+        Ok((self.start(layer, rows, routing)?, false))
     }
 
     /// Convenience: start and wait.
@@ -62,7 +76,7 @@ impl RoutedExperts for NoExperts {
 
 /// Routed experts held by this process: every expert (single process) or a shard's subset.
 pub struct LocalExperts {
-    store: Arc<Store>,
+    backend: Arc<dyn Backend>,
     hidden: usize,
     first_moe: usize,
     /// `layers[l - first_moe][expert]`; `None` for experts this process does not hold.
@@ -71,8 +85,19 @@ pub struct LocalExperts {
 }
 
 impl LocalExperts {
-    /// Locates the tensors of `experts` in every MoE layer (nothing is read until used).
+    /// Locates the tensors of `experts` in every MoE layer (nothing is read until used), on
+    /// the CPU backend.
     pub fn load(cfg: &ModelConfig, store: Arc<Store>, experts: &[usize]) -> Result<Self> {
+        Self::load_on(cfg, store, experts, CpuBackend::shared())
+    }
+
+    /// [`LocalExperts::load`] with the weights prepared for, and run on, `backend`.
+    pub fn load_on(
+        cfg: &ModelConfig,
+        store: Arc<Store>,
+        experts: &[usize],
+        backend: Arc<dyn Backend>,
+    ) -> Result<Self> {
         let mut layers = Vec::new();
         for l in cfg.first_k_dense_replace..cfg.num_hidden_layers {
             let mut row: Vec<Option<Mlp>> = vec![None; cfg.n_routed_experts];
@@ -83,7 +108,8 @@ impl LocalExperts {
                         cfg.n_routed_experts
                     )));
                 }
-                row[e] = Some(Mlp::load(
+                row[e] = Some(load_mlp(
+                    &*backend,
                     &store,
                     &format!("model.layers.{l}.mlp.experts.{e}"),
                     cfg.hidden_size,
@@ -96,7 +122,7 @@ impl LocalExperts {
         held.sort_unstable();
         held.dedup();
         Ok(Self {
-            store,
+            backend,
             hidden: cfg.hidden_size,
             first_moe: cfg.first_k_dense_replace,
             layers,
@@ -119,7 +145,7 @@ impl LocalExperts {
             .iter()
             .flatten()
             .flatten()
-            .map(|m| m.gate.stored_bytes() + m.up.stored_bytes() + m.down.stored_bytes())
+            .map(Mlp::stored_bytes)
             .sum()
     }
 
@@ -129,6 +155,18 @@ impl LocalExperts {
         layer: usize,
         rows: &[f32],
         assign: &[Vec<(usize, f32)>],
+    ) -> Result<Vec<f32>> {
+        self.combine_with_shared(layer, rows, assign, None)
+    }
+
+    /// [`LocalExperts::combine`], plus `shared` over every row with weight 1 in the same
+    /// grouped pass (the single-process MoE layer).
+    pub fn combine_with_shared(
+        &self,
+        layer: usize,
+        rows: &[f32],
+        assign: &[Vec<(usize, f32)>],
+        shared: Option<&Mlp>,
     ) -> Result<Vec<f32>> {
         let h = self.hidden;
         if rows.len() != assign.len() * h {
@@ -145,53 +183,89 @@ impl LocalExperts {
                 layer,
                 detail: "not a MoE layer".into(),
             })?;
-        // Rows grouped by expert: each expert runs once over all of its rows (a small GEMM).
-        let mut by_expert: BTreeMap<usize, Vec<(usize, f32)>> = BTreeMap::new();
-        for (r, list) in assign.iter().enumerate() {
-            for &(e, w) in list {
-                by_expert.entry(e).or_default().push((r, w));
-            }
-        }
-        let mut out = vec![0f32; rows.len()];
-        for (e, members) in by_expert {
-            let mlp = self.layers[li]
-                .get(e)
-                .and_then(Option::as_ref)
-                .ok_or_else(|| Error::Dispatch {
-                    layer,
-                    detail: format!("expert {e} is not held by this process"),
-                })?;
-            let mut xs = Vec::with_capacity(members.len() * h);
-            for &(r, _) in &members {
-                xs.extend_from_slice(&rows[r * h..(r + 1) * h]);
-            }
-            let y = mlp.forward(&self.store, &xs, members.len())?;
-            for (k, &(r, w)) in members.iter().enumerate() {
-                for (o, v) in out[r * h..(r + 1) * h]
-                    .iter_mut()
-                    .zip(&y[k * h..(k + 1) * h])
-                {
-                    *o += w * v;
+        // Sort the (row, expert) pairs by expert: one group of consecutive rows per expert,
+        // all experts in one grouped pass (gate+up with SiLU·mul, down scaled by the combine
+        // weight), then each output row is added onto its token's row.
+        let mut pairs: Vec<(usize, usize, f32)> = assign
+            .iter()
+            .enumerate()
+            .flat_map(|(r, list)| list.iter().map(move |&(e, w)| (e, r, w)))
+            .collect();
+        pairs.sort_by_key(|&(e, r, _)| (e, r));
+        let n = pairs.len();
+        let m = assign.len();
+        let extra = if shared.is_some() { m } else { 0 };
+        let mut xs = vec![0f32; (n + extra) * h];
+        let mut weight = Vec::with_capacity(n + extra);
+        let mut groups: Vec<MoeGroup> = Vec::new();
+        for (k, &(e, r, w)) in pairs.iter().enumerate() {
+            xs[k * h..(k + 1) * h].copy_from_slice(&rows[r * h..(r + 1) * h]);
+            weight.push(w);
+            match groups.last_mut() {
+                Some(g) if pairs[g.rows.start].0 == e => g.rows.end = k + 1,
+                _ => {
+                    let mlp = self.layers[li]
+                        .get(e)
+                        .and_then(Option::as_ref)
+                        .ok_or_else(|| Error::Dispatch {
+                            layer,
+                            detail: format!("expert {e} is not held by this process"),
+                        })?;
+                    groups.push(MoeGroup {
+                        mlp,
+                        rows: k..k + 1,
+                    });
                 }
             }
+        }
+        if let Some(mlp) = shared {
+            xs[n * h..].copy_from_slice(rows);
+            weight.resize(n + m, 1.0);
+            groups.push(MoeGroup {
+                mlp,
+                rows: n..n + m,
+            });
+        }
+        let mut ys = vec![0f32; (n + extra) * h];
+        self.backend.moe(&xs, h, &groups, &weight, &mut ys)?;
+        let mut out = vec![0f32; rows.len()];
+        let sorted_rows = pairs.iter().map(|p| p.1).chain(0..extra);
+        for (k, r) in sorted_rows.enumerate() {
+            self.backend
+                .add(&mut out[r * h..(r + 1) * h], &ys[k * h..(k + 1) * h])?;
         }
         Ok(out)
     }
 }
 
+/// One row's `(expert, weight)` list from the router's choice.
+fn assignments(routing: &[Routing]) -> Vec<Vec<(usize, f32)>> {
+    routing
+        .iter()
+        .map(|r| {
+            r.experts
+                .iter()
+                .copied()
+                .zip(r.weights.iter().copied())
+                .collect()
+        })
+        .collect()
+}
+
 impl RoutedExperts for LocalExperts {
     fn start(&self, layer: usize, rows: &[f32], routing: &[Routing]) -> Result<PendingExperts> {
-        let assign: Vec<Vec<(usize, f32)>> = routing
-            .iter()
-            .map(|r| {
-                r.experts
-                    .iter()
-                    .copied()
-                    .zip(r.weights.iter().copied())
-                    .collect()
-            })
-            .collect();
-        self.combine(layer, rows, &assign)
+        self.combine(layer, rows, &assignments(routing))
             .map(PendingExperts::Ready)
+    }
+
+    fn start_with_shared(
+        &self,
+        layer: usize,
+        rows: &[f32],
+        routing: &[Routing],
+        shared: Option<&Mlp>,
+    ) -> Result<(PendingExperts, bool)> {
+        let out = self.combine_with_shared(layer, rows, &assignments(routing), shared)?;
+        Ok((PendingExperts::Ready(out), shared.is_some()))
     }
 }

@@ -5,7 +5,7 @@
 
 use crate::engine::{EngineConfig, EngineRequest, Event, run_blocking};
 use crate::error::{Error, Result};
-use crate::kv::BLOCK_TOKENS;
+use crate::kv::{BLOCK_TOKENS, KvDtype};
 use crate::model::Model;
 use serde::{Deserialize, Serialize};
 use shardseek_kernels::sampling::SamplingParams;
@@ -23,6 +23,8 @@ pub struct GenerateRequest {
     pub echo: bool,
     /// Keep going past an end-of-sequence token (reference comparisons).
     pub ignore_eos: bool,
+    /// Element type of the latent cache (f32 is exact; bf16 is the serving default).
+    pub kv_dtype: KvDtype,
 }
 
 /// Why generation stopped: the one enum the engine, the HTTP API and `generate --json` share
@@ -82,6 +84,7 @@ pub fn generate(model: &Model, req: &GenerateRequest) -> Result<GenerateOutput> 
         max_waiting_requests: 1,
         max_seq_len: total,
         kv_blocks: total.div_ceil(BLOCK_TOKENS).max(1),
+        kv_dtype: req.kv_dtype,
         ..EngineConfig::default()
     };
     let ereq = EngineRequest {

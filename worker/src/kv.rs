@@ -1,5 +1,8 @@
-//! The paged latent KV cache (DESIGN.md §2): a pool of blocks of [`BLOCK_TOKENS`] tokens; each
-//! token holds, per layer, MLA's normalised latent and rotated rope key (`latent_dim` f32).
+//! The paged latent KV cache (DESIGN.md §2, §5): a pool of blocks of [`BLOCK_TOKENS`] tokens;
+//! each token holds, per layer, MLA's normalised latent and rotated rope key (`latent_dim`
+//! values) in the pool's [`KvDtype`]: f32 (exact; what the reference tests use), bf16 (the
+//! default: half the bytes, ~3 significant digits, well inside the model's own bf16 noise) or
+//! fp8 e4m3 with one f32 scale per token (a quarter of f32, plus 4 bytes per token).
 //! Sequences own a page table of block ids.
 //!
 //! Prefix caching: a block that is full is registered in a [`PrefixIndex`] under a key chained
@@ -10,16 +13,88 @@
 
 use crate::error::{Error, Result};
 use crate::prefix::{BlockKeyFn, ChainLink, PrefixIndex, sha256_block_key};
+use shardseek_kernels::fp8::f32_to_bf16;
+use shardseek_kernels::mla::{CacheData, LatentCache, MLA_BLOCK, quantize_token_fp8};
 use std::collections::VecDeque;
 
 /// Tokens per block: FlashMLA's page size, and what the kernels' paged decode expects.
-pub const BLOCK_TOKENS: usize = 64;
+pub const BLOCK_TOKENS: usize = MLA_BLOCK;
+
+/// Element type of the latent cache (`--kv-cache-dtype`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvDtype {
+    F32,
+    #[default]
+    Bf16,
+    /// e4m3 codes with one f32 scale per token.
+    Fp8,
+}
+
+impl KvDtype {
+    /// Bytes one token's entry of `latent_dim` values takes in one layer.
+    pub fn token_bytes(self, latent_dim: usize) -> usize {
+        match self {
+            Self::F32 => latent_dim * 4,
+            Self::Bf16 => latent_dim * 2,
+            Self::Fp8 => latent_dim + 4,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::Fp8 => "fp8",
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "float32" => Ok(Self::F32),
+            "bf16" | "bfloat16" | "auto" => Ok(Self::Bf16),
+            "fp8" | "fp8_e4m3" => Ok(Self::Fp8),
+            _ => Err(Error::Input(format!(
+                "kv cache dtype `{s}`: expected f32, bf16 or fp8"
+            ))),
+        }
+    }
+}
+
+/// Shape of the latent cache of one model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvLayout {
+    pub layers: usize,
+    pub kv_lora_rank: usize,
+    pub rope_dim: usize,
+    pub dtype: KvDtype,
+}
+
+impl KvLayout {
+    pub fn latent_dim(&self) -> usize {
+        self.kv_lora_rank + self.rope_dim
+    }
+
+    /// Bytes of one block across all layers.
+    pub fn block_bytes(&self) -> usize {
+        self.layers * BLOCK_TOKENS * self.dtype.token_bytes(self.latent_dim())
+    }
+}
+
+/// One layer's storage, `[num_blocks][BLOCK_TOKENS][latent_dim]` in the pool's dtype.
+enum LayerStore {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+    Fp8 { q: Vec<u8>, scale: Vec<f32> },
+}
 
 /// Block pool shared by every sequence of one attention pod.
 pub struct KvPool {
+    layout: KvLayout,
     latent_dim: usize,
-    /// `storage[layer]` is `[num_blocks][BLOCK_TOKENS][latent_dim]`.
-    storage: Vec<Vec<f32>>,
+    storage: Vec<LayerStore>,
     refcount: Vec<u32>,
     /// Registered (full, immutable, verifiable) blocks and their keys.
     index: PrefixIndex,
@@ -53,22 +128,27 @@ impl SeqCache {
 }
 
 impl KvPool {
-    /// A pool of `num_blocks` blocks for a model with `layers` layers.
-    pub fn new(layers: usize, latent_dim: usize, num_blocks: usize) -> Self {
-        Self::with_key_fn(layers, latent_dim, num_blocks, sha256_block_key)
+    /// A pool of `num_blocks` blocks.
+    pub fn new(layout: KvLayout, num_blocks: usize) -> Self {
+        Self::with_key_fn(layout, num_blocks, sha256_block_key)
     }
 
     /// A pool whose prefix index keys blocks with `key_fn`.
-    pub fn with_key_fn(
-        layers: usize,
-        latent_dim: usize,
-        num_blocks: usize,
-        key_fn: BlockKeyFn,
-    ) -> Self {
+    pub fn with_key_fn(layout: KvLayout, num_blocks: usize, key_fn: BlockKeyFn) -> Self {
+        let latent_dim = layout.latent_dim();
+        let n = num_blocks * BLOCK_TOKENS * latent_dim;
         Self {
+            layout,
             latent_dim,
-            storage: (0..layers)
-                .map(|_| vec![0f32; num_blocks * BLOCK_TOKENS * latent_dim])
+            storage: (0..layout.layers)
+                .map(|_| match layout.dtype {
+                    KvDtype::F32 => LayerStore::F32(vec![0f32; n]),
+                    KvDtype::Bf16 => LayerStore::Bf16(vec![0u16; n]),
+                    KvDtype::Fp8 => LayerStore::Fp8 {
+                        q: vec![0u8; n],
+                        scale: vec![0f32; num_blocks * BLOCK_TOKENS],
+                    },
+                })
                 .collect(),
             refcount: vec![0; num_blocks],
             index: PrefixIndex::new(num_blocks, key_fn),
@@ -78,14 +158,12 @@ impl KvPool {
         }
     }
 
-    /// A pool sized to a memory budget in bytes.
-    pub fn with_budget(layers: usize, latent_dim: usize, bytes: usize) -> Self {
-        let per_block = layers * BLOCK_TOKENS * latent_dim * 4;
-        Self::new(layers, latent_dim, (bytes / per_block.max(1)).max(1))
-    }
-
     pub fn latent_dim(&self) -> usize {
         self.latent_dim
+    }
+
+    pub fn layout(&self) -> KvLayout {
+        self.layout
     }
     pub fn num_blocks(&self) -> usize {
         self.refcount.len()
@@ -214,17 +292,57 @@ impl KvPool {
         cache.links.clear();
     }
 
-    /// Writes one token's entry for `layer` at position `pos` of `cache`.
-    pub(crate) fn write(&mut self, layer: usize, cache: &SeqCache, pos: usize, entry: &[f32]) {
+    /// Writes the entries of consecutive tokens (`entries` is `[n, latent_dim]`) for `layer`
+    /// at positions `start..start+n` of `cache`, whose blocks must be reserved.
+    pub(crate) fn write_tokens(
+        &mut self,
+        layer: usize,
+        cache: &SeqCache,
+        start: usize,
+        entries: &[f32],
+    ) -> Result<()> {
         let ld = self.latent_dim;
-        let b = cache.blocks[pos / BLOCK_TOKENS] as usize;
-        let off = (b * BLOCK_TOKENS + pos % BLOCK_TOKENS) * ld;
-        self.storage[layer][off..off + ld].copy_from_slice(entry);
+        let n = entries.len() / ld;
+        if (start + n).div_ceil(BLOCK_TOKENS) > cache.blocks.len() {
+            return Err(Error::Input(format!(
+                "KV write of positions {start}..{} beyond the {} reserved blocks",
+                start + n,
+                cache.blocks.len()
+            )));
+        }
+        let store = &mut self.storage[layer];
+        for (i, e) in entries.chunks_exact(ld).enumerate() {
+            let pos = start + i;
+            let slot =
+                cache.blocks[pos / BLOCK_TOKENS] as usize * BLOCK_TOKENS + pos % BLOCK_TOKENS;
+            let off = slot * ld;
+            match store {
+                LayerStore::F32(d) => d[off..off + ld].copy_from_slice(e),
+                LayerStore::Bf16(d) => {
+                    for (o, &v) in d[off..off + ld].iter_mut().zip(e) {
+                        *o = f32_to_bf16(v);
+                    }
+                }
+                LayerStore::Fp8 { q, scale } => {
+                    scale[slot] = quantize_token_fp8(e, &mut q[off..off + ld]);
+                }
+            }
+        }
+        Ok(())
     }
 
-    /// The storage of one layer, `[num_blocks][BLOCK_TOKENS][latent_dim]`.
-    pub fn layer(&self, layer: usize) -> &[f32] {
-        &self.storage[layer]
+    /// One layer of the pool as the MLA kernels read it.
+    pub fn latent_cache(&self, layer: usize) -> Result<LatentCache<'_>> {
+        let data = match &self.storage[layer] {
+            LayerStore::F32(d) => CacheData::F32(d),
+            LayerStore::Bf16(d) => CacheData::Bf16(d),
+            LayerStore::Fp8 { q, scale } => CacheData::Fp8 { q, scale },
+        };
+        Ok(LatentCache::new(
+            data,
+            self.layout.kv_lora_rank,
+            self.layout.rope_dim,
+        )?)
     }
 }
 
@@ -232,9 +350,53 @@ impl KvPool {
 mod tests {
     use super::*;
 
+    fn layout(layers: usize, dtype: KvDtype) -> KvLayout {
+        KvLayout {
+            layers,
+            kv_lora_rank: 16,
+            rope_dim: 4,
+            dtype,
+        }
+    }
+
+    #[test]
+    fn entries_round_trip_in_every_dtype_and_budget_counts_the_dtype() {
+        let entry: Vec<f32> = (0..40).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+        for (dtype, tol) in [
+            (KvDtype::F32, 0.0),
+            (KvDtype::Bf16, 1.0 / 128.0),
+            (KvDtype::Fp8, 1.0 / 8.0),
+        ] {
+            let lay = layout(2, dtype);
+            let mut p = KvPool::new(lay, 4);
+            let mut c = SeqCache::default();
+            p.reserve(&mut c, 70).unwrap();
+            p.write_tokens(1, &c, 63, &entry).unwrap();
+            let lc = p.latent_cache(1).unwrap();
+            for (k, pos) in [63, 64].into_iter().enumerate() {
+                let got = lc.token(c.blocks(), pos);
+                for (g, w) in got.iter().zip(&entry[k * 20..(k + 1) * 20]) {
+                    // Relative to the token's largest value for fp8 (per-token scale).
+                    assert!((g - w).abs() <= tol * 3.0, "{dtype:?}: {g} vs {w}");
+                }
+            }
+            assert!(
+                p.write_tokens(0, &c, 127, &entry).is_err(),
+                "beyond reserved blocks"
+            );
+            let per_block = 2 * 64 * dtype.token_bytes(20);
+            assert_eq!(lay.block_bytes(), per_block, "budget counts the dtype");
+        }
+        assert_eq!(
+            KvDtype::Bf16.token_bytes(576) * 2,
+            KvDtype::F32.token_bytes(576)
+        );
+        assert_eq!(KvDtype::Fp8.token_bytes(576), 580);
+    }
+
     #[test]
     fn reserve_release_returns_every_block() {
-        let mut p = KvPool::new(2, 8, 10);
+        let mut p = KvPool::new(layout(2, KvDtype::F32), 10);
         let mut a = SeqCache::default();
         p.reserve(&mut a, 130).unwrap();
         assert_eq!(a.blocks.len(), 3);
@@ -250,7 +412,7 @@ mod tests {
 
     #[test]
     fn prefix_blocks_are_shared_and_counted() {
-        let mut p = KvPool::new(1, 4, 8);
+        let mut p = KvPool::new(layout(1, KvDtype::Bf16), 8);
         let prompt: Vec<u32> = (0..150).collect();
         let mut a = p.start_with_prefix(&prompt, None);
         assert_eq!(a.len, 0);
@@ -279,7 +441,7 @@ mod tests {
 
     #[test]
     fn salts_separate_the_cache_and_the_same_salt_shares_it() {
-        let mut p = KvPool::new(1, 4, 16);
+        let mut p = KvPool::new(layout(1, KvDtype::Bf16), 16);
         let prompt: Vec<u32> = (0..150).collect();
         let mut a = p.start_with_prefix(&prompt, Some("tenant-a"));
         p.reserve(&mut a, prompt.len()).unwrap();
@@ -301,7 +463,7 @@ mod tests {
             k[1..5].copy_from_slice(&t[0].to_le_bytes());
             k
         }
-        let mut p = KvPool::with_key_fn(1, 4, 16, weak);
+        let mut p = KvPool::with_key_fn(layout(1, KvDtype::Bf16), 16, weak);
         let first: Vec<u32> = (0..150).collect();
         let mut second = first.clone();
         second[70] = 9999; // same first block, different second block, same key

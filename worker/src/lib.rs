@@ -5,6 +5,7 @@
 //! [`generate`] (the sampling loop and its JSON result).
 
 pub mod attention;
+pub mod backend;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -12,6 +13,7 @@ pub mod expert;
 pub mod experts;
 pub mod generate;
 pub mod kv;
+pub mod kv_sizing;
 pub mod metrics;
 pub mod model;
 pub mod modelgen;

@@ -44,11 +44,11 @@ pub struct WorkerMetrics {
     pub dispatch_bytes: IntCounter,
     /// Tokens routed to each expert (summed over layers), counted where experts compute.
     pub expert_tokens: IntCounterVec,
-    /// max/mean of per-expert token counts over this process's experts.
+    /// Busiest expert shard's load ÷ mean shard load over the dispatch client's window (see
+    /// `Dispatcher::load_imbalance`); set by attention pods, the only processes that see every
+    /// shard's share. A shard alone cannot know it and exports 0.
     pub expert_load_imbalance: Gauge,
     last: Mutex<[u64; 5]>,
-    /// Tokens per expert id, for the imbalance ratio.
-    per_expert: Mutex<Vec<u64>>,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -154,7 +154,7 @@ impl WorkerMetrics {
         must(registry.register(Box::new(expert_tokens.clone())));
         let expert_load_imbalance = must(Gauge::new(
             "shardseek_expert_load_imbalance_ratio",
-            "Max over mean of tokens per expert held here",
+            "Max expert-shard load over mean shard load, (token, expert) pairs this attention pod sent in the last 60 s",
         ));
         must(registry.register(Box::new(expert_load_imbalance.clone())));
         #[cfg(target_os = "linux")]
@@ -183,29 +183,15 @@ impl WorkerMetrics {
             expert_tokens,
             expert_load_imbalance,
             last: Mutex::new([0; 5]),
-            per_expert: Mutex::new(Vec::new()),
         }
     }
 
     /// Records the tokens a shard computed for each expert of one dispatch.
     pub fn record_expert_tokens(&self, counts: &[(usize, u64)]) {
-        let Ok(mut per) = self.per_expert.lock() else {
-            return;
-        };
         for &(e, n) in counts {
             self.expert_tokens
                 .with_label_values(&[&e.to_string()])
                 .inc_by(n);
-            if per.len() <= e {
-                per.resize(e + 1, 0);
-            }
-            per[e] += n;
-        }
-        let seen: Vec<u64> = per.iter().copied().filter(|&n| n > 0).collect();
-        if !seen.is_empty() {
-            let max = seen.iter().copied().max().unwrap_or(0) as f64;
-            let mean = seen.iter().sum::<u64>() as f64 / seen.len() as f64;
-            self.expert_load_imbalance.set(max / mean);
         }
     }
 

@@ -1,78 +1,71 @@
 //! The DeepSeek-V3 forward pass (DESIGN.md §3): embeddings → [RMSNorm → MLA → RMSNorm → dense
 //! MLP or MoE] × layers → final norm → lm_head, activations in f32, weights in their stored
-//! dtype through `shardseek_kernels`.
+//! dtype. The model only says what each layer computes; every operation runs on a
+//! [`Backend`] chosen at load, with weights prepared for it once (`crate::backend`).
 //!
-//! MLA runs in the absorbed form for every token (prefill and decode): the cache holds, per
+//! MLA runs in the absorbed form (kernels::mla decode and chunked prefill): the cache holds, per
 //! token and layer, the normalised latent c (kv_lora_rank) and the rotated rope key k_pe;
 //! scores are (q_nope·W_UK)·c + q_pe·k_pe and the output is W_UV·(Σ p·c). This is the same
 //! math as the expanded form of the reference, reassociated, so prefill-then-decode and a full
 //! recompute give the same numbers up to f32 rounding.
 
+use crate::backend::{Backend, CpuBackend, MlaWeights, MlpWeights, PreparedWeight};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::experts::{LocalExperts, PendingExperts, RoutedExperts};
-use crate::kv::{BLOCK_TOKENS, KvPool, SeqCache};
-use crate::weights::{Linear, Store};
-use rayon::prelude::*;
+use crate::kv::{KvDtype, KvLayout, KvPool, SeqCache};
+use crate::weights::Store;
 use shardseek_kernels::gate::{GateParams, Routing, noaux_tc};
-use shardseek_kernels::gemm::{dot, matmul};
-use shardseek_kernels::norm::rms_norm_inplace;
+use shardseek_kernels::mla::SeqPages;
 use shardseek_kernels::rope::Rope;
 use std::path::Path;
 use std::sync::Arc;
 
-/// gate/up/down projections of one SwiGLU MLP (dense layer, shared or routed expert).
-#[derive(Clone, Debug)]
-pub struct Mlp {
-    pub gate: Linear,
-    pub up: Linear,
-    pub down: Linear,
-}
+/// gate/up/down projections of one SwiGLU MLP (dense layer, shared or routed expert), as the
+/// backend holds them.
+pub type Mlp = MlpWeights;
 
-impl Mlp {
-    pub fn load(store: &Store, prefix: &str, hidden: usize, inter: usize) -> Result<Self> {
-        Ok(Self {
-            gate: store.linear(&format!("{prefix}.gate_proj.weight"), inter, hidden)?,
-            up: store.linear(&format!("{prefix}.up_proj.weight"), inter, hidden)?,
-            down: store.linear(&format!("{prefix}.down_proj.weight"), hidden, inter)?,
-        })
-    }
-
-    /// down(SiLU(gate·x) ⊙ up·x) for `m` rows.
-    pub fn forward(&self, store: &Store, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        let inter = self.gate.rows;
-        let mut g = vec![0f32; m * inter];
-        let mut u = vec![0f32; m * inter];
-        matmul(x, m, &self.gate.weight(store), &mut g)?;
-        matmul(x, m, &self.up.weight(store), &mut u)?;
-        for (gv, uv) in g.iter_mut().zip(&u) {
-            *gv = *gv / (1.0 + (-*gv).exp()) * uv;
-        }
-        let mut out = vec![0f32; m * self.down.rows];
-        matmul(&g, m, &self.down.weight(store), &mut out)?;
-        Ok(out)
-    }
+/// Locates and prepares an MLP's three projections.
+pub fn load_mlp(
+    backend: &dyn Backend,
+    store: &Arc<Store>,
+    prefix: &str,
+    hidden: usize,
+    inter: usize,
+) -> Result<Mlp> {
+    let lin = |name: &str, rows, cols| -> Result<PreparedWeight> {
+        backend.prepare(
+            store,
+            &store.linear(&format!("{prefix}.{name}.weight"), rows, cols)?,
+        )
+    };
+    Ok(MlpWeights {
+        gate: lin("gate_proj", inter, hidden)?,
+        up: lin("up_proj", inter, hidden)?,
+        down: lin("down_proj", hidden, inter)?,
+    })
 }
 
 enum QProj {
     LoRA {
-        a: Linear,
+        a: PreparedWeight,
         norm: Vec<f32>,
-        b: Linear,
+        b: PreparedWeight,
     },
-    Full(Linear),
+    Full(PreparedWeight),
 }
 
 struct Attention {
     q: QProj,
-    kv_a: Linear,
+    kv_a: PreparedWeight,
     kv_a_norm: Vec<f32>,
-    kv_b: Linear,
-    o: Linear,
+    /// kv_b split into per-head W_UKᵀ and W_UV at load.
+    mla: MlaWeights,
+    o: PreparedWeight,
 }
 
 struct MoeGate {
-    weight: Linear,
+    weight: PreparedWeight,
     bias: Vec<f32>,
     shared: Option<Mlp>,
 }
@@ -145,7 +138,7 @@ struct PendingMoe {
 
 impl PendingMoe {
     /// Waits for the routed experts and adds them and the shared expert to the residual.
-    fn finish(self, x: &mut [f32]) -> Result<()> {
+    fn finish(self, backend: &dyn Backend, x: &mut [f32]) -> Result<()> {
         let out = self.routed.wait()?;
         if out.len() != self.len {
             return Err(Error::Dispatch {
@@ -157,13 +150,9 @@ impl PendingMoe {
                 ),
             });
         }
-        for (xv, o) in x.iter_mut().zip(&out) {
-            *xv += o;
-        }
+        backend.add(x, &out)?;
         if let Some(sh) = self.shared {
-            for (xv, o) in x.iter_mut().zip(&sh) {
-                *xv += o;
-            }
+            backend.add(x, &sh)?;
         }
         Ok(())
     }
@@ -173,10 +162,11 @@ impl PendingMoe {
 pub struct Model {
     pub cfg: ModelConfig,
     pub store: Arc<Store>,
-    embed: Linear,
+    backend: Arc<dyn Backend>,
+    embed: PreparedWeight,
     layers: Vec<Layer>,
     norm: Vec<f32>,
-    lm_head: Linear,
+    lm_head: PreparedWeight,
     rope: Rope,
     softmax_scale: f32,
     gate_params: GateParams,
@@ -199,16 +189,31 @@ impl Model {
         Self::from_store(cfg, store, experts)
     }
 
+    /// A model over an opened store on the CPU backend.
     pub fn from_store(
         cfg: ModelConfig,
         store: Arc<Store>,
         experts: Arc<dyn RoutedExperts>,
     ) -> Result<Self> {
+        Self::with_backend(cfg, store, experts, CpuBackend::shared())
+    }
+
+    /// A model whose weights are prepared for, and whose layers run on, `backend`.
+    pub fn with_backend(
+        cfg: ModelConfig,
+        store: Arc<Store>,
+        experts: Arc<dyn RoutedExperts>,
+        backend: Arc<dyn Backend>,
+    ) -> Result<Self> {
         let h = cfg.hidden_size;
         let heads = cfg.num_attention_heads;
-        let embed = store.linear("model.embed_tokens.weight", cfg.vocab_size, h)?;
+        let be = &*backend;
+        let lin = |name: &str, rows: usize, cols: usize| -> Result<PreparedWeight> {
+            be.prepare(&store, &store.linear(name, rows, cols)?)
+        };
+        let embed = lin("model.embed_tokens.weight", cfg.vocab_size, h)?;
         let lm_head = if store.contains("lm_head.weight") || !cfg.tie_word_embeddings {
-            store.linear("lm_head.weight", cfg.vocab_size, h)?
+            lin("lm_head.weight", cfg.vocab_size, h)?
         } else {
             embed.clone()
         };
@@ -218,37 +223,40 @@ impl Model {
             let p = format!("model.layers.{l}");
             let q = match cfg.q_lora_rank {
                 Some(r) => QProj::LoRA {
-                    a: store.linear(&format!("{p}.self_attn.q_a_proj.weight"), r, h)?,
+                    a: lin(&format!("{p}.self_attn.q_a_proj.weight"), r, h)?,
                     norm: store.vector_f32(&format!("{p}.self_attn.q_a_layernorm.weight"), &[r])?,
-                    b: store.linear(
+                    b: lin(
                         &format!("{p}.self_attn.q_b_proj.weight"),
                         heads * cfg.qk_head_dim(),
                         r,
                     )?,
                 },
-                None => QProj::Full(store.linear(
+                None => QProj::Full(lin(
                     &format!("{p}.self_attn.q_proj.weight"),
                     heads * cfg.qk_head_dim(),
                     h,
                 )?),
             };
+            let kv_a = lin(
+                &format!("{p}.self_attn.kv_a_proj_with_mqa.weight"),
+                cfg.latent_dim(),
+                h,
+            )?;
+            let kv_a_norm = store.vector_f32(
+                &format!("{p}.self_attn.kv_a_layernorm.weight"),
+                &[cfg.kv_lora_rank],
+            )?;
+            let kv_b = lin(
+                &format!("{p}.self_attn.kv_b_proj.weight"),
+                heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                cfg.kv_lora_rank,
+            )?;
             let attn = Attention {
                 q,
-                kv_a: store.linear(
-                    &format!("{p}.self_attn.kv_a_proj_with_mqa.weight"),
-                    cfg.latent_dim(),
-                    h,
-                )?,
-                kv_a_norm: store.vector_f32(
-                    &format!("{p}.self_attn.kv_a_layernorm.weight"),
-                    &[cfg.kv_lora_rank],
-                )?,
-                kv_b: store.linear(
-                    &format!("{p}.self_attn.kv_b_proj.weight"),
-                    heads * (cfg.qk_nope_head_dim + cfg.v_head_dim),
-                    cfg.kv_lora_rank,
-                )?,
-                o: store.linear(
+                kv_a,
+                kv_a_norm,
+                mla: be.prepare_kv_b(kv_b, heads, cfg.qk_nope_head_dim, cfg.v_head_dim)?,
+                o: lin(
                     &format!("{p}.self_attn.o_proj.weight"),
                     h,
                     heads * cfg.v_head_dim,
@@ -263,7 +271,8 @@ impl Model {
                     vec![0.0; e]
                 };
                 let shared = if cfg.n_shared_experts > 0 {
-                    Some(Mlp::load(
+                    Some(load_mlp(
+                        be,
                         &store,
                         &format!("{p}.mlp.shared_experts"),
                         h,
@@ -273,12 +282,13 @@ impl Model {
                     None
                 };
                 Ffn::Moe(MoeGate {
-                    weight: store.linear(&format!("{p}.mlp.gate.weight"), e, h)?,
+                    weight: lin(&format!("{p}.mlp.gate.weight"), e, h)?,
                     bias,
                     shared,
                 })
             } else {
-                Ffn::Dense(Mlp::load(
+                Ffn::Dense(load_mlp(
+                    be,
                     &store,
                     &format!("{p}.mlp"),
                     h,
@@ -309,6 +319,7 @@ impl Model {
         Ok(Self {
             cfg,
             store,
+            backend,
             embed,
             layers,
             norm,
@@ -321,6 +332,11 @@ impl Model {
         })
     }
 
+    /// The backend the layers run on.
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
     /// Sets the micro-batch overlap policy.
     pub fn set_overlap(&mut self, overlap: Overlap) {
         self.overlap = overlap;
@@ -331,12 +347,26 @@ impl Model {
         self.experts = experts;
     }
 
-    /// A private cache pool with room for `tokens` tokens of one sequence.
+    /// The latent cache's shape for this model in `dtype`.
+    pub fn kv_layout(&self, dtype: KvDtype) -> KvLayout {
+        KvLayout {
+            layers: self.cfg.num_hidden_layers,
+            kv_lora_rank: self.cfg.kv_lora_rank,
+            rope_dim: self.cfg.qk_rope_head_dim,
+            dtype,
+        }
+    }
+
+    /// A private f32 (exact) cache pool with room for `tokens` tokens of one sequence.
     pub fn new_pool(&self, tokens: usize) -> KvPool {
+        self.new_pool_with(tokens, KvDtype::F32)
+    }
+
+    /// A private cache pool in `dtype` with room for `tokens` tokens of one sequence.
+    pub fn new_pool_with(&self, tokens: usize, dtype: KvDtype) -> KvPool {
         KvPool::new(
-            self.cfg.num_hidden_layers,
-            self.cfg.latent_dim(),
-            tokens.div_ceil(BLOCK_TOKENS).max(1),
+            self.kv_layout(dtype),
+            tokens.div_ceil(crate::kv::BLOCK_TOKENS).max(1),
         )
     }
 
@@ -345,6 +375,7 @@ impl Model {
     /// `all_logits`), each `vocab_size` long.
     pub fn forward(&self, pool: &mut KvPool, batch: &mut [SeqInput<'_>]) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.cfg;
+        let be = &*self.backend;
         let h = cfg.hidden_size;
         for s in batch.iter() {
             if s.tokens.is_empty() {
@@ -374,16 +405,17 @@ impl Model {
             let len = s.cache.len + s.tokens.len();
             pool.reserve(s.cache, len)?;
         }
-        let total: usize = batch.iter().map(|s| s.tokens.len()).sum();
+        let tokens: Vec<u32> = batch
+            .iter()
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect();
+        let positions: Vec<usize> = batch
+            .iter()
+            .flat_map(|s| s.cache.len..s.cache.len + s.tokens.len())
+            .collect();
+        let total = tokens.len();
         let mut x = vec![0f32; total * h];
-        let embed = self.embed.weight(&self.store);
-        let mut r = 0;
-        for s in batch.iter() {
-            for &t in s.tokens {
-                embed.dequant_row_into(t as usize, 0, &mut x[r * h..(r + 1) * h]);
-                r += 1;
-            }
-        }
+        be.embed(&self.embed, &tokens, &mut x)?;
         let starts: Vec<usize> = batch.iter().map(|s| s.cache.len).collect();
         let groups = self.micro_batches(batch);
         // Software pipeline over micro-batches: a group's routed experts are started (possibly
@@ -391,22 +423,21 @@ impl Model {
         // group's attention runs while the experts compute.
         let mut state: Vec<GroupState> = groups
             .iter()
-            .map(|g| {
-                let (r0, r1) = (g.row0 * h, (g.row0 + g.rows) * h);
-                GroupState {
-                    x: x[r0..r1].to_vec(),
-                    pending: None,
-                }
+            .map(|g| GroupState {
+                x: x[g.row0 * h..(g.row0 + g.rows) * h].to_vec(),
+                pending: None,
             })
             .collect();
         for (l, layer) in self.layers.iter().enumerate() {
             for (g, st) in groups.iter().zip(state.iter_mut()) {
                 if let Some(p) = st.pending.take() {
-                    p.finish(&mut st.x)?;
+                    p.finish(be, &mut st.x)?;
                 }
+                let rows = g.row0..g.row0 + g.rows;
                 let xs = &mut st.x;
+                // x += MLA(RMSNorm(x))
                 let mut y = xs.clone();
-                rms_norm_inplace(&mut y, &layer.input_norm, cfg.rms_norm_eps)?;
+                be.rms_norm(&mut y, h, &layer.input_norm, cfg.rms_norm_eps)?;
                 let a = self.attention(
                     l,
                     &layer.attn,
@@ -414,26 +445,21 @@ impl Model {
                     pool,
                     &mut batch[g.seqs.clone()],
                     &starts[g.seqs.clone()],
+                    &positions[rows],
                 )?;
-                for (xv, av) in xs.iter_mut().zip(&a) {
-                    *xv += av;
-                }
+                be.add(xs, &a)?;
+                // x += FFN(RMSNorm(x))
                 let mut y = xs.clone();
-                rms_norm_inplace(&mut y, &layer.post_norm, cfg.rms_norm_eps)?;
+                be.rms_norm(&mut y, h, &layer.post_norm, cfg.rms_norm_eps)?;
                 match &layer.ffn {
-                    Ffn::Dense(mlp) => {
-                        let f = mlp.forward(&self.store, &y, g.rows)?;
-                        for (xv, fv) in xs.iter_mut().zip(&f) {
-                            *xv += fv;
-                        }
-                    }
+                    Ffn::Dense(mlp) => be.mlp(&y, g.rows, mlp, true, xs)?,
                     Ffn::Moe(gate) => st.pending = Some(self.start_moe(l, gate, y, g.rows)?),
                 }
             }
         }
         for (g, st) in groups.iter().zip(state.iter_mut()) {
             if let Some(p) = st.pending.take() {
-                p.finish(&mut st.x)?;
+                p.finish(be, &mut st.x)?;
             }
             x[g.row0 * h..(g.row0 + g.rows) * h].copy_from_slice(&st.x);
         }
@@ -441,30 +467,19 @@ impl Model {
             s.cache.len += s.tokens.len();
         }
         // Only the rows whose logits are wanted go through the final norm and lm_head.
-        let mut rows = Vec::new();
+        let mut hsel = Vec::with_capacity(batch.len() * h);
         let mut r0 = 0;
         for s in batch.iter() {
             let n = s.tokens.len();
-            if s.all_logits {
-                rows.extend(r0..r0 + n);
-            } else {
-                rows.push(r0 + n - 1);
-            }
+            let first = if s.all_logits { r0 } else { r0 + n - 1 };
+            hsel.extend_from_slice(&x[first * h..(r0 + n) * h]);
             r0 += n;
         }
-        let mut hsel = Vec::with_capacity(rows.len() * h);
-        for &r in &rows {
-            hsel.extend_from_slice(&x[r * h..(r + 1) * h]);
-        }
-        rms_norm_inplace(&mut hsel, &self.norm, cfg.rms_norm_eps)?;
+        let rows = hsel.len() / h;
+        be.rms_norm(&mut hsel, h, &self.norm, cfg.rms_norm_eps)?;
         let v = cfg.vocab_size;
-        let mut logits = vec![0f32; rows.len() * v];
-        matmul(
-            &hsel,
-            rows.len(),
-            &self.lm_head.weight(&self.store),
-            &mut logits,
-        )?;
+        let mut logits = vec![0f32; rows * v];
+        be.linear(&hsel, rows, &self.lm_head, &mut logits)?;
         let mut out = Vec::with_capacity(batch.len());
         let mut k = 0;
         for s in batch.iter() {
@@ -479,21 +494,28 @@ impl Model {
     fn route(&self, g: &MoeGate, y: &[f32], m: usize) -> Result<Vec<Routing>> {
         let e = self.cfg.n_routed_experts;
         let mut logits = vec![0f32; m * e];
-        matmul(y, m, &g.weight.weight(&self.store), &mut logits)?;
+        self.backend.linear(y, m, &g.weight, &mut logits)?;
         Ok(logits
             .chunks_exact(e)
             .map(|row| noaux_tc(row, &g.bias, &self.gate_params))
             .collect())
     }
 
-    /// Routes `m` rows of MoE layer `l`, starts their routed experts and, while those run,
-    /// computes the shared expert locally.
+    /// Routes `m` rows of MoE layer `l` and starts their routed experts; the shared expert
+    /// joins the experts' grouped pass when they are local, and is computed here while they
+    /// run when they are remote.
     fn start_moe(&self, l: usize, g: &MoeGate, y: Vec<f32>, m: usize) -> Result<PendingMoe> {
         let routing = self.route(g, &y, m)?;
-        let routed = self.experts.start(l, &y, &routing)?;
+        let (routed, with_shared) =
+            self.experts
+                .start_with_shared(l, &y, &routing, g.shared.as_ref())?;
         let shared = match &g.shared {
-            Some(sh) => Some(sh.forward(&self.store, &y, m)?),
-            None => None,
+            Some(sh) if !with_shared => {
+                let mut out = vec![0f32; y.len()];
+                self.backend.mlp(&y, m, sh, false, &mut out)?;
+                Some(out)
+            }
+            _ => None,
         };
         Ok(PendingMoe {
             layer: l,
@@ -546,6 +568,11 @@ impl Model {
         ]
     }
 
+    /// MLA (DESIGN.md §3) for the rows of `batch`, whose tokens sit at `positions`:
+    /// q = W_qb·norm(W_qa·y), c‖k_pe = W_kva·y (c normalised, k_pe rotated, appended to the
+    /// latent cache), q̃ = W_UKᵀ·q_nope per head, attention over the cache in the absorbed
+    /// form, out = W_o·(W_UV·ctx) per head.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         l: usize,
@@ -554,8 +581,11 @@ impl Model {
         pool: &mut KvPool,
         batch: &mut [SeqInput<'_>],
         starts: &[usize],
+        positions: &[usize],
     ) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
+        let be = &*self.backend;
+        let eps = cfg.rms_norm_eps;
         let (heads, nope, rope_d, vd, lat) = (
             cfg.num_attention_heads,
             cfg.qk_nope_head_dim,
@@ -563,130 +593,91 @@ impl Model {
             cfg.v_head_dim,
             cfg.kv_lora_rank,
         );
-        let qk = nope + rope_d;
-        let total: usize = batch.iter().map(|s| s.tokens.len()).sum();
-        let store = &self.store;
-        let mut q = vec![0f32; total * heads * qk];
+        let (qk, ld) = (nope + rope_d, cfg.latent_dim());
+        let t = positions.len();
+        // Queries [t, heads, nope + rope].
+        let mut q = vec![0f32; t * heads * qk];
         match &at.q {
             QProj::LoRA { a, norm, b } => {
-                let mut qa = vec![0f32; total * a.rows];
-                matmul(y, total, &a.weight(store), &mut qa)?;
-                rms_norm_inplace(&mut qa, norm, cfg.rms_norm_eps)?;
-                matmul(&qa, total, &b.weight(store), &mut q)?;
+                let mut qa = vec![0f32; t * a.rows];
+                be.linear(y, t, a, &mut qa)?;
+                be.rms_norm(&mut qa, a.rows, norm, eps)?;
+                be.linear(&qa, t, b, &mut q)?;
             }
-            QProj::Full(w) => matmul(y, total, &w.weight(store), &mut q)?,
+            QProj::Full(w) => be.linear(y, t, w, &mut q)?,
         }
-        let ld = cfg.latent_dim();
-        let mut kv = vec![0f32; total * ld];
-        matmul(y, total, &at.kv_a.weight(store), &mut kv)?;
-        // Latent cache entries and rotated q_pe.
-        let mut r = 0;
+        be.rope(&self.rope, &mut q, heads, qk, nope, positions)?;
+        // Cache entries [t, kv_lora_rank + rope]: normalised latent, rotated shared key.
+        let mut kv = vec![0f32; t * ld];
+        be.linear(y, t, &at.kv_a, &mut kv)?;
+        be.rms_norm(&mut kv, ld, &at.kv_a_norm, eps)?;
+        be.rope(&self.rope, &mut kv, 1, ld, lat, positions)?;
+        let mut r0 = 0;
         for (s, &p0) in batch.iter().zip(starts) {
-            for t in 0..s.tokens.len() {
-                let pos = p0 + t;
-                let e = &mut kv[r * ld..(r + 1) * ld];
-                rms_norm_inplace(&mut e[..lat], &at.kv_a_norm, cfg.rms_norm_eps)?;
-                self.rope.apply(&mut e[lat..], pos);
-                pool.write(l, s.cache, pos, e);
-                for hh in 0..heads {
-                    let off = (r * heads + hh) * qk + nope;
-                    self.rope.apply(&mut q[off..off + rope_d], pos);
-                }
-                r += 1;
-            }
+            let n = s.tokens.len();
+            pool.write_tokens(l, s.cache, p0, &kv[r0 * ld..(r0 + n) * ld])?;
+            r0 += n;
         }
-        // Absorb W_UK: qt[h][t][c] = Σ_i q_nope[t][h][i] · kv_b[h·(nope+v) + i][c].
-        let kv_b = at.kv_b.weight(store);
-        let mut qt = vec![0f32; heads * total * lat];
-        qt.par_chunks_mut(total * lat)
-            .enumerate()
-            .for_each(|(hh, qh)| {
-                let mut wrow = vec![0f32; lat];
-                for i in 0..nope {
-                    kv_b.dequant_row_into(hh * (nope + vd) + i, 0, &mut wrow);
-                    for t in 0..total {
-                        let a = q[(t * heads + hh) * qk + i];
-                        if a != 0.0 {
-                            for (o, w) in qh[t * lat..(t + 1) * lat].iter_mut().zip(&wrow) {
-                                *o += a * w;
-                            }
-                        }
-                    }
-                }
-            });
-        // Scores over the cache and the latent context, per head.
+        // Absorbed queries: q̃ = W_UKᵀ·q_nope [t, heads, rank] and q_pe [t, heads, rope].
+        let mut q_abs = vec![0f32; t * heads * lat];
+        be.linear_heads(&q, t, qk, 0, &at.mla.w_uk_t, &mut q_abs)?;
+        let mut q_pe = vec![0f32; t * heads * rope_d];
+        be.gather_cols(&q, qk, nope, rope_d, &mut q_pe)?;
+        // Attention over the paged cache: runs of one-token sequences as one decode batch,
+        // each longer chunk causally over its sequence.
+        let cache = pool.latent_cache(l)?;
         let scale = self.softmax_scale;
-        let mut ctx = vec![0f32; heads * total * lat];
-        let storage = pool.layer(l);
-        let seqs: Vec<(usize, usize, &[u32])> = {
-            let mut v = Vec::new();
-            let mut r0 = 0;
-            for (s, &p0) in batch.iter().zip(starts) {
-                v.push((r0, p0, s.cache.blocks()));
-                r0 += s.tokens.len();
-            }
-            v
-        };
-        let entry = |blocks: &[u32], j: usize| -> &[f32] {
-            let off = (blocks[j / BLOCK_TOKENS] as usize * BLOCK_TOKENS + j % BLOCK_TOKENS) * ld;
-            &storage[off..off + ld]
-        };
-        ctx.par_chunks_mut(total * lat)
-            .enumerate()
-            .for_each(|(hh, ch)| {
-                let mut scores = Vec::new();
-                for (si, &(r0, p0, blocks)) in seqs.iter().enumerate() {
-                    let n = if si + 1 < seqs.len() {
-                        seqs[si + 1].0 - r0
-                    } else {
-                        total - r0
-                    };
-                    for t in 0..n {
-                        let row = r0 + t;
-                        let ctx_len = p0 + t + 1;
-                        let qv = &qt[(hh * total + row) * lat..(hh * total + row + 1) * lat];
-                        let qpe = &q[(row * heads + hh) * qk + nope..(row * heads + hh + 1) * qk];
-                        scores.clear();
-                        for j in 0..ctx_len {
-                            let c = entry(blocks, j);
-                            scores.push(scale * (dot(qv, &c[..lat]) + dot(qpe, &c[lat..])));
-                        }
-                        shardseek_kernels::softmax::softmax_inplace(&mut scores);
-                        let out = &mut ch[row * lat..(row + 1) * lat];
-                        for (j, &pj) in scores.iter().enumerate() {
-                            let c = &entry(blocks, j)[..lat];
-                            for (o, cv) in out.iter_mut().zip(c) {
-                                *o += pj * cv;
-                            }
-                        }
-                    }
-                }
-            });
-        // W_UV: o[t][h·v + j] = ctx[h][t] · kv_b[h·(nope+v) + nope + j].
-        let mut oh = vec![0f32; heads * total * vd];
-        oh.par_chunks_mut(total * vd)
-            .enumerate()
-            .for_each(|(hh, och)| {
-                let mut wrow = vec![0f32; lat];
-                for j in 0..vd {
-                    kv_b.dequant_row_into(hh * (nope + vd) + nope + j, 0, &mut wrow);
-                    for t in 0..total {
-                        och[t * vd + j] = dot(
-                            &ctx[(hh * total + t) * lat..(hh * total + t + 1) * lat],
-                            &wrow,
-                        );
-                    }
-                }
-            });
-        let mut attn = vec![0f32; total * heads * vd];
-        for hh in 0..heads {
-            for t in 0..total {
-                attn[(t * heads + hh) * vd..(t * heads + hh + 1) * vd]
-                    .copy_from_slice(&oh[(hh * total + t) * vd..(hh * total + t + 1) * vd]);
+        let mut ctx = vec![0f32; t * heads * lat];
+        let (hl, hp) = (heads * lat, heads * rope_d);
+        let mut i = 0;
+        let mut r0 = 0;
+        while i < batch.len() {
+            let n = batch[i].tokens.len();
+            if n == 1 {
+                let j = (i..batch.len())
+                    .find(|&j| batch[j].tokens.len() != 1)
+                    .unwrap_or(batch.len());
+                let seqs: Vec<SeqPages> = (i..j)
+                    .map(|k| SeqPages {
+                        pages: batch[k].cache.blocks(),
+                        len: starts[k] + 1,
+                    })
+                    .collect();
+                let r1 = r0 + (j - i);
+                be.mla_decode(
+                    &cache,
+                    &seqs,
+                    heads,
+                    &q_abs[r0 * hl..r1 * hl],
+                    &q_pe[r0 * hp..r1 * hp],
+                    scale,
+                    &mut ctx[r0 * hl..r1 * hl],
+                )?;
+                (i, r0) = (j, r1);
+            } else {
+                let seq = SeqPages {
+                    pages: batch[i].cache.blocks(),
+                    len: starts[i] + n,
+                };
+                let r1 = r0 + n;
+                be.mla_prefill(
+                    &cache,
+                    &seq,
+                    starts[i],
+                    heads,
+                    &q_abs[r0 * hl..r1 * hl],
+                    &q_pe[r0 * hp..r1 * hp],
+                    scale,
+                    &mut ctx[r0 * hl..r1 * hl],
+                )?;
+                (i, r0) = (i + 1, r1);
             }
         }
-        let mut out = vec![0f32; total * cfg.hidden_size];
-        matmul(&attn, total, &at.o.weight(store), &mut out)?;
+        // out = W_o · (W_UV · ctx) per head.
+        let mut o = vec![0f32; t * heads * vd];
+        be.linear_heads(&ctx, t, lat, 0, &at.mla.w_uv, &mut o)?;
+        let mut out = vec![0f32; t * cfg.hidden_size];
+        be.linear(&o, t, &at.o, &mut out)?;
         Ok(out)
     }
 }

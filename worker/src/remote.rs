@@ -84,6 +84,7 @@ impl RoutedExperts for RemoteExperts {
         let rows = rows.to_vec();
         let step = self.step.fetch_add(1, Ordering::Relaxed);
         let hist = self.metrics.dispatch_duration.clone();
+        let imbalance = self.metrics.expert_load_imbalance.clone();
         self.runtime.spawn(async move {
             let t0 = std::time::Instant::now();
             let routes = Routes {
@@ -93,6 +94,9 @@ impl RoutedExperts for RemoteExperts {
             };
             let out = dispatcher.dispatch(layer, step, &rows, routes).await;
             hist.observe(t0.elapsed().as_secs_f64());
+            if let Some(ratio) = dispatcher.load_imbalance() {
+                imbalance.set(ratio);
+            }
             let _ = tx.send(out.map_err(|e| Error::Dispatch {
                 layer,
                 detail: e.to_string(),

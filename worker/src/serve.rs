@@ -131,6 +131,18 @@ pub async fn run_expert(
     Ok(())
 }
 
+/// A probe's answer: 200 with `ok` while the engine runs, 503 once its thread is gone.
+fn engine_probe(alive: bool, ok: &'static str) -> (axum::http::StatusCode, &'static str) {
+    if alive {
+        (axum::http::StatusCode::OK, ok)
+    } else {
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "the engine thread has stopped",
+        )
+    }
+}
+
 fn io_err(what: &str, e: std::io::Error) -> Error {
     Error::Io {
         path: PathBuf::from(what),
@@ -231,6 +243,11 @@ pub async fn serve_attention(
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let grpc = tonic::service::Routes::new(svc).into_axum_router();
     let (m, e) = (metrics.clone(), engine.clone());
+    // Probes (the pod's startup, liveness and readiness): nothing listens until the weights
+    // are loaded and the shards connected, so the startup probe covers loading; after that
+    // both answer 503 once the engine's thread is gone (stopped or panicked), so the kubelet
+    // restarts the pod instead of leaving it serving errors.
+    let (alive, ready) = (engine.clone(), engine.clone());
     let http = axum::Router::new()
         .route(
             "/metrics",
@@ -239,8 +256,20 @@ pub async fn serve_attention(
                 async move { m.render(Some(&e.stats)) }
             }),
         )
-        .route("/health", get(|| async { "ok" }))
-        .route("/ready", get(|| async { "ready" }));
+        .route(
+            "/health",
+            get(move || {
+                let alive = alive.is_alive();
+                async move { engine_probe(alive, "ok") }
+            }),
+        )
+        .route(
+            "/ready",
+            get(move || {
+                let alive = ready.is_alive();
+                async move { engine_probe(alive, "ready") }
+            }),
+        );
     if let Some(maddr) = cfg.metrics_listen {
         let ml = tokio::net::TcpListener::bind(maddr)
             .await

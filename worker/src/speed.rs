@@ -1,12 +1,30 @@
-//! `shardseek bench model`: batch-1 prefill and decode speed of one process on a checkpoint,
-//! with the peak resident memory of loading it (what a user sizing a machine asks first).
+//! `shardseek bench model`: prefill and decode speed of one process on a checkpoint at several
+//! batch sizes, with the peak resident memory (what a user sizing a machine asks first).
+//!
+//! For each batch size B: B different prompts of `prompt_len` tokens are prefilled in one
+//! step (prefill tok/s = B·prompt_len / step time), then `decode` steps each add one token to
+//! every sequence (decode tok/s = B·decode / time), sampled greedily by the engine's sampler.
+//! Each batch size starts from an empty cache of the chosen dtype.
 
-use crate::error::Result;
-use crate::kv::SeqCache;
+use crate::engine::sampler::{Sampler, SeqContext, SeqParams, SeqSampler};
+use crate::error::{Error, Result};
+use crate::kv::{KvDtype, SeqCache};
 use crate::model::{ExpertSelection, Model, SeqInput};
 use serde::Serialize;
+use shardseek_kernels::sampling::SamplingParams;
 use std::path::Path;
 use std::time::Instant;
+
+/// Figures of one batch size.
+#[derive(Clone, Debug, Serialize)]
+pub struct BatchSpeed {
+    pub batch: usize,
+    pub prefill_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    /// Decode step latency percentiles, milliseconds (one step = one token per sequence).
+    pub decode_ms_p50: f64,
+    pub decode_ms_p90: f64,
+}
 
 /// Measured figures.
 #[derive(Clone, Debug, Serialize)]
@@ -15,13 +33,11 @@ pub struct ModelSpeed {
     /// Peak RSS right after loading (weights are mapped, so this counts touched pages).
     pub load_peak_rss_bytes: u64,
     pub checkpoint_bytes: u64,
+    pub backend: String,
+    pub kv_cache_dtype: String,
     pub prompt_tokens: usize,
-    pub prefill_tokens_per_s: f64,
     pub decode_tokens: usize,
-    pub decode_tokens_per_s: f64,
-    /// Decode step latency percentiles, milliseconds.
-    pub decode_ms_p50: f64,
-    pub decode_ms_p90: f64,
+    pub batches: Vec<BatchSpeed>,
     /// Peak RSS at the end of the run.
     pub peak_rss_bytes: u64,
 }
@@ -39,42 +55,100 @@ pub fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Loads `dir`, prefills `prompt_len` tokens, then decodes `decode` tokens greedily, one at a time.
-pub fn measure(dir: &Path, prompt_len: usize, decode: usize) -> Result<ModelSpeed> {
+/// Loads `dir`, then for each batch size prefills `prompt_len` tokens per sequence and decodes
+/// `decode` tokens per sequence greedily.
+pub fn measure(
+    dir: &Path,
+    prompt_len: usize,
+    decode: usize,
+    batches: &[usize],
+    kv_dtype: KvDtype,
+) -> Result<ModelSpeed> {
+    if prompt_len == 0 || batches.contains(&0) {
+        return Err(Error::Input(
+            "bench model needs a prompt of at least one token and batch sizes ≥ 1".into(),
+        ));
+    }
     let t0 = Instant::now();
     let model = Model::load(dir, ExpertSelection::All)?;
     let load_seconds = t0.elapsed().as_secs_f64();
     let load_peak_rss_bytes = peak_rss_bytes();
+    let mut out = Vec::with_capacity(batches.len());
+    for &b in batches {
+        out.push(measure_batch(&model, prompt_len, decode, b, kv_dtype)?);
+    }
+    Ok(ModelSpeed {
+        load_seconds,
+        load_peak_rss_bytes,
+        checkpoint_bytes: model.store.file_bytes() as u64,
+        backend: model.backend().name(),
+        kv_cache_dtype: kv_dtype.name().into(),
+        prompt_tokens: prompt_len,
+        decode_tokens: decode,
+        batches: out,
+        peak_rss_bytes: peak_rss_bytes(),
+    })
+}
+
+fn measure_batch(
+    model: &Model,
+    prompt_len: usize,
+    decode: usize,
+    b: usize,
+    kv_dtype: KvDtype,
+) -> Result<BatchSpeed> {
     let v = model.cfg.vocab_size as u32;
-    let prompt: Vec<u32> = (0..prompt_len as u32)
-        .map(|i| (i * 7919 + 13) % v)
+    let prompts: Vec<Vec<u32>> = (0..b as u32)
+        .map(|s| {
+            (0..prompt_len as u32)
+                .map(|i| (i * 7919 + s * 104_729 + 13) % v)
+                .collect()
+        })
         .collect();
-    let mut pool = model.new_pool(prompt_len + decode + 1);
-    let mut cache = SeqCache::default();
+    let mut pool = model.new_pool_with(b * (prompt_len + decode + 1), kv_dtype);
+    let mut caches = vec![SeqCache::default(); b];
+    let mut samplers: Vec<SeqSampler> = (0..b)
+        .map(|_| {
+            SeqSampler::new(SeqParams {
+                sampling: SamplingParams::default(),
+                seed: 0,
+                top_logprobs: 0,
+            })
+        })
+        .collect();
+    let mut sampler = Sampler::new();
+    let mut next = vec![0u32; b];
+    let mut step = |pool: &mut _, caches: &mut [SeqCache], toks: &[&[u32]], next: &mut [u32]| {
+        let mut inputs: Vec<SeqInput> = caches
+            .iter_mut()
+            .zip(toks)
+            .map(|(cache, t)| SeqInput {
+                tokens: t,
+                cache,
+                all_logits: false,
+            })
+            .collect();
+        let logits = model.forward(pool, &mut inputs)?;
+        for ((mut row, s), n) in logits.into_iter().zip(samplers.iter_mut()).zip(next) {
+            let ctx = SeqContext {
+                prompt: &[],
+                generated: &[],
+            };
+            *n = sampler.sample(s, &ctx, &mut row).token;
+        }
+        Ok::<(), Error>(())
+    };
+    let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
     let t1 = Instant::now();
-    let logits = model.forward(
-        &mut pool,
-        &mut [SeqInput {
-            tokens: &prompt,
-            cache: &mut cache,
-            all_logits: false,
-        }],
-    )?;
+    step(&mut pool, &mut caches, &refs, &mut next)?;
     let prefill = t1.elapsed().as_secs_f64();
-    let mut next = shardseek_kernels::sampling::argmax(&logits[0]) as u32;
     let mut steps = Vec::with_capacity(decode);
     let t2 = Instant::now();
     for _ in 0..decode {
         let s = Instant::now();
-        let l = model.forward(
-            &mut pool,
-            &mut [SeqInput {
-                tokens: &[next],
-                cache: &mut cache,
-                all_logits: false,
-            }],
-        )?;
-        next = shardseek_kernels::sampling::argmax(&l[0]) as u32;
+        let cur = next.clone();
+        let toks: Vec<&[u32]> = cur.chunks(1).collect();
+        step(&mut pool, &mut caches, &toks, &mut next)?;
         steps.push(s.elapsed().as_secs_f64() * 1e3);
     }
     let decode_s = t2.elapsed().as_secs_f64();
@@ -85,16 +159,11 @@ pub fn measure(dir: &Path, prompt_len: usize, decode: usize) -> Result<ModelSpee
             .copied()
             .unwrap_or(0.0)
     };
-    Ok(ModelSpeed {
-        load_seconds,
-        load_peak_rss_bytes,
-        checkpoint_bytes: model.store.file_bytes() as u64,
-        prompt_tokens: prompt_len,
-        prefill_tokens_per_s: prompt_len as f64 / prefill,
-        decode_tokens: decode,
-        decode_tokens_per_s: decode as f64 / decode_s.max(1e-9),
+    Ok(BatchSpeed {
+        batch: b,
+        prefill_tokens_per_s: (b * prompt_len) as f64 / prefill.max(1e-9),
+        decode_tokens_per_s: (b * decode) as f64 / decode_s.max(1e-9),
         decode_ms_p50: pct(0.5),
         decode_ms_p90: pct(0.9),
-        peak_rss_bytes: peak_rss_bytes(),
     })
 }

@@ -103,7 +103,7 @@ fn vector_decoders_are_exact() {
     use shardseek_kernels::cpu::{Isa, convert_bf16, convert_fp8};
     let codes: Vec<u8> = (0..=255u8).filter(|c| c & 0x7f != 0x7f).collect();
     let bits: Vec<u16> = (0..=u16::MAX).step_by(7).collect();
-    for isa in [Isa::Avx2Fma, Isa::Portable] {
+    for isa in Isa::ALL {
         if !isa.available() {
             continue;
         }

@@ -11,10 +11,7 @@ use shardseek_kernels::{Weight, WeightData};
 const TOL: f64 = 1e-5;
 
 fn isas() -> Vec<Isa> {
-    [Isa::Avx2Fma, Isa::Portable]
-        .into_iter()
-        .filter(|i| i.available())
-        .collect()
+    Isa::ALL.into_iter().filter(|i| i.available()).collect()
 }
 
 #[test]
@@ -120,4 +117,33 @@ fn shape_errors_are_reported() {
     let mut y = vec![0f32; 4];
     assert!(gemm::matmul(&[0.0; 7], 1, &w.view(), &mut y).is_err());
     assert!(gemm::matmul(&[0.0; 8], 1, &w.view(), &mut [0.0; 3]).is_err());
+}
+
+/// The decode (streaming) GEMV of every path this CPU runs — the AVX-512 FP8 path included —
+/// at odd shapes: columns that end mid-vector and mid-block, 1–5 rows of x (groups of 4 and
+/// their remainders), a column range that does not start at row 0.
+#[test]
+fn decode_gemv_every_path_odd_shapes() {
+    let mut rng = Rng::new(77);
+    for &k in &[1, 31, 33, 128, 129, 200, 7 * 128 + 45] {
+        for &n in &[1, 19, 130] {
+            for kind in KINDS {
+                let w = OwnedWeight::random(&mut rng, n, k, kind);
+                for m in 1..=5 {
+                    let x = randv(&mut rng, m * k);
+                    let want = reference::matmul(&x, m, &w.view());
+                    for isa in isas() {
+                        let mut y = vec![f32::NAN; m * n];
+                        gemm::matmul_with(isa, &x, m, &w.view(), Epilogue::Store, &mut y).unwrap();
+                        let e = rel_err(&y, &want);
+                        assert!(e < TOL, "{isa:?} {kind:?} m={m} n={n} k={k}: {e}");
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        isas().len() >= 2,
+        "at least the portable path and one vector path are tested"
+    );
 }

@@ -29,10 +29,7 @@ fn tables(rng: &mut Rng, lens: &[usize]) -> (Vec<Vec<u32>>, usize) {
 }
 
 fn isas() -> Vec<Isa> {
-    [Isa::Avx2Fma, Isa::Portable]
-        .into_iter()
-        .filter(|i| i.available())
-        .collect()
+    Isa::ALL.into_iter().filter(|i| i.available()).collect()
 }
 
 #[test]

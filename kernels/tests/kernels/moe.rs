@@ -47,7 +47,7 @@ fn grouped_ffn_matches_reference_on_skewed_groups() {
             for rw in [None, Some(&w[..])] {
                 let mut want = y0.clone();
                 moe::reference::grouped_ffn(&x, hidden, &groups, &experts, rw, combine, &mut want);
-                for isa in [Isa::Avx2Fma, Isa::Portable] {
+                for isa in Isa::ALL {
                     if !isa.available() {
                         continue;
                     }

@@ -198,7 +198,8 @@ async fn create_reconcile_ready_update_delete() {
     let uid = dsd.pointer("/metadata/uid").cloned().expect("uid");
     assert_eq!(
         dsd.pointer("/metadata/finalizers"),
-        Some(&json!(["shardseek.io/cleanup"]))
+        None,
+        "no finalizer: deletion needs no work from the operator"
     );
     for (collection, names) in [
         (STS, vec!["v3-attention", "v3-experts"]),
@@ -316,7 +317,14 @@ async fn create_reconcile_ready_update_delete() {
     );
 
     // Spec change → owned objects updated, pods roll (new config hash), observedGeneration 2.
-    let old_hash = h.fake.get(STS, NS, "v3-attention").expect("sts")["spec"]["template"]["metadata"]["annotations"]["shardseek.io/config-hash"].clone();
+    let template_hash = |h: &Harness, kind, name| {
+        h.fake.get(kind, NS, name).expect("workload")["spec"]["template"]["metadata"]["annotations"]
+            ["shardseek.io/config-hash"]
+            .clone()
+    };
+    let old_hash = template_hash(&h, STS, "v3-attention");
+    let old_experts_hash = template_hash(&h, STS, "v3-experts");
+    let old_router_hash = template_hash(&h, DEPLOY, "v3-router");
     h.api()
         .patch(
             "v3",
@@ -336,9 +344,18 @@ async fn create_reconcile_ready_update_delete() {
     assert_eq!(sts["metadata"]["generation"], 2);
     let new_hash = &sts["spec"]["template"]["metadata"]["annotations"]["shardseek.io/config-hash"];
     assert_ne!(*new_hash, old_hash, "a config change rolls the pods");
-    let experts_hash = &h.fake.get(STS, NS, "v3-experts").expect("sts")["spec"]["template"]["metadata"]
-        ["annotations"]["shardseek.io/config-hash"];
-    assert_eq!(experts_hash, new_hash);
+    // Attention pods read the dispatch dtype; expert shards and routers do not, and nobody reads
+    // the attention replica count: only the attention pods roll.
+    assert_eq!(
+        template_hash(&h, STS, "v3-experts"),
+        old_experts_hash,
+        "the shards do not roll"
+    );
+    assert_eq!(
+        template_hash(&h, DEPLOY, "v3-router"),
+        old_router_hash,
+        "the routers do not roll"
+    );
     let config = h.fake.get(CM, NS, "v3-config").expect("config map");
     assert!(
         config["data"]["cluster.json"]
@@ -363,23 +380,13 @@ async fn create_reconcile_ready_update_delete() {
         "attention 2/3"
     );
 
-    // Delete → cleanup runs and the finalizer is removed, so the object goes.
+    // Delete → the object goes at once (nothing holds it), and a reconcile of the deleted object
+    // writes nothing.
     h.api()
         .delete("v3", &DeleteParams::default())
         .await
         .expect("delete");
     h.until("object gone", |h| h.dsd().is_none()).await;
-    // The fake removes an object with a deletionTimestamp only once its finalizers are gone.
-    let reasons: Vec<Value> = h
-        .fake
-        .objects(EVENTS)
-        .iter()
-        .map(|e| e["reason"].clone())
-        .collect();
-    assert!(
-        reasons.contains(&json!("Deleting")),
-        "cleanup published its Event: {reasons:?}"
-    );
     h.stop().await;
 }
 
@@ -475,5 +482,27 @@ async fn worker_failure_surfaces_in_degraded() {
     assert_eq!(dsd.status.expect("status").phase, Phase::Degraded);
     let warnings = h.fake.names(EVENTS);
     assert!(!warnings.is_empty());
+    h.stop().await;
+}
+
+/// An object an earlier operator gave the `shardseek.io/cleanup` finalizer loses it (another
+/// controller's finalizer stays), so deleting it no longer needs a running operator.
+#[tokio::test]
+async fn legacy_finalizer_is_removed() {
+    let h = Harness::start(Duration::from_millis(100)).await;
+    let mut dsd = example();
+    dsd.metadata.finalizers = Some(vec![
+        "example.com/keep".to_string(),
+        "shardseek.io/cleanup".to_string(),
+    ]);
+    h.api()
+        .create(&PostParams::default(), &dsd)
+        .await
+        .expect("create");
+    h.until("the legacy finalizer is removed", |h| {
+        h.dsd()
+            .is_some_and(|d| d["metadata"]["finalizers"] == json!(["example.com/keep"]))
+    })
+    .await;
     h.stop().await;
 }

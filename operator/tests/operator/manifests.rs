@@ -178,7 +178,18 @@ fn builders_carry_the_spec_into_pods() {
         .as_ref()
         .and_then(|m| m.annotations.as_ref())
         .expect("annotations");
+    // The shards' hash covers only what shards read: not the whole config's.
+    let config_text = &owned.config_map.data.as_ref().expect("data")["cluster.json"];
+    let config = shardseek_proto::cluster_config::ClusterConfig::from_json(config_text).unwrap();
     assert_eq!(
+        annotations[builders::CONFIG_HASH_ANNOTATION],
+        builders::config_hash(
+            &config
+                .view_of(shardseek_proto::cluster_config::Reader::Expert)
+                .to_json()
+        )
+    );
+    assert_ne!(
         annotations[builders::CONFIG_HASH_ANNOTATION],
         owned.config_hash
     );
@@ -290,6 +301,73 @@ fn examples_pass_and_fail_the_cel_rules() {
         kube::core::cel::validate_cel(&long).is_err(),
         "a 41-character name is rejected"
     );
+    // Names that pass the length rule but cannot prefix a Service name.
+    for bad in ["deepseek-v3.1", "V3", "3v", "v3-"] {
+        let mut dsd = example("minimal.yaml");
+        dsd.metadata.name = Some(bad.to_string());
+        let errors = kube::core::cel::validate_cel(&dsd)
+            .expect_err(bad)
+            .to_string();
+        assert!(errors.contains("DNS-1035"), "{bad}: {errors}");
+    }
+    let mut ok = example("minimal.yaml");
+    ok.metadata.name = Some("deepseek-v3-1".to_string());
+    kube::core::cel::validate_cel(&ok).expect("deepseek-v3-1 is a valid name");
+}
+
+/// `shardseek render` of every example at attention replicas 1 and 2: the expert-shard and router
+/// pod templates are identical (scaling attention rolls nothing else), and the attention
+/// template too (the replica count is no pod's configuration).
+#[test]
+fn scaling_attention_changes_no_other_pod_template() {
+    for name in ["minimal.yaml", "full.yaml"] {
+        let text = std::fs::read_to_string(repo().join("crds/examples").join(name)).unwrap();
+        let render = |replicas: i32| {
+            let mut dsd = shardseek_operator::render::parse(&text, None)
+                .unwrap()
+                .remove(0);
+            dsd.spec.attention.replicas = replicas;
+            builders::build(&dsd).unwrap()
+        };
+        let (one, two) = (render(1), render(2));
+        assert_ne!(
+            one.config_map, two.config_map,
+            "{name}: the ConfigMap lists the replicas"
+        );
+        assert_eq!(one.attention.spec.replicas, Some(1));
+        assert_eq!(two.attention.spec.replicas, Some(2));
+        assert_eq!(
+            one.attention.spec.template, two.attention.spec.template,
+            "{name}: attention template"
+        );
+        let experts =
+            |o: &builders::OwnedObjects| o.experts.as_ref().map(|s| s.spec.template.clone());
+        assert!(experts(&one).is_some(), "{name} has expert shards");
+        assert_eq!(
+            experts(&one),
+            experts(&two),
+            "{name}: expert-shard template"
+        );
+        assert_eq!(
+            one.router.spec.template, two.router.spec.template,
+            "{name}: router template"
+        );
+        // A change the shards read does roll them.
+        let mut dsd = shardseek_operator::render::parse(&text, None)
+            .unwrap()
+            .remove(0);
+        dsd.spec.experts.redundant_slots += dsd.spec.experts.shards;
+        let three = builders::build(&dsd).unwrap();
+        assert_ne!(
+            experts(&one),
+            experts(&three),
+            "{name}: redundant slots roll the shards"
+        );
+        assert_eq!(
+            one.router.spec.template, three.router.spec.template,
+            "{name}: routers do not read the expert slots"
+        );
+    }
 }
 
 /// Fails with the path of the first field of `original` that `round_trip` lost: a field the

@@ -12,6 +12,9 @@
 use super::{FP8_BLOCK, FP8_MAX, f32_to_bf16_bits, f32_to_e4m3};
 use std::sync::OnceLock;
 
+/// Environment variable that caps the codec's instruction set (see [`Level::detect`]).
+pub const SIMD_ENV: &str = "SHARDSEEK_CODEC_SIMD";
+
 /// The instruction set the loops run with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Level {
@@ -21,10 +24,28 @@ pub enum Level {
 }
 
 impl Level {
-    /// The best level this CPU supports (detected once).
+    /// The level in use: the best this CPU supports (detected once), or a lower one named by
+    /// `SHARDSEEK_CODEC_SIMD` (`portable`, `avx2`, `avx512`) to measure or rule out a path.
     pub fn detect() -> Level {
         static LEVEL: OnceLock<Level> = OnceLock::new();
         *LEVEL.get_or_init(|| {
+            let best = Level::best();
+            let asked = match std::env::var(SIMD_ENV).ok().as_deref() {
+                Some("portable") => Level::Portable,
+                Some("avx2") => Level::Avx2,
+                _ => best,
+            };
+            if (asked as u8) < (best as u8) {
+                asked
+            } else {
+                best
+            }
+        })
+    }
+
+    /// The best level this CPU supports (std caches the feature checks).
+    fn best() -> Level {
+        {
             #[cfg(target_arch = "x86_64")]
             {
                 if std::arch::is_x86_feature_detected!("avx512f")
@@ -39,12 +60,12 @@ impl Level {
                 }
             }
             Level::Portable
-        })
+        }
     }
 
     /// Every level this CPU can run, portable first (for tests and benchmarks).
     pub fn available() -> Vec<Level> {
-        let best = Level::detect();
+        let best = Level::best();
         [Level::Portable, Level::Avx2, Level::Avx512]
             .into_iter()
             .filter(|l| *l as u8 <= best as u8)
@@ -66,12 +87,11 @@ macro_rules! multiversion {
             #[target_feature(enable = "avx512f,avx512bw")]
             fn avx512($($arg: $ty),*) $(-> $ret)? { body($($arg),*) }
             match level {
-                // SAFETY: a level above Portable is only ever obtained from `Level::detect`
-                // (or `available`), which checked that the CPU has these features.
+                // SAFETY: `Level::best` checked that the CPU has these features.
                 #[cfg(target_arch = "x86_64")]
-                Level::Avx512 if Level::detect() == Level::Avx512 => unsafe { avx512($($arg),*) },
+                Level::Avx512 if Level::best() == Level::Avx512 => unsafe { avx512($($arg),*) },
                 #[cfg(target_arch = "x86_64")]
-                Level::Avx2 | Level::Avx512 if Level::detect() as u8 >= Level::Avx2 as u8 => {
+                Level::Avx2 | Level::Avx512 if Level::best() as u8 >= Level::Avx2 as u8 => {
                     // SAFETY: as above.
                     unsafe { avx2($($arg),*) }
                 }

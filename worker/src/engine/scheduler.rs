@@ -4,7 +4,7 @@ use super::grammar::{Constraint, Grammar, GrammarCompiler};
 use super::logits::{GrammarMask, LogitsParams, LogitsStage, MaskSlot};
 use super::sampler::{Sampler, SeqContext, SeqParams, SeqSampler};
 use crate::generate::FinishReason;
-use crate::kv::{KvPool, SeqCache};
+use crate::kv::{KvDtype, KvPool, SeqCache};
 use crate::model::{Model, SeqInput};
 use crate::prefix::{BlockKeyFn, sha256_block_key};
 use shardseek_kernels::sampling::SamplingParams;
@@ -30,6 +30,8 @@ pub struct EngineConfig {
     /// How prefix-cache blocks are keyed (hits are verified whatever the function; see
     /// `prefix::PrefixHash` for the choices a deployment has).
     pub prefix_key: BlockKeyFn,
+    /// Element type of the latent cache (`--kv-cache-dtype`).
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for EngineConfig {
@@ -41,6 +43,7 @@ impl Default for EngineConfig {
             max_seq_len: 4096,
             kv_blocks: 512,
             prefix_key: sha256_block_key,
+            kv_dtype: KvDtype::default(),
         }
     }
 }
@@ -236,12 +239,8 @@ impl Engine {
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
-        let pool = KvPool::with_key_fn(
-            model.cfg.num_hidden_layers,
-            model.cfg.latent_dim(),
-            cfg.kv_blocks,
-            cfg.prefix_key,
-        );
+        let pool =
+            KvPool::with_key_fn(model.kv_layout(cfg.kv_dtype), cfg.kv_blocks, cfg.prefix_key);
         stats
             .kv_blocks_total
             .store(pool.num_blocks(), Ordering::Relaxed);
@@ -341,6 +340,15 @@ impl Engine {
         }
     }
 
+    /// Whether the scheduling thread runs: false after [`Engine::stop`] and after a panic in
+    /// the thread (the pod's liveness probe fails, so the kubelet restarts it).
+    pub fn is_alive(&self) -> bool {
+        self.thread
+            .lock()
+            .map(|t| t.as_ref().is_some_and(|h| !h.is_finished()))
+            .unwrap_or(false)
+    }
+
     /// Stops the scheduling thread; running requests get an error event.
     pub fn stop(&self) {
         if let Ok(tx) = self.tx.lock() {
@@ -363,11 +371,7 @@ impl Drop for Engine {
 /// generation loop). Returns each request's events in order.
 pub fn run_blocking(model: &Model, cfg: EngineConfig, reqs: Vec<EngineRequest>) -> Vec<Vec<Event>> {
     let (_tx, rx) = mpsc::channel();
-    let pool = KvPool::new(
-        model.cfg.num_hidden_layers,
-        model.cfg.latent_dim(),
-        cfg.kv_blocks,
-    );
+    let pool = KvPool::new(model.kv_layout(cfg.kv_dtype), cfg.kv_blocks);
     let mut sched = Scheduler::new(model, cfg, pool, Arc::default(), rx);
     let mut receivers = Vec::with_capacity(reqs.len());
     for (i, req) in reqs.into_iter().enumerate() {

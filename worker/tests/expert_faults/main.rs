@@ -297,7 +297,17 @@ async fn replicas_share_the_load_a_dead_shard_is_masked_at_once_and_rejoins() {
     };
 
     // Least-loaded replica choice: with every expert on both shards, one batch uses both.
+    assert_eq!(d.load_imbalance(), None, "no load yet");
     close(&d.dispatch(2, 0, &rows, routes).await.expect("served"));
+    let load = d.shard_load();
+    assert_eq!(load.iter().sum::<u64>(), (16 * TOP_K) as u64, "{load:?}");
+    let ratio = d.load_imbalance().expect("load seen");
+    let max = *load.iter().max().expect("two shards") as f64;
+    assert!((ratio - max / (16 * TOP_K) as f64 * 2.0).abs() < 1e-12);
+    assert!(
+        ratio < 1.2,
+        "least-loaded choice spreads the pairs: {load:?}"
+    );
     let calls = |s: &Shard| s.compute.calls.load(Ordering::SeqCst);
     assert!(
         calls(&running[0]) >= 1 && calls(&running[1]) >= 1,

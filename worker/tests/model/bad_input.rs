@@ -3,6 +3,7 @@
 use crate::fixtures::fixture_dir;
 use shardseek_kernels::sampling::SamplingParams;
 use shardseek_worker::generate::{GenerateRequest, generate};
+use shardseek_worker::kv::KvDtype;
 use shardseek_worker::model::{ExpertSelection, Model};
 use std::path::Path;
 
@@ -155,6 +156,7 @@ fn bad_requests_are_errors() {
         top_logprobs: 0,
         echo: false,
         ignore_eos: true,
+        kv_dtype: KvDtype::F32,
     };
     let vocab = model.cfg.vocab_size as u32;
     let e = generate(

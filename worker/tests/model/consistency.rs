@@ -8,6 +8,7 @@ use shardseek_kernels::softmax::log_softmax;
 use shardseek_worker::config::ModelConfig;
 use shardseek_worker::experts::{LocalExperts, PendingExperts, RoutedExperts};
 use shardseek_worker::generate::{GenerateRequest, generate};
+use shardseek_worker::kv::KvDtype;
 use shardseek_worker::kv::SeqCache;
 use shardseek_worker::model::{ExpertSelection, Model, Overlap, SeqInput};
 use shardseek_worker::weights::Store;
@@ -160,6 +161,7 @@ fn seeded(dir: &Path) {
         top_logprobs: 0,
         echo: false,
         ignore_eos: true,
+        kv_dtype: KvDtype::F32,
     };
     let a = generate(&model, &req(7)).unwrap();
     let b = generate(&model, &req(7)).unwrap();

@@ -5,6 +5,7 @@ use crate::fixtures::fixture_dir;
 use shardseek_kernels::sampling::SamplingParams;
 use shardseek_worker::engine::{Engine, EngineConfig, EngineRequest, Event, SubmitError};
 use shardseek_worker::generate::{GenerateRequest, generate};
+use shardseek_worker::kv::KvDtype;
 use shardseek_worker::metrics::WorkerMetrics;
 use shardseek_worker::model::{ExpertSelection, Model};
 use shardseek_worker::prefix::BlockKey;
@@ -71,6 +72,7 @@ fn concurrent_requests_equal_one_at_a_time() {
         max_waiting_requests: 128,
         max_seq_len: 512,
         kv_blocks: 12,
+        kv_dtype: KvDtype::F32,
         ..Default::default()
     };
     let engine = Engine::start(m.clone(), cfg);
@@ -90,6 +92,7 @@ fn concurrent_requests_equal_one_at_a_time() {
                 top_logprobs: 0,
                 echo: false,
                 ignore_eos: true,
+                kv_dtype: KvDtype::F32,
             },
         )
         .unwrap();
@@ -112,6 +115,7 @@ fn echo_through_the_engine_matches_generate() {
         m.clone(),
         EngineConfig {
             max_batch_tokens: 40,
+            kv_dtype: KvDtype::F32,
             ..Default::default()
         },
     );
@@ -133,6 +137,7 @@ fn echo_through_the_engine_matches_generate() {
             top_logprobs: 0,
             echo: true,
             ignore_eos: true,
+            kv_dtype: KvDtype::F32,
         },
     )
     .unwrap();

@@ -3,6 +3,7 @@
 use serde_json::Value;
 use shardseek_kernels::sampling::SamplingParams;
 use shardseek_worker::generate::{GenerateRequest, generate};
+use shardseek_worker::kv::KvDtype;
 use shardseek_worker::model::{ExpertSelection, Model};
 use std::path::PathBuf;
 
@@ -39,6 +40,7 @@ fn check_fixture(name: &str) {
             top_logprobs: 5,
             echo: true,
             ignore_eos: true,
+            kv_dtype: KvDtype::F32,
         };
         let out = generate(&model, &req).expect("generate");
         let echo = case["echo_logprobs"].as_array().unwrap();

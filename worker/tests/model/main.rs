@@ -5,5 +5,6 @@ mod bad_input;
 mod consistency;
 mod engine;
 mod fixtures;
+mod kv_dtype;
 mod reference;
 mod variants;
