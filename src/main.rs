@@ -156,6 +156,9 @@ struct BenchServeArgs {
     /// Give up on one request after this many seconds.
     #[arg(long, default_value_t = 600)]
     request_timeout: u64,
+    /// A JSON Schema file: every request's output follows it (constrained decoding).
+    #[arg(long)]
+    json_schema: Option<PathBuf>,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
@@ -266,6 +269,49 @@ struct RouterArgs {
     /// Context limit checked before forwarding (default: max_position_embeddings).
     #[arg(long, env = "SHARDSEEK_MAX_MODEL_LEN")]
     max_model_len: Option<usize>,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+/// Options of the OpenAI API (router and `up`).
+#[derive(Args, Clone)]
+struct ApiArgs {
+    /// A Jinja chat template file replacing the checkpoint's (tokenizer_config.json).
+    #[arg(long, env = "SHARDSEEK_CHAT_TEMPLATE")]
+    chat_template: Option<PathBuf>,
+    /// Reasoning parser: deepseek-r1, or none. Default: deepseek-r1 when the chat template
+    /// opens a `<think>` block.
+    #[arg(long, env = "SHARDSEEK_REASONING_PARSER")]
+    reasoning_parser: Option<String>,
+    /// Require `Authorization: Bearer KEY` on the API.
+    #[arg(long, env = "SHARDSEEK_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// CORS origins allowed (comma-separated; `*` for any, empty for none).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "*",
+        env = "SHARDSEEK_ALLOWED_ORIGINS"
+    )]
+    allowed_origins: Vec<String>,
+}
+
+impl ApiArgs {
+    /// The same options as router arguments (what `up` passes its router child).
+    fn to_args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(t) = &self.chat_template {
+            v.extend(["--chat-template".into(), t.display().to_string()]);
+        }
+        if let Some(r) = &self.reasoning_parser {
+            v.extend(["--reasoning-parser".into(), r.clone()]);
+        }
+        if let Some(k) = &self.api_key {
+            v.extend(["--api-key".into(), k.clone()]);
+        }
+        v.extend(["--allowed-origins".into(), self.allowed_origins.join(",")]);
+        v
+    }
 }
 
 #[derive(Args)]
@@ -298,6 +344,8 @@ struct UpArgs {
     /// Start, answer one OpenAI chat request through the router, print it, and stop.
     #[arg(long)]
     demo: bool,
+    #[command(flatten)]
+    api: ApiArgs,
 }
 
 #[derive(Args)]
@@ -521,7 +569,7 @@ async fn generate_remote(url: String, a: GenerateArgs) -> Result<()> {
         stop: vec![],
         ignore_eos: a.ignore_eos,
         stop_token_ids: vec![],
-        cache_salt: None,
+        ..Default::default()
     };
     let mut stream = client.generate(req).await.context("Generate")?.into_inner();
     let mut out = GenerateOutput {
@@ -623,6 +671,10 @@ fn run_router(mut a: RouterArgs) -> Result<()> {
         served_model_name,
         max_model_len,
         extra_listen,
+        chat_template: a.api.chat_template,
+        reasoning_parser: a.api.reasoning_parser,
+        api_key: a.api.api_key,
+        allowed_origins: a.api.allowed_origins,
     };
     runtime()?.block_on(shardseek_router::gateway::run(cfg, shutdown_signal()))?;
     Ok(())
@@ -671,6 +723,7 @@ fn run_up(a: UpArgs) -> Result<()> {
             a.kv_cache_dtype.clone(),
         ],
         expert_args: vec![],
+        router_args: a.api.to_args(),
         served_model_name: served.clone(),
         // The children's stderr is a pipe to this process: they log in this terminal's format.
         env: vec![("SHARDSEEK_LOG_FORMAT".into(), log_format().into())],
@@ -1046,6 +1099,16 @@ fn run_bench_serve(a: BenchServeArgs) -> Result<()> {
         vocab: a.vocab,
         seed: a.seed,
         request_timeout: std::time::Duration::from_secs(a.request_timeout),
+        json_schema: match &a.json_schema {
+            Some(p) => Some(
+                serde_json::from_str(
+                    &std::fs::read_to_string(p)
+                        .with_context(|| format!("reading {}", p.display()))?,
+                )
+                .with_context(|| format!("{} is not JSON", p.display()))?,
+            ),
+            None => None,
+        },
     })?;
     if a.json {
         println!("{}", serde_json::to_string(&report)?);

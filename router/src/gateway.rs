@@ -7,9 +7,11 @@
 //! after the first token it fails (its tokens cannot be recalled). A pod that fails its health
 //! check is taken out until it answers again.
 
+use crate::openai::backend::{ConstraintKind, TemplateOptions};
+use crate::openai::types::{GenerationDefaults, SamplingRequest, Stop};
 use crate::openai::{
-    self, AppState, Backend, BackendError, ChatMessage, FinishReason, TextCodec, TokenEvent,
-    TokenRequest, TokenStream,
+    self, AppState, Backend, BackendError, FinishReason, TextCodec, TokenEvent, TokenRequest,
+    TokenStream,
 };
 use crate::tokenizer::{IncrementalDecoder, Tokenizer};
 use futures::future::BoxFuture;
@@ -58,6 +60,14 @@ pub struct RouterConfig {
     /// More addresses serving the same app (Kubernetes gives the gRPC API and metrics their
     /// own ports).
     pub extra_listen: Vec<SocketAddr>,
+    /// A Jinja file replacing the checkpoint's chat template.
+    pub chat_template: Option<PathBuf>,
+    /// `deepseek-r1`, or None to choose from the template (a `<think>` in it selects it).
+    pub reasoning_parser: Option<String>,
+    /// Clients must send `Authorization: Bearer KEY` (None: no authentication).
+    pub api_key: Option<String>,
+    /// CORS origins allowed (`*` for any); empty sends no CORS headers.
+    pub allowed_origins: Vec<String>,
 }
 
 struct Pod {
@@ -234,6 +244,7 @@ fn events_of(c: GenerateChunk) -> Vec<Result<TokenEvent, BackendError>> {
                 .collect(),
         }));
     }
+    let cached = c.usage.map(|u| u.cached_tokens as usize).unwrap_or(0);
     let reason = match pb::FinishReason::try_from(c.finish_reason) {
         Ok(pb::FinishReason::Stop) => Some(FinishReason::Stop),
         Ok(pb::FinishReason::Length) => Some(FinishReason::Length),
@@ -249,7 +260,7 @@ fn events_of(c: GenerateChunk) -> Vec<Result<TokenEvent, BackendError>> {
             reason,
             prompt_tokens: u.prompt_tokens as usize,
             completion_tokens: u.completion_tokens as usize,
-            cached_tokens: 0,
+            cached_tokens: cached,
         }));
     }
     out
@@ -298,6 +309,23 @@ impl Backend for GrpcBackend {
                 stop: Vec::new(),
                 ignore_eos: req.ignore_eos,
                 stop_token_ids: req.stop_token_ids.clone(),
+                min_p: req.logits.min_p,
+                presence_penalty: req.logits.presence_penalty,
+                frequency_penalty: req.logits.frequency_penalty,
+                repetition_penalty: req.logits.repetition_penalty,
+                logit_bias: req.logits.logit_bias.iter().copied().collect(),
+                min_tokens: req.logits.min_tokens as u32,
+                constraint: req.constraint.as_ref().map(|c| pb::Constraint {
+                    kind: Some(match &c.kind {
+                        ConstraintKind::JsonSchema(s) => {
+                            pb::constraint::Kind::JsonSchema(s.clone())
+                        }
+                        ConstraintKind::Regex(s) => pb::constraint::Kind::Regex(s.clone()),
+                        ConstraintKind::Lark(s) => pb::constraint::Kind::Lark(s.clone()),
+                    }),
+                    start_after: c.start_after,
+                }),
+                skip_special_tokens: None,
                 cache_salt: req.cache_salt.clone(),
             };
             let mut tried = Vec::new();
@@ -385,12 +413,29 @@ impl TextCodec for TokenizerCodec {
     }
     fn apply_chat_template(
         &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
+        messages: &[serde_json::Value],
+        opts: &TemplateOptions,
     ) -> Result<String, String> {
+        let mut extra = opts.kwargs.clone();
+        if let Some(t) = &opts.tools {
+            extra.insert("tools".into(), t.clone());
+        }
         self.0
-            .apply_chat_template(messages, add_generation_prompt)
+            .apply_chat_template_with(
+                messages,
+                opts.add_generation_prompt,
+                &serde_json::Value::Object(extra),
+            )
             .map_err(|e| e.to_string())
+    }
+    fn token_id(&self, token: &str) -> Option<u32> {
+        self.0.token_to_id(token)
+    }
+    fn eos_token_ids(&self) -> Vec<u32> {
+        self.0.eos_token_ids().to_vec()
+    }
+    fn chat_template_source(&self) -> Option<String> {
+        self.0.chat_template_source().map(str::to_string)
     }
 }
 
@@ -398,6 +443,48 @@ impl TextCodec for TokenizerCodec {
 pub struct GatewayService {
     backend: Arc<GrpcBackend>,
     tokenizer: Option<Arc<Tokenizer>>,
+    defaults: GenerationDefaults,
+}
+
+/// The gRPC request's parameters as the one request-parameter struct the HTTP API validates
+/// (zero values of proto3 scalars mean "unset").
+fn sampling_request(r: &GenerateRequest) -> SamplingRequest {
+    let nz = |v: f32| (v != 0.0).then_some(f64::from(v));
+    SamplingRequest {
+        temperature: Some(f64::from(r.temperature)),
+        top_p: nz(r.top_p),
+        top_k: (r.top_k != 0).then_some(i64::from(r.top_k)),
+        min_p: nz(r.min_p),
+        seed: r.seed.map(|s| s as i64),
+        stop: (!r.stop.is_empty()).then(|| Stop::Many(r.stop.clone())),
+        stop_token_ids: Some(r.stop_token_ids.clone()),
+        ignore_eos: Some(r.ignore_eos),
+        presence_penalty: nz(r.presence_penalty),
+        frequency_penalty: nz(r.frequency_penalty),
+        repetition_penalty: nz(r.repetition_penalty),
+        logit_bias: (!r.logit_bias.is_empty()).then(|| {
+            r.logit_bias
+                .iter()
+                .map(|(k, v)| (k.to_string(), serde_json::json!(v)))
+                .collect()
+        }),
+        min_tokens: (r.min_tokens != 0).then_some(u64::from(r.min_tokens)),
+        skip_special_tokens: r.skip_special_tokens,
+        cache_salt: r.cache_salt.clone(),
+        structured_outputs: r.constraint.as_ref().map(|c| {
+            let mut so = openai::types::StructuredOutputs::default();
+            match &c.kind {
+                Some(pb::constraint::Kind::JsonSchema(s)) => {
+                    so.json = Some(serde_json::Value::String(s.clone()))
+                }
+                Some(pb::constraint::Kind::Regex(s)) => so.regex = Some(s.clone()),
+                Some(pb::constraint::Kind::Lark(s)) => so.grammar = Some(s.clone()),
+                None => {}
+            }
+            so
+        }),
+        ..SamplingRequest::default()
+    }
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<GenerateChunk, Status>> + Send>>;
@@ -429,17 +516,31 @@ impl Gateway for GatewayService {
                 "stop: stop strings are supported on the HTTP API; use stop_token_ids here",
             ));
         }
+        // The same validation as the HTTP API's, on the same struct.
+        let s = sampling_request(&r).validate(&self.defaults).map_err(|e| {
+            Status::invalid_argument(format!(
+                "{}: {}",
+                e.param.as_deref().unwrap_or("request"),
+                e.message
+            ))
+        })?;
+        let skip_special = s.skip_special_tokens;
         let req = TokenRequest {
             prompt: prompt.clone(),
             max_tokens: r.max_tokens as usize,
-            temperature: r.temperature,
-            top_p: if r.top_p == 0.0 { 1.0 } else { r.top_p },
-            top_k: r.top_k as usize,
-            seed: r.seed.unwrap_or(0),
+            temperature: s.temperature,
+            top_p: s.top_p,
+            top_k: s.top_k,
+            seed: s.seed.unwrap_or(0),
             top_logprobs: r.logprobs as usize,
             echo: r.echo,
-            ignore_eos: r.ignore_eos,
-            stop_token_ids: r.stop_token_ids.clone(),
+            ignore_eos: s.ignore_eos,
+            stop_token_ids: s.stop_token_ids,
+            logits: s.logits,
+            constraint: s.constraint.map(|kind| openai::backend::Constraint {
+                kind,
+                start_after: r.constraint.as_ref().and_then(|c| c.start_after),
+            }),
             cache_salt: r.cache_salt.clone(),
         };
         let events = self.backend.generate(req).await.map_err(|e| match e {
@@ -463,7 +564,7 @@ impl Gateway for GatewayService {
                 .collect(),
             ..Default::default()
         };
-        let mut decoder = IncrementalDecoder::new(true);
+        let mut decoder = IncrementalDecoder::new(skip_special);
         let body = events.map(move |ev| {
             let text_of = |id: u32| {
                 tokenizer
@@ -514,7 +615,7 @@ impl Gateway for GatewayService {
                     reason,
                     prompt_tokens,
                     completion_tokens,
-                    ..
+                    cached_tokens,
                 }) => {
                     let tail = tokenizer
                         .as_ref()
@@ -530,6 +631,7 @@ impl Gateway for GatewayService {
                         usage: Some(Usage {
                             prompt_tokens: prompt_tokens as u32,
                             completion_tokens: completion_tokens as u32,
+                            cached_tokens: cached_tokens as u32,
                         }),
                         ..Default::default()
                     })
@@ -572,29 +674,67 @@ pub async fn run(
         tokio::spawn(pool.clone().discovery_loop(service, DISCOVERY_INTERVAL));
     }
     let backend = Arc::new(GrpcBackend::new(pool));
-    let tokenizer = match &cfg.model_dir {
-        Some(d) if d.join("tokenizer.json").exists() => {
-            Some(Arc::new(Tokenizer::from_dir(d).map_err(|e| {
-                crate::Error::Input(format!("tokenizer: {e}"))
-            })?))
-        }
+    let mut tokenizer = match &cfg.model_dir {
+        Some(d) if d.join("tokenizer.json").exists() => Some(
+            Tokenizer::from_dir(d).map_err(|e| crate::Error::Input(format!("tokenizer: {e}")))?,
+        ),
         _ => None,
+    };
+    if let Some(path) = &cfg.chat_template {
+        let tok = tokenizer.as_mut().ok_or_else(|| {
+            crate::Error::Input("--chat-template needs the model's tokenizer.json".into())
+        })?;
+        let src = std::fs::read_to_string(path).map_err(|e| crate::Error::Io {
+            op: format!("reading --chat-template {}", path.display()),
+            source: e,
+        })?;
+        tok.set_chat_template(src)
+            .map_err(|e| crate::Error::Input(format!("--chat-template {}: {e}", path.display())))?;
+    }
+    let tokenizer = tokenizer.map(Arc::new);
+    let defaults = match &cfg.model_dir {
+        Some(d) => GenerationDefaults::from_dir(d).map_err(crate::Error::Input)?,
+        None => GenerationDefaults::default(),
+    };
+    let reasoning = match cfg.reasoning_parser.as_deref() {
+        Some(p) if openai::reasoning::PARSERS.contains(&p) => true,
+        Some("none") => false,
+        Some(p) => {
+            return Err(crate::Error::Input(format!(
+                "--reasoning-parser {p:?}: known parsers are {:?} (or none)",
+                openai::reasoning::PARSERS
+            )));
+        }
+        // Chosen automatically when the template opens a thinking block.
+        None => tokenizer
+            .as_ref()
+            .and_then(|t| t.chat_template_source())
+            .is_some_and(|s| s.contains("<think>")),
     };
     let codec: Option<Arc<dyn TextCodec>> = tokenizer
         .clone()
         .map(|t| Arc::new(TokenizerCodec(t)) as Arc<dyn TextCodec>);
     let metrics =
         openai::Metrics::new().map_err(|e| crate::Error::Input(format!("metrics: {e}")))?;
-    let state = AppState::new(
+    let mut state = AppState::new(
         backend.clone(),
         codec,
         cfg.served_model_name.clone(),
         cfg.max_model_len,
         metrics,
     );
-    let gateway = GatewayServer::new(GatewayService { backend, tokenizer })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    state.defaults = defaults.clone();
+    state.reasoning = reasoning;
+    state.api_key = cfg.api_key.clone();
+    state.allowed_origins = cfg.allowed_origins.clone();
+    tracing::info!(reasoning_parser = reasoning, ?defaults, "router settings");
+    let gateway = GatewayServer::new(GatewayService {
+        backend,
+        tokenizer,
+        defaults,
+    })
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     // gRPC calls are routed by their path; everything else is the HTTP API (with its own
     // OpenAI-shaped 404 fallback).
     let app = openai::router(state).route_service("/shardseek.v1.Gateway/{*method}", gateway);

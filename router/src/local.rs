@@ -26,6 +26,8 @@ pub struct UpConfig {
     pub attention_args: Vec<String>,
     /// Extra arguments for every expert shard.
     pub expert_args: Vec<String>,
+    /// Extra arguments for the router (API options).
+    pub router_args: Vec<String>,
     pub served_model_name: String,
     /// Environment variables of every child (for example the log format).
     pub env: Vec<(String, String)>,
@@ -158,6 +160,7 @@ impl LocalCluster {
         ]
         .iter()
         .map(|s| s.to_string())
+        .chain(cfg.router_args.iter().cloned())
         .collect();
         specs.push(ChildSpec {
             name: "router".into(),

@@ -75,6 +75,8 @@ pub struct Tokenizer {
     /// EOS ids: the tokenizer's EOS plus `config.json`'s `eos_token_id` (int or list) if present.
     eos_ids: Vec<u32>,
     env: Option<Environment<'static>>,
+    /// The chat template's text (for `--chat-template` overrides and parser auto-detection).
+    template_source: Option<String>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -124,8 +126,63 @@ fn template_env(source: String) -> std::result::Result<Environment<'static>, min
     );
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     env.add_function("raise_exception", raise_exception);
+    env.add_filter("tojson", py_tojson);
     env.add_template_owned(TEMPLATE_NAME, source)?;
     Ok(env)
+}
+
+/// transformers' `tojson` filter: `json.dumps(x, ensure_ascii=False, indent=indent)` — Python's
+/// separators (`", "`, `": "`), no HTML escaping (minijinja's own `tojson` escapes `<`, `>`,
+/// `&` and `'`, which would make prompts differ from transformers'). Object keys come out in
+/// the order of the value (sorted, for values parsed from JSON).
+fn py_tojson(
+    value: minijinja::Value,
+    indent: Option<usize>,
+) -> std::result::Result<minijinja::Value, minijinja::Error> {
+    let v: Value = serde_json::to_value(&value)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    let mut out = String::new();
+    write_py_json(&v, indent, 0, &mut out);
+    Ok(minijinja::Value::from_safe_string(out))
+}
+
+fn write_py_json(v: &Value, indent: Option<usize>, depth: usize, out: &mut String) {
+    let newline = |out: &mut String, depth: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * depth));
+        }
+    };
+    let item_sep = if indent.is_some() { "," } else { ", " };
+    match v {
+        Value::Array(a) if !a.is_empty() => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, depth + 1);
+                write_py_json(x, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push(']');
+        }
+        Value::Object(m) if !m.is_empty() => {
+            out.push('{');
+            for (i, (k, x)) in m.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, depth + 1);
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push_str(": ");
+                write_py_json(x, indent, depth + 1, out);
+            }
+            newline(out, depth);
+            out.push('}');
+        }
+        other => out.push_str(&other.to_string()),
+    }
 }
 
 /// A chat template may be one string or a list of named templates (`default` is used).
@@ -204,13 +261,30 @@ impl Tokenizer {
             })?),
             None => None,
         };
+        let template_source = pick_template(cfg.get("chat_template"));
         Ok(Self {
             inner,
             bos,
             eos,
             eos_ids,
             env,
+            template_source,
         })
+    }
+
+    /// Replaces the checkpoint's chat template (`--chat-template FILE`).
+    pub fn set_chat_template(&mut self, source: String) -> Result<()> {
+        let env = template_env(source.clone()).map_err(|e| {
+            TokenizerError::Template(format!("the chat template does not parse: {e}"))
+        })?;
+        self.env = Some(env);
+        self.template_source = Some(source);
+        Ok(())
+    }
+
+    /// The chat template's text, if there is one.
+    pub fn chat_template_source(&self) -> Option<&str> {
+        self.template_source.as_deref()
     }
 
     /// Number of ids, added tokens included (the model's `vocab_size` for generated models).
@@ -290,8 +364,17 @@ impl Tokenizer {
         if let Value::Object(m) = extra {
             ctx.extend(m.clone());
         }
-        let messages = serde_json::to_value(messages)
+        let mut messages = serde_json::to_value(messages)
             .map_err(|e| TokenizerError::Template(format!("messages: {e}")))?;
+        // As transformers does before rendering: keys whose value is None are dropped
+        // (`content: null` of a tool-call turn becomes an undefined `content`).
+        if let Value::Array(list) = &mut messages {
+            for m in list {
+                if let Value::Object(o) = m {
+                    o.retain(|_, v| !v.is_null());
+                }
+            }
+        }
         ctx.insert("messages".into(), messages);
         ctx.insert("add_generation_prompt".into(), add_generation_prompt.into());
         ctx.insert(

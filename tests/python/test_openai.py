@@ -238,7 +238,7 @@ def test_chat_stream(client, model):
         dict(max_tokens=-1),
         dict(max_tokens=10**7),
         dict(stop=[""]),
-        dict(extra_body={"no_such_parameter": 1}),
+        dict(extra_body={"use_beam_search": True}),
         dict(extra_body={"max_tokens": "many"}),
     ],
 )

@@ -5,6 +5,8 @@
 //! Text: prompts normally arrive as token ids (the router tokenizes). Token text and
 //! `text_delta` are left empty; the router, which holds the tokenizer, fills them in.
 
+use crate::engine::grammar::{Constraint, ConstraintKind};
+use crate::engine::logits::LogitsParams;
 use crate::engine::{Engine, EngineRequest, Event, SubmitError};
 use crate::generate::FinishReason as EngineFinish;
 use futures::Stream;
@@ -75,6 +77,36 @@ pub fn engine_request(r: &GenerateRequest) -> Result<EngineRequest, Status> {
     if r.max_tokens == 0 {
         return Err(Status::invalid_argument("max_tokens: must be >= 1"));
     }
+    let mut logit_bias: Vec<(u32, f32)> = r.logit_bias.iter().map(|(&t, &b)| (t, b)).collect();
+    logit_bias.sort_by_key(|&(t, _)| t);
+    let logits = LogitsParams {
+        presence_penalty: r.presence_penalty,
+        frequency_penalty: r.frequency_penalty,
+        repetition_penalty: if r.repetition_penalty == 0.0 {
+            1.0
+        } else {
+            r.repetition_penalty
+        },
+        logit_bias,
+        min_tokens: r.min_tokens as usize,
+        min_p: r.min_p,
+    };
+    let constraint = match &r.constraint {
+        None => None,
+        Some(c) => {
+            use shardseek_proto::v1::constraint::Kind;
+            let kind = match &c.kind {
+                Some(Kind::JsonSchema(s)) => ConstraintKind::JsonSchema(s.clone()),
+                Some(Kind::Regex(s)) => ConstraintKind::Regex(s.clone()),
+                Some(Kind::Lark(s)) => ConstraintKind::Lark(s.clone()),
+                None => return Err(Status::invalid_argument("constraint: no kind given")),
+            };
+            Some(Constraint {
+                kind,
+                start_after: c.start_after,
+            })
+        }
+    };
     if r.cache_salt.as_deref() == Some("") {
         return Err(Status::invalid_argument(
             "cache_salt: must be a non-empty string when given",
@@ -93,6 +125,8 @@ pub fn engine_request(r: &GenerateRequest) -> Result<EngineRequest, Status> {
         echo: r.echo,
         ignore_eos: r.ignore_eos,
         stop_token_ids: r.stop_token_ids.clone(),
+        logits,
+        constraint,
         cache_salt: r.cache_salt.clone(),
     })
 }
@@ -180,7 +214,7 @@ impl Attention for AttentionService {
                         reason,
                         prompt_tokens,
                         completion_tokens,
-                        ..
+                        cached_tokens,
                     }) => {
                         let chunk = GenerateChunk {
                             request_id: rid,
@@ -191,6 +225,7 @@ impl Attention for AttentionService {
                             usage: Some(Usage {
                                 prompt_tokens: prompt_tokens as u32,
                                 completion_tokens: completion_tokens as u32,
+                                cached_tokens: cached_tokens as u32,
                             }),
                             ..Default::default()
                         };

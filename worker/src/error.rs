@@ -30,6 +30,8 @@ pub enum Error {
     Input(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error("grammar: {0}")]
+    Grammar(String),
     #[error("generation failed: {0}")]
     Generation(String),
     #[error("expert dispatch failed at layer {layer}: {detail}")]

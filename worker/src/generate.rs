@@ -27,13 +27,9 @@ pub struct GenerateRequest {
     pub kv_dtype: KvDtype,
 }
 
-/// Why generation stopped (OpenAI's `finish_reason`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    Length,
-    Stop,
-}
+/// Why generation stopped: the one enum the engine, the HTTP API and `generate --json` share
+/// (the wire has its protobuf twin).
+pub use shardseek_router::openai::FinishReason;
 
 /// The result, in the JSON shape `shardseek generate --json` prints.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -101,6 +97,8 @@ pub fn generate(model: &Model, req: &GenerateRequest) -> Result<GenerateOutput> 
         ignore_eos: req.ignore_eos,
         stop_token_ids: Vec::new(),
         cache_salt: None,
+        logits: Default::default(),
+        constraint: None,
     };
     let events = run_blocking(model, cfg, vec![ereq])
         .pop()

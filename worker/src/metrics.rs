@@ -30,8 +30,14 @@ pub struct WorkerMetrics {
     preemptions: IntCounter,
     step_seconds: Counter,
     prefix_cache_seconds: Counter,
+    /// Grammar masks (structured output): time computing them beside the forward pass, and
+    /// the part of it steps waited for.
+    grammar_mask_seconds: Counter,
+    grammar_wait_seconds: Counter,
+    grammar_masks: IntCounter,
+    steps: IntCounter,
     /// Nanosecond totals last copied into the two float counters above.
-    last_nanos: Mutex<[u64; 2]>,
+    last_nanos: Mutex<[u64; 6]>,
     /// Round trip of one MoE layer's dispatch + combine, seen by the attention pod.
     pub dispatch_duration: Histogram,
     /// Bytes of rows sent and received by dispatch.
@@ -106,6 +112,22 @@ impl WorkerMetrics {
             "shardseek_prefix_cache_seconds_total",
             "Of the step time, the time spent keying, verifying and registering prefix-cache blocks",
         );
+        let grammar_mask_seconds = fc(
+            "shardseek_grammar_mask_seconds_total",
+            "Time computing grammar masks (structured output), on a thread beside the forward pass",
+        );
+        let grammar_wait_seconds = fc(
+            "shardseek_grammar_mask_wait_seconds_total",
+            "Of the grammar-mask time, what steps waited for after their forward pass had finished",
+        );
+        let grammar_masks = ic(
+            "shardseek_grammar_masks_total",
+            "Grammar masks computed (one per constrained sequence per decode step)",
+        );
+        let steps = ic(
+            "shardseek_engine_steps_total",
+            "Forward steps of the engine (the denominator of per-step costs)",
+        );
         let preemptions = ic(
             "shardseek_preemptions_total",
             "Requests preempted for KV space",
@@ -151,7 +173,11 @@ impl WorkerMetrics {
             preemptions,
             step_seconds,
             prefix_cache_seconds,
-            last_nanos: Mutex::new([0; 2]),
+            last_nanos: Mutex::new([0; 6]),
+            grammar_mask_seconds,
+            grammar_wait_seconds,
+            grammar_masks,
+            steps,
             dispatch_duration,
             dispatch_bytes,
             expert_tokens,
@@ -200,16 +226,26 @@ impl WorkerMetrics {
             let nanos = [
                 s.step_nanos.load(Ordering::Relaxed),
                 s.prefix_cache_nanos.load(Ordering::Relaxed),
+                s.grammar_mask_nanos_total.load(Ordering::Relaxed),
+                s.grammar_wait_nanos_total.load(Ordering::Relaxed),
             ];
             if let Ok(mut last) = self.last_nanos.lock() {
-                for ((c, n), l) in [&self.step_seconds, &self.prefix_cache_seconds]
-                    .iter()
-                    .zip(nanos)
-                    .zip(last.iter_mut())
-                {
+                let counters = [
+                    &self.step_seconds,
+                    &self.prefix_cache_seconds,
+                    &self.grammar_mask_seconds,
+                    &self.grammar_wait_seconds,
+                ];
+                for ((c, n), l) in counters.iter().zip(nanos).zip(last.iter_mut()) {
                     c.inc_by(n.saturating_sub(*l) as f64 * 1e-9);
                     *l = n.max(*l);
                 }
+                let masks = s.grammar_masks_total.load(Ordering::Relaxed);
+                self.grammar_masks.inc_by(masks.saturating_sub(last[4]));
+                last[4] = masks.max(last[4]);
+                let steps = s.steps_total.load(Ordering::Relaxed);
+                self.steps.inc_by(steps.saturating_sub(last[5]));
+                last[5] = steps.max(last[5]);
             }
         }
         let mut buf = Vec::new();

@@ -223,7 +223,21 @@ pub async fn serve_attention(
 ) -> Result<()> {
     let fingerprint = shardseek_proto::fingerprint_from_model_dir(&cfg.model)
         .map_err(|e| Error::Input(format!("fingerprint of {}: {e}", cfg.model.display())))?;
-    let engine = Engine::start(model, cfg.engine.clone());
+    // Structured output needs the token bytes; a checkpoint without tokenizer.json serves
+    // everything else and refuses constraints.
+    let tok_path = cfg.model.join("tokenizer.json");
+    let grammar = if tok_path.exists() {
+        let (vocab, eos) = (model.cfg.vocab_size, model.cfg.eos_token_ids.clone());
+        let compiler = tokio::task::spawn_blocking(move || {
+            crate::engine::grammar::GrammarCompiler::from_tokenizer_file(&tok_path, vocab, &eos)
+        })
+        .await
+        .map_err(|e| Error::Input(format!("grammar setup task failed: {e}")))??;
+        Some(Arc::new(compiler))
+    } else {
+        None
+    };
+    let engine = Engine::start_with_grammar(model, cfg.engine.clone(), grammar);
     let svc = AttentionServer::new(AttentionService::new(engine.clone(), fingerprint))
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);

@@ -30,6 +30,53 @@ pub struct TokenRequest {
     pub stop_token_ids: Vec<u32>,
     /// Prefix-cache isolation: only requests with the same salt share cached KV blocks.
     pub cache_salt: Option<String>,
+    /// Penalties, bias, min_tokens, min_p (the engine's stage before selection).
+    pub logits: LogitsFields,
+    /// A grammar the output must follow.
+    pub constraint: Option<Constraint>,
+}
+
+/// The logits-processing parameters of a request; the default is neutral (nothing changes).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogitsFields {
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// 1 is off.
+    pub repetition_penalty: f32,
+    /// (token id, bias), sorted by id.
+    pub logit_bias: Vec<(u32, f32)>,
+    pub min_tokens: usize,
+    pub min_p: f32,
+}
+
+impl Default for LogitsFields {
+    fn default() -> Self {
+        Self {
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
+            min_tokens: 0,
+            min_p: 0.0,
+        }
+    }
+}
+
+/// What constrained decoding enforces.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ConstraintKind {
+    /// JSON Schema text.
+    JsonSchema(String),
+    Regex(String),
+    /// Lark grammar, llguidance dialect (special tokens as `<[id]>`).
+    Lark(String),
+}
+
+/// A constraint and the token after which it applies (None: from the first token).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Constraint {
+    pub kind: ConstraintKind,
+    pub start_after: Option<u32>,
 }
 
 /// Why a generation ended.
@@ -103,11 +150,14 @@ pub trait Backend: Send + Sync + 'static {
     fn ready(&self) -> bool;
 }
 
-/// One chat message as the template sees it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
+/// How to render a chat template, besides the messages.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TemplateOptions {
+    pub add_generation_prompt: bool,
+    /// `tools` as OpenAI sends them (templates that describe tools read this).
+    pub tools: Option<serde_json::Value>,
+    /// `chat_template_kwargs`: extra template variables (e.g. `thinking: true` for V3.1).
+    pub kwargs: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Text side of the model: tokenizer and chat template. Optional: without one, the server takes
@@ -117,10 +167,22 @@ pub trait TextCodec: Send + Sync + 'static {
     /// Decodes ids; bytes of an incomplete UTF-8 sequence come out as U+FFFD (the incremental
     /// detokeniser relies on that to wait for the rest of a character).
     fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, String>;
-    /// Renders the messages with the model's chat template (`tokenizer_config.json`).
+    /// Renders the messages (OpenAI-shaped JSON objects) with the model's chat template.
     fn apply_chat_template(
         &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
+        messages: &[serde_json::Value],
+        opts: &TemplateOptions,
     ) -> Result<String, String>;
+    /// The id of the single token spelled `token` (special tokens such as `</think>`).
+    fn token_id(&self, _token: &str) -> Option<u32> {
+        None
+    }
+    /// Ids that end generation (their text is never part of a reply).
+    fn eos_token_ids(&self) -> Vec<u32> {
+        Vec::new()
+    }
+    /// The chat template's source, when there is one (reasoning-parser auto-detection).
+    fn chat_template_source(&self) -> Option<String> {
+        None
+    }
 }

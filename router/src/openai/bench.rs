@@ -45,6 +45,9 @@ pub struct BenchConfig {
     pub seed: u64,
     /// Give up on one request after this long.
     pub request_timeout: Duration,
+    /// A JSON Schema every request's output must follow (`response_format: json_schema`), to
+    /// measure constrained decoding against the same load without it.
+    pub json_schema: Option<serde_json::Value>,
 }
 
 /// Why the benchmark could not run (failed requests are counted, not errors).
@@ -189,18 +192,22 @@ pub async fn run(cfg: BenchConfig) -> Result<BenchReport, BenchError> {
                 .map(|_| (shared.next() % u64::from(cfg.vocab)) as u32)
                 .chain((0..cfg.input_len).map(|_| (rng.next() % u64::from(cfg.vocab)) as u32))
                 .collect();
-            Bytes::from(
-                serde_json::json!({
-                    "model": model,
-                    "prompt": prompt,
-                    "max_tokens": cfg.output_len,
-                    "temperature": 0.0,
-                    "ignore_eos": true,
-                    "stream": true,
-                    "stream_options": { "include_usage": true },
-                })
-                .to_string(),
-            )
+            let mut body = serde_json::json!({
+                "model": model,
+                "prompt": prompt,
+                "max_tokens": cfg.output_len,
+                "temperature": 0.0,
+                "ignore_eos": true,
+                "stream": true,
+                "stream_options": { "include_usage": true },
+            });
+            if let Some(schema) = &cfg.json_schema {
+                body["response_format"] = serde_json::json!({
+                    "type": "json_schema",
+                    "json_schema": {"name": "bench", "schema": schema},
+                });
+            }
+            Bytes::from(body.to_string())
         }
     };
 

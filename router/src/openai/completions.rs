@@ -56,7 +56,7 @@ struct PromptIn {
 async fn run(st: &AppState, req: Request, started: Instant) -> Result<Reply, ApiError> {
     let body: CompletionRequest = read_json(req).await?;
     st.check_model(body.model.as_deref())?;
-    let sampling = body.sampling()?;
+    let sampling = body.sampling(&st.defaults)?;
     let logprobs = body.logprobs()?;
     let echo = body.echo.unwrap_or(false);
     let stream = body.stream.unwrap_or(false);
@@ -164,11 +164,15 @@ async fn run(st: &AppState, req: Request, started: Instant) -> Result<Reply, Api
                     echo: echo && (logprobs.is_some() || max_tokens == 0),
                     ignore_eos: sampling.ignore_eos,
                     stop_token_ids: sampling.stop_token_ids.clone(),
+                    logits: sampling.logits.clone(),
+                    constraint: super::types::constraint_of(sampling.constraint.clone(), None),
                     cache_salt: sampling.cache_salt.clone(),
                 },
                 stop: sampling.stop.clone(),
                 logprobs: logprobs.is_some(),
                 prompt_only: max_tokens == 0,
+                skip_special_tokens: sampling.skip_special_tokens,
+                include_stop: sampling.include_stop_str_in_output,
             });
         }
     }

@@ -32,6 +32,11 @@ pub struct ChoiceSpec {
     /// Only the prompt's log-probs are wanted (`max_tokens: 0` with echo): the choice ends, and
     /// the backend request is aborted, as soon as they arrive.
     pub prompt_only: bool,
+    /// Drop special tokens from the text (`skip_special_tokens`; chat keeps them while a tool
+    /// parser needs its markers).
+    pub skip_special_tokens: bool,
+    /// `include_stop_str_in_output`.
+    pub include_stop: bool,
 }
 
 /// A generated token as the reply reports it.
@@ -105,23 +110,58 @@ pub async fn start(
     specs: Vec<ChoiceSpec>,
     started: Instant,
 ) -> Result<BoxStream<'static, ChoiceEvent>, ApiError> {
-    let streams = futures::future::try_join_all(
-        specs
-            .iter()
-            .map(|s| state.backend.generate(s.request.clone())),
-    )
-    .await?;
+    // n samples of one prompt: the first starts alone and the others once it produced its first
+    // event. By then its prompt is prefilled and its full KV blocks are in the pod's prefix
+    // cache, so the others reuse them: the prompt is prefilled once, not n times (only its last
+    // partial block is recomputed per sample).
+    let shared = specs.len() > 1
+        && !specs[0].request.echo
+        && specs
+            .windows(2)
+            .all(|w| w[0].request.prompt == w[1].request.prompt);
+    let streams: Vec<TokenStream> = if shared {
+        let mut first = state.backend.generate(specs[0].request.clone()).await?;
+        let head = first.next().await;
+        if let Some(Err(e)) = &head {
+            return Err(e.clone().into());
+        }
+        let rest = futures::future::try_join_all(
+            specs[1..]
+                .iter()
+                .map(|s| state.backend.generate(s.request.clone())),
+        )
+        .await?;
+        std::iter::once(stream::iter(head).chain(first).boxed())
+            .chain(rest)
+            .collect()
+    } else {
+        futures::future::try_join_all(
+            specs
+                .iter()
+                .map(|s| state.backend.generate(s.request.clone())),
+        )
+        .await?
+    };
     let choices = specs.into_iter().zip(streams).map(|(spec, stream)| {
         state
             .metrics
             .prompt_tokens
             .inc_by(spec.request.prompt.len() as u64);
+        // With special tokens kept, the ids that end generation still never become text.
+        let mut ends = state
+            .codec
+            .as_ref()
+            .map(|c| c.eos_token_ids())
+            .unwrap_or_default();
+        ends.extend(&spec.request.stop_token_ids);
         let choice = Choice {
             index: spec.index,
             stream: Some(stream),
             codec: state.codec.clone(),
-            decoder: IncrementalDecoder::default(),
-            stop: StopMatcher::new(spec.stop),
+            decoder: IncrementalDecoder::new(spec.skip_special_tokens),
+            skip_special: spec.skip_special_tokens,
+            ends,
+            stop: StopMatcher::new(spec.stop).including_stop(spec.include_stop),
             logprobs: spec.logprobs,
             prompt_only: spec.prompt_only,
             prompt_tokens: spec.request.prompt.len(),
@@ -146,6 +186,8 @@ struct Choice {
     stream: Option<TokenStream>,
     codec: Option<Arc<dyn TextCodec>>,
     decoder: IncrementalDecoder,
+    skip_special: bool,
+    ends: Vec<u32>,
     stop: StopMatcher,
     logprobs: bool,
     prompt_only: bool,
@@ -183,6 +225,9 @@ impl Choice {
     }
 
     fn decode(&mut self, id: u32) -> Result<String, ApiError> {
+        if !self.skip_special && self.ends.contains(&id) {
+            return Ok(String::new());
+        }
         match &self.codec {
             Some(c) => self.decoder.push(c.as_ref(), id).map_err(decode_error),
             None => Ok(String::new()),
@@ -340,12 +385,14 @@ pub async fn collect(
 }
 
 /// Total usage of a request: the prompt of each of its prompts once (n samples share it), the
-/// completion tokens of every choice.
-#[derive(Clone, Copy, Debug, Default)]
+/// completion tokens of every choice, and per prompt the most cached tokens any of its samples
+/// had (the later samples of a prompt reuse the first one's KV blocks).
+#[derive(Clone, Debug, Default)]
 pub struct UsageTotal {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
-    pub cached_tokens: usize,
+    /// Per prompt (choice index / n): cached prompt tokens.
+    cached: Vec<usize>,
 }
 
 impl UsageTotal {
@@ -353,9 +400,18 @@ impl UsageTotal {
     pub fn add(&mut self, index: usize, n: usize, u: &Usage) {
         if index.is_multiple_of(n) {
             self.prompt_tokens += u.prompt_tokens;
-            self.cached_tokens += u.cached_tokens;
         }
+        let p = index / n.max(1);
+        if self.cached.len() <= p {
+            self.cached.resize(p + 1, 0);
+        }
+        self.cached[p] = self.cached[p].max(u.cached_tokens);
         self.completion_tokens += u.completion_tokens;
+    }
+
+    /// Prompt tokens served from the prefix cache.
+    pub fn cached_tokens(&self) -> usize {
+        self.cached.iter().sum()
     }
 
     pub fn json(&self) -> Value {
@@ -363,7 +419,7 @@ impl UsageTotal {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": { "cached_tokens": self.cached_tokens },
+            "prompt_tokens_details": { "cached_tokens": self.cached_tokens() },
         })
     }
 }

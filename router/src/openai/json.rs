@@ -37,6 +37,17 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
+        if path == "." && inner.classify() == serde_json::error::Category::Data {
+            // A flattened field (the shared sampling parameters) loses its path in serde;
+            // parsing those parameters alone finds it again.
+            let mut de = serde_json::Deserializer::from_slice(bytes);
+            if let Err(e) =
+                serde_path_to_error::deserialize::<_, super::types::SamplingRequest>(&mut de)
+            {
+                let path = e.path().to_string();
+                return describe(path, e.inner());
+            }
+        }
         describe(path, &inner)
     })?;
     de.end().map_err(|e| describe(".".into(), &e))?;

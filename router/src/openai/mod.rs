@@ -8,11 +8,16 @@
 //! for an unknown model, 429/503 to retry later; never a 500 for bad input.
 //!
 //! Decisions where OpenAI's API is silent or this server differs:
-//! - Unknown request fields are refused (400 naming them) rather than ignored, so a typo in a
-//!   parameter name is not silently a different request. Documented OpenAI fields this server
-//!   cannot honour (penalties, logit_bias, tools, suffix, best_of ≠ n) are refused when set to
-//!   anything but their neutral value.
-//! - Extensions, as vLLM names them: `top_k`, `ignore_eos`, `stop_token_ids`.
+//! - Unknown request fields are accepted, ignored and logged, as vLLM does; documented
+//!   OpenAI/vLLM fields this server does not implement (beam search, `bad_words`, `suffix`,
+//!   `best_of` ≠ n, …) are refused by name unless set to their neutral value (see [`types`]).
+//! - Extensions, as vLLM names them: `top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
+//!   `ignore_eos`, `stop_token_ids`, `skip_special_tokens`, `include_stop_str_in_output`,
+//!   `structured_outputs` / `guided_*`, `chat_template_kwargs`; `/tokenize`, `/detokenize`.
+//! - `--api-key`: every `/v1/*` and `/tokenize`/`/detokenize` call needs `Authorization: Bearer
+//!   KEY` (401 otherwise, OpenAI's body); `/health`, `/ready`, `/metrics` stay open for probes.
+//! - `X-Request-Id` is taken from the request (or made up), returned on the response, and
+//!   carried into the log lines and the attention pod's request id.
 //! - `n` samples of one prompt with a `seed` use seeds `seed`, `seed + 1`, …; usage counts the
 //!   prompt once per prompt and the completion tokens of every choice.
 //! - Stop strings are matched on the detokenised text; the text ends right before the match, the
@@ -29,15 +34,19 @@ pub mod error;
 mod generate;
 pub mod json;
 pub mod metrics;
+mod ops;
+pub mod reasoning;
 pub mod text;
+pub mod tools;
 pub mod types;
 
 pub use backend::{
-    Backend, BackendError, ChatMessage, FinishReason, TextCodec, TokenEvent, TokenRequest,
+    Backend, BackendError, FinishReason, TemplateOptions, TextCodec, TokenEvent, TokenRequest,
     TokenStream,
 };
 pub use error::ApiError;
 pub use metrics::Metrics;
+pub use ops::current_request_id;
 
 use axum::Router;
 use axum::extract::{Path, State};
@@ -60,6 +69,14 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Unix time the server started (`created` of the model object).
     pub created: u64,
+    /// The checkpoint's `generation_config.json` defaults.
+    pub defaults: types::GenerationDefaults,
+    /// Split `<think>` reasoning into `reasoning_content` (the DeepSeek-R1 parser).
+    pub reasoning: bool,
+    /// Required bearer token, if any.
+    pub api_key: Option<String>,
+    /// CORS origins (`*` for any); empty: no CORS headers.
+    pub allowed_origins: Vec<String>,
 }
 
 impl AppState {
@@ -77,6 +94,10 @@ impl AppState {
             max_model_len,
             metrics,
             created: completions::now_secs(),
+            defaults: types::GenerationDefaults::default(),
+            reasoning: false,
+            api_key: None,
+            allowed_origins: vec!["*".into()],
         }
     }
 
@@ -120,8 +141,14 @@ pub fn router(state: AppState) -> Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
+        .route("/tokenize", post(ops::tokenize))
+        .route("/detokenize", post(ops::detokenize))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            ops::front_door,
+        ))
         .with_state(state)
 }
 
@@ -211,8 +238,8 @@ async fn metrics(State(st): State<AppState>) -> Response {
     }
 }
 
-/// The OpenAPI 3 document of this API (hand-written: the request types refuse unknown fields,
-/// and the document says so with `additionalProperties: false`).
+/// The OpenAPI 3 document of this API (hand-written; request schemas list the implemented
+/// fields and allow others, which the server logs and ignores).
 pub const OPENAPI: &str = include_str!("openapi.json");
 
 async fn openapi() -> Response {

@@ -9,19 +9,36 @@ use super::backend::TextCodec;
 /// decoding the whole list each step is quadratic, so, as Hugging Face TGI does, it decodes a
 /// window `ids[prefix..]` and emits what it adds past `ids[prefix..read]` once the new text does
 /// not end in U+FFFD (the replacement character of an incomplete sequence).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct IncrementalDecoder {
     ids: Vec<u32>,
     prefix: usize,
     read: usize,
+    skip_special: bool,
+}
+
+impl Default for IncrementalDecoder {
+    fn default() -> Self {
+        Self::new(true)
+    }
 }
 
 impl IncrementalDecoder {
+    /// A decoder that drops special tokens (`skip_special_tokens`) or keeps their text.
+    pub fn new(skip_special: bool) -> Self {
+        Self {
+            ids: Vec::new(),
+            prefix: 0,
+            read: 0,
+            skip_special,
+        }
+    }
+
     /// Adds one token; returns the text it completes (often empty while a character is split).
     pub fn push(&mut self, codec: &dyn TextCodec, id: u32) -> Result<String, String> {
         self.ids.push(id);
-        let prefix_text = codec.decode(&self.ids[self.prefix..self.read], true)?;
-        let new_text = codec.decode(&self.ids[self.prefix..], true)?;
+        let prefix_text = codec.decode(&self.ids[self.prefix..self.read], self.skip_special)?;
+        let new_text = codec.decode(&self.ids[self.prefix..], self.skip_special)?;
         if new_text.len() > prefix_text.len()
             && !new_text.ends_with('\u{FFFD}')
             && let Some(piece) = new_text.get(prefix_text.len()..)
@@ -37,8 +54,8 @@ impl IncrementalDecoder {
     /// The text not yet released (at the end of a generation: an incomplete character comes out
     /// as U+FFFD rather than being lost).
     pub fn flush(&mut self, codec: &dyn TextCodec) -> Result<String, String> {
-        let prefix_text = codec.decode(&self.ids[self.prefix..self.read], true)?;
-        let new_text = codec.decode(&self.ids[self.prefix..], true)?;
+        let prefix_text = codec.decode(&self.ids[self.prefix..self.read], self.skip_special)?;
+        let new_text = codec.decode(&self.ids[self.prefix..], self.skip_special)?;
         self.prefix = self.ids.len();
         self.read = self.ids.len();
         Ok(new_text
@@ -53,6 +70,8 @@ impl IncrementalDecoder {
 pub struct StopMatcher {
     stops: Vec<String>,
     pending: String,
+    /// `include_stop_str_in_output`: the matched stop string ends the released text.
+    include: bool,
 }
 
 /// What [`StopMatcher::push`] releases.
@@ -69,15 +88,29 @@ impl StopMatcher {
         Self {
             stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
             pending: String::new(),
+            include: false,
         }
+    }
+
+    /// Keep the stop string that matched at the end of the text (vLLM's
+    /// `include_stop_str_in_output`).
+    pub fn including_stop(mut self, include: bool) -> Self {
+        self.include = include;
+        self
     }
 
     pub fn push(&mut self, text: &str) -> Released {
         self.pending.push_str(text);
         // Matches can only start in `pending`: any earlier text was released because no suffix
         // of it began a stop string.
-        if let Some(pos) = self.stops.iter().filter_map(|s| self.pending.find(s)).min() {
-            let text = self.pending[..pos].to_string();
+        if let Some((pos, len)) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s).map(|p| (p, s.len())))
+            .min()
+        {
+            let end = if self.include { pos + len } else { pos };
+            let text = self.pending[..end].to_string();
             self.pending.clear();
             return Released {
                 text,
@@ -119,7 +152,7 @@ impl StopMatcher {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::openai::backend::ChatMessage;
+    use crate::openai::backend::TemplateOptions;
 
     /// Token id = byte value.
     struct Bytes;
@@ -131,7 +164,11 @@ mod tests {
             let b: Vec<u8> = ids.iter().map(|&i| i as u8).collect();
             Ok(String::from_utf8_lossy(&b).into_owned())
         }
-        fn apply_chat_template(&self, _: &[ChatMessage], _: bool) -> Result<String, String> {
+        fn apply_chat_template(
+            &self,
+            _: &[serde_json::Value],
+            _: &TemplateOptions,
+        ) -> Result<String, String> {
             Err("none".into())
         }
     }
@@ -176,6 +213,10 @@ mod tests {
         assert_eq!(m.push("X").text, "EX");
         assert_eq!(m.push("EN").text, "");
         assert_eq!(m.flush(), "EN");
+        let mut m = StopMatcher::new(vec!["END".into()]).including_stop(true);
+        assert_eq!(m.push("abEN").text, "ab");
+        let r = m.push("Dx");
+        assert_eq!((r.text.as_str(), r.stopped), ("END", true));
         // The earliest of two matches wins.
         let mut m = StopMatcher::new(vec!["b".into(), "a".into()]);
         let r = m.push("xxabx");

@@ -18,6 +18,7 @@ fn config(url: &str) -> BenchConfig {
         vocab: 200,
         seed: 7,
         request_timeout: Duration::from_secs(20),
+        json_schema: None,
     }
 }
 

@@ -139,15 +139,23 @@ async fn chat_refusals() {
         ),
         (
             json!({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}),
-            "tools",
+            "tools[0].function",
         ),
         (
-            json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}),
-            "response_format",
+            json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}),
+            "response_format.type",
         ),
         (
-            json!({"messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5}),
+            json!({"messages": [{"role": "user", "content": "x"}], "presence_penalty": 2.5}),
             "presence_penalty",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "use_beam_search": true}),
+            "use_beam_search",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}),
+            "tool_choice",
         ),
         (
             json!({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}),
@@ -160,12 +168,13 @@ async fn chat_refusals() {
         assert_eq!(v["error"]["param"], param, "{body} -> {v}");
         assert_eq!(v["error"]["type"], "invalid_request_error");
     }
-    // Neutral values of unsupported fields are fine.
+    // Neutral values of unsupported fields, and unknown fields, are fine.
     let (st, v) = post(
         &url,
         &json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 1, "presence_penalty": 0,
                 "frequency_penalty": 0, "logit_bias": {}, "tools": [], "response_format": {"type": "text"},
-                "user": "u", "store": false, "tool_choice": "none"}),
+                "user": "u", "store": false, "tool_choice": "none", "use_beam_search": false,
+                "some_future_field": {"a": 1}}),
     )
     .await;
     assert_eq!(st, 200, "{v}");
@@ -177,4 +186,35 @@ async fn chat_refusals() {
     .await;
     assert_eq!(st, 400);
     assert_eq!(v["error"]["param"], "messages");
+}
+
+/// n samples of one prompt: the others start once the first produced its first token (its
+/// prompt prefilled and in the prefix cache), so the prompt is prefilled once.
+#[tokio::test]
+async fn n_samples_start_after_the_first_is_prefilled() {
+    use std::sync::atomic::Ordering;
+    let s = serve().await;
+    *s.backend.token_delay.lock().unwrap() = std::time::Duration::from_millis(300);
+    let url = format!("{}/v1/chat/completions", s.url);
+    let req = tokio::spawn(async move {
+        post(
+            &url,
+            &json!({"messages": [{"role": "user", "content": "hi"}], "n": 3, "max_tokens": 2, "temperature": 0}),
+        )
+        .await
+    });
+    crate::fake::eventually("the first sample started", || {
+        s.backend.started.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    assert_eq!(
+        s.backend.started.load(Ordering::SeqCst),
+        1,
+        "the other samples wait for the first one's prefill"
+    );
+    let (st, v) = req.await.unwrap();
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["choices"].as_array().unwrap().len(), 3);
+    assert_eq!(s.backend.started.load(Ordering::SeqCst), 3);
 }

@@ -20,7 +20,10 @@ async fn bad_parameters_are_400_naming_them() {
     let s = serve().await;
     let url = format!("{}/v1/completions", s.url);
     let cases = [
-        (json!({"prompt": "x", "bogus": 1}), Some("bogus")),
+        (
+            json!({"prompt": "x", "use_beam_search": true}),
+            Some("use_beam_search"),
+        ),
         (
             json!({"prompt": "x", "max_tokens": "ten"}),
             Some("max_tokens"),
@@ -57,19 +60,11 @@ async fn bad_parameters_are_400_naming_them() {
             Some("stream_options"),
         ),
         (
-            json!({"prompt": "x", "stream": true, "stream_options": {"bogus": true}}),
-            Some("stream_options.bogus"),
-        ),
-        (
-            json!({"prompt": "x", "frequency_penalty": 1}),
-            Some("frequency_penalty"),
-        ),
-        (
             json!({"prompt": "x", "frequency_penalty": 9}),
             Some("frequency_penalty"),
         ),
         (
-            json!({"prompt": "x", "logit_bias": {"1": 5}}),
+            json!({"prompt": "x", "logit_bias": {"one": 5}}),
             Some("logit_bias"),
         ),
         (json!({"prompt": "x", "best_of": 3}), Some("best_of")),

@@ -4,7 +4,7 @@
 use futures::future::BoxFuture;
 use futures::stream::{self, StreamExt};
 use shardseek_router::openai::{
-    AppState, Backend, BackendError, ChatMessage, FinishReason, Metrics, TextCodec, TokenEvent,
+    AppState, Backend, BackendError, FinishReason, Metrics, TemplateOptions, TextCodec, TokenEvent,
     TokenRequest, TokenStream,
 };
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -172,17 +172,19 @@ impl TextCodec for ByteCodec {
 
     fn apply_chat_template(
         &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
+        messages: &[serde_json::Value],
+        opts: &TemplateOptions,
     ) -> Result<String, String> {
         let mut s = String::new();
         for m in messages {
-            if m.role == "assistant" && m.content.contains("{%") {
+            let role = m["role"].as_str().unwrap_or_default();
+            let content = m["content"].as_str().unwrap_or_default();
+            if role == "assistant" && content.contains("{%") {
                 return Err("template error: raise_exception('bad assistant turn')".into());
             }
-            s.push_str(&format!("{}:{}\n", m.role, m.content));
+            s.push_str(&format!("{role}:{content}\n"));
         }
-        if add_generation_prompt {
+        if opts.add_generation_prompt {
             s.push_str("assistant:");
         }
         Ok(s)
@@ -201,14 +203,20 @@ pub async fn serve() -> Server {
 }
 
 pub async fn serve_with(codec: bool) -> Server {
+    serve_configured(codec, |_| {}).await
+}
+
+/// A server whose state `configure` adjusts first (API key, CORS origins, …).
+pub async fn serve_configured(codec: bool, configure: impl FnOnce(&mut AppState)) -> Server {
     let backend = Arc::new(FakeBackend::default());
-    let state = AppState::new(
+    let mut state = AppState::new(
         Arc::new(SharedBackend(backend.clone())),
         codec.then(|| Arc::new(ByteCodec) as Arc<dyn TextCodec>),
         MODEL,
         MAX_MODEL_LEN,
         Metrics::new().expect("metrics"),
     );
+    configure(&mut state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

@@ -148,9 +148,10 @@ async fn openapi_document_covers_the_api() {
         assert!(!op["responses"].as_object().unwrap().is_empty());
     }
     check_refs(&doc, &doc);
-    // The request schemas list the fields the server accepts, and nothing else.
+    // The request schemas list the fields the server implements; others are accepted (and
+    // ignored with a log line), as vLLM does.
     let req = &doc["components"]["schemas"]["CompletionRequest"];
-    assert_eq!(req["additionalProperties"], false);
+    assert_eq!(req["additionalProperties"], true);
     for f in [
         "prompt",
         "max_tokens",
@@ -159,7 +160,171 @@ async fn openapi_document_covers_the_api() {
         "echo",
         "stream_options",
         "ignore_eos",
+        "min_p",
+        "repetition_penalty",
+        "min_tokens",
+        "structured_outputs",
     ] {
         assert!(req["properties"][f].is_object(), "{f}");
     }
+    let chat = &doc["components"]["schemas"]["ChatCompletionRequest"];
+    for f in [
+        "tools",
+        "tool_choice",
+        "response_format",
+        "chat_template_kwargs",
+    ] {
+        assert!(chat["properties"][f].is_object(), "{f}");
+    }
+    for (path, method) in [("/tokenize", "post"), ("/detokenize", "post")] {
+        assert!(doc["paths"][path][method].is_object(), "{method} {path}");
+    }
+}
+
+/// A raw request with headers; returns status, the response headers and the body.
+async fn send(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> (u16, hyper::HeaderMap, Value) {
+    use http_body_util::{BodyExt, Full};
+    let mut b = hyper::Request::builder().method(method).uri(url);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let body = body.map(|v| v.to_string()).unwrap_or_default();
+    let req = b
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let resp = crate::client::client().request(req).await.expect("request");
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (parts.status.as_u16(), parts.headers, v)
+}
+
+#[tokio::test]
+async fn api_key_is_required_where_it_should_be() {
+    let s = crate::fake::serve_configured(true, |st| st.api_key = Some("sekret".into())).await;
+    let body = json!({"prompt": "hi", "max_tokens": 1});
+    let url = format!("{}/v1/completions", s.url);
+    let (st, _, v) = send("POST", &url, &[], Some(body.clone())).await;
+    assert_eq!(st, 401, "{v}");
+    assert_eq!(v["error"]["code"], "invalid_api_key");
+    let (st, _, _) = send(
+        "POST",
+        &url,
+        &[("authorization", "Bearer wrong!")],
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(st, 401);
+    let (st, _, v) = send(
+        "POST",
+        &url,
+        &[("authorization", "Bearer sekret")],
+        Some(body),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, _, _) = send(
+        "POST",
+        &format!("{}/tokenize", s.url),
+        &[],
+        Some(json!({"prompt": "a"})),
+    )
+    .await;
+    assert_eq!(st, 401);
+    // Probes and metrics stay open.
+    assert_eq!(get(&format!("{}/health", s.url)).await.0, 200);
+    assert_eq!(get(&format!("{}/metrics", s.url)).await.0, 200);
+}
+
+#[tokio::test]
+async fn request_id_and_cors() {
+    let s = serve().await;
+    let url = format!("{}/v1/completions", s.url);
+    let body = json!({"prompt": "hi", "max_tokens": 1});
+    let (st, h, _) = send(
+        "POST",
+        &url,
+        &[("x-request-id", "abc-123")],
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(h["x-request-id"], "abc-123");
+    // A refused request carries its id too; a made-up id when the client sent none.
+    let (st, h, _) = send("POST", &url, &[], Some(json!({"prompt": "hi", "n": 0}))).await;
+    assert_eq!(st, 400);
+    assert!(h["x-request-id"].to_str().unwrap().starts_with("req-"));
+    let (st, h, _) = send(
+        "OPTIONS",
+        &url,
+        &[
+            ("origin", "https://app.example"),
+            ("access-control-request-method", "POST"),
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(st, 204);
+    assert_eq!(h["access-control-allow-origin"], "*");
+    assert!(
+        h["access-control-allow-methods"]
+            .to_str()
+            .unwrap()
+            .contains("POST")
+    );
+    let (_, h, _) = send(
+        "POST",
+        &url,
+        &[("origin", "https://app.example")],
+        Some(body),
+    )
+    .await;
+    assert_eq!(h["access-control-allow-origin"], "*");
+    let s = crate::fake::serve_configured(true, |st| {
+        st.allowed_origins = vec!["https://ok.example".into()]
+    })
+    .await;
+    let url = format!("{}/v1/models", s.url);
+    let (_, h, _) = send("GET", &url, &[("origin", "https://evil.example")], None).await;
+    assert!(h.get("access-control-allow-origin").is_none());
+    let (_, h, _) = send("GET", &url, &[("origin", "https://ok.example")], None).await;
+    assert_eq!(h["access-control-allow-origin"], "https://ok.example");
+}
+
+#[tokio::test]
+async fn tokenize_and_detokenize() {
+    let s = serve().await;
+    let (st, v) = post(&format!("{}/tokenize", s.url), &json!({"prompt": "hi"})).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["tokens"], json!([104, 105]));
+    assert_eq!(v["count"], 2);
+    assert_eq!(v["max_model_len"], MAX_MODEL_LEN);
+    let (st, v) = post(
+        &format!("{}/tokenize", s.url),
+        &json!({"messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["count"], "user:hi\nassistant:".len());
+    let (st, v) = post(
+        &format!("{}/detokenize", s.url),
+        &json!({"tokens": [104, 105]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["prompt"], "hi");
+    let (st, v) = post(&format!("{}/tokenize", s.url), &json!({})).await;
+    assert_eq!(st, 400, "{v}");
+    let (st, _) = post(
+        &format!("{}/tokenize", s.url),
+        &json!({"prompt": "x", "model": "other"}),
+    )
+    .await;
+    assert_eq!(st, 404);
 }

@@ -14,6 +14,8 @@
 //! selection. [`run_blocking`] drives the same scheduling loop on the calling thread; that is
 //! how `shardseek generate` runs a request in process, so there is one generation loop.
 
+pub mod grammar;
+pub mod logits;
 pub mod sampler;
 mod scheduler;
 

@@ -1,5 +1,7 @@
 //! Scheduling loop of the engine; see the module docs of `engine`.
 
+use super::grammar::{Constraint, Grammar, GrammarCompiler};
+use super::logits::{GrammarMask, LogitsParams, LogitsStage, MaskSlot};
 use super::sampler::{Sampler, SeqContext, SeqParams, SeqSampler};
 use crate::generate::FinishReason;
 use crate::kv::{KvDtype, KvPool, SeqCache};
@@ -61,6 +63,10 @@ pub struct EngineRequest {
     /// Prefix-cache isolation (vLLM's `cache_salt`): only requests with the same salt share
     /// cached blocks; `None` shares with every other unsalted request.
     pub cache_salt: Option<String>,
+    /// Penalties, bias, min_tokens, min_p: a logits processor of the sequence's sampler.
+    pub logits: LogitsParams,
+    /// Grammar the output must follow (structured output, forced tool calls).
+    pub constraint: Option<Constraint>,
 }
 
 /// What a request's channel carries, in order.
@@ -114,6 +120,12 @@ pub struct EngineStats {
     pub prefix_cache_nanos: AtomicU64,
     /// Tokens not yet computed of running and waiting requests (for load balancing).
     pub outstanding_tokens: AtomicUsize,
+    /// Grammar masks computed, and the time spent computing them (on the mask thread, in
+    /// parallel with the forward pass), in nanoseconds.
+    pub grammar_masks_total: AtomicU64,
+    pub grammar_mask_nanos_total: AtomicU64,
+    /// Time steps waited for masks after their forward pass had finished (the cost not hidden).
+    pub grammar_wait_nanos_total: AtomicU64,
 }
 
 impl EngineStats {
@@ -124,7 +136,13 @@ impl EngineStats {
 }
 
 enum Command {
-    Add(u64, EngineRequest, UnboundedSender<Event>),
+    /// Boxed: a request is large next to the other commands.
+    Add(
+        u64,
+        Box<EngineRequest>,
+        Option<Box<Grammar>>,
+        UnboundedSender<Event>,
+    ),
     Abort(u64),
     Stop,
 }
@@ -179,6 +197,8 @@ pub struct Engine {
     pub stats: Arc<EngineStats>,
     cfg: EngineConfig,
     vocab: usize,
+    /// Compiles constraints; None when the checkpoint has no tokenizer.json.
+    grammar: Option<Arc<GrammarCompiler>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -193,6 +213,9 @@ struct Seq {
     generated: usize,
     prompt_lp: Option<Vec<Option<f32>>>,
     cached_tokens: usize,
+    /// The request's grammar and where its next mask goes (read by the sampler's
+    /// [`GrammarMask`] processor).
+    grammar: Option<(Box<Grammar>, MaskSlot)>,
 }
 
 impl Seq {
@@ -202,8 +225,18 @@ impl Seq {
 }
 
 impl Engine {
-    /// Starts the scheduling thread for `model`.
+    /// Starts the scheduling thread for `model`, without grammar support.
     pub fn start(model: Arc<Model>, cfg: EngineConfig) -> Arc<Self> {
+        Self::start_with_grammar(model, cfg, None)
+    }
+
+    /// Starts the scheduling thread for `model`; `grammar` compiles the constraints of
+    /// structured-output requests (without it they are refused).
+    pub fn start_with_grammar(
+        model: Arc<Model>,
+        cfg: EngineConfig,
+        grammar: Option<Arc<GrammarCompiler>>,
+    ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(EngineStats::default());
         let pool =
@@ -226,6 +259,7 @@ impl Engine {
             stats,
             cfg,
             vocab,
+            grammar,
             thread: Mutex::new(thread),
         })
     }
@@ -261,14 +295,34 @@ impl Engine {
                 "a sequence of {total} tokens does not fit the KV cache"
             )));
         }
+        req.logits
+            .validate(self.vocab)
+            .map_err(SubmitError::Invalid)?;
         if self.stats.waiting.load(Ordering::Relaxed) >= self.cfg.max_waiting_requests {
             return Err(SubmitError::QueueFull(self.cfg.max_waiting_requests));
         }
+        // Compiled here, on the caller's thread, so a slow schema never stalls a step.
+        let grammar = match &req.constraint {
+            None => None,
+            Some(c) => {
+                let compiler = self.grammar.as_ref().ok_or_else(|| {
+                    SubmitError::Invalid(
+                        "structured output needs the model's tokenizer.json, which this pod does not have"
+                            .into(),
+                    )
+                })?;
+                Some(Box::new(
+                    compiler
+                        .compile(c)
+                        .map_err(|e| SubmitError::Invalid(e.to_string()))?,
+                ))
+            }
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (etx, erx) = unbounded_channel();
         let tx = self.tx.lock().map_err(|_| SubmitError::Stopped)?.clone();
         self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-        tx.send(Command::Add(id, req, etx))
+        tx.send(Command::Add(id, Box::new(req), grammar, etx))
             .map_err(|_| SubmitError::Stopped)?;
         Ok(RequestHandle {
             id,
@@ -322,7 +376,16 @@ pub fn run_blocking(model: &Model, cfg: EngineConfig, reqs: Vec<EngineRequest>) 
     let mut receivers = Vec::with_capacity(reqs.len());
     for (i, req) in reqs.into_iter().enumerate() {
         let (etx, erx) = unbounded_channel();
-        sched.add(i as u64, req, etx);
+        // The in-process loop has no grammar compiler: a constrained request fails, rather
+        // than running unconstrained.
+        if req.constraint.is_some() {
+            let _ = etx.send(Event::Error(
+                "structured output is served by attention pods, not in process".into(),
+            ));
+            receivers.push(erx);
+            continue;
+        }
+        sched.add(i as u64, req, None, etx);
         receivers.push(erx);
     }
     while !(sched.running.is_empty() && sched.waiting.is_empty()) {
@@ -373,12 +436,41 @@ impl<'m> Scheduler<'m> {
         }
     }
 
-    fn add(&mut self, id: u64, req: EngineRequest, tx: UnboundedSender<Event>) {
-        let sampler = SeqSampler::new(SeqParams {
+    fn add(
+        &mut self,
+        id: u64,
+        req: EngineRequest,
+        grammar: Option<Box<Grammar>>,
+        tx: UnboundedSender<Event>,
+    ) {
+        let mut sampler = SeqSampler::new(SeqParams {
             sampling: req.sampling.clone(),
             seed: req.seed,
             top_logprobs: req.top_logprobs,
         });
+        // The logits-processing stages, in vLLM's order: grammar mask, then min_tokens,
+        // penalties, bias and min_p.
+        let grammar = grammar.map(|g| {
+            let slot = MaskSlot::default();
+            sampler.push_processor(Box::new(GrammarMask::new(slot.clone())));
+            (g, slot)
+        });
+        if !req.logits.is_neutral() {
+            let ends: Vec<u32> = self
+                .model
+                .cfg
+                .eos_token_ids
+                .iter()
+                .chain(&req.stop_token_ids)
+                .copied()
+                .collect();
+            sampler.push_processor(Box::new(LogitsStage::new(
+                req.logits.clone(),
+                ends,
+                req.sampling.temperature,
+                &req.prompt,
+            )));
+        }
         self.waiting.push_back(Seq {
             id,
             tokens: req.prompt.clone(),
@@ -389,6 +481,7 @@ impl<'m> Scheduler<'m> {
             sampler,
             generated: 0,
             cached_tokens: 0,
+            grammar,
         });
     }
 
@@ -422,7 +515,7 @@ impl<'m> Scheduler<'m> {
     /// Applies one command; false means stop.
     fn apply(&mut self, c: Command) -> bool {
         match c {
-            Command::Add(id, req, tx) => self.add(id, req, tx),
+            Command::Add(id, req, grammar, tx) => self.add(id, *req, grammar, tx),
             Command::Abort(id) => {
                 if let Some(i) = self.waiting.iter().position(|s| s.id == id) {
                     if let Some(s) = self.waiting.remove(i) {
@@ -578,9 +671,26 @@ impl<'m> Scheduler<'m> {
             .iter()
             .map(|&(i, _)| self.running[i].cache.len())
             .collect();
-        let result = {
+        // Sequences that select a token this step and follow a grammar: their masks depend only
+        // on tokens already chosen, so they are computed on another thread while the forward
+        // pass runs (the grammars are moved there and back).
+        let mut grammars: Vec<(usize, Box<Grammar>, MaskSlot)> = Vec::new();
+        for &(i, take) in &plan {
+            let s = &mut self.running[i];
+            if take == s.pending()
+                && let Some((g, slot)) = s.grammar.take()
+            {
+                grammars.push((i, g, slot));
+            }
+        }
+        let stats = self.stats.clone();
+        let mut mask_errors: Vec<(usize, String)> = Vec::new();
+        let model = self.model;
+        let pool = &mut self.pool;
+        let running = &mut self.running;
+        let mut forward = || {
             let mut inputs: Vec<SeqInput> = Vec::with_capacity(plan.len());
-            let mut rest: &mut [Seq] = &mut self.running;
+            let mut rest: &mut [Seq] = running;
             let mut base = 0;
             for &(i, take) in &plan {
                 let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - base);
@@ -596,8 +706,49 @@ impl<'m> Scheduler<'m> {
                 rest = tail;
                 base = i + 1;
             }
-            self.model.forward(&mut self.pool, &mut inputs)
+            model.forward(pool, &mut inputs)
         };
+        let result = if grammars.is_empty() {
+            forward()
+        } else {
+            let constrained: Vec<usize> = grammars.iter().map(|g| g.0).collect();
+            std::thread::scope(|scope| {
+                let job = scope.spawn(|| {
+                    let t0 = std::time::Instant::now();
+                    let mut errors = Vec::new();
+                    let mut n = 0u64;
+                    for (i, g, slot) in grammars.iter_mut() {
+                        match g.mask() {
+                            Ok(m) => {
+                                n += u64::from(m.is_some());
+                                slot.put(m);
+                            }
+                            Err(e) => errors.push((*i, e.to_string())),
+                        }
+                    }
+                    stats.grammar_masks_total.fetch_add(n, Ordering::Relaxed);
+                    stats
+                        .grammar_mask_nanos_total
+                        .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                    errors
+                });
+                let result = forward();
+                let t0 = std::time::Instant::now();
+                mask_errors = job.join().unwrap_or_else(|_| {
+                    constrained
+                        .iter()
+                        .map(|&i| (i, "the grammar mask thread panicked".to_string()))
+                        .collect()
+                });
+                stats
+                    .grammar_wait_nanos_total
+                    .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                result
+            })
+        };
+        for (i, g, slot) in grammars {
+            self.running[i].grammar = Some((g, slot));
+        }
         self.stats.steps_total.fetch_add(1, Ordering::Relaxed);
         let mut logits = match result {
             Ok(l) => l,
@@ -615,7 +766,16 @@ impl<'m> Scheduler<'m> {
         };
         let v = self.model.cfg.vocab_size;
         let mut finished: Vec<usize> = Vec::new();
+        for (i, e) in mask_errors {
+            let _ = self.running[i]
+                .tx
+                .send(Event::Error(format!("grammar: {e}")));
+            finished.push(i);
+        }
         for ((&(i, take), lg), &start) in plan.iter().zip(logits.iter_mut()).zip(&started) {
+            if finished.contains(&i) {
+                continue;
+            }
             let s = &mut self.running[i];
             let prompt_len = s.req.prompt.len();
             if start < prompt_len {
@@ -657,6 +817,15 @@ impl<'m> Scheduler<'m> {
             };
             let picked = self.sampler.sample(&mut s.sampler, &ctx, &mut lg[n - v..]);
             let tok = picked.token;
+            let mut grammar_done = false;
+            if let Some((g, _)) = s.grammar.as_mut() {
+                if let Err(e) = g.accept(tok) {
+                    let _ = s.tx.send(Event::Error(e.to_string()));
+                    finished.push(i);
+                    continue;
+                }
+                grammar_done = g.is_finished();
+            }
             s.tokens.push(tok);
             s.generated += 1;
             self.stats
@@ -667,9 +836,11 @@ impl<'m> Scheduler<'m> {
                 logprob: picked.logprob,
                 top: picked.top,
             });
-            let eos = !s.req.ignore_eos
-                && (self.model.cfg.eos_token_ids.contains(&tok)
-                    || s.req.stop_token_ids.contains(&tok));
+            // A complete grammar ends the output (only end-of-sequence could follow).
+            let eos = grammar_done
+                || (!s.req.ignore_eos
+                    && (self.model.cfg.eos_token_ids.contains(&tok)
+                        || s.req.stop_token_ids.contains(&tok)));
             if eos || s.generated >= s.req.max_tokens || s.tokens.len() >= self.cfg.max_seq_len {
                 let reason = if eos {
                     FinishReason::Stop
@@ -686,6 +857,7 @@ impl<'m> Scheduler<'m> {
             }
         }
         finished.sort_unstable();
+        finished.dedup();
         for &i in finished.iter().rev() {
             let s = self.running.remove(i);
             self.finish_silently(s);

@@ -258,9 +258,15 @@ pub fn tokenizer_json(vocab_size: usize) -> Result<Value, GenError> {
 /// The chat template, in the shape of DeepSeek-V3's: system prompts joined up front after BOS,
 /// `<｜User｜>`/`<｜Assistant｜>` turns, an assistant turn closed by EOS, reasoning before
 /// `</think>` dropped from past turns, tool calls and tool outputs in DeepSeek's tokens, and
-/// `<｜Assistant｜>` at the end when `add_generation_prompt` is set.
+/// `<｜Assistant｜>` at the end when `add_generation_prompt` is set. Beyond DeepSeek-V3's own:
+/// `tools` are described in the system prompt with the call format (as vLLM's DeepSeek-V3 tool
+/// template does), and `thinking: true` (V3.1's switch, via `chat_template_kwargs`) opens a
+/// `<think>` block after the generation prompt, so every API feature runs on a generated model.
 pub const CHAT_TEMPLATE: &str = r#"{%- if add_generation_prompt is not defined -%}
     {%- set add_generation_prompt = false -%}
+{%- endif -%}
+{%- if thinking is not defined -%}
+    {%- set thinking = false -%}
 {%- endif -%}
 {%- set ns = namespace(system_prompt='', is_first_sp=true, is_tool=false, is_output_first=true) -%}
 {%- for message in messages -%}
@@ -273,6 +279,16 @@ pub const CHAT_TEMPLATE: &str = r#"{%- if add_generation_prompt is not defined -
         {%- endif -%}
     {%- endif -%}
 {%- endfor -%}
+{%- if tools -%}
+    {%- if ns.system_prompt -%}
+        {%- set ns.system_prompt = ns.system_prompt + '\n\n' -%}
+    {%- endif -%}
+    {%- set ns.system_prompt = ns.system_prompt + '## Tools\nYou have access to the following tools:\n' -%}
+    {%- for tool in tools -%}
+        {%- set ns.system_prompt = ns.system_prompt + '\n### ' + tool['function']['name'] + '\nDescription: ' + (tool['function']['description'] or '') + '\n\nParameters: ' + (tool['function']['parameters'] | tojson) + '\n' -%}
+    {%- endfor -%}
+    {%- set ns.system_prompt = ns.system_prompt + '\nIMPORTANT: ALWAYS adhere to this exact format for tool use:\n<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>tool_call_name\n```json\n{"arg": "value"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>' -%}
+{%- endif -%}
 {{- bos_token }}{{ ns.system_prompt -}}
 {%- for message in messages -%}
     {%- if message['role'] == 'user' -%}
@@ -286,7 +302,7 @@ pub const CHAT_TEMPLATE: &str = r#"{%- if add_generation_prompt is not defined -
             {{- '<｜tool▁outputs▁end｜>' -}}
             {%- set ns.is_tool = false -%}
         {%- endif -%}
-        {%- set content = message['content'] if message['content'] is not none else '' -%}
+        {%- set content = message['content'] if message['content'] is defined and message['content'] is not none else '' -%}
         {%- if '</think>' in content -%}
             {%- set content = content.split('</think>')[-1].strip() -%}
         {%- endif -%}
@@ -326,6 +342,9 @@ pub const CHAT_TEMPLATE: &str = r#"{%- if add_generation_prompt is not defined -
 {%- endif -%}
 {%- if add_generation_prompt -%}
     {{- '<｜Assistant｜>' -}}
+    {%- if thinking -%}
+        {{- '<think>' -}}
+    {%- endif -%}
 {%- endif -%}"#;
 
 /// `tokenizer_config.json` (transformers' fast-tokenizer config).

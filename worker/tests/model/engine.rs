@@ -27,6 +27,8 @@ fn req(prompt: Vec<u32>, max_tokens: usize) -> EngineRequest {
         echo: false,
         ignore_eos: true,
         stop_token_ids: vec![],
+        logits: Default::default(),
+        constraint: None,
         cache_salt: None,
     }
 }
