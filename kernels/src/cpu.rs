@@ -412,7 +412,8 @@ pub(crate) mod avx512 {
                 // the bytes PREFETCH ahead are prefetched (one cache line per step).
                 while c + 64 <= bend {
                     let p = q.as_ptr().add(base + c);
-                    _mm_prefetch::<_MM_HINT_T0>(p.add(PREFETCH) as *const i8);
+                    // A hint: past the end of the weights it is dropped, never faults.
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH) as *const i8);
                     let (w0, w1) = load32(p);
                     let (w2, w3) = load32(p.add(32));
                     for g in 0..G {
