@@ -88,7 +88,7 @@ enum BenchCommand {
     },
     /// Load-test a running server's /v1/completions (like vLLM's benchmark_serving).
     Serve(BenchServeArgs),
-    /// Batch-1 prefill and decode tokens/s of one process, and the peak RSS of loading.
+    /// Prefill and decode tokens/s of one process at each --batch size, and the peak RSS.
     Model {
         /// Checkpoint directory.
         #[arg(long)]

@@ -51,12 +51,6 @@ pub fn matmul_acc(
     matmul_with(cpu::isa(), x, m, w, Epilogue::Accumulate { row_scale }, y)
 }
 
-/// `y = x · Wᵀ` with x given as bf16 bits (converted once; x is small next to W).
-pub fn matmul_bf16(x: &[u16], m: usize, w: &Weight, y: &mut [f32]) -> Result<()> {
-    let xf: Vec<f32> = x.iter().map(|&b| crate::fp8::bf16_to_f32(b)).collect();
-    matmul(&xf, m, w, y)
-}
-
 /// The expert up-projection: `y = SiLU(x · W_gateᵀ) ⊙ (x · W_upᵀ)`, both GEMMs run on the same
 /// column tile so the gate and up results never leave the task.
 pub fn matmul_silu_mul(

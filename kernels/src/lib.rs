@@ -7,12 +7,12 @@
 //!
 //! | module | operation |
 //! |---|---|
-//! | [`gemm`] | y = x·Wᵀ (FP8 block-scaled, BF16, F16, F32 weights; x f32 or bf16); decode (streaming) and prefill (packed 6×16 microkernel) strategies; SiLU·mul and scaled-accumulate epilogues |
+//! | [`gemm`] | y = x·Wᵀ (FP8 block-scaled, BF16, F16, F32 weights; x f32); decode (streaming) and prefill (packed 6×16 microkernel) strategies; SiLU·mul and scaled-accumulate epilogues |
 //! | [`moe`] | grouped expert FFN (gate/up → SiLU·mul → down) over (expert, row range) groups |
 //! | [`mla`] | MLA decode and chunked prefill over a paged latent cache (absorbed form) |
 //! | [`norm`], [`rope`], [`gate`], [`softmax`], [`sampling`] | RMSNorm, interleaved RoPE + YaRN, noaux_tc router, softmax, sampling |
 //! | [`fp8`] | e4m3 ↔ f32/bf16 conversions |
-//! | [`cpu`] | run-time ISA dispatch (AVX2+FMA+F16C or portable) and the shared inner loops |
+//! | [`cpu`] | run-time ISA dispatch (AVX-512 F/BW/VL for the FP8 decode GEMV, AVX2+FMA+F16C, or portable) and the shared inner loops |
 //! | [`cuda`] | the same ops in CUDA C (`kernels/cuda/*.cu`), NVRTC at run time, feature `cuda` |
 //! | [`bench`] | `shardseek bench kernels`: ceilings and every kernel against them |
 //! | [`pool`] | the one thread pool, sized by the cgroup CPU limit |

@@ -1,5 +1,6 @@
-//! Token sampling: greedy, temperature, top-k, top-p, with a seeded generator so a request
-//! with a seed is reproducible.
+//! Token sampling primitives: the seeded generator (a request with a seed is reproducible),
+//! argmax, the parameters, and the full-sort [`reference::sample`] the engine's sampler is
+//! tested against.
 
 /// SplitMix64: small, fast, and good enough for sampling; seeded per request.
 #[derive(Clone, Debug)]
@@ -53,49 +54,55 @@ pub fn argmax(x: &[f32]) -> usize {
     best
 }
 
-/// Samples one token id from `logits`.
-pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> usize {
-    if p.temperature <= 0.0 || p.top_k == 1 {
-        return argmax(logits);
-    }
-    let mut cand: Vec<(usize, f32)> = logits.iter().copied().enumerate().collect();
-    cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-    if p.top_k > 0 {
-        cand.truncate(p.top_k);
-    }
-    let max = cand[0].1;
-    let mut probs: Vec<f64> = cand
-        .iter()
-        .map(|c| (((c.1 - max) / p.temperature) as f64).exp())
-        .collect();
-    let total: f64 = probs.iter().sum();
-    for q in probs.iter_mut() {
-        *q /= total;
-    }
-    if p.top_p < 1.0 {
-        let mut acc = 0.0;
-        let mut keep = probs.len();
-        for (i, q) in probs.iter().enumerate() {
-            acc += q;
-            if acc >= p.top_p as f64 {
-                keep = i + 1;
-                break;
-            }
+/// The plain reference sampler: sorts the whole vocabulary. Serving uses the engine's
+/// sampler (partial selection, same draw rule); tests compare the two.
+pub mod reference {
+    use super::*;
+
+    /// Samples one token id from `logits`.
+    pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> usize {
+        if p.temperature <= 0.0 || p.top_k == 1 {
+            return argmax(logits);
         }
-        probs.truncate(keep);
-        cand.truncate(keep);
+        let mut cand: Vec<(usize, f32)> = logits.iter().copied().enumerate().collect();
+        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        if p.top_k > 0 {
+            cand.truncate(p.top_k);
+        }
+        let max = cand[0].1;
+        let mut probs: Vec<f64> = cand
+            .iter()
+            .map(|c| (((c.1 - max) / p.temperature) as f64).exp())
+            .collect();
         let total: f64 = probs.iter().sum();
         for q in probs.iter_mut() {
             *q /= total;
         }
-    }
-    let u = rng.next_f64();
-    let mut acc = 0.0;
-    for (c, q) in cand.iter().zip(&probs) {
-        acc += q;
-        if u < acc {
-            return c.0;
+        if p.top_p < 1.0 {
+            let mut acc = 0.0;
+            let mut keep = probs.len();
+            for (i, q) in probs.iter().enumerate() {
+                acc += q;
+                if acc >= p.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+            cand.truncate(keep);
+            let total: f64 = probs.iter().sum();
+            for q in probs.iter_mut() {
+                *q /= total;
+            }
         }
+        let u = rng.next_f64();
+        let mut acc = 0.0;
+        for (c, q) in cand.iter().zip(&probs) {
+            acc += q;
+            if u < acc {
+                return c.0;
+            }
+        }
+        cand[cand.len() - 1].0
     }
-    cand[cand.len() - 1].0
 }

@@ -176,9 +176,46 @@ pub async fn reconcile(dsd: Arc<DeepSeekDeployment>, ctx: Arc<Context>) -> Resul
         ctx.reset_failures(&object);
         return Ok(Action::await_change());
     }
-    let action = apply(&dsd, &ctx).await?;
+    let action = match apply(&dsd, &ctx).await {
+        Ok(action) => action,
+        Err(error) => {
+            publish_error(&dsd, &ctx, &error).await;
+            return Err(error);
+        }
+    };
     ctx.reset_failures(&object);
     Ok(action)
+}
+
+/// A failed reconcile as a Warning Event on the object (`kubectl describe dsd` shows what the
+/// API server refused and why); the recorder counts repeats of the same message. Not written to
+/// the status: a status write would itself wake the controller and defeat the backoff.
+async fn publish_error(dsd: &DeepSeekDeployment, ctx: &Context, error: &Error) {
+    let mut note = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        note.push_str(": ");
+        note.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    // Events hold at most 1 kB of note.
+    if note.len() > 1000 {
+        let mut end = 1000;
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+    }
+    let event = Event {
+        type_: EventType::Warning,
+        reason: "ReconcileFailed".to_string(),
+        note: Some(note),
+        action: "Reconcile".to_string(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &dsd.object_ref(&())).await {
+        tracing::warn!(error = %e, "could not publish event");
+    }
 }
 
 /// Removes [`LEGACY_FINALIZER`] with a merge patch of the remaining finalizers, guarded by the

@@ -756,3 +756,46 @@ pub async fn run(
         .await
         .map_err(|e| io("serve", e))
 }
+
+#[cfg(test)]
+mod discovery_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn members_follow_the_discovered_addresses() {
+        let pool = AttentionPool::new(&["127.0.0.1:1".to_string()]).unwrap();
+        let (a, b) = ("127.0.0.2:50052".to_string(), "127.0.0.3:50052".to_string());
+        assert_eq!(pool.set_members(&[a.clone(), b.clone()]).unwrap(), (2, 0));
+        assert_eq!(pool.members(), ["127.0.0.1:1", a.as_str(), b.as_str()]);
+        // A pod that stays keeps its connection and its load count.
+        let kept = pool.pick(&["127.0.0.1:1".to_string(), b.clone()]).unwrap();
+        kept.outstanding.store(7, Ordering::Relaxed);
+        assert_eq!(pool.set_members(std::slice::from_ref(&a)).unwrap(), (0, 1));
+        assert_eq!(pool.members(), ["127.0.0.1:1", a.as_str()]);
+        let again = pool.pick(&["127.0.0.1:1".to_string()]).unwrap();
+        assert!(Arc::ptr_eq(&kept, &again));
+        assert_eq!(again.outstanding.load(Ordering::Relaxed), 7);
+        // An empty answer drops every discovered pod, never the fixed ones.
+        assert_eq!(pool.set_members(&[]).unwrap(), (0, 1));
+        assert_eq!(pool.members(), ["127.0.0.1:1"]);
+    }
+
+    #[tokio::test]
+    async fn discovery_resolves_the_service_name() {
+        let pool = AttentionPool::new(&[]).unwrap();
+        assert!(pool.members().is_empty());
+        tokio::spawn(
+            pool.clone()
+                .discovery_loop("localhost:50052".into(), Duration::from_millis(50)),
+        );
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !pool.members().iter().any(|m| m == "127.0.0.1:50052") {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "localhost never joined: {:?}",
+                pool.members()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

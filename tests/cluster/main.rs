@@ -1,7 +1,8 @@
 //! The distributed forward equals the single process: `shardseek up` (attention pod + expert
 //! shards over gRPC) against in-process `generate`, on generated models and the reference
 //! fixtures, with 1, 2 and 4 shards, both weight dtypes, f32 and bf16 wires, and micro-batch
-//! overlap on.
+//! overlap on. Every process here keeps its latent cache in f32 (`--kv-cache-dtype f32`): the
+//! comparison is of the distributed math, and the exact cache keeps it at summation order.
 
 #[path = "../common/mod.rs"]
 mod common;
@@ -28,6 +29,8 @@ fn local(model: &Path) -> Value {
         "8",
         "--ignore-eos",
         "--echo",
+        "--kv-cache-dtype",
+        "f32",
     ])
     .expect("in-process generate")
 }
@@ -66,7 +69,11 @@ fn tiny_models_all_shard_counts_f32_wire() {
         let m = tiny(dtype);
         let want = local(m.path());
         for shards in [1, 2, 4] {
-            let (_up, addr) = up(m.path(), shards, &["--dispatch-dtype", "f32"]);
+            let (_up, addr) = up(
+                m.path(),
+                shards,
+                &["--dispatch-dtype", "f32", "--kv-cache-dtype", "f32"],
+            );
             let got = remote(&addr);
             compare(
                 &want,
@@ -108,7 +115,11 @@ fn fixtures_two_shards_f32_and_bf16_wire() {
     for name in ["open-bf16", "open-fp8"] {
         let m = fixture(name);
         let want = local(&m);
-        let (_up, addr) = up(&m, 2, &["--dispatch-dtype", "f32"]);
+        let (_up, addr) = up(
+            &m,
+            2,
+            &["--dispatch-dtype", "f32", "--kv-cache-dtype", "f32"],
+        );
         compare(
             &want,
             &remote(&addr),
@@ -117,7 +128,11 @@ fn fixtures_two_shards_f32_and_bf16_wire() {
             true,
         );
         drop(_up);
-        let (_up, addr) = up(&m, 2, &["--dispatch-dtype", "bf16"]);
+        let (_up, addr) = up(
+            &m,
+            2,
+            &["--dispatch-dtype", "bf16", "--kv-cache-dtype", "f32"],
+        );
         compare(
             &want,
             &remote(&addr),
@@ -149,11 +164,17 @@ fn concurrent_requests_with_micro_batch_overlap() {
                 "--max-tokens",
                 "12",
                 "--ignore-eos",
+                "--kv-cache-dtype",
+                "f32",
             ])
             .unwrap()
         })
         .collect();
-    let (_up, addr) = up(m.path(), 2, &["--dispatch-dtype", "f32"]);
+    let (_up, addr) = up(
+        m.path(),
+        2,
+        &["--dispatch-dtype", "f32", "--kv-cache-dtype", "f32"],
+    );
     let handles: Vec<_> = prompts
         .iter()
         .map(|p| {

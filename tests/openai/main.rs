@@ -66,6 +66,11 @@ fn openai_client_against_up() {
     assert!(st.success(), "metrics check failed");
     drop(_up);
     let fx = fixture("open-bf16");
-    let (_up, addr) = up(&fx, 2, &["--dispatch-dtype", "f32"]);
+    // The fixture's expected log-probs are exact: f32 wire and f32 latent cache.
+    let (_up, addr) = up(
+        &fx,
+        2,
+        &["--dispatch-dtype", "f32", "--kv-cache-dtype", "f32"],
+    );
     pytest(&addr, Some(&fx.join("expected.json")));
 }

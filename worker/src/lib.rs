@@ -1,8 +1,10 @@
 //! shardseek-worker: the DeepSeek-V3 model (config, weights, layers) and generation.
 //!
 //! Layers of the crate, bottom up: [`config`] (config.json), [`weights`] (mapped safetensors),
-//! [`model`] (forward pass), [`experts`] (routed experts behind a trait, local or remote),
-//! [`generate`] (the sampling loop and its JSON result).
+//! [`backend`] (the compute interface the model is written in; the CPU backend is the kernels
+//! crate), [`kv`] (the paged latent cache), [`model`] (forward pass), [`experts`] (routed
+//! experts behind a trait, local or remote), [`engine`] (continuous batching, the one
+//! generation loop, the sampler), [`generate`] (one request in process, and its JSON result).
 
 pub mod attention;
 pub mod backend;

@@ -105,7 +105,9 @@ fn measure_batch(
                 .collect()
         })
         .collect();
-    let mut pool = model.new_pool_with(b * (prompt_len + decode + 1), kv_dtype);
+    // Every sequence rounds up to whole blocks.
+    let per_seq = (prompt_len + decode + 1).div_ceil(crate::kv::BLOCK_TOKENS);
+    let mut pool = model.new_pool_with(b * per_seq * crate::kv::BLOCK_TOKENS, kv_dtype);
     let mut caches = vec![SeqCache::default(); b];
     let mut samplers: Vec<SeqSampler> = (0..b)
         .map(|_| {

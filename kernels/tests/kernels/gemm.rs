@@ -95,23 +95,6 @@ fn accumulate_and_silu_mul_epilogues() {
 }
 
 #[test]
-fn bf16_activations_within_1e_2() {
-    let mut rng = Rng::new(11);
-    let (m, n, k) = (3, 70, 300);
-    let w = OwnedWeight::random(&mut rng, n, k, Kind::Fp8);
-    let x = randv(&mut rng, m * k);
-    let xb: Vec<u16> = x
-        .iter()
-        .map(|&v| shardseek_kernels::fp8::f32_to_bf16(v))
-        .collect();
-    let want = reference::matmul(&x, m, &w.view());
-    let mut y = vec![0f32; m * n];
-    gemm::matmul_bf16(&xb, m, &w.view(), &mut y).unwrap();
-    let e = rel_err(&y, &want);
-    assert!(e < 1e-2, "{e}");
-}
-
-#[test]
 fn shape_errors_are_reported() {
     let w = OwnedWeight::random(&mut Rng::new(1), 4, 8, Kind::F32);
     let mut y = vec![0f32; 4];

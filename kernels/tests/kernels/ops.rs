@@ -5,7 +5,8 @@ use super::common::*;
 use shardseek_kernels::gate::{GateParams, noaux_tc};
 use shardseek_kernels::norm::{self, rms_norm_inplace};
 use shardseek_kernels::rope::{Rope, Yarn, yarn_get_mscale};
-use shardseek_kernels::sampling::{Rng, SamplingParams, argmax, sample};
+use shardseek_kernels::sampling::reference::sample;
+use shardseek_kernels::sampling::{Rng, SamplingParams, argmax};
 use shardseek_kernels::softmax::{log_softmax, softmax_inplace};
 
 #[test]

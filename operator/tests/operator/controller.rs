@@ -433,6 +433,17 @@ async fn failed_apply_is_retried_with_backoff() {
         h.fake.get(STS, NS, "v3-experts").is_some(),
         "the retry applied everything"
     );
+    // Each failure is a Warning Event saying what the API server refused.
+    let failed: Vec<Value> = h
+        .fake
+        .objects(EVENTS)
+        .into_iter()
+        .filter(|e| e["reason"] == "ReconcileFailed")
+        .collect();
+    assert!(!failed.is_empty(), "a ReconcileFailed event");
+    assert_eq!(failed[0]["type"], "Warning");
+    let note = failed[0]["note"].as_str().unwrap_or_default();
+    assert!(note.contains("apply ConfigMap v3-config"), "{note}");
     // Success reset the backoff: the next failure waits the base delay again.
     assert_eq!(h.ctx.backoff(1), base);
     h.stop().await;

@@ -14,7 +14,7 @@
 //!
 //! Selection draws exactly one uniform number per sampled token from the sequence's own
 //! seeded [`Rng`] and walks candidates best first (ties by lower id), the same rule as the
-//! plain reference [`shardseek_kernels::sampling::sample`]; the same seed gives the same tokens.
+//! plain reference [`shardseek_kernels::sampling::reference::sample`]; the same seed gives the same tokens.
 //!
 //! A [`Sampler`] owns scratch buffers that grow to the vocabulary once and are reused for
 //! every row of every step, so sampling allocates nothing on the hot path (apart from the
@@ -249,7 +249,7 @@ fn log_sum_exp(x: &[f32]) -> (f32, f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use shardseek_kernels::sampling::sample as reference_sample;
+    use shardseek_kernels::sampling::reference::sample as reference_sample;
     use shardseek_kernels::softmax::log_softmax;
 
     fn logits(seed: u64, v: usize, spread: f32) -> Vec<f32> {
