@@ -297,7 +297,16 @@ struct ApiArgs {
 }
 
 impl ApiArgs {
-    /// The same options as router arguments (what `up` passes its router child).
+    /// The API key as the router's environment (not on a command line `ps` shows).
+    fn to_env(&self) -> Vec<(String, String)> {
+        self.api_key
+            .iter()
+            .map(|k| ("SHARDSEEK_API_KEY".to_string(), k.clone()))
+            .collect()
+    }
+
+    /// The same options as router arguments (what `up` passes its router child); the API key
+    /// goes through [`Self::to_env`] instead.
     fn to_args(&self) -> Vec<String> {
         let mut v = Vec::new();
         if let Some(t) = &self.chat_template {
@@ -305,9 +314,6 @@ impl ApiArgs {
         }
         if let Some(r) = &self.reasoning_parser {
             v.extend(["--reasoning-parser".into(), r.clone()]);
-        }
-        if let Some(k) = &self.api_key {
-            v.extend(["--api-key".into(), k.clone()]);
         }
         v.extend(["--allowed-origins".into(), self.allowed_origins.join(",")]);
         v
@@ -724,6 +730,7 @@ fn run_up(a: UpArgs) -> Result<()> {
         ],
         expert_args: vec![],
         router_args: a.api.to_args(),
+        router_env: a.api.to_env(),
         served_model_name: served.clone(),
         // The children's stderr is a pipe to this process: they log in this terminal's format.
         env: vec![("SHARDSEEK_LOG_FORMAT".into(), log_format().into())],

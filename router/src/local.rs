@@ -28,6 +28,9 @@ pub struct UpConfig {
     pub expert_args: Vec<String>,
     /// Extra arguments for the router (API options).
     pub router_args: Vec<String>,
+    /// More environment for the router alone (secrets such as `SHARDSEEK_API_KEY`, kept off
+    /// command lines that `ps` shows).
+    pub router_env: Vec<(String, String)>,
     pub served_model_name: String,
     /// Environment variables of every child (for example the log format).
     pub env: Vec<(String, String)>,
@@ -166,7 +169,7 @@ impl LocalCluster {
             name: "router".into(),
             program: prog.clone(),
             args,
-            env: cfg.env.clone(),
+            env: cfg.env.iter().chain(&cfg.router_env).cloned().collect(),
             wait_ready: true,
             restart: Restart::Always,
         });

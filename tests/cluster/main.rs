@@ -98,7 +98,14 @@ fn tiny_model_with_redundant_experts_f32_wire() {
         let (_up, addr) = up(
             m.path(),
             shards,
-            &["--dispatch-dtype", "f32", "--redundant-experts", &r],
+            &[
+                "--dispatch-dtype",
+                "f32",
+                "--kv-cache-dtype",
+                "f32",
+                "--redundant-experts",
+                &r,
+            ],
         );
         compare(
             &want,
