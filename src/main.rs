@@ -86,6 +86,10 @@ enum ModelCmd {
         /// Output directory (created if missing); files already there and verified are kept.
         #[arg(long)]
         out: PathBuf,
+        /// Pull only files whose path matches one of these globs (`*` = any characters),
+        /// e.g. `--include '*.json'` for the tokenizer and config alone.
+        #[arg(long, value_name = "GLOB")]
+        include: Vec<String>,
     },
 }
 
@@ -458,8 +462,13 @@ fn main() {
                 },
         } => model_gen(preset, dtype, out, seed, set),
         Command::Model {
-            cmd: ModelCmd::Pull { source, out },
-        } => model_pull(&source, &out),
+            cmd:
+                ModelCmd::Pull {
+                    source,
+                    out,
+                    include,
+                },
+        } => model_pull(&source, &out, &include),
         Command::Render { file, namespace } => render(&file, namespace.as_deref()),
         Command::Crd => shardseek_operator::crd::crd_yaml()
             .context("rendering the CRD")
@@ -1143,7 +1152,7 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-fn model_pull(source: &str, out: &std::path::Path) -> Result<()> {
+fn model_pull(source: &str, out: &std::path::Path, include: &[String]) -> Result<()> {
     init_tracing();
     let src = shardseek_worker::pull::HubSource::parse(source)?;
     let cfg = shardseek_worker::pull::PullConfig::from_env();
@@ -1152,7 +1161,7 @@ fn model_pull(source: &str, out: &std::path::Path) -> Result<()> {
         .build()
         .context("starting the tokio runtime")?;
     let report = rt
-        .block_on(shardseek_worker::pull::pull(&src, out, &cfg))
+        .block_on(shardseek_worker::pull::pull(&src, out, &cfg, include))
         .with_context(|| format!("pulling {src} from {} into {}", cfg.endpoint, out.display()))?;
     println!(
         "{src} at commit {}: {} downloaded ({} resumed, {:.1} MB received), {} already present",

@@ -185,15 +185,30 @@ enum Fetched {
     Downloaded { resumed: bool, received: u64 },
 }
 
-/// Downloads every file of `source` into `out` (created if missing) and verifies it.
-pub async fn pull(source: &HubSource, out: &Path, cfg: &PullConfig) -> Result<PullReport> {
+/// Downloads the files of `source` into `out` (created if missing) and verifies them.
+/// `include`: glob patterns (`*` matches any run of characters) a file's path must match one
+/// of; empty means every file. The router, which reads only the tokenizer and config, pulls
+/// `*.json` instead of hundreds of gigabytes of weights.
+pub async fn pull(
+    source: &HubSource,
+    out: &Path,
+    cfg: &PullConfig,
+    include: &[String],
+) -> Result<PullReport> {
     let hub = Hub::new(cfg)?;
     let info = hub.repo_info(source).await?;
     let files = info
         .siblings
         .iter()
+        .filter(|s| include.is_empty() || include.iter().any(|p| glob_match(p, &s.rfilename)))
         .map(remote_file)
         .collect::<Result<Vec<_>>>()?;
+    if files.is_empty() {
+        return Err(Error::Input(format!(
+            "{source} at {}: no file matches {include:?}",
+            info.sha
+        )));
+    }
     tokio::fs::create_dir_all(out)
         .await
         .map_err(|e| io_err(out, e))?;
@@ -216,6 +231,27 @@ pub async fn pull(source: &HubSource, out: &Path, cfg: &PullConfig) -> Result<Pu
         }
     }
     Ok(report)
+}
+
+/// `*` matches any run of characters (`/` included); everything else matches itself.
+pub fn glob_match(pattern: &str, text: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = text.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        // No `*`: the whole text must be the pattern.
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
 }
 
 fn remote_file(s: &Sibling) -> Result<RemoteFile> {
@@ -640,6 +676,20 @@ mod tests {
         for bad in ["../x", "/etc/passwd", "a/../../x", ""] {
             assert!(local_path(out, bad).is_err(), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("*.json", "config.json"));
+        assert!(glob_match("*.json", "sub/a.json"));
+        assert!(!glob_match("*.json", "model.safetensors"));
+        assert!(glob_match("config.json", "config.json"));
+        assert!(!glob_match("config.json", "config.json.bak"));
+        assert!(glob_match(
+            "model-*-of-*.safetensors",
+            "model-00001-of-00002.safetensors"
+        ));
+        assert!(!glob_match("a*a", "a"));
     }
 
     #[test]

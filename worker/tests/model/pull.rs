@@ -267,7 +267,9 @@ async fn pull_fetches_every_file_then_skips_verified_weights() {
         let st = fx.state.lock().unwrap();
         (count(&st.files, true), count(&st.files, false))
     };
-    let report = pull(&Fixture::source(), &fx.out, &fx.cfg).await.unwrap();
+    let report = pull(&Fixture::source(), &fx.out, &fx.cfg, &[])
+        .await
+        .unwrap();
     assert_eq!(report.commit, COMMIT);
     assert_eq!(
         (report.downloaded, report.skipped, report.resumed),
@@ -289,10 +291,50 @@ async fn pull_fetches_every_file_then_skips_verified_weights() {
     );
 
     // Again: the weights are verified in place, the small git files are fetched anew.
-    let report = pull(&Fixture::source(), &fx.out, &fx.cfg).await.unwrap();
+    let report = pull(&Fixture::source(), &fx.out, &fx.cfg, &[])
+        .await
+        .unwrap();
     assert_eq!((report.downloaded, report.skipped), (n_git, n_lfs));
     assert!(fx.take_log().iter().all(|s| !s.path.starts_with("/cdn/")));
     fx.assert_same();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn include_patterns_pull_only_matching_files() {
+    let fx = Fixture::new().await;
+    let report = pull(
+        &Fixture::source(),
+        &fx.out,
+        &fx.cfg,
+        &["*.json".to_string()],
+    )
+    .await
+    .unwrap();
+    let want: Vec<String> = {
+        let st = fx.state.lock().unwrap();
+        st.files
+            .keys()
+            .filter(|f| f.ends_with(".json"))
+            .cloned()
+            .collect()
+    };
+    assert!(want.iter().any(|f| f == "tokenizer.json") && want.iter().any(|f| f == "config.json"));
+    assert_eq!(report.downloaded, want.len());
+    let mut got: Vec<String> = std::fs::read_dir(&fx.out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    got.sort();
+    assert_eq!(got, want);
+    let err = pull(
+        &Fixture::source(),
+        &fx.out,
+        &fx.cfg,
+        &["*.gguf".to_string()],
+    )
+    .await
+    .expect_err("nothing matches");
+    assert!(err.to_string().contains("no file matches"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -303,7 +345,7 @@ async fn a_dropped_download_resumes_with_a_range_request() {
     let half = len / 2;
     fx.state.lock().unwrap().cut = Some((shard.clone(), half));
 
-    let err = pull(&Fixture::source(), &fx.out, &fx.cfg)
+    let err = pull(&Fixture::source(), &fx.out, &fx.cfg, &[])
         .await
         .expect_err("the connection broke");
     assert!(matches!(err, Error::Http { .. }), "{err}");
@@ -311,7 +353,9 @@ async fn a_dropped_download_resumes_with_a_range_request() {
     assert_eq!(std::fs::metadata(&partial).unwrap().len(), half as u64);
     fx.take_log();
 
-    let report = pull(&Fixture::source(), &fx.out, &fx.cfg).await.unwrap();
+    let report = pull(&Fixture::source(), &fx.out, &fx.cfg, &[])
+        .await
+        .unwrap();
     assert_eq!(report.resumed, 1);
     let want_range = format!("bytes={half}-");
     let log = fx.take_log();
@@ -334,7 +378,9 @@ async fn a_server_ignoring_range_restarts_the_file() {
     std::fs::write(&partial, &bytes[..bytes.len() / 3]).unwrap();
     fx.state.lock().unwrap().ignore_range = true;
 
-    let report = pull(&Fixture::source(), &fx.out, &fx.cfg).await.unwrap();
+    let report = pull(&Fixture::source(), &fx.out, &fx.cfg, &[])
+        .await
+        .unwrap();
     assert_eq!(report.resumed, 1);
     assert!(
         fx.take_log()
@@ -351,7 +397,7 @@ async fn a_corrupted_file_fails_naming_it_and_is_removed() {
     let want = sha256_hex(&fx.state.lock().unwrap().files[&shard]);
     fx.state.lock().unwrap().corrupt = Some(shard.clone());
 
-    let err = pull(&Fixture::source(), &fx.out, &fx.cfg)
+    let err = pull(&Fixture::source(), &fx.out, &fx.cfg, &[])
         .await
         .expect_err("corrupted shard accepted");
     match &err {
@@ -379,7 +425,7 @@ async fn the_token_is_sent_as_a_bearer_header() {
     let fx = Fixture::new().await;
     fx.state.lock().unwrap().require_token = Some("hf_test_secret".into());
 
-    let err = pull(&Fixture::source(), &fx.out, &fx.cfg)
+    let err = pull(&Fixture::source(), &fx.out, &fx.cfg, &[])
         .await
         .expect_err("pulled a gated model without a token");
     assert!(err.to_string().contains("HF_TOKEN"), "{err}");
@@ -388,7 +434,7 @@ async fn the_token_is_sent_as_a_bearer_header() {
     let mut cfg = fx.cfg.clone();
     cfg.token = Some("hf_test_secret".into());
     assert!(!format!("{cfg:?}").contains("hf_test_secret"));
-    pull(&Fixture::source(), &fx.out, &cfg).await.unwrap();
+    pull(&Fixture::source(), &fx.out, &cfg, &[]).await.unwrap();
     fx.assert_same();
     let log = fx.take_log();
     assert!(
