@@ -32,6 +32,12 @@ pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// the directory recognises an unfinished file.
 pub const INCOMPLETE_SUFFIX: &str = ".incomplete";
 
+/// The lock file a pull holds in its output directory. Pods sharing one cache volume
+/// (`spec.model.cacheClaim`) start their pulls together; without the lock they would write the
+/// same `.incomplete` files at once. With it they take turns, and the later ones find the files
+/// verified and skip them.
+pub const LOCK_FILE: &str = ".shardseek-pull.lock";
+
 /// Redirects followed per request: the hub answers `resolve` for LFS files with one redirect
 /// to its CDN; a chain longer than this is a loop.
 const MAX_REDIRECTS: usize = 10;
@@ -212,6 +218,8 @@ pub async fn pull(
     tokio::fs::create_dir_all(out)
         .await
         .map_err(|e| io_err(out, e))?;
+    // Held until the pull returns.
+    let _lock = lock_dir(out).await?;
     let mut report = PullReport {
         commit: info.sha.clone(),
         ..PullReport::default()
@@ -231,6 +239,30 @@ pub async fn pull(
         }
     }
     Ok(report)
+}
+
+/// Takes the exclusive lock on `out`'s [`LOCK_FILE`] (`flock`, which Linux NFS clients turn
+/// into a server-side lock), waiting for another pull to finish.
+async fn lock_dir(out: &Path) -> Result<std::fs::File> {
+    let path = out.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| io_err(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => return Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            tracing::info!(dir = %out.display(), "another pull holds the directory; waiting");
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&path, e)),
+    }
+    let waited = path.clone();
+    tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+        .await
+        .map_err(|e| io_err(&waited, std::io::Error::other(e)))?
+        .map_err(|e| io_err(&path, e))
 }
 
 /// `*` matches any run of characters (`/` included); everything else matches itself.

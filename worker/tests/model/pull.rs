@@ -14,7 +14,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use shardseek_worker::Error;
 use shardseek_worker::modelgen::{self, Dtype, GenOptions};
-use shardseek_worker::pull::{HubSource, INCOMPLETE_SUFFIX, PullConfig, pull};
+use shardseek_worker::pull::{HubSource, INCOMPLETE_SUFFIX, LOCK_FILE, PullConfig, pull};
 
 const REPO: &str = "acme/tiny-v3";
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -242,6 +242,7 @@ impl Fixture {
         let mut got: Vec<String> = std::fs::read_dir(&self.out)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n != LOCK_FILE)
             .collect();
         got.sort();
         let want: Vec<String> = self.state.lock().unwrap().files.keys().cloned().collect();
@@ -323,6 +324,7 @@ async fn include_patterns_pull_only_matching_files() {
     let mut got: Vec<String> = std::fs::read_dir(&fx.out)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n != LOCK_FILE)
         .collect();
     got.sort();
     assert_eq!(got, want);
@@ -335,6 +337,28 @@ async fn include_patterns_pull_only_matching_files() {
     .await
     .expect_err("nothing matches");
     assert!(err.to_string().contains("no file matches"), "{err}");
+}
+
+/// Pods sharing a cache volume pull at once: they take turns, so every weight file is
+/// downloaded exactly once and the later pull verifies and skips it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pulls_into_one_directory_take_turns() {
+    let fx = Fixture::new().await;
+    let n_lfs = count(&fx.state.lock().unwrap().files, true);
+    let src = Fixture::source();
+    let (a, b) = tokio::join!(
+        pull(&src, &fx.out, &fx.cfg, &[]),
+        pull(&src, &fx.out, &fx.cfg, &[])
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!(a.skipped + b.skipped, n_lfs, "{a:?} {b:?}");
+    let cdn = fx
+        .take_log()
+        .iter()
+        .filter(|s| s.path.starts_with("/cdn/"))
+        .count();
+    assert_eq!(cdn, n_lfs);
+    fx.assert_same();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
