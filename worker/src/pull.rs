@@ -465,7 +465,7 @@ impl<'a> Hub<'a> {
             let resp = tokio::time::timeout(self.cfg.read_timeout, send)
                 .await
                 .map_err(|_| http_err(&url, "timed out waiting for a response"))?
-                .map_err(|e| http_err(&url, format!("{e}")))?;
+                .map_err(|e| http_err(&url, with_causes(&e)))?;
             if !resp.status().is_redirection() || resp.status() == StatusCode::NOT_MODIFIED {
                 return Ok((url, resp));
             }
@@ -594,7 +594,8 @@ impl<'a> Hub<'a> {
                     .map_err(|_| http_err(&url, "timed out waiting for data"))?;
                 let Some(frame) = frame else { break };
                 // An error here keeps the `.incomplete` file: the next run resumes it.
-                let frame = frame.map_err(|e| http_err(&url, format!("download broke: {e}")))?;
+                let frame = frame
+                    .map_err(|e| http_err(&url, format!("download broke: {}", with_causes(&e))))?;
                 if let Ok(data) = frame.into_data() {
                     if offset + received + data.len() as u64 > f.size {
                         // More than the listing says: cannot be the right file.
@@ -667,6 +668,19 @@ fn redirect_target(from: &Uri, location: &str) -> Option<String> {
         ));
     }
     None
+}
+
+/// An error and its sources on one line: hyper's own message is only "client error (Connect)";
+/// the cause (refused, DNS, TLS handshake) is in the chain.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 fn http_err(url: &str, detail: impl Into<String>) -> Error {
