@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Assembles the image's root filesystem from a built `shardseek` binary: the binary, exactly the
 # shared libraries it links (as `ldd` resolves them, the dynamic loader included), a passwd/group
-# entry for the non-root user, and an empty world-writable /tmp. Nothing else: no shell, no
-# package manager. Used by the Containerfile's build stage and by CI (.ci/image-check.sh), which
+# entry for the non-root user, an empty world-writable /tmp, and the host's CA bundle (for
+# `shardseek model pull` from an https:// hub). Nothing else: no shell, no package manager. Used by the Containerfile's build stage and by CI (.ci/image-check.sh), which
 # copies the result into a `FROM scratch` image without any registry.
 #
 # usage: scripts/image-rootfs.sh BINARY ROOTFS_DIR
@@ -36,5 +36,12 @@ nonroot:x:$uid:
 GROUP
 # Host names resolve through DNS first (the router resolves the attention Service continuously).
 echo "hosts: files dns" > "$root/etc/nsswitch.conf"
+# `model pull` verifies https:// hubs against the system roots (rustls-native-certs reads this
+# path); without it every pull from huggingface.co would fail in the image.
+ca="${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}"
+[[ -f "$ca" ]] || { echo "no CA bundle at $ca (install ca-certificates or set CA_BUNDLE)" >&2; exit 1; }
+mkdir -p "$root/etc/ssl/certs"
+cp -L "$ca" "$root/etc/ssl/certs/ca-certificates.crt"
+chmod 0644 "$root/etc/ssl/certs/ca-certificates.crt"
 chmod 1777 "$root/tmp"
 echo "rootfs in $root: $(du -sh "$root" | cut -f1), $(find "$root" -type f | wc -l) files"

@@ -48,7 +48,8 @@ enum Command {
         #[arg(short = 'n', long)]
         namespace: Option<String>,
     },
-    /// Model files: generate random checkpoints in the published layout.
+    /// Model files: generate random checkpoints in the published layout, or pull one from the
+    /// Hugging Face hub.
     Model {
         #[command(subcommand)]
         cmd: ModelCmd,
@@ -75,6 +76,20 @@ enum ModelCmd {
         /// `--set q_lora_rank=null --set n_shared_experts=2`.
         #[arg(long = "set", value_name = "KEY=JSON")]
         set: Vec<String>,
+    },
+    /// Download a model from the Hugging Face hub (or the `HF_ENDPOINT` mirror), resuming
+    /// partial files and checking each against the hub's size and sha256. `HF_TOKEN`, when
+    /// set, is sent as a bearer token (gated and private models).
+    Pull {
+        /// hf://ORG/NAME[@REVISION] (revision `main` when omitted).
+        source: String,
+        /// Output directory (created if missing); files already there and verified are kept.
+        #[arg(long)]
+        out: PathBuf,
+        /// Pull only files whose path matches one of these globs (`*` = any characters),
+        /// e.g. `--include '*.json'` for the tokenizer and config alone.
+        #[arg(long, value_name = "GLOB")]
+        include: Vec<String>,
     },
 }
 
@@ -452,6 +467,14 @@ fn main() {
                     set,
                 },
         } => model_gen(preset, dtype, out, seed, set),
+        Command::Model {
+            cmd:
+                ModelCmd::Pull {
+                    source,
+                    out,
+                    include,
+                },
+        } => model_pull(&source, &out, &include),
         Command::Render { file, namespace } => render(&file, namespace.as_deref()),
         Command::Crd => shardseek_operator::crd::crd_yaml()
             .context("rendering the CRD")
@@ -1134,6 +1157,28 @@ fn peak_rss_bytes() -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+fn model_pull(source: &str, out: &std::path::Path, include: &[String]) -> Result<()> {
+    init_tracing();
+    let src = shardseek_worker::pull::HubSource::parse(source)?;
+    let cfg = shardseek_worker::pull::PullConfig::from_env();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    let report = rt
+        .block_on(shardseek_worker::pull::pull(&src, out, &cfg, include))
+        .with_context(|| format!("pulling {src} from {} into {}", cfg.endpoint, out.display()))?;
+    println!(
+        "{src} at commit {}: {} downloaded ({} resumed, {:.1} MB received), {} already present",
+        report.commit,
+        report.downloaded,
+        report.resumed,
+        report.bytes_received as f64 / 1e6,
+        report.skipped,
+    );
+    Ok(())
 }
 
 fn model_gen(

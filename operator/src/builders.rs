@@ -15,9 +15,10 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort,
     EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, LocalObjectReference, NodeAffinity,
-    NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, PodSecurityContext, PodSpec,
-    PodTemplateSpec, PreferredSchedulingTerm, Probe, ResourceRequirements, SeccompProfile,
-    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec,
+    PreferredSchedulingTerm, Probe, ResourceRequirements, SeccompProfile, SecurityContext, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -35,6 +36,14 @@ use crate::{Error, Result};
 
 /// Where the model volume is mounted in every pod.
 pub const MODEL_MOUNT_DIR: &str = "/models";
+/// The pod volume holding the checkpoint (a user's volume, or the pull cache).
+pub const MODEL_VOLUME: &str = "model";
+/// The init container that pulls `spec.model.source`.
+pub const MODEL_PULL_CONTAINER: &str = "model-pull";
+/// The hub mirror URL the pull reads (the variable `huggingface_hub` reads too).
+pub const HF_ENDPOINT_ENV: &str = "HF_ENDPOINT";
+/// The hub token the pull sends as a bearer token.
+pub const HF_TOKEN_ENV: &str = "HF_TOKEN";
 /// Annotation on pod templates with the hash of the part of the cluster config that the pod's
 /// role reads (`ClusterConfig::view_of`).
 pub const CONFIG_HASH_ANNOTATION: &str = "shardseek.io/config-hash";
@@ -625,23 +634,92 @@ fn pod_volumes(dsd: &DeepSeekDeployment, names: &Names) -> (Vec<Volume>, Vec<Vol
             ..VolumeMount::default()
         },
     ];
-    let source = &dsd.spec.model.volume;
-    volumes.push(Volume {
-        name: "model".to_string(),
-        persistent_volume_claim: source.persistent_volume_claim.clone(),
-        host_path: source.host_path.clone(),
-        nfs: source.nfs.clone(),
-        csi: source.csi.clone(),
-        image: source.image.clone(),
-        ..Volume::default()
+    let model = &dsd.spec.model;
+    volumes.push(match (&model.volume, &model.cache_claim) {
+        (Some(source), _) => Volume {
+            name: MODEL_VOLUME.to_string(),
+            persistent_volume_claim: source.persistent_volume_claim.clone(),
+            host_path: source.host_path.clone(),
+            nfs: source.nfs.clone(),
+            csi: source.csi.clone(),
+            image: source.image.clone(),
+            ..Volume::default()
+        },
+        // A hub source: the init container pulls into this cache.
+        (None, Some(claim)) => Volume {
+            name: MODEL_VOLUME.to_string(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.clone(),
+                read_only: None,
+            }),
+            ..Volume::default()
+        },
+        (None, None) => Volume {
+            name: MODEL_VOLUME.to_string(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
     });
     mounts.push(VolumeMount {
-        name: "model".to_string(),
+        name: MODEL_VOLUME.to_string(),
         mount_path: MODEL_MOUNT_DIR.to_string(),
         read_only: Some(true),
         ..VolumeMount::default()
     });
     (volumes, mounts)
+}
+
+/// The init container that pulls a hub source (`spec.model.source`) into the model volume
+/// before the server starts; `None` for a volume source. It runs the same image
+/// (`shardseek model pull`), mounts the model volume writable where the server mounts it
+/// read-only, and gets `HF_ENDPOINT` / `HF_TOKEN` from the spec. Routers read only the
+/// tokenizer and config, so they pull the `*.json` files alone.
+fn model_pull_container(dsd: &DeepSeekDeployment, role: Role) -> Option<Container> {
+    let spec = &dsd.spec;
+    let source = spec.model.source.as_ref()?;
+    let mut args: Vec<String> = ["model", "pull", source, "--out", &spec.model.path]
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    if role == Role::Router {
+        args.extend(["--include".to_string(), "*.json".to_string()]);
+    }
+    let mut env = vec![value_env("SHARDSEEK_LOG_FORMAT", "json")];
+    if let Some(endpoint) = &spec.model.endpoint {
+        env.push(value_env(HF_ENDPOINT_ENV, endpoint));
+    }
+    if let Some(secret) = &spec.model.token_secret {
+        env.push(EnvVar {
+            name: HF_TOKEN_ENV.to_string(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(secret.clone()),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        });
+    }
+    Some(Container {
+        name: MODEL_PULL_CONTAINER.to_string(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: Some(spec.image_pull_policy.as_str().to_string()),
+        args: Some(args),
+        env: Some(env),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: MODEL_VOLUME.to_string(),
+                mount_path: MODEL_MOUNT_DIR.to_string(),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "tmp".to_string(),
+                mount_path: "/tmp".to_string(),
+                ..VolumeMount::default()
+            },
+        ]),
+        security_context: Some(restricted_security_context()),
+        termination_message_policy: Some("FallbackToLogsOnError".to_string()),
+        ..Container::default()
+    })
 }
 
 #[allow(clippy::too_many_arguments)] // one call site per role; a struct would only rename them
@@ -702,6 +780,7 @@ fn pod_template(
             ..ObjectMeta::default()
         }),
         spec: Some(PodSpec {
+            init_containers: model_pull_container(dsd, role).map(|c| vec![c]),
             containers: vec![container],
             volumes: Some(volumes),
             node_selector: (gpu_role && !spec.scheduling.node_selector.is_empty())

@@ -4,7 +4,7 @@
 //!
 //! Validation lives in the schema where the API server can enforce it: `minimum` bounds for
 //! counts, enums for closed sets, and `x-kubernetes-validations` CEL rules for relations between
-//! fields (expert slots divisible by shards, exactly one model volume source, no NCCL until it is
+//! fields (expert slots divisible by shards, exactly one model volume source or hub source, no NCCL until it is
 //! wired, a name short enough for the owned objects' names). The tests evaluate those same CEL
 //! rules client-side with kube-cel against `crds/examples/`.
 
@@ -170,9 +170,15 @@ pub enum Transport {
     Nccl,
 }
 
-/// The model checkpoint and where it comes from.
+/// The model checkpoint and where it comes from: a volume that holds it, or a Hugging Face
+/// repository that an init container pulls into a cache volume before the server starts.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("has(self.volume) != has(self.source)").message("model must set exactly one of volume, source"),
+    validation = Rule::new("has(self.source) || !(has(self.tokenSecret) || has(self.endpoint) || has(self.cacheClaim))").message("model.tokenSecret, model.endpoint and model.cacheClaim apply to model.source only"),
+    validation = Rule::new("!has(self.source) || self.path == '/models' || self.path.startsWith('/models/')").message("with model.source, path must be /models or below it: the pull writes to the cache volume mounted there")
+)]
 pub struct ModelSpec {
     /// The name clients use in the OpenAI `model` field.
     #[x_kube(validation = Rule::new("self != ''").message("servedName must not be empty"))]
@@ -183,7 +189,27 @@ pub struct ModelSpec {
     #[x_kube(validation = Rule::new("self.startsWith('/')").message("path must be absolute"))]
     pub path: String,
     /// Where the checkpoint lives; mounted read-only at `/models` in every pod.
-    pub volume: ModelVolume,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<ModelVolume>,
+    /// A Hugging Face repository, `hf://ORG/NAME@REVISION` (revision `main` when omitted; pin a
+    /// commit so every pod serves the same weights). An init container (`shardseek model pull`)
+    /// downloads it into `path` on the cache volume, resuming partial files and checking each
+    /// against the hub's size and sha256; routers pull only the `*.json` files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^hf://[A-Za-z0-9._-]+/[A-Za-z0-9._-]+(@[A-Za-z0-9._/-]+)?$')").message("source must be hf://ORG/NAME or hf://ORG/NAME@REVISION"))]
+    pub source: Option<String>,
+    /// The hub token for gated or private models (`HF_TOKEN` of the init container).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret: Option<SecretKeySelector>,
+    /// A hub mirror's base URL (`HF_ENDPOINT`); the public hub when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.startsWith('http://') || self.startsWith('https://')").message("endpoint must be an http:// or https:// URL"))]
+    pub endpoint: Option<String>,
+    /// A PersistentVolumeClaim to pull into, so pod restarts and new pods on it skip the
+    /// download. Without it each pod pulls into its own emptyDir.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self != ''").message("cacheClaim must not be empty"))]
+    pub cache_claim: Option<String>,
 }
 
 fn default_model_path() -> String {

@@ -36,6 +36,17 @@ pub enum Error {
     Generation(String),
     #[error("expert dispatch failed at layer {layer}: {detail}")]
     Dispatch { layer: usize, detail: String },
+    /// A model pull's request failed: the URL and what the server (or network) said.
+    #[error("{url}: {detail}")]
+    Http { url: String, detail: String },
+    /// A pulled file does not match the hub's listing; the bad file has been removed.
+    #[error("{file}: {what} mismatch: the hub lists {expected}, the download has {actual}")]
+    Mismatch {
+        file: String,
+        what: &'static str,
+        expected: String,
+        actual: String,
+    },
     #[error(transparent)]
     Kernel(#[from] shardseek_kernels::Error),
 }

@@ -5,6 +5,7 @@
 //! crate), [`kv`] (the paged latent cache), [`model`] (forward pass), [`experts`] (routed
 //! experts behind a trait, local or remote), [`engine`] (continuous batching, the one
 //! generation loop, the sampler), [`generate`] (one request in process, and its JSON result).
+//! [`pull`] downloads a model from the Hugging Face hub (`shardseek model pull`).
 
 pub mod attention;
 pub mod backend;
@@ -20,6 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod modelgen;
 pub mod prefix;
+pub mod pull;
 pub mod remote;
 pub mod serve;
 pub mod speed;

@@ -63,9 +63,11 @@ fn as_stored(mut dsd: DeepSeekDeployment) -> DeepSeekDeployment {
 
 #[test]
 fn builders_match_golden_yaml() {
-    for (example_name, golden_name) in
-        [("full.yaml", "full.yaml"), ("minimal.yaml", "minimal.yaml")]
-    {
+    for (example_name, golden_name) in [
+        ("full.yaml", "full.yaml"),
+        ("minimal.yaml", "minimal.yaml"),
+        ("hub.yaml", "hub.yaml"),
+    ] {
         let dsd = as_stored(example(example_name));
         let owned = builders::build(&dsd).expect("build");
         let yaml = owned.to_yaml().expect("yaml");
@@ -214,6 +216,194 @@ fn builders_carry_the_spec_into_pods() {
     assert_eq!(config.attention.max_batch_tokens, 16384);
 }
 
+/// The init container, its env and the cache volume of a hub source, in every role.
+#[test]
+fn hub_source_pulls_in_an_init_container() {
+    let owned = builders::build(&as_stored(example("hub.yaml"))).expect("build");
+    let source = "hf://deepseek-ai/DeepSeek-V3@86518964eaef84e3fdd98e9861759a1384f9c29d";
+    let attention = owned.attention.spec.template.spec.clone().expect("pod");
+    let experts = owned
+        .experts
+        .as_ref()
+        .expect("experts")
+        .spec
+        .template
+        .spec
+        .clone()
+        .expect("pod");
+    let router = owned.router.spec.template.spec.clone().expect("pod");
+    for (role, pod, include) in [
+        ("attention", &attention, false),
+        ("experts", &experts, false),
+        ("router", &router, true),
+    ] {
+        let init = pod.init_containers.as_deref().expect("init containers");
+        assert_eq!(init.len(), 1, "{role}");
+        let pull = &init[0];
+        assert_eq!(pull.name, builders::MODEL_PULL_CONTAINER);
+        assert_eq!(pull.image, pod.containers[0].image, "{role}");
+        let mut want = vec!["model", "pull", source, "--out", "/models"];
+        if include {
+            want.extend(["--include", "*.json"]);
+        }
+        assert_eq!(
+            pull.args.as_deref(),
+            Some(&want.iter().map(|s| s.to_string()).collect::<Vec<_>>()[..]),
+            "{role}"
+        );
+        let env = pull.env.as_deref().expect("env");
+        let endpoint = env
+            .iter()
+            .find(|e| e.name == "HF_ENDPOINT")
+            .expect("HF_ENDPOINT");
+        assert_eq!(
+            endpoint.value.as_deref(),
+            Some("https://hf-mirror.internal.example")
+        );
+        let token = env.iter().find(|e| e.name == "HF_TOKEN").expect("HF_TOKEN");
+        let secret = token
+            .value_from
+            .as_ref()
+            .and_then(|v| v.secret_key_ref.as_ref())
+            .expect("secret ref");
+        assert_eq!(
+            (secret.name.as_str(), secret.key.as_str()),
+            ("hf-token", "token")
+        );
+        assert!(token.value.is_none(), "the token is never inlined");
+        // The pull writes the volume the server then mounts read-only, at the same place.
+        let rw = pull
+            .volume_mounts
+            .as_deref()
+            .expect("mounts")
+            .iter()
+            .find(|m| m.name == builders::MODEL_VOLUME)
+            .expect("model mount");
+        assert_eq!((rw.mount_path.as_str(), rw.read_only), ("/models", None));
+        let ro = pod.containers[0]
+            .volume_mounts
+            .as_deref()
+            .expect("mounts")
+            .iter()
+            .find(|m| m.name == builders::MODEL_VOLUME)
+            .expect("model mount");
+        assert_eq!(
+            (ro.mount_path.as_str(), ro.read_only),
+            ("/models", Some(true))
+        );
+        let volume = pod
+            .volumes
+            .as_deref()
+            .expect("volumes")
+            .iter()
+            .find(|v| v.name == builders::MODEL_VOLUME)
+            .expect("model volume");
+        assert_eq!(
+            volume
+                .persistent_volume_claim
+                .as_ref()
+                .map(|p| p.claim_name.as_str()),
+            Some("deepseek-v3-cache"),
+            "{role}"
+        );
+        assert!(volume.empty_dir.is_none() && volume.host_path.is_none());
+    }
+
+    // Without cacheClaim: an emptyDir per pod, and no env for unset endpoint/token.
+    let mut dsd = as_stored(example("hub.yaml"));
+    dsd.spec.model.cache_claim = None;
+    dsd.spec.model.endpoint = None;
+    dsd.spec.model.token_secret = None;
+    let owned = builders::build(&dsd).expect("build");
+    let pod = owned.attention.spec.template.spec.expect("pod");
+    let volume = pod
+        .volumes
+        .as_deref()
+        .expect("volumes")
+        .iter()
+        .find(|v| v.name == builders::MODEL_VOLUME)
+        .expect("model volume")
+        .clone();
+    assert!(volume.empty_dir.is_some() && volume.persistent_volume_claim.is_none());
+    let env = pod.init_containers.expect("init")[0]
+        .env
+        .clone()
+        .expect("env");
+    assert!(env.iter().all(|e| !e.name.starts_with("HF_")), "{env:?}");
+
+    // A volume source has no init container: the existing path is unchanged.
+    let owned = builders::build(&as_stored(example("minimal.yaml"))).expect("build");
+    assert!(
+        owned
+            .attention
+            .spec
+            .template
+            .spec
+            .expect("pod")
+            .init_containers
+            .is_none()
+    );
+}
+
+/// The CEL rules that tie source, volume and the source-only fields together.
+#[test]
+fn model_source_rules() {
+    let hub = example("hub.yaml");
+    let errors_of = |dsd: &DeepSeekDeployment| {
+        kube::core::cel::validate_cel(dsd)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let mut both = hub.clone();
+    both.spec.model.volume = example("minimal.yaml").spec.model.volume;
+    assert!(
+        errors_of(&both).contains("exactly one of volume, source"),
+        "{}",
+        errors_of(&both)
+    );
+    let mut neither = hub.clone();
+    neither.spec.model.source = None;
+    assert!(errors_of(&neither).contains("exactly one of volume, source"));
+    // Source-only fields on a volume source would be accepted and ignored: refused.
+    let mut stray = example("minimal.yaml");
+    stray.spec.model.cache_claim = Some("c".into());
+    assert!(
+        errors_of(&stray).contains("apply to model.source only"),
+        "{}",
+        errors_of(&stray)
+    );
+    for bad in [
+        "deepseek-ai/DeepSeek-V3",
+        "hf://DeepSeek-V3",
+        "hf://a/b/c",
+        "hf://a/b@",
+        "s3://a/b",
+    ] {
+        let mut dsd = hub.clone();
+        dsd.spec.model.source = Some(bad.into());
+        assert!(
+            errors_of(&dsd).contains("source must be hf://"),
+            "{bad} accepted"
+        );
+    }
+    for good in [
+        "hf://a/b",
+        "hf://deepseek-ai/DeepSeek-V3.1@main",
+        "hf://a/b@refs/pr/1",
+    ] {
+        let mut dsd = hub.clone();
+        dsd.spec.model.source = Some(good.into());
+        assert_eq!(errors_of(&dsd), "", "{good}");
+    }
+    let mut outside = hub.clone();
+    outside.spec.model.path = "/data".into();
+    assert!(errors_of(&outside).contains("path must be /models or below"));
+    let mut endpoint = hub;
+    endpoint.spec.model.endpoint = Some("hf-mirror.internal".into());
+    assert!(errors_of(&endpoint).contains("endpoint must be an http"));
+}
+
 #[test]
 fn zero_shards_keep_experts_in_attention_pods() {
     let mut dsd = as_stored(example("minimal.yaml"));
@@ -267,7 +457,7 @@ fn crd_has_scale_printer_columns_and_rules() {
 
 #[test]
 fn examples_pass_and_fail_the_cel_rules() {
-    for name in ["minimal.yaml", "full.yaml"] {
+    for name in ["minimal.yaml", "full.yaml", "hub.yaml"] {
         let dsd = example(name);
         kube::core::cel::validate_cel(&dsd)
             .unwrap_or_else(|e| panic!("{name} should be valid: {e}"));
@@ -286,7 +476,7 @@ fn examples_pass_and_fail_the_cel_rules() {
     }
     // Each rule alone: fixing the other two leaves exactly one error.
     let mut one = invalid.clone();
-    one.spec.model.volume.host_path = None;
+    one.spec.model.volume.as_mut().expect("volume").host_path = None;
     one.spec.transport = crd::Transport::Grpc;
     let errors = kube::core::cel::validate_cel(&one)
         .expect_err("slots rule")

@@ -1,10 +1,11 @@
 //! Integration tests of the model core: reference fixtures, an f64 reference of the same
-//! math, cache consistency, determinism, and bad input.
+//! math, cache consistency, determinism, bad input, and `model pull` from a local hub.
 
 mod bad_input;
 mod consistency;
 mod engine;
 mod fixtures;
 mod kv_dtype;
+mod pull;
 mod reference;
 mod variants;
