@@ -405,7 +405,8 @@ struct GenerateArgs {
     #[arg(long)]
     ignore_eos: bool,
     /// Element type of the latent KV cache: f32 (exact), bf16, or fp8 (e4m3, per-token scale).
-    #[arg(long, default_value = "bf16")]
+    /// In process only: with --url the server's pods chose theirs.
+    #[arg(long, default_value = "bf16", conflicts_with = "url")]
     kv_cache_dtype: String,
     /// Print one JSON object on the last line of stdout.
     #[arg(long)]
