@@ -36,16 +36,22 @@ pub struct TokenRequest {
     pub constraint: Option<Constraint>,
 }
 
-/// The logits-processing parameters of a request; the default is neutral (nothing changes).
+/// The logits-processing parameters of a request (the engine's logits stage reads them as they
+/// are); the neutral value of every field leaves the row untouched.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LogitsFields {
+    /// OpenAI's `presence_penalty`: subtracted once from every token already generated.
     pub presence_penalty: f32,
+    /// OpenAI's `frequency_penalty`: subtracted per occurrence in the generated tokens.
     pub frequency_penalty: f32,
-    /// 1 is off.
+    /// vLLM/HF `repetition_penalty` (1 = off): positive logits of tokens seen in the prompt or
+    /// output are divided by it, negative ones multiplied.
     pub repetition_penalty: f32,
-    /// (token id, bias), sorted by id.
+    /// Added to the logit of each token id.
     pub logit_bias: Vec<(u32, f32)>,
+    /// End-of-sequence and stop token ids are barred until this many tokens were generated.
     pub min_tokens: usize,
+    /// Tokens whose probability is below `min_p` × the top probability are dropped (0 = off).
     pub min_p: f32,
 }
 
@@ -62,20 +68,65 @@ impl Default for LogitsFields {
     }
 }
 
-/// What constrained decoding enforces.
+impl LogitsFields {
+    /// Whether the stage changes anything for these parameters (fast path: no copy of the row).
+    pub fn is_neutral(&self) -> bool {
+        self.presence_penalty == 0.0
+            && self.frequency_penalty == 0.0
+            && self.repetition_penalty == 1.0
+            && self.logit_bias.is_empty()
+            && self.min_tokens == 0
+            && self.min_p == 0.0
+    }
+
+    /// Checks ranges the wire cannot express; the router validates the same way first.
+    pub fn validate(&self, vocab: usize) -> Result<(), String> {
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(format!("{name}: {v} must be between -2 and 2"));
+            }
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return Err(format!(
+                "repetition_penalty: {} must be > 0",
+                self.repetition_penalty
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p: {} must be in [0, 1]", self.min_p));
+        }
+        if let Some((t, _)) = self.logit_bias.iter().find(|(t, _)| *t as usize >= vocab) {
+            return Err(format!(
+                "logit_bias: token id {t} is out of range (vocab_size {vocab})"
+            ));
+        }
+        if let Some((_, b)) = self.logit_bias.iter().find(|(_, b)| !b.is_finite()) {
+            return Err(format!("logit_bias: {b} is not a finite number"));
+        }
+        Ok(())
+    }
+}
+
+/// What a request is constrained to.
 #[derive(Clone, Debug, PartialEq)]
 pub enum ConstraintKind {
-    /// JSON Schema text.
+    /// A JSON Schema (its JSON text); `{"type": "object"}` is `response_format: json_object`.
     JsonSchema(String),
+    /// A regular expression over the generated text.
     Regex(String),
-    /// Lark grammar, llguidance dialect (special tokens as `<[id]>`).
+    /// A Lark grammar in llguidance's dialect (special tokens as `<[id]>`).
     Lark(String),
 }
 
-/// A constraint and the token after which it applies (None: from the first token).
+/// A constraint and where it starts.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Constraint {
     pub kind: ConstraintKind,
+    /// Unconstrained until this token was generated (a reasoning model's `</think>`: the answer
+    /// is constrained, the reasoning before it is not), then constrained.
     pub start_after: Option<u32>,
 }
 

@@ -16,25 +16,9 @@ use std::path::Path;
 use std::sync::Arc;
 use toktrie::{ApproximateTokEnv, SimpleVob, TokRxInfo, TokTrie};
 
-/// What a request is constrained to.
-#[derive(Clone, Debug, PartialEq)]
-pub enum ConstraintKind {
-    /// A JSON Schema (its JSON text); `{"type": "object"}` is `response_format: json_object`.
-    JsonSchema(String),
-    /// A regular expression over the generated text.
-    Regex(String),
-    /// A Lark grammar in llguidance's dialect (special tokens as `<[id]>`).
-    Lark(String),
-}
-
-/// A constraint and where it starts.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Constraint {
-    pub kind: ConstraintKind,
-    /// Unconstrained until this token was generated (a reasoning model's `</think>`: the answer
-    /// is constrained, the reasoning before it is not), then constrained.
-    pub start_after: Option<u32>,
-}
+/// What a request is constrained to: the router's types, shared so the two crates cannot drift
+/// apart.
+pub use shardseek_router::openai::backend::{Constraint, ConstraintKind};
 
 /// Compiles constraints for one tokenizer; shared by every request of an engine.
 pub struct GrammarCompiler {

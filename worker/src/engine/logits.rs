@@ -13,78 +13,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use toktrie::SimpleVob;
 
-/// What a request asks of the stage; the neutral value of every field leaves the row untouched.
-#[derive(Clone, Debug, PartialEq)]
-pub struct LogitsParams {
-    /// OpenAI's `presence_penalty`: subtracted once from every token already generated.
-    pub presence_penalty: f32,
-    /// OpenAI's `frequency_penalty`: subtracted per occurrence in the generated tokens.
-    pub frequency_penalty: f32,
-    /// vLLM/HF `repetition_penalty` (1 = off): positive logits of tokens seen in the prompt or
-    /// output are divided by it, negative ones multiplied.
-    pub repetition_penalty: f32,
-    /// Added to the logit of each token id.
-    pub logit_bias: Vec<(u32, f32)>,
-    /// End-of-sequence and stop token ids are barred until this many tokens were generated.
-    pub min_tokens: usize,
-    /// Tokens whose probability is below `min_p` × the top probability are dropped (0 = off).
-    pub min_p: f32,
-}
-
-impl Default for LogitsParams {
-    fn default() -> Self {
-        Self {
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-            repetition_penalty: 1.0,
-            logit_bias: Vec::new(),
-            min_tokens: 0,
-            min_p: 0.0,
-        }
-    }
-}
-
-impl LogitsParams {
-    /// Whether the stage changes anything for these parameters (fast path: no copy of the row).
-    pub fn is_neutral(&self) -> bool {
-        self.presence_penalty == 0.0
-            && self.frequency_penalty == 0.0
-            && self.repetition_penalty == 1.0
-            && self.logit_bias.is_empty()
-            && self.min_tokens == 0
-            && self.min_p == 0.0
-    }
-
-    /// Checks ranges the wire cannot express; the router validates the same way first.
-    pub fn validate(&self, vocab: usize) -> Result<(), String> {
-        for (name, v) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
-            if !(-2.0..=2.0).contains(&v) {
-                return Err(format!("{name}: {v} must be between -2 and 2"));
-            }
-        }
-        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return Err(format!(
-                "repetition_penalty: {} must be > 0",
-                self.repetition_penalty
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.min_p) {
-            return Err(format!("min_p: {} must be in [0, 1]", self.min_p));
-        }
-        if let Some((t, _)) = self.logit_bias.iter().find(|(t, _)| *t as usize >= vocab) {
-            return Err(format!(
-                "logit_bias: token id {t} is out of range (vocab_size {vocab})"
-            ));
-        }
-        if let Some((_, b)) = self.logit_bias.iter().find(|(_, b)| !b.is_finite()) {
-            return Err(format!("logit_bias: {b} is not a finite number"));
-        }
-        Ok(())
-    }
-}
+/// What a request asks of the stage: the router's parameter type, so the two crates cannot
+/// drift apart (its neutral value leaves the row untouched).
+pub use shardseek_router::openai::backend::LogitsFields as LogitsParams;
 
 /// Per-sequence memory of the stage: how often each token was generated, and which tokens the
 /// prompt holds (for the repetition penalty).
