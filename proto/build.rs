@@ -18,8 +18,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(PROTOS, [&root])?;
     tonic_prost_build::configure()
-        // Row payloads decode as `bytes::Bytes`: slices of the received buffer, no copy.
-        .bytes(".shardseek.v1.Rows")
+        // `Rows` is written by hand (src/rows.rs): received payloads are `Bytes` slices of the
+        // frame, and outgoing rows are encoded straight into the frame buffer.
+        .extern_path(".shardseek.v1.Rows", "crate::rows::Rows")
+        // Reserves each message's length before encoding it (src/codec.rs).
+        .codec_path("crate::codec::WireCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -11,7 +11,9 @@ pub mod v1 {
 }
 
 pub mod cluster_config;
+pub mod codec;
 mod fingerprint;
+pub mod rows;
 
 pub use fingerprint::{
     METADATA_MODEL, METADATA_SHARDS, fingerprint_from_config, fingerprint_from_model_dir,

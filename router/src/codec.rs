@@ -6,14 +6,19 @@
 //! router free of the numeric crate; it is small and tested over every one of its 256 codes.
 //!
 //! The per-value loops live in [`kernels`], compiled for AVX-512, AVX2 and the portable baseline
-//! and chosen at run time; rows are encoded straight into the payload buffer (one write per
-//! value) and decoded straight out of the received `Bytes` (no intermediate copy).
+//! and chosen at run time. Outgoing rows are [`PendingRows`]: f32 rows that are encoded when
+//! their gRPC message is written, straight into the frame buffer (one write per value, no
+//! payload buffer in between); received rows are [`EncodedRows`], decoded straight out of the
+//! received `Bytes` into their destination rows (no intermediate copy, no zero-fill).
 
 use std::fmt;
+use std::mem::MaybeUninit;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use bytes::Bytes;
-use shardseek_proto::v1::{RowDtype, Rows};
+use shardseek_proto::rows::{RowSource, Rows};
+use shardseek_proto::v1::RowDtype;
 
 use crate::{Error, Result};
 
@@ -93,7 +98,7 @@ impl FromStr for WireDtype {
     }
 }
 
-/// A `[count, width]` block of rows in a wire dtype, ready to send or just received.
+/// A `[count, width]` block of rows in a wire dtype, as received (or materialised).
 #[derive(Clone, Debug, PartialEq)]
 pub struct EncodedRows {
     pub dtype: WireDtype,
@@ -102,6 +107,58 @@ pub struct EncodedRows {
     pub data: Bytes,
     /// fp8 only: `count * ceil(width / 128)` little-endian f32 scales.
     pub scales: Bytes,
+}
+
+impl WireDtype {
+    /// Data bytes of one row (without fp8's scales).
+    fn data_bytes(self, width: usize) -> usize {
+        match self {
+            WireDtype::F32 => width * 4,
+            WireDtype::Bf16 => width * 2,
+            WireDtype::Fp8E4m3 => width,
+        }
+    }
+
+    /// Scale bytes of one row (fp8 only).
+    fn scale_bytes(self, width: usize) -> usize {
+        match self {
+            WireDtype::Fp8E4m3 => width.div_ceil(FP8_BLOCK) * 4,
+            _ => 0,
+        }
+    }
+}
+
+/// Encodes rows (each `width` values) one after the other into `data` and `scales`, which
+/// hold exactly their encoded bytes; every byte is written.
+fn encode_rows_into<'a>(
+    rows: impl Iterator<Item = &'a [f32]>,
+    width: usize,
+    dtype: WireDtype,
+    data: &mut [MaybeUninit<u8>],
+    scales: &mut [MaybeUninit<u8>],
+) {
+    let level = Level::detect();
+    let (db, sb) = (dtype.data_bytes(width).max(1), dtype.scale_bytes(width));
+    match dtype {
+        WireDtype::F32 => {
+            for (row, dst) in rows.zip(data.chunks_exact_mut(db)) {
+                kernels::encode_f32(level, row, dst);
+            }
+        }
+        WireDtype::Bf16 => {
+            for (row, dst) in rows.zip(data.chunks_exact_mut(db)) {
+                kernels::encode_bf16(level, row, dst);
+            }
+        }
+        WireDtype::Fp8E4m3 => {
+            for ((row, dst), sc) in rows
+                .zip(data.chunks_exact_mut(db))
+                .zip(scales.chunks_exact_mut(sb.max(1)))
+            {
+                kernels::encode_fp8_row(level, row, dst, sc);
+            }
+        }
+    }
 }
 
 impl EncodedRows {
@@ -113,104 +170,76 @@ impl EncodedRows {
                 rows.len()
             )));
         }
-        Self::encode_rows(rows.chunks_exact(width), width, dtype)
-    }
-
-    /// Encodes the given rows (each `width` values) in `dtype` in one pass, without first
-    /// gathering them into one buffer: what the dispatcher does with a shard's tokens.
-    pub fn encode_rows<'a>(
-        rows: impl ExactSizeIterator<Item = &'a [f32]>,
-        width: usize,
-        dtype: WireDtype,
-    ) -> Result<Self> {
-        let count = rows.len();
-        let bad_row =
-            |len: usize| Error::Codec(format!("a row of {len} values among rows of width {width}"));
-        let (data, scales) = match dtype {
-            WireDtype::F32 => {
-                let mut out: Vec<u32> = Vec::with_capacity(count * width);
-                for row in rows {
-                    if row.len() != width {
-                        return Err(bad_row(row.len()));
-                    }
-                    out.extend(row.iter().map(|v| v.to_bits().to_le()));
-                }
-                (Bytes::from_owner(LeWords(out)), Bytes::new())
-            }
-            WireDtype::Bf16 => {
-                let level = Level::detect();
-                let mut out: Vec<u16> = vec![0; count * width];
-                for (row, dst) in rows.zip(out.chunks_exact_mut(width)) {
-                    if row.len() != width {
-                        return Err(bad_row(row.len()));
-                    }
-                    kernels::encode_bf16(level, row, dst);
-                }
-                (Bytes::from_owner(LeWords(out)), Bytes::new())
-            }
-            WireDtype::Fp8E4m3 => {
-                let level = Level::detect();
-                let blocks = width.div_ceil(FP8_BLOCK);
-                let mut out: Vec<u8> = vec![0; count * width];
-                let mut scales = Vec::with_capacity(count * blocks * 4);
-                for (row, dst) in rows.zip(out.chunks_exact_mut(width)) {
-                    if row.len() != width {
-                        return Err(bad_row(row.len()));
-                    }
-                    kernels::encode_fp8_row(level, row, dst, &mut scales);
-                }
-                (Bytes::from(out), Bytes::from(scales))
-            }
+        let count = rows.len() / width;
+        let (data_len, scales_len) = (
+            count * dtype.data_bytes(width),
+            count * dtype.scale_bytes(width),
+        );
+        let mut scales = Vec::with_capacity(scales_len);
+        // SAFETY: `encode_rows_into` writes every byte of both slices (count full rows of
+        // `width` values fill them exactly), so both vectors are initialised to their length.
+        let data = unsafe {
+            kernels::encode_to_vec(data_len, |d| {
+                encode_rows_into(
+                    rows.chunks_exact(width),
+                    width,
+                    dtype,
+                    d,
+                    &mut scales.spare_capacity_mut()[..scales_len],
+                );
+            })
         };
+        // SAFETY: as above.
+        unsafe { scales.set_len(scales_len) };
         Ok(EncodedRows {
             dtype,
             count,
             width,
-            data,
-            scales,
+            data: Bytes::from(data),
+            scales: Bytes::from(scales),
         })
     }
 
     /// Checks that the payload sizes match `count`, `width` and `dtype` (data from the network).
     pub fn validate(&self) -> Result<()> {
-        let values = self.count * self.width;
-        let (data, scales) = match self.dtype {
-            WireDtype::F32 => (values * 4, 0),
-            WireDtype::Bf16 => (values * 2, 0),
-            WireDtype::Fp8E4m3 => (values, self.count * self.width.div_ceil(FP8_BLOCK) * 4),
-        };
-        if self.data.len() != data || self.scales.len() != scales {
-            return Err(Error::Codec(format!(
-                "{} rows of width {} in {}: expected {data} data and {scales} scale bytes, got {} and {}",
+        let values = self.count.checked_mul(self.width);
+        let data = values.and_then(|_| self.count.checked_mul(self.dtype.data_bytes(self.width)));
+        let scales = self.count.checked_mul(self.dtype.scale_bytes(self.width));
+        match (data, scales) {
+            (Some(d), Some(s)) if self.data.len() == d && self.scales.len() == s => Ok(()),
+            _ => Err(Error::Codec(format!(
+                "{} rows of width {} in {}: expected {} data and {} scale bytes, got {} and {}",
                 self.count,
                 self.width,
                 self.dtype,
+                data.map_or_else(|| "too many".into(), |d| d.to_string()),
+                scales.map_or_else(|| "too many".into(), |s| s.to_string()),
                 self.data.len(),
                 self.scales.len()
-            )));
+            ))),
         }
-        Ok(())
     }
 
     /// Decodes every row into a new `count * width` vector.
     pub fn decode(&self) -> Result<Vec<f32>> {
-        self.validate()?;
-        let mut out = vec![0.0f32; self.count * self.width];
-        for (i, row) in out.chunks_exact_mut(self.width.max(1)).enumerate() {
-            self.row_op(i, row, false);
-        }
+        let mut out = Vec::new();
+        self.decode_append(&mut out)?;
         Ok(out)
     }
 
-    /// Appends every row, decoded, to `out`.
+    /// Appends every row, decoded, to `out`: one write per value, read in place from the
+    /// received payload.
     pub fn decode_append(&self, out: &mut Vec<f32>) -> Result<()> {
         self.validate()?;
-        let start = out.len();
-        out.resize(start + self.count * self.width, 0.0);
-        for i in 0..self.count {
-            let row = &mut out[start + i * self.width..start + (i + 1) * self.width];
-            self.row_op(i, row, false);
+        let n = self.count * self.width;
+        out.reserve(n);
+        let spare = &mut out.spare_capacity_mut()[..n];
+        for (i, row) in spare.chunks_exact_mut(self.width.max(1)).enumerate() {
+            self.load_row(i, row);
         }
+        // SAFETY: the loop wrote all `count` rows of `width` values (`load_row` writes every
+        // value of the row it is given), i.e. the `n` values after the old length.
+        unsafe { out.set_len(out.len() + n) };
         Ok(())
     }
 
@@ -226,6 +255,11 @@ impl EncodedRows {
     }
 
     fn row_op(&self, i: usize, out: &mut [f32], add: bool) {
+        if !add {
+            // SAFETY: `load_row` stores only initialised f32 values.
+            self.load_row(i, unsafe { kernels::as_uninit(out) });
+            return;
+        }
         let w = self.width;
         let level = Level::detect();
         match self.dtype {
@@ -251,6 +285,31 @@ impl EncodedRows {
         }
     }
 
+    /// Writes row `i` into `out` (`width` values, all written).
+    fn load_row(&self, i: usize, out: &mut [MaybeUninit<f32>]) {
+        let w = self.width;
+        let level = Level::detect();
+        match self.dtype {
+            WireDtype::F32 => kernels::load_f32(level, &self.data[i * w * 4..(i + 1) * w * 4], out),
+            WireDtype::Bf16 => {
+                kernels::load_bf16(level, &self.data[i * w * 2..(i + 1) * w * 2], out);
+            }
+            WireDtype::Fp8E4m3 => {
+                let blocks = w.div_ceil(FP8_BLOCK);
+                let src = &self.data[i * w..(i + 1) * w];
+                let scales = &self.scales[i * blocks * 4..(i + 1) * blocks * 4];
+                for ((dst, q), s) in out
+                    .chunks_mut(FP8_BLOCK)
+                    .zip(src.chunks(FP8_BLOCK))
+                    .zip(scales.chunks_exact(4))
+                {
+                    let scale = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+                    kernels::load_fp8(level, q, scale, dst);
+                }
+            }
+        }
+    }
+
     /// Payload bytes (data and scales).
     pub fn payload_bytes(&self) -> usize {
         self.data.len() + self.scales.len()
@@ -264,11 +323,17 @@ impl EncodedRows {
             width: self.width as u32,
             data: self.data,
             scales: self.scales,
+            source: None,
         }
     }
 
     /// From the proto message, validated.
     pub fn from_proto(rows: Rows) -> Result<Self> {
+        let rows = if rows.source.is_some() {
+            rows.materialize()
+        } else {
+            rows
+        };
         let out = EncodedRows {
             dtype: WireDtype::from_proto(rows.dtype)?,
             count: rows.count as usize,
@@ -281,22 +346,166 @@ impl EncodedRows {
     }
 }
 
-/// Little-endian words (already byte-swapped with `to_le`) viewed as bytes, so an encoded
-/// payload becomes `Bytes` without another copy.
-struct LeWords<T>(Vec<T>);
+/// Which rows of the shared matrix a [`PendingRows`] sends.
+#[derive(Clone)]
+enum Pick {
+    /// `count` consecutive rows from `first`.
+    Range { first: usize, count: usize },
+    /// These rows, in this order (a shard's tokens).
+    Rows(Vec<usize>),
+}
 
-impl AsRef<[u8]> for LeWords<u16> {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: u16 has no padding, any byte is a valid u8, u8 needs no alignment, and the
-        // byte length is exactly twice the word count of the live allocation.
-        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<u8>(), self.0.len() * 2) }
+/// Rows still in f32, encoded in `dtype` only when their message is written — straight into the
+/// outgoing gRPC frame (see `shardseek_proto::rows`). The matrix is shared, so every shard's
+/// message of a dispatch (and every job's reply of a shard's batch) refers to the same buffer
+/// without copying it.
+#[derive(Clone)]
+pub struct PendingRows {
+    dtype: WireDtype,
+    width: usize,
+    values: Arc<Vec<f32>>,
+    pick: Pick,
+}
+
+impl fmt::Debug for PendingRows {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingRows")
+            .field("dtype", &self.dtype)
+            .field("count", &self.count())
+            .field("width", &self.width)
+            .finish()
     }
 }
 
-impl AsRef<[u8]> for LeWords<u32> {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: as for u16, with four bytes per word.
-        unsafe { std::slice::from_raw_parts(self.0.as_ptr().cast::<u8>(), self.0.len() * 4) }
+impl PendingRows {
+    /// Rows `first..first + count` of `values` (`[n, width]`, row-major).
+    pub fn range(
+        values: Arc<Vec<f32>>,
+        width: usize,
+        first: usize,
+        count: usize,
+        dtype: WireDtype,
+    ) -> Result<Self> {
+        let rows = Self::rows_in(&values, width)?;
+        if first.checked_add(count).is_none_or(|end| end > rows) {
+            return Err(Error::Codec(format!(
+                "rows {first}..{} of a matrix of {rows} rows",
+                first.saturating_add(count)
+            )));
+        }
+        Ok(PendingRows {
+            dtype,
+            width,
+            values,
+            pick: Pick::Range { first, count },
+        })
+    }
+
+    /// Rows `rows` (in that order) of `values` (`[n, width]`, row-major).
+    pub fn gather(
+        values: Arc<Vec<f32>>,
+        width: usize,
+        rows: Vec<usize>,
+        dtype: WireDtype,
+    ) -> Result<Self> {
+        let n = Self::rows_in(&values, width)?;
+        if let Some(&bad) = rows.iter().find(|&&r| r >= n) {
+            return Err(Error::Codec(format!(
+                "row {bad} of a matrix of {n} rows"
+            )));
+        }
+        Ok(PendingRows {
+            dtype,
+            width,
+            values,
+            pick: Pick::Rows(rows),
+        })
+    }
+
+    fn rows_in(values: &[f32], width: usize) -> Result<usize> {
+        if width == 0 || !values.len().is_multiple_of(width) {
+            return Err(Error::Codec(format!(
+                "{} values do not make rows of width {width}",
+                values.len()
+            )));
+        }
+        Ok(values.len() / width)
+    }
+
+    pub fn dtype(&self) -> WireDtype {
+        self.dtype
+    }
+
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    pub fn count(&self) -> usize {
+        match &self.pick {
+            Pick::Range { count, .. } => *count,
+            Pick::Rows(rows) => rows.len(),
+        }
+    }
+
+    fn row(&self, r: usize) -> &[f32] {
+        &self.values[r * self.width..(r + 1) * self.width]
+    }
+
+    fn write(&self, data: &mut [MaybeUninit<u8>], scales: &mut [MaybeUninit<u8>]) {
+        match &self.pick {
+            Pick::Range { first, count } => encode_rows_into(
+                (*first..first + count).map(|r| self.row(r)),
+                self.width,
+                self.dtype,
+                data,
+                scales,
+            ),
+            Pick::Rows(rows) => encode_rows_into(
+                rows.iter().map(|&r| self.row(r)),
+                self.width,
+                self.dtype,
+                data,
+                scales,
+            ),
+        }
+    }
+
+    /// Encodes the rows now (transports that move bytes themselves, tests).
+    pub fn encode(&self) -> EncodedRows {
+        let m = self.clone().into_proto().materialize();
+        EncodedRows {
+            dtype: self.dtype,
+            count: self.count(),
+            width: self.width,
+            data: m.data,
+            scales: m.scales,
+        }
+    }
+
+    /// The proto message, encoded when written.
+    pub fn into_proto(self) -> Rows {
+        Rows::from_source(Arc::new(self))
+    }
+}
+
+impl RowSource for PendingRows {
+    fn dtype(&self) -> i32 {
+        self.dtype.to_proto() as i32
+    }
+    fn count(&self) -> u32 {
+        PendingRows::count(self) as u32
+    }
+    fn width(&self) -> u32 {
+        self.width as u32
+    }
+    fn data_len(&self) -> usize {
+        PendingRows::count(self) * self.dtype.data_bytes(self.width)
+    }
+    fn scales_len(&self) -> usize {
+        PendingRows::count(self) * self.dtype.scale_bytes(self.width)
+    }
+    fn encode_into(&self, data: &mut [MaybeUninit<u8>], scales: &mut [MaybeUninit<u8>]) {
+        self.write(data, scales);
     }
 }
 
@@ -500,6 +709,58 @@ mod tests {
     }
 
     #[test]
+    fn pending_rows_encode_in_place_exactly_as_the_eager_codec() {
+        use prost::Message as _;
+        let width = 300;
+        let values = Arc::new(rows(7, width));
+        for dtype in [WireDtype::F32, WireDtype::Bf16, WireDtype::Fp8E4m3] {
+            let picks = vec![5, 0, 3, 3, 6];
+            let gathered: Vec<f32> = picks
+                .iter()
+                .flat_map(|&r| values[r * width..(r + 1) * width].iter().copied())
+                .collect();
+            let eager = EncodedRows::encode(&gathered, width, dtype).expect("encode");
+            let pending =
+                PendingRows::gather(Arc::clone(&values), width, picks, dtype).expect("gather");
+            assert_eq!(pending.encode(), eager, "{dtype} gather");
+            // The deferred message (encoded into the reserved frame buffer) is byte for byte
+            // the eager one, and decodes to the same rows.
+            let deferred = pending.into_proto();
+            let mut frame = bytes::BytesMut::with_capacity(deferred.encoded_len());
+            deferred.encode(&mut frame).expect("room");
+            assert_eq!(&frame[..], &eager.clone().into_proto().encode_to_vec()[..]);
+            let back = EncodedRows::from_proto(Rows::decode(frame.freeze()).expect("decode"))
+                .expect("valid");
+            assert_eq!(back, eager);
+            let range = PendingRows::range(Arc::clone(&values), width, 2, 4, dtype).expect("range");
+            let want = EncodedRows::encode(&values[2 * width..6 * width], width, dtype).expect("e");
+            assert_eq!(range.encode(), want, "{dtype} range");
+        }
+        assert!(PendingRows::range(Arc::clone(&values), width, 5, 3, WireDtype::F32).is_err());
+        assert!(PendingRows::gather(Arc::clone(&values), width, vec![7], WireDtype::F32).is_err());
+        assert!(PendingRows::gather(values, 299, vec![0], WireDtype::F32).is_err());
+    }
+
+    #[test]
+    fn decode_append_writes_every_value_after_the_existing_ones() {
+        let width = 130;
+        let x = rows(3, width);
+        for dtype in [WireDtype::F32, WireDtype::Bf16, WireDtype::Fp8E4m3] {
+            let enc = EncodedRows::encode(&x, width, dtype).expect("encode");
+            let mut one = Vec::new();
+            for i in 0..3 {
+                let mut row = vec![f32::NAN; width];
+                enc.row_into(i, &mut row);
+                one.extend(row);
+            }
+            let mut out = vec![9.0f32; 2];
+            enc.decode_append(&mut out).expect("append");
+            assert_eq!(out[..2], [9.0, 9.0]);
+            assert_eq!(out[2..], one[..], "{dtype}");
+        }
+    }
+
+    #[test]
     fn add_row_into_accumulates() {
         let x = rows(2, 8);
         let enc = EncodedRows::encode(&x, 8, WireDtype::F32).expect("encode");
@@ -516,6 +777,13 @@ mod tests {
             .expect("encode")
             .into_proto();
         p.count = 3;
+        assert!(EncodedRows::from_proto(p.clone()).is_err());
+        // A payload one byte short, and sizes whose product overflows, are refused too.
+        p.count = 2;
+        p.data = p.data.slice(1..);
+        assert!(EncodedRows::from_proto(p.clone()).is_err());
+        p.count = u32::MAX;
+        p.width = u32::MAX;
         assert!(EncodedRows::from_proto(p).is_err());
         assert!(EncodedRows::encode(&[1.0; 7], 8, WireDtype::F32).is_err());
         assert!("fp16".parse::<WireDtype>().is_err());

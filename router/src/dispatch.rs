@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::codec::{EncodedRows, WireDtype};
+use crate::codec::{PendingRows, WireDtype};
 use crate::placement::Placement;
 use crate::transport::{Assignments, ShardRequest, Transport};
 use crate::{Error, Result};
@@ -216,12 +216,27 @@ impl<T: Transport> Dispatcher<T> {
     }
 
     /// Dispatches `rows` (`[T, hidden]`) of MoE layer `layer` to the shards and returns
-    /// Σ weight · expert(row) per token, `[T, hidden]`.
+    /// Σ weight · expert(row) per token, `[T, hidden]`. Copies the rows once; a caller that can
+    /// hand them over uses [`dispatch_shared`](Self::dispatch_shared).
     pub async fn dispatch(
         &self,
         layer: usize,
         step: u64,
         rows: &[f32],
+        routes: Routes<'_>,
+    ) -> Result<Vec<f32>> {
+        self.dispatch_shared(layer, step, Arc::new(rows.to_vec()), routes)
+            .await
+    }
+
+    /// [`dispatch`](Self::dispatch) of rows the caller hands over: each shard's rows are encoded
+    /// from this buffer straight into that shard's outgoing frame when it is written (no
+    /// gathered copy, no payload buffer), so the rows are shared, not copied.
+    pub async fn dispatch_shared(
+        &self,
+        layer: usize,
+        step: u64,
+        rows: Arc<Vec<f32>>,
         routes: Routes<'_>,
     ) -> Result<Vec<f32>> {
         let h = self.hidden;
@@ -248,7 +263,7 @@ impl<T: Transport> Dispatcher<T> {
         let all: Vec<usize> = (0..tokens).collect();
         let groups = self.plan(&placement, &all, routes, &BTreeSet::new(), layer)?;
         let failed = self
-            .run(&placement, layer, step, rows, groups, &mut out)
+            .run(&placement, layer, step, &rows, groups, &mut out)
             .await;
         let Some((first_err, failed_groups)) = failed else {
             return Ok(out);
@@ -274,7 +289,7 @@ impl<T: Transport> Dispatcher<T> {
         };
         tracing::warn!(layer, error = %first_err, "failing over to replicas");
         match self
-            .run(&placement, layer, step, rows, regroup, &mut out)
+            .run(&placement, layer, step, &rows, regroup, &mut out)
             .await
         {
             None => Ok(out),
@@ -384,7 +399,7 @@ impl<T: Transport> Dispatcher<T> {
         placement: &Placement,
         layer: usize,
         step: u64,
-        rows: &[f32],
+        rows: &Arc<Vec<f32>>,
         groups: Vec<ShardGroup>,
         out: &mut [f32],
     ) -> Option<(Error, Vec<ShardGroup>)> {
@@ -405,10 +420,10 @@ impl<T: Transport> Dispatcher<T> {
         let deadline = self.config.deadline;
         let transport = &self.transport;
         let groups_ref = &groups;
-        // Each chunk is encoded inside its own future, so the first chunk is on the wire while
-        // the next is still being encoded. Replies are added in chunk (= shard) order once all
-        // have arrived: a fixed summation order keeps results bit-reproducible, which is what
-        // lets an f32 wire match the single process exactly.
+        // Each chunk's rows are encoded when its message is written, in the task that writes
+        // that shard's stream, so shards encode in parallel. Replies are added in chunk (= shard)
+        // order once all have arrived: a fixed summation order keeps results bit-reproducible,
+        // which is what lets an f32 wire match the single process exactly.
         let replies =
             futures::future::join_all(chunks.into_iter().map(|(gi, start, len)| async move {
                 let g = &groups_ref[gi];
@@ -417,9 +432,6 @@ impl<T: Transport> Dispatcher<T> {
                     let (e, w) = g.assignments.row(i);
                     assignments.push_row(e.iter().copied().zip(w.iter().copied()));
                 }
-                let token_rows = g.tokens[start..start + len]
-                    .iter()
-                    .map(|&t| &rows[t * h..(t + 1) * h]);
                 let pairs = assignments.experts().len();
                 let counter = &self.in_flight[g.shard];
                 counter.fetch_add(pairs, Ordering::Relaxed);
@@ -427,13 +439,15 @@ impl<T: Transport> Dispatcher<T> {
                     w.add(g.shard, self.in_flight.len(), pairs as u64);
                 }
                 let _held = InFlight { counter, pairs };
-                let reply = match EncodedRows::encode_rows(token_rows, h, dtype) {
-                    Ok(encoded) => {
+                let picked =
+                    PendingRows::gather(Arc::clone(rows), h, g.tokens[start..start + len].to_vec(), dtype);
+                let reply = match picked {
+                    Ok(pending) => {
                         let request = ShardRequest {
                             layer,
                             step,
                             placement_version: placement.version(),
-                            rows: encoded,
+                            rows: pending,
                             assignments,
                             reply_dtype: dtype,
                         };

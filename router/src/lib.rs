@@ -18,7 +18,7 @@ pub mod supervisor;
 pub mod tokenizer;
 pub mod transport;
 
-pub use codec::{EncodedRows, WireDtype};
+pub use codec::{EncodedRows, PendingRows, WireDtype};
 pub use dispatch::{DispatchConfig, Dispatcher, Routes};
 pub use placement::Placement;
 pub use transport::{Assignments, ShardRequest, Transport};

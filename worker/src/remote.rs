@@ -81,7 +81,9 @@ impl RoutedExperts for RemoteExperts {
             .inc_by((2 * pairs * row_bytes) as u64);
         let (tx, rx) = std::sync::mpsc::channel();
         let dispatcher = self.dispatcher.clone();
-        let rows = rows.to_vec();
+        // The dispatch task needs the rows beyond this call; shared, they are encoded from this
+        // one copy straight into each shard's frame.
+        let rows = Arc::new(rows.to_vec());
         let step = self.step.fetch_add(1, Ordering::Relaxed);
         let hist = self.metrics.dispatch_duration.clone();
         let imbalance = self.metrics.expert_load_imbalance.clone();
@@ -92,7 +94,7 @@ impl RoutedExperts for RemoteExperts {
                 experts: &experts,
                 weights: &weights,
             };
-            let out = dispatcher.dispatch(layer, step, &rows, routes).await;
+            let out = dispatcher.dispatch_shared(layer, step, rows, routes).await;
             hist.observe(t0.elapsed().as_secs_f64());
             if let Some(ratio) = dispatcher.load_imbalance() {
                 imbalance.set(ratio);

@@ -10,6 +10,7 @@
 //! CPU has against them.
 
 use super::{FP8_BLOCK, FP8_MAX, f32_to_bf16_bits, f32_to_e4m3};
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 /// Environment variable that caps the codec's instruction set (see [`Level::detect`]).
@@ -130,25 +131,70 @@ fn e4m3(code: u8) -> f32 {
 }
 
 multiversion! {
-    /// `dst[i] = bf16(src[i])` (little-endian words), `dst.len() == src.len()`.
-    fn encode_bf16(src: &[f32], dst: &mut [u16]) {
-        for (d, &v) in dst.iter_mut().zip(src) {
-            *d = bf16(v).to_le();
+    /// Writes `src` as little-endian bf16 words into the first `2 * src.len()` bytes of `dst`.
+    fn encode_bf16(src: &[f32], dst: &mut [MaybeUninit<u8>]) {
+        let dst = &mut dst[..src.len() * 2];
+        let words = dst.as_mut_ptr().cast::<u16>();
+        for (i, &v) in src.iter().enumerate() {
+            // SAFETY: `dst` holds 2 * src.len() bytes (the slice above panics otherwise), so
+            // word i lies inside it; unaligned writes need no alignment.
+            unsafe { words.add(i).write_unaligned(bf16(v).to_le()) };
+        }
+    }
+}
+
+multiversion! {
+    /// Writes `src` as little-endian f32 into the first `4 * src.len()` bytes of `dst`.
+    fn encode_f32(src: &[f32], dst: &mut [MaybeUninit<u8>]) {
+        let dst = &mut dst[..src.len() * 4];
+        let words = dst.as_mut_ptr().cast::<u32>();
+        for (i, &v) in src.iter().enumerate() {
+            // SAFETY: as in `encode_bf16`, with four bytes per value.
+            unsafe { words.add(i).write_unaligned(v.to_bits().to_le()) };
         }
     }
 }
 
 multiversion! {
     /// Encodes one fp8 block (≤ 128 values) into `dst` and returns its scale.
-    fn encode_fp8_block(src: &[f32], dst: &mut [u8]) -> f32 {
+    fn encode_fp8_block(src: &[f32], dst: &mut [MaybeUninit<u8>]) -> f32 {
         // Max of |v| on the bit patterns: for non-negative floats integer order is float order.
         let amax = f32::from_bits(src.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7FFF_FFFF)));
         let scale = if amax > 0.0 && amax.is_finite() { amax / FP8_MAX } else { 1.0 };
         let inv = 1.0 / scale;
-        for (d, &v) in dst.iter_mut().zip(src) {
-            *d = f32_to_e4m3(v * inv);
+        for (d, &v) in dst[..src.len()].iter_mut().zip(src) {
+            d.write(f32_to_e4m3(v * inv));
         }
         scale
+    }
+}
+
+multiversion! {
+    /// `out[i] = bf16 value of little-endian word i of src`, into uninitialised memory.
+    fn load_bf16(src: &[u8], out: &mut [MaybeUninit<f32>]) {
+        let words = src.chunks_exact(2).map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16));
+        for (d, v) in out.iter_mut().zip(words) {
+            d.write(v);
+        }
+    }
+}
+
+multiversion! {
+    /// `out[i] = e4m3(src[i]) · scale`, into uninitialised memory.
+    fn load_fp8(src: &[u8], scale: f32, out: &mut [MaybeUninit<f32>]) {
+        for (d, &c) in out.iter_mut().zip(src) {
+            d.write(e4m3(c) * scale);
+        }
+    }
+}
+
+multiversion! {
+    /// `out[i] = little-endian f32 i of src`, into uninitialised memory.
+    fn load_f32(src: &[u8], out: &mut [MaybeUninit<f32>]) {
+        let vals = src.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        for (d, v) in out.iter_mut().zip(vals) {
+            d.write(v);
+        }
     }
 }
 
@@ -199,17 +245,54 @@ multiversion! {
     }
 }
 
-/// Encodes one row into fp8 codes and per-block scales at `level`.
-pub fn encode_fp8_row(level: Level, row: &[f32], codes: &mut [u8], scales: &mut Vec<u8>) {
-    for (src, dst) in row.chunks(FP8_BLOCK).zip(codes.chunks_mut(FP8_BLOCK)) {
+/// Encodes one row into fp8 codes (`row.len()` bytes of `codes`) and its per-block scales
+/// (4 little-endian bytes per 128 values, `scales`) at `level`.
+pub fn encode_fp8_row(
+    level: Level,
+    row: &[f32],
+    codes: &mut [MaybeUninit<u8>],
+    scales: &mut [MaybeUninit<u8>],
+) {
+    for ((src, dst), s) in row
+        .chunks(FP8_BLOCK)
+        .zip(codes.chunks_mut(FP8_BLOCK))
+        .zip(scales.chunks_exact_mut(4))
+    {
         let scale = encode_fp8_block(level, src, dst);
-        scales.extend_from_slice(&scale.to_le_bytes());
+        for (d, b) in s.iter_mut().zip(scale.to_le_bytes()) {
+            d.write(b);
+        }
     }
+}
+
+/// Views initialised values as writable uninitialised memory, to run the kernels (which write
+/// every element they are given) on buffers that already hold values.
+///
+/// # Safety
+/// Only initialised values may be stored through the returned slice (what every kernel of this
+/// module does), or `values` would end up holding uninitialised memory.
+pub unsafe fn as_uninit<T>(values: &mut [T]) -> &mut [MaybeUninit<T>] {
+    // SAFETY: MaybeUninit<T> has T's layout; the caller keeps the contents initialised.
+    unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast(), values.len()) }
 }
 
 /// The scalar reference of [`encode_bf16`], for tests.
 pub fn encode_bf16_reference(src: &[f32]) -> Vec<u16> {
     src.iter().map(|&v| f32_to_bf16_bits(v).to_le()).collect()
+}
+
+/// Runs an encode kernel into a fresh vector of `len` bytes (tests, materialisation; the hot
+/// path encodes into the frame buffer instead).
+///
+/// # Safety
+/// `f` must initialise all `len` bytes it is given (every encode kernel of this module does,
+/// given a source of the matching length).
+pub unsafe fn encode_to_vec(len: usize, f: impl FnOnce(&mut [MaybeUninit<u8>])) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len);
+    f(&mut out.spare_capacity_mut()[..len]);
+    // SAFETY: `f` initialised the `len` bytes (the caller's contract).
+    unsafe { out.set_len(len) };
+    out
 }
 
 #[cfg(test)]
@@ -247,8 +330,12 @@ mod tests {
         let src = probes();
         let want = encode_bf16_reference(&src);
         for level in Level::available() {
-            let mut got = vec![0u16; src.len()];
-            encode_bf16(level, &src, &mut got);
+            // SAFETY (here and below): the kernels write every element they are given.
+            let bytes = unsafe { encode_to_vec(src.len() * 2, |d| encode_bf16(level, &src, d)) };
+            let got: Vec<u16> = bytes
+                .chunks_exact(2)
+                .map(|b| u16::from_ne_bytes([b[0], b[1]]))
+                .collect();
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 assert_eq!(
                     g,
@@ -273,6 +360,12 @@ mod tests {
                     (want.is_nan() && v.is_nan()) || want.to_bits() == v.to_bits(),
                     "{level:?}: code {c:#04x}: {v} vs {want}"
                 );
+            }
+            let mut loaded = vec![0.0f32; 256];
+            // SAFETY: the kernel writes every element it is given.
+            load_fp8(level, &codes, 2.0, unsafe { as_uninit(&mut loaded) });
+            for (v, l) in out.iter().zip(&loaded) {
+                assert!(v.to_bits() == l.to_bits() || (v.is_nan() && l.is_nan()));
             }
             let mut acc = vec![1.0f32; 256];
             apply_fp8(level, &codes, 1.0, &mut acc, true);
@@ -306,17 +399,27 @@ mod tests {
             .collect();
         for level in Level::available() {
             let mut codes = vec![0u8; src.len()];
-            let mut scales = Vec::new();
-            encode_fp8_row(level, src, &mut codes, &mut scales);
+            let mut scales = vec![0u8; want_scales.len()];
+                        // SAFETY (here and below): the kernels write every element they are given.
+            encode_fp8_row(level, src, unsafe { as_uninit(&mut codes) }, unsafe {
+                as_uninit(&mut scales)
+            });
             assert_eq!(codes, want_codes, "{level:?} codes");
             assert_eq!(scales, want_scales, "{level:?} scales");
+            let f32_bytes = unsafe { encode_to_vec(src.len() * 4, |d| encode_f32(level, src, d)) };
+            assert_eq!(f32_bytes, bytes, "{level:?} f32 encode");
             let mut out = vec![0.0f32; src.len()];
             apply_f32(level, &bytes, &mut out, false);
             assert_eq!(out, src, "{level:?} f32");
+            let mut loaded = vec![f32::NAN; src.len()];
+            load_f32(level, &bytes, unsafe { as_uninit(&mut loaded) });
+            assert_eq!(loaded, src, "{level:?} f32 load");
             apply_bf16(level, &halves, &mut out, false);
-            for (o, h) in out.iter().zip(halves.chunks_exact(2)) {
+            load_bf16(level, &halves, unsafe { as_uninit(&mut loaded) });
+            for ((o, l), h) in out.iter().zip(&loaded).zip(halves.chunks_exact(2)) {
                 let want = f32::from_bits(u32::from(u16::from_le_bytes([h[0], h[1]])) << 16);
                 assert_eq!(o.to_bits(), want.to_bits(), "{level:?} bf16");
+                assert_eq!(l.to_bits(), want.to_bits(), "{level:?} bf16 load");
             }
         }
     }

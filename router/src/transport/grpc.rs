@@ -358,7 +358,7 @@ impl GrpcTransport {
             Err(Error::Connect { reason, .. }) => return Err(shard_err(reason)),
             Err(e) => return Err(e),
         };
-        let expected_rows = request.rows.count;
+        let expected_rows = request.rows.count();
         let id = link.next_id.fetch_add(1, Ordering::Relaxed);
         let (reply_tx, reply_rx) = oneshot::channel();
         link.pending

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use crate::codec::{EncodedRows, WireDtype};
+use crate::codec::{EncodedRows, PendingRows, WireDtype};
 use crate::{Error, Result};
 
 pub mod grpc;
@@ -113,7 +113,8 @@ pub struct ShardRequest {
     pub layer: usize,
     pub step: u64,
     pub placement_version: u64,
-    pub rows: EncodedRows,
+    /// Encoded when the transport writes the message (gRPC: straight into the frame).
+    pub rows: PendingRows,
     pub assignments: Assignments,
     pub reply_dtype: WireDtype,
 }

@@ -139,7 +139,7 @@ pub fn send_request(
     peer: usize,
     req: &ShardRequest,
 ) -> Result<()> {
-    let r = &req.rows;
+    let r = &req.rows.encode();
     let header = [
         req.layer as u64,
         req.step,
@@ -160,8 +160,23 @@ pub fn send_request(
     send_slice(comm, stream, req.assignments.weights(), peer)
 }
 
+/// A request as the expert shard receives it: the rows still encoded.
+#[derive(Clone, Debug)]
+pub struct ReceivedRequest {
+    pub layer: usize,
+    pub step: u64,
+    pub placement_version: u64,
+    pub rows: EncodedRows,
+    pub assignments: Assignments,
+    pub reply_dtype: WireDtype,
+}
+
 /// Receives a request from `peer` (expert-shard side).
-pub fn recv_request(comm: &Comm, stream: &Arc<CudaStream>, peer: usize) -> Result<ShardRequest> {
+pub fn recv_request(
+    comm: &Comm,
+    stream: &Arc<CudaStream>,
+    peer: usize,
+) -> Result<ReceivedRequest> {
     let h: Vec<u64> = recv_vec(comm, stream, 10, peer)?;
     let data: Vec<u8> = recv_vec(comm, stream, h[6] as usize, peer)?;
     let scales: Vec<u8> = recv_vec(comm, stream, h[7] as usize, peer)?;
@@ -176,7 +191,7 @@ pub fn recv_request(comm: &Comm, stream: &Arc<CudaStream>, peer: usize) -> Resul
         scales: Bytes::from(scales),
     };
     rows.validate()?;
-    Ok(ShardRequest {
+    Ok(ReceivedRequest {
         layer: h[0] as usize,
         step: h[1],
         placement_version: h[2],

@@ -215,9 +215,11 @@ async fn run_async(cfg: &DispatchBenchConfig) -> Result<DispatchBenchReport> {
 
     let mut rows_out = Vec::new();
     for &tokens in &cfg.batches {
-        let rows: Vec<f32> = (0..tokens * cfg.hidden)
-            .map(|i| ((i % 997) as f32 - 498.0) * 1e-3)
-            .collect();
+        let rows: Arc<Vec<f32>> = Arc::new(
+            (0..tokens * cfg.hidden)
+                .map(|i| ((i % 997) as f32 - 498.0) * 1e-3)
+                .collect(),
+        );
         let (ids, weights) = routing(tokens, cfg.experts, cfg.top_k);
         let routes = Routes {
             top_k: cfg.top_k,
@@ -247,7 +249,9 @@ async fn run_async(cfg: &DispatchBenchConfig) -> Result<DispatchBenchReport> {
         for i in 0..warmup + cfg.iterations {
             // Alternate the two so that machine noise hits both alike.
             let t0 = Instant::now();
-            let out = dispatcher.dispatch(3, i as u64, &rows, routes).await?;
+            let out = dispatcher
+                .dispatch_shared(3, i as u64, Arc::clone(&rows), routes)
+                .await?;
             let dt = t0.elapsed();
             if out.len() != rows.len() {
                 return Err(Error::Input(format!(

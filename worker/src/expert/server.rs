@@ -20,7 +20,7 @@ use shardseek_router::transport::grpc::{
     CONNECTION_WINDOW_BYTES, DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT,
     DEFAULT_MAX_MESSAGE_BYTES, MAX_FRAME_BYTES, STREAM_WINDOW_BYTES,
 };
-use shardseek_router::{EncodedRows, Error, Result, WireDtype};
+use shardseek_router::{EncodedRows, Error, PendingRows, Result, WireDtype};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -354,7 +354,11 @@ impl<C: ExpertCompute> Expert for Service<C> {
                     Ok(Some(req)) => req,
                     Ok(None) => break,
                     Err(status) => {
+                        // A frame that does not decode (truncated, mis-sized, not a
+                        // DispatchRequest) ends the stream with its status: the caller learns
+                        // why instead of seeing a clean end.
                         tracing::debug!(%status, "dispatch stream ended");
+                        let _ = reply_tx.send(Err(status)).await;
                         break;
                     }
                 };
@@ -478,7 +482,8 @@ fn run_batch<C: ExpertCompute>(compute: &C, layer: usize, jobs: Vec<Job>) {
     }
     let result = compute.compute(layer, &rows, &assignments).and_then(|out| {
         if out.len() == total * h {
-            Ok(out)
+            // Shared by every job's reply: each is encoded from it straight into its frame.
+            Ok(Arc::new(out))
         } else {
             Err(format!(
                 "compute returned {} values for {total} rows of {h}",
@@ -491,10 +496,10 @@ fn run_batch<C: ExpertCompute>(compute: &C, layer: usize, jobs: Vec<Job>) {
     for job in jobs {
         let n = job.rows.count;
         let reply = match &result {
-            Ok(out) => match EncodedRows::encode(&out[at * h..(at + n) * h], h, job.reply_dtype) {
-                Ok(enc) => DispatchReply {
+            Ok(out) => match PendingRows::range(Arc::clone(out), h, at, n, job.reply_dtype) {
+                Ok(pending) => DispatchReply {
                     request_id: job.request_id,
-                    rows: Some(enc.into_proto()),
+                    rows: Some(pending.into_proto()),
                     error: String::new(),
                 },
                 Err(e) => error_reply(job.request_id, e.to_string()),

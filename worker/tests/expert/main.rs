@@ -9,10 +9,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
-use shardseek_proto::v1::DispatchRequest;
+use shardseek_proto::v1::{DispatchReply, DispatchRequest};
 use shardseek_proto::v1::expert_client::ExpertClient;
 use shardseek_router::transport::grpc::{GrpcConfig, GrpcTransport};
-use shardseek_router::{Error, Placement, Routes, WireDtype};
+use shardseek_router::{EncodedRows, Error, Placement, Routes, WireDtype};
 
 const DEADLINE: Duration = Duration::from_secs(5);
 
@@ -245,4 +245,153 @@ async fn a_stale_placement_version_is_refused() {
     };
     let err = d.dispatch(3, 0, &rows, routes).await.expect_err("stale");
     assert!(err.to_string().contains("stale placement"), "{err}");
+}
+
+/// Sends pre-encoded frames as they are (a client that is not ours, or a corrupted stream).
+#[derive(Clone, Default)]
+struct RawFrames;
+
+struct RawEncoder;
+struct ReplyDecoder;
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = bytes::Bytes;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: bytes::Bytes,
+        buf: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut as _;
+        buf.put(item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for ReplyDecoder {
+    type Item = DispatchReply;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        buf: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<DispatchReply>, tonic::Status> {
+        use prost::Message as _;
+        DispatchReply::decode(buf)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+impl tonic::codec::Codec for RawFrames {
+    type Encode = bytes::Bytes;
+    type Decode = DispatchReply;
+    type Encoder = RawEncoder;
+    type Decoder = ReplyDecoder;
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+    fn decoder(&mut self) -> ReplyDecoder {
+        ReplyDecoder
+    }
+}
+
+/// Opens a dispatch stream that sends `frames` as they are and returns the replies' stream.
+async fn send_raw(
+    addr: std::net::SocketAddr,
+    frames: Vec<bytes::Bytes>,
+) -> tonic::Streaming<DispatchReply> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("address")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let mut request = tonic::Request::new(futures::stream::iter(frames));
+    request.metadata_mut().insert(
+        shardseek_proto::METADATA_MODEL,
+        fingerprint().to_metadata().parse().expect("ascii"),
+    );
+    request
+        .metadata_mut()
+        .insert(shardseek_proto::METADATA_SHARDS, "1".parse().expect("ascii"));
+    grpc.streaming(
+        request,
+        http::uri::PathAndQuery::from_static("/shardseek.v1.Expert/Dispatch"),
+        RawFrames,
+    )
+    .await
+    .expect("stream opens")
+    .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_and_mis_sized_frames_get_a_status_and_the_shard_keeps_serving() {
+    use prost::Message as _;
+    let placement = Placement::initial(EXPERTS, 1, 0).expect("placement");
+    let running = start_shards(&placement, |_| {}).await;
+    let addr = running[0].server.local_addr();
+    let (rows, _, _) = batch(2, 9);
+    let request = |rows_msg: shardseek_proto::rows::Rows| DispatchRequest {
+        request_id: 7,
+        step: 0,
+        layer: 1,
+        placement_version: placement.version(),
+        rows: Some(rows_msg),
+        expert_counts: vec![1, 1],
+        experts: vec![0, 1],
+        weights: vec![1.0, 1.0],
+        reply_dtype: WireDtype::Bf16.to_proto() as i32,
+    };
+    let good = EncodedRows::encode(&rows, HIDDEN, WireDtype::Bf16).expect("encode");
+
+    // Rows whose payload is one row short of `count`: the request's error, the stream lives on,
+    // and the next (good) request on it is answered.
+    let mut short = good.clone();
+    short.data = short.data.slice(..HIDDEN * 2);
+    let mut replies = send_raw(
+        addr,
+        vec![
+            request(short.into_proto()).encode_to_vec().into(),
+            request(good.clone().into_proto()).encode_to_vec().into(),
+        ],
+    )
+    .await;
+    let first = replies.message().await.expect("a reply").expect("one");
+    assert!(
+        first.error.contains("expected") && first.rows.is_none(),
+        "{first:?}"
+    );
+    let second = replies.message().await.expect("a reply").expect("two");
+    assert!(second.error.is_empty(), "{}", second.error);
+    let back = EncodedRows::from_proto(second.rows.expect("rows")).expect("valid");
+    assert_eq!((back.count, back.width), (2, HIDDEN));
+
+    // A frame cut short inside the row payload: not a DispatchRequest at all. The stream ends
+    // with INVALID_ARGUMENT (no panic, no silent end).
+    let full = request(good.clone().into_proto()).encode_to_vec();
+    for cut in [full.len() - 1, full.len() / 2, 3] {
+        let mut replies = send_raw(addr, vec![bytes::Bytes::copy_from_slice(&full[..cut])]).await;
+        let status = replies.message().await.expect_err("a status");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains("malformed"), "{status:?}");
+    }
+
+    // The shard still serves a regular client.
+    let t = transport(&running, GrpcConfig::default());
+    let d = dispatcher(t, placement.clone(), WireDtype::F32, DEADLINE);
+    let (rows, experts, weights) = batch(3, 4);
+    let routes = Routes {
+        top_k: TOP_K,
+        experts: &experts,
+        weights: &weights,
+    };
+    let got = d.dispatch(2, 0, &rows, routes).await.expect("dispatch");
+    assert_eq!(
+        got,
+        local_reference(&placement, 2, &rows, &experts, &weights)
+    );
+    for s in running {
+        s.server.shutdown().await.expect("clean stop");
+    }
 }
