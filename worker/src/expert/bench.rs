@@ -4,7 +4,10 @@
 //! Four (by default) expert shards run in this process with a compute that returns zeros, so
 //! the figure is the cost of moving rows: encoding, gRPC/HTTP/2, the shard's decode and encode,
 //! and the combine. The TCP echo sends each shard's request bytes over one plain connection per
-//! shard and reads them back — the floor any protocol on this machine's loopback pays.
+//! shard and reads them back — the floor any protocol on this machine's loopback pays. Both run
+//! on the same runtime and threads, alternate round by round, reuse their connections, and
+//! neither allocates its payload inside the timed region (the dispatch's rows are built once per
+//! batch size, the echo's buffers too).
 
 use std::fmt;
 use std::sync::Arc;
@@ -62,6 +65,13 @@ pub struct DispatchBenchRow {
     pub tcp_echo_gb_per_s: f64,
     /// dispatch p50 / TCP echo p50 (target: ≤ 1.5 at 64+ tokens).
     pub ratio_p50: f64,
+    /// CPU time of the whole process (client, shards, kernel work on their behalf) per round
+    /// trip, median: the work a round trip costs, which a machine busy with other processes
+    /// distorts far less than the wall time.
+    pub dispatch_cpu_us: f64,
+    pub tcp_echo_cpu_us: f64,
+    /// dispatch CPU / TCP echo CPU.
+    pub cpu_ratio: f64,
 }
 
 /// The whole table.
@@ -85,13 +95,24 @@ impl fmt::Display for DispatchBenchReport {
         )?;
         writeln!(
             f,
-            "{:>6} {:>10} | {:>10} {:>10} {:>8} | {:>10} {:>10} {:>8} | {:>6}",
-            "tokens", "bytes", "p50 µs", "p90 µs", "GB/s", "echo p50", "echo p90", "GB/s", "ratio"
+            "{:>6} {:>10} | {:>10} {:>10} {:>8} | {:>10} {:>10} {:>8} | {:>6} | {:>8} {:>8} {:>6}",
+            "tokens",
+            "bytes",
+            "p50 µs",
+            "p90 µs",
+            "GB/s",
+            "echo p50",
+            "echo p90",
+            "GB/s",
+            "ratio",
+            "cpu µs",
+            "echo cpu",
+            "ratio"
         )?;
         for r in &self.rows {
             writeln!(
                 f,
-                "{:>6} {:>10} | {:>10.0} {:>10.0} {:>8.2} | {:>10.0} {:>10.0} {:>8.2} | {:>6.2}",
+                "{:>6} {:>10} | {:>10.0} {:>10.0} {:>8.2} | {:>10.0} {:>10.0} {:>8.2} | {:>6.2} | {:>8.0} {:>8.0} {:>6.2}",
                 r.tokens,
                 r.bytes,
                 r.dispatch_p50_us,
@@ -100,7 +121,10 @@ impl fmt::Display for DispatchBenchReport {
                 r.tcp_echo_p50_us,
                 r.tcp_echo_p90_us,
                 r.tcp_echo_gb_per_s,
-                r.ratio_p50
+                r.ratio_p50,
+                r.dispatch_cpu_us,
+                r.tcp_echo_cpu_us,
+                r.cpu_ratio
             )?;
         }
         Ok(())
@@ -169,6 +193,22 @@ fn routing(tokens: usize, experts: usize, top_k: usize) -> (Vec<u32>, Vec<f32>) 
     }
     let weights = vec![1.0 / top_k as f32; ids.len()];
     (ids, weights)
+}
+
+/// CPU time consumed so far by every thread of this process (shards and echo servers run in
+/// it too, and the kernel's TCP work is charged to the threads that send and receive).
+fn process_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer; it cannot fail for
+    // CLOCK_PROCESS_CPUTIME_ID on Linux, and a failure would leave zeros (a zero reading).
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec.max(0) as u64, ts.tv_nsec.clamp(0, 999_999_999) as u32)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -246,13 +286,17 @@ async fn run_async(cfg: &DispatchBenchConfig) -> Result<DispatchBenchReport> {
         let warmup = 3;
         let mut dispatch_times = Vec::with_capacity(cfg.iterations);
         let mut echo_times = Vec::with_capacity(cfg.iterations);
+        let mut dispatch_cpu = Vec::with_capacity(cfg.iterations);
+        let mut echo_cpu = Vec::with_capacity(cfg.iterations);
         for i in 0..warmup + cfg.iterations {
             // Alternate the two so that machine noise hits both alike.
+            let c0 = process_cpu();
             let t0 = Instant::now();
             let out = dispatcher
                 .dispatch_shared(3, i as u64, Arc::clone(&rows), routes)
                 .await?;
             let dt = t0.elapsed();
+            let dc = process_cpu().saturating_sub(c0);
             if out.len() != rows.len() {
                 return Err(Error::Input(format!(
                     "dispatch returned {} values for {}",
@@ -260,16 +304,26 @@ async fn run_async(cfg: &DispatchBenchConfig) -> Result<DispatchBenchReport> {
                     rows.len()
                 )));
             }
+            let c1 = process_cpu();
             let t1 = Instant::now();
             echo.round_trip(&shard_bytes).await?;
             let et = t1.elapsed();
+            let ec = process_cpu().saturating_sub(c1);
             if i >= warmup {
                 dispatch_times.push(dt);
                 echo_times.push(et);
+                dispatch_cpu.push(dc);
+                echo_cpu.push(ec);
             }
         }
         dispatch_times.sort_unstable();
         echo_times.sort_unstable();
+        dispatch_cpu.sort_unstable();
+        echo_cpu.sort_unstable();
+        let (dcpu, ecpu) = (
+            percentile(&dispatch_cpu, 0.5),
+            percentile(&echo_cpu, 0.5),
+        );
         let (d50, d90) = (
             percentile(&dispatch_times, 0.5),
             percentile(&dispatch_times, 0.9),
@@ -285,6 +339,9 @@ async fn run_async(cfg: &DispatchBenchConfig) -> Result<DispatchBenchReport> {
             tcp_echo_p90_us: e90,
             tcp_echo_gb_per_s: bytes as f64 / e50 / 1e3,
             ratio_p50: d50 / e50,
+            dispatch_cpu_us: dcpu,
+            tcp_echo_cpu_us: ecpu,
+            cpu_ratio: dcpu / ecpu.max(f64::MIN_POSITIVE),
         });
     }
     echo.stop();
@@ -304,8 +361,16 @@ async fn run_async(cfg: &DispatchBenchConfig) -> Result<DispatchBenchReport> {
 
 /// One echo server and one client connection per shard.
 struct EchoCluster {
-    conns: Vec<tokio::sync::Mutex<TcpStream>>,
+    conns: Vec<tokio::sync::Mutex<EchoConn>>,
     servers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// A client connection and its send and receive buffers, kept across round trips (as the
+/// dispatch keeps its rows): the echo pays for moving bytes, not for allocating them.
+struct EchoConn {
+    stream: TcpStream,
+    payload: Vec<u8>,
+    back: Vec<u8>,
 }
 
 impl EchoCluster {
@@ -339,29 +404,35 @@ impl EchoCluster {
                     }
                 }
             }));
-            let conn = TcpStream::connect(addr)
+            let stream = TcpStream::connect(addr)
                 .await
                 .map_err(io("connecting echo"))?;
-            conn.set_nodelay(true).map_err(io("echo nodelay"))?;
-            conns.push(tokio::sync::Mutex::new(conn));
+            stream.set_nodelay(true).map_err(io("echo nodelay"))?;
+            conns.push(tokio::sync::Mutex::new(EchoConn {
+                stream,
+                payload: Vec::new(),
+                back: Vec::new(),
+            }));
         }
         Ok(EchoCluster { conns, servers })
     }
 
     /// Sends `sizes[i]` bytes on connection `i` and reads them back, all connections at once.
+    /// Buffers are sized on the first call of a size (a warm-up round).
     async fn round_trip(&self, sizes: &[usize]) -> Result<()> {
         let results =
             futures::future::join_all(self.conns.iter().zip(sizes).map(|(c, &n)| async move {
-                let mut conn = c.lock().await;
-                let payload = vec![0x5Au8; n];
-                let (mut r, mut w) = conn.split();
-                let write = async { w.write_all(&payload).await };
-                let read = async {
-                    let mut back = vec![0u8; n];
-                    r.read_exact(&mut back).await.map(|_| ())
-                };
+                let mut guard = c.lock().await;
+                let conn = &mut *guard;
+                if conn.payload.len() != n {
+                    conn.payload = vec![0x5Au8; n];
+                    conn.back = vec![0u8; n];
+                }
+                let (mut r, mut w) = conn.stream.split();
+                let write = w.write_all(&conn.payload);
+                let read = r.read_exact(&mut conn.back);
                 let (a, b) = tokio::join!(write, read);
-                a.and(b)
+                a.and(b.map(|_| ()))
             }))
             .await;
         for r in results {
