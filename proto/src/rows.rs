@@ -319,7 +319,14 @@ mod tests {
     #[test]
     fn deferred_rows_encode_exactly_as_the_generated_message() {
         // Sizes around the one-byte varint boundary, with and without scales, and empty.
-        for (d, s) in [(0, 0), (2, 0), (126, 4), (128, 0), (300, 12), (70_000, 2_188)] {
+        for (d, s) in [
+            (0, 0),
+            (2, 0),
+            (126, 4),
+            (128, 0),
+            (300, 12),
+            (70_000, 2_188),
+        ] {
             let source = Arc::new(Pattern { data: d, scales: s });
             let deferred = Rows::from_source(source.clone());
             let m = deferred.materialize();

@@ -439,8 +439,12 @@ impl<T: Transport> Dispatcher<T> {
                     w.add(g.shard, self.in_flight.len(), pairs as u64);
                 }
                 let _held = InFlight { counter, pairs };
-                let picked =
-                    PendingRows::gather(Arc::clone(rows), h, g.tokens[start..start + len].to_vec(), dtype);
+                let picked = PendingRows::gather(
+                    Arc::clone(rows),
+                    h,
+                    g.tokens[start..start + len].to_vec(),
+                    dtype,
+                );
                 let reply = match picked {
                     Ok(pending) => {
                         let request = ShardRequest {

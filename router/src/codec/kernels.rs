@@ -400,7 +400,7 @@ mod tests {
         for level in Level::available() {
             let mut codes = vec![0u8; src.len()];
             let mut scales = vec![0u8; want_scales.len()];
-                        // SAFETY (here and below): the kernels write every element they are given.
+            // SAFETY (here and below): the kernels write every element they are given.
             encode_fp8_row(level, src, unsafe { as_uninit(&mut codes) }, unsafe {
                 as_uninit(&mut scales)
             });

@@ -172,11 +172,7 @@ pub struct ReceivedRequest {
 }
 
 /// Receives a request from `peer` (expert-shard side).
-pub fn recv_request(
-    comm: &Comm,
-    stream: &Arc<CudaStream>,
-    peer: usize,
-) -> Result<ReceivedRequest> {
+pub fn recv_request(comm: &Comm, stream: &Arc<CudaStream>, peer: usize) -> Result<ReceivedRequest> {
     let h: Vec<u64> = recv_vec(comm, stream, 10, peer)?;
     let data: Vec<u8> = recv_vec(comm, stream, h[6] as usize, peer)?;
     let scales: Vec<u8> = recv_vec(comm, stream, h[7] as usize, peer)?;

@@ -208,7 +208,10 @@ fn process_cpu() -> Duration {
     if rc != 0 {
         return Duration::ZERO;
     }
-    Duration::new(ts.tv_sec.max(0) as u64, ts.tv_nsec.clamp(0, 999_999_999) as u32)
+    Duration::new(
+        ts.tv_sec.max(0) as u64,
+        ts.tv_nsec.clamp(0, 999_999_999) as u32,
+    )
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -320,10 +323,7 @@ async fn run_async(cfg: &DispatchBenchConfig) -> Result<DispatchBenchReport> {
         echo_times.sort_unstable();
         dispatch_cpu.sort_unstable();
         echo_cpu.sort_unstable();
-        let (dcpu, ecpu) = (
-            percentile(&dispatch_cpu, 0.5),
-            percentile(&echo_cpu, 0.5),
-        );
+        let (dcpu, ecpu) = (percentile(&dispatch_cpu, 0.5), percentile(&echo_cpu, 0.5));
         let (d50, d90) = (
             percentile(&dispatch_times, 0.5),
             percentile(&dispatch_times, 0.9),

@@ -225,6 +225,14 @@ struct Job {
     reply: mpsc::Sender<std::result::Result<DispatchReply, Status>>,
 }
 
+/// An admitted request: (request id, layer, rows, assignments, reply dtype).
+type Admitted = (u64, usize, EncodedRows, Vec<RowExperts>, WireDtype);
+
+/// [`error_reply`] boxed: what `admit` refuses with (a reply is too large to return unboxed).
+fn rejected(request_id: u64, error: String) -> Box<DispatchReply> {
+    Box::new(error_reply(request_id, error))
+}
+
 fn error_reply(request_id: u64, error: String) -> DispatchReply {
     DispatchReply {
         request_id,
@@ -273,14 +281,10 @@ impl<C: ExpertCompute> Shared<C> {
     }
 
     /// Turns a request into a batcher job, or the error to send back.
-    fn admit(
-        &self,
-        req: DispatchRequest,
-    ) -> std::result::Result<(u64, usize, EncodedRows, Vec<RowExperts>, WireDtype), DispatchReply>
-    {
+    fn admit(&self, req: DispatchRequest) -> std::result::Result<Admitted, Box<DispatchReply>> {
         let id = req.request_id;
         if req.placement_version != self.config.placement_version {
-            return Err(error_reply(
+            return Err(rejected(
                 id,
                 format!(
                     "stale placement: request routed with version {}, shard {} serves version {}",
@@ -292,9 +296,9 @@ impl<C: ExpertCompute> Shared<C> {
             .rows
             .ok_or_else(|| "request has no rows".to_string())
             .and_then(|r| EncodedRows::from_proto(r).map_err(|e| e.to_string()))
-            .map_err(|e| error_reply(id, e))?;
+            .map_err(|e| rejected(id, e))?;
         if rows.width != self.compute.hidden() {
-            return Err(error_reply(
+            return Err(rejected(
                 id,
                 format!(
                     "rows of width {}, this model's hidden size is {}",
@@ -304,9 +308,9 @@ impl<C: ExpertCompute> Shared<C> {
             ));
         }
         let assignments = Assignments::from_counts(&req.expert_counts, req.experts, req.weights)
-            .map_err(|e| error_reply(id, e.to_string()))?;
+            .map_err(|e| rejected(id, e.to_string()))?;
         if assignments.rows() != rows.count {
-            return Err(error_reply(
+            return Err(rejected(
                 id,
                 format!(
                     "{} rows but {} expert lists",
@@ -320,13 +324,13 @@ impl<C: ExpertCompute> Shared<C> {
             .iter()
             .find(|&&e| !self.held.get(e as usize).copied().unwrap_or(false))
         {
-            return Err(error_reply(
+            return Err(rejected(
                 id,
                 format!("expert {e} is not held by shard {}", self.config.shard_id),
             ));
         }
         let dtype =
-            WireDtype::from_proto(req.reply_dtype).map_err(|e| error_reply(id, e.to_string()))?;
+            WireDtype::from_proto(req.reply_dtype).map_err(|e| rejected(id, e.to_string()))?;
         Ok((id, req.layer as usize, rows, assignments.to_lists(), dtype))
     }
 }
@@ -377,7 +381,7 @@ impl<C: ExpertCompute> Expert for Service<C> {
                         }
                     }
                     Err(reply) => {
-                        if reply_tx.send(Ok(reply)).await.is_err() {
+                        if reply_tx.send(Ok(*reply)).await.is_err() {
                             break;
                         }
                     }

@@ -9,8 +9,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::*;
-use shardseek_proto::v1::{DispatchReply, DispatchRequest};
 use shardseek_proto::v1::expert_client::ExpertClient;
+use shardseek_proto::v1::{DispatchReply, DispatchRequest};
 use shardseek_router::transport::grpc::{GrpcConfig, GrpcTransport};
 use shardseek_router::{EncodedRows, Error, Placement, Routes, WireDtype};
 
@@ -312,9 +312,10 @@ async fn send_raw(
         shardseek_proto::METADATA_MODEL,
         fingerprint().to_metadata().parse().expect("ascii"),
     );
-    request
-        .metadata_mut()
-        .insert(shardseek_proto::METADATA_SHARDS, "1".parse().expect("ascii"));
+    request.metadata_mut().insert(
+        shardseek_proto::METADATA_SHARDS,
+        "1".parse().expect("ascii"),
+    );
     grpc.streaming(
         request,
         http::uri::PathAndQuery::from_static("/shardseek.v1.Expert/Dispatch"),
