@@ -340,7 +340,10 @@ fn reused_buffers_give_the_logits_of_fresh_ones() {
     let mut pool = model.new_pool(1024);
     let mut cache = vec![SeqCache::default()];
     model
-        .forward(&mut pool, &mut inputs(&mut cache, std::slice::from_ref(&p2)))
+        .forward(
+            &mut pool,
+            &mut inputs(&mut cache, std::slice::from_ref(&p2)),
+        )
         .unwrap();
     let fresh = model
         .forward(&mut pool, &mut inputs(&mut cache, &next))
