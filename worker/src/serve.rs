@@ -158,8 +158,9 @@ pub async fn run_attention(
 ) -> Result<()> {
     // The forward pass's multi-megabyte buffers (a prefill chunk's activations, the kernels'
     // per-operation buffers, the dispatch client's per-layer rows) would otherwise come fresh
-    // from mmap at every step and layer, paying a page fault and a zero-fill per 4 KiB: measured
-    // at about 5% of a 32-request run's CPU time. As on the shards (see tune_allocator).
+    // from mmap at every step and layer, paying a page fault and a zero-fill per 4 KiB (page
+    // faults, zero-fills and unmaps were ~5% of the pod's perf samples in a 32-request run). As
+    // on the shards (see tune_allocator).
     crate::expert::tune_allocator();
     let model_dir = cfg.model.clone();
     let sel = if cfg.experts.is_empty() {
