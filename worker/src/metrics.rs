@@ -29,6 +29,8 @@ pub struct WorkerMetrics {
     prefix_cache_rejected: IntCounter,
     preemptions: IntCounter,
     step_seconds: Counter,
+    /// Of the step time, the forward pass (the rest is bookkeeping on the engine thread).
+    forward_seconds: Counter,
     prefix_cache_seconds: Counter,
     /// Grammar masks (structured output): time computing them beside the forward pass, and
     /// the part of it steps waited for.
@@ -36,8 +38,9 @@ pub struct WorkerMetrics {
     grammar_wait_seconds: Counter,
     grammar_masks: IntCounter,
     steps: IntCounter,
-    /// Nanosecond totals last copied into the two float counters above.
-    last_nanos: Mutex<[u64; 6]>,
+    /// Totals last copied into the counters above: the float counters' nanoseconds (step,
+    /// prefix cache, grammar mask, grammar wait), masks, steps, forward nanoseconds.
+    last_nanos: Mutex<[u64; 7]>,
     /// Round trip of one MoE layer's dispatch + combine, seen by the attention pod.
     pub dispatch_duration: Histogram,
     /// Bytes of rows sent and received by dispatch.
@@ -108,6 +111,11 @@ impl WorkerMetrics {
             "shardseek_engine_step_seconds_total",
             "Wall time of the engine's forward steps (planning, forward pass, sampling)",
         );
+        let forward_seconds = fc(
+            "shardseek_engine_forward_seconds_total",
+            "Of the step time, the time in the model's forward pass (the rest is the scheduler's \
+             bookkeeping on the engine thread: planning, sampling, sending)",
+        );
         let prefix_cache_seconds = fc(
             "shardseek_prefix_cache_seconds_total",
             "Of the step time, the time spent keying, verifying and registering prefix-cache blocks",
@@ -172,8 +180,9 @@ impl WorkerMetrics {
             prefix_cache_rejected,
             preemptions,
             step_seconds,
+            forward_seconds,
             prefix_cache_seconds,
-            last_nanos: Mutex::new([0; 6]),
+            last_nanos: Mutex::new([0; 7]),
             grammar_mask_seconds,
             grammar_wait_seconds,
             grammar_masks,
@@ -246,6 +255,10 @@ impl WorkerMetrics {
                 let steps = s.steps_total.load(Ordering::Relaxed);
                 self.steps.inc_by(steps.saturating_sub(last[5]));
                 last[5] = steps.max(last[5]);
+                let fwd = s.forward_nanos.load(Ordering::Relaxed);
+                self.forward_seconds
+                    .inc_by(fwd.saturating_sub(last[6]) as f64 * 1e-9);
+                last[6] = fwd.max(last[6]);
             }
         }
         let mut buf = Vec::new();

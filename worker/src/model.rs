@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::experts::{LocalExperts, PendingExperts, RoutedExperts};
 use crate::kv::{KvDtype, KvLayout, KvPool, SeqCache};
 use crate::weights::Store;
-use shardseek_kernels::gate::{GateParams, Routing, noaux_tc};
+use shardseek_kernels::gate::{GateParams, GateScratch, Routing, noaux_tc_into};
 use shardseek_kernels::mla::SeqPages;
 use shardseek_kernels::rope::Rope;
 use std::path::Path;
@@ -117,28 +117,116 @@ impl Default for Overlap {
     }
 }
 
+#[derive(Clone, Debug)]
 struct MicroBatch {
     seqs: std::ops::Range<usize>,
     row0: usize,
     rows: usize,
 }
 
-struct GroupState {
+/// Resizes `buf` to `n` zeros without giving back capacity: once a step of this shape ran,
+/// the same buffer serves every later step without allocating.
+fn zeroed<T: Copy + Default>(buf: &mut Vec<T>, n: usize) -> &mut [T] {
+    buf.clear();
+    buf.resize(n, T::default());
+    buf
+}
+
+/// An empty vector of `SeqPages` that keeps `v`'s allocation (in-place collect of an empty
+/// iterator): the pages borrowed by one step must not outlive it, the buffer should.
+#[expect(
+    clippy::unnecessary_filter_map,
+    reason = "filter_map is what changes the element's lifetime; filter keeps the short one"
+)]
+fn reuse_pages<'b>(mut v: Vec<SeqPages<'_>>) -> Vec<SeqPages<'b>> {
+    v.clear();
+    v.into_iter().filter_map(|_| None).collect()
+}
+
+/// The buffers of one MLA call (queries, latent entries, context, output).
+#[derive(Default)]
+struct AttnScratch {
+    q: Vec<f32>,
+    qa: Vec<f32>,
+    kv: Vec<f32>,
+    q_abs: Vec<f32>,
+    q_pe: Vec<f32>,
+    ctx: Vec<f32>,
+    o: Vec<f32>,
+    out: Vec<f32>,
+    seqs: Vec<SeqPages<'static>>,
+}
+
+/// One micro-batch's residual stream, its normalised copy, its MLA and router buffers, and its
+/// MoE layer in flight.
+#[derive(Default)]
+struct GroupScratch {
     x: Vec<f32>,
+    y: Vec<f32>,
+    attn: AttnScratch,
+    gate_logits: Vec<f32>,
+    routing: Vec<Routing>,
+    gate: GateScratch,
+    /// The shared expert's output when the routed experts are remote (computed while they run).
+    shared: Vec<f32>,
     pending: Option<PendingMoe>,
+}
+
+/// Every buffer of a forward step, owned by the caller and reused from step to step (the
+/// engine keeps one for its lifetime): after the first step of a given shape, the model's own
+/// code allocates nothing on the hot path. What the backend and the routed experts allocate
+/// inside their operations is theirs.
+#[derive(Default)]
+pub struct ForwardScratch {
+    tokens: Vec<u32>,
+    positions: Vec<usize>,
+    starts: Vec<usize>,
+    x: Vec<f32>,
+    micro: Vec<MicroBatch>,
+    groups: Vec<GroupScratch>,
+    hsel: Vec<f32>,
+    logits: Vec<f32>,
+    /// Per sequence of the last step: first row of its logits in `logits`, and row count.
+    spans: Vec<(usize, usize)>,
+    vocab: usize,
+}
+
+impl ForwardScratch {
+    /// Sequences of the last step.
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// Logits of sequence `i` of the last step: its last new token's row, or every new
+    /// token's rows with `all_logits`, each `vocab_size` long.
+    pub fn logits(&self, i: usize) -> &[f32] {
+        let (r0, n) = self.spans[i];
+        &self.logits[r0 * self.vocab..(r0 + n) * self.vocab]
+    }
+
+    /// [`ForwardScratch::logits`], writable (the sampler's logits processors edit rows).
+    pub fn logits_mut(&mut self, i: usize) -> &mut [f32] {
+        let (r0, n) = self.spans[i];
+        &mut self.logits[r0 * self.vocab..(r0 + n) * self.vocab]
+    }
 }
 
 /// A MoE layer in flight for one micro-batch.
 struct PendingMoe {
     layer: usize,
     routed: PendingExperts,
-    shared: Option<Vec<f32>>,
+    /// Whether the group's `shared` buffer holds the shared expert's output to add.
+    shared: bool,
     len: usize,
 }
 
 impl PendingMoe {
     /// Waits for the routed experts and adds them and the shared expert to the residual.
-    fn finish(self, backend: &dyn Backend, x: &mut [f32]) -> Result<()> {
+    fn finish(self, backend: &dyn Backend, x: &mut [f32], shared: &[f32]) -> Result<()> {
         let out = self.routed.wait()?;
         if out.len() != self.len {
             return Err(Error::Dispatch {
@@ -151,8 +239,8 @@ impl PendingMoe {
             });
         }
         backend.add(x, &out)?;
-        if let Some(sh) = self.shared {
-            backend.add(x, &sh)?;
+        if self.shared {
+            backend.add(x, shared)?;
         }
         Ok(())
     }
@@ -372,11 +460,26 @@ impl Model {
 
     /// Runs one step for a batch of sequences: appends their new tokens to their caches and
     /// returns, per sequence, the logits of its last new token (or of all of them with
-    /// `all_logits`), each `vocab_size` long.
+    /// `all_logits`), each `vocab_size` long. A convenience over [`Model::forward_into`] that
+    /// allocates its buffers for this call.
     pub fn forward(&self, pool: &mut KvPool, batch: &mut [SeqInput<'_>]) -> Result<Vec<Vec<f32>>> {
+        let mut sc = ForwardScratch::default();
+        self.forward_into(pool, batch, &mut sc)?;
+        Ok((0..sc.len()).map(|i| sc.logits(i).to_vec()).collect())
+    }
+
+    /// [`Model::forward`] into buffers the caller keeps from step to step: the logits are
+    /// read with [`ForwardScratch::logits`]. This is the engine's hot path.
+    pub fn forward_into(
+        &self,
+        pool: &mut KvPool,
+        batch: &mut [SeqInput<'_>],
+        sc: &mut ForwardScratch,
+    ) -> Result<()> {
         let cfg = &self.cfg;
         let be = &*self.backend;
         let h = cfg.hidden_size;
+        sc.spans.clear();
         for s in batch.iter() {
             if s.tokens.is_empty() {
                 return Err(Error::Input("a sequence in the batch has no tokens".into()));
@@ -405,61 +508,77 @@ impl Model {
             let len = s.cache.len + s.tokens.len();
             pool.reserve(s.cache, len)?;
         }
-        let tokens: Vec<u32> = batch
-            .iter()
-            .flat_map(|s| s.tokens.iter().copied())
-            .collect();
-        let positions: Vec<usize> = batch
-            .iter()
-            .flat_map(|s| s.cache.len..s.cache.len + s.tokens.len())
-            .collect();
+        let ForwardScratch {
+            tokens,
+            positions,
+            starts,
+            x,
+            micro,
+            groups,
+            hsel,
+            logits,
+            spans,
+            vocab,
+        } = sc;
+        tokens.clear();
+        tokens.extend(batch.iter().flat_map(|s| s.tokens.iter().copied()));
+        positions.clear();
+        positions.extend(
+            batch
+                .iter()
+                .flat_map(|s| s.cache.len..s.cache.len + s.tokens.len()),
+        );
         let total = tokens.len();
-        let mut x = vec![0f32; total * h];
-        be.embed(&self.embed, &tokens, &mut x)?;
-        let starts: Vec<usize> = batch.iter().map(|s| s.cache.len).collect();
-        let groups = self.micro_batches(batch);
+        let x = zeroed(x, total * h);
+        be.embed(&self.embed, tokens, x)?;
+        starts.clear();
+        starts.extend(batch.iter().map(|s| s.cache.len));
+        self.micro_batches(batch, micro);
+        if groups.len() < micro.len() {
+            groups.resize_with(micro.len(), GroupScratch::default);
+        }
+        for (g, st) in micro.iter().zip(groups.iter_mut()) {
+            st.x.clear();
+            st.x.extend_from_slice(&x[g.row0 * h..(g.row0 + g.rows) * h]);
+            st.pending = None;
+        }
         // Software pipeline over micro-batches: a group's routed experts are started (possibly
         // on remote shards) and only awaited when that group comes round again, so the other
         // group's attention runs while the experts compute.
-        let mut state: Vec<GroupState> = groups
-            .iter()
-            .map(|g| GroupState {
-                x: x[g.row0 * h..(g.row0 + g.rows) * h].to_vec(),
-                pending: None,
-            })
-            .collect();
         for (l, layer) in self.layers.iter().enumerate() {
-            for (g, st) in groups.iter().zip(state.iter_mut()) {
+            for (g, st) in micro.iter().zip(groups.iter_mut()) {
                 if let Some(p) = st.pending.take() {
-                    p.finish(be, &mut st.x)?;
+                    p.finish(be, &mut st.x, &st.shared)?;
                 }
                 let rows = g.row0..g.row0 + g.rows;
-                let xs = &mut st.x;
                 // x += MLA(RMSNorm(x))
-                let mut y = xs.clone();
-                be.rms_norm(&mut y, h, &layer.input_norm, cfg.rms_norm_eps)?;
+                st.y.clear();
+                st.y.extend_from_slice(&st.x);
+                be.rms_norm(&mut st.y, h, &layer.input_norm, cfg.rms_norm_eps)?;
                 let a = self.attention(
                     l,
                     &layer.attn,
-                    &y,
+                    &st.y,
                     pool,
                     &mut batch[g.seqs.clone()],
                     &starts[g.seqs.clone()],
                     &positions[rows],
+                    &mut st.attn,
                 )?;
-                be.add(xs, &a)?;
+                be.add(&mut st.x, a)?;
                 // x += FFN(RMSNorm(x))
-                let mut y = xs.clone();
-                be.rms_norm(&mut y, h, &layer.post_norm, cfg.rms_norm_eps)?;
+                st.y.clear();
+                st.y.extend_from_slice(&st.x);
+                be.rms_norm(&mut st.y, h, &layer.post_norm, cfg.rms_norm_eps)?;
                 match &layer.ffn {
-                    Ffn::Dense(mlp) => be.mlp(&y, g.rows, mlp, true, xs)?,
-                    Ffn::Moe(gate) => st.pending = Some(self.start_moe(l, gate, y, g.rows)?),
+                    Ffn::Dense(mlp) => be.mlp(&st.y, g.rows, mlp, true, &mut st.x)?,
+                    Ffn::Moe(gate) => st.pending = Some(self.start_moe(l, gate, g.rows, st)?),
                 }
             }
         }
-        for (g, st) in groups.iter().zip(state.iter_mut()) {
+        for (g, st) in micro.iter().zip(groups.iter_mut()) {
             if let Some(p) = st.pending.take() {
-                p.finish(be, &mut st.x)?;
+                p.finish(be, &mut st.x, &st.shared)?;
             }
             x[g.row0 * h..(g.row0 + g.rows) * h].copy_from_slice(&st.x);
         }
@@ -467,55 +586,64 @@ impl Model {
             s.cache.len += s.tokens.len();
         }
         // Only the rows whose logits are wanted go through the final norm and lm_head.
-        let mut hsel = Vec::with_capacity(batch.len() * h);
+        hsel.clear();
         let mut r0 = 0;
         for s in batch.iter() {
             let n = s.tokens.len();
             let first = if s.all_logits { r0 } else { r0 + n - 1 };
+            spans.push((hsel.len() / h, r0 + n - first));
             hsel.extend_from_slice(&x[first * h..(r0 + n) * h]);
             r0 += n;
         }
         let rows = hsel.len() / h;
-        be.rms_norm(&mut hsel, h, &self.norm, cfg.rms_norm_eps)?;
+        be.rms_norm(hsel, h, &self.norm, cfg.rms_norm_eps)?;
         let v = cfg.vocab_size;
-        let mut logits = vec![0f32; rows * v];
-        be.linear(&hsel, rows, &self.lm_head, &mut logits)?;
-        let mut out = Vec::with_capacity(batch.len());
-        let mut k = 0;
-        for s in batch.iter() {
-            let n = if s.all_logits { s.tokens.len() } else { 1 };
-            out.push(logits[k * v..(k + n) * v].to_vec());
-            k += n;
-        }
-        Ok(out)
+        *vocab = v;
+        be.linear(hsel, rows, &self.lm_head, zeroed(logits, rows * v))?;
+        Ok(())
     }
 
-    /// Router choice for `m` normalised rows of MoE layer `l`.
-    fn route(&self, g: &MoeGate, y: &[f32], m: usize) -> Result<Vec<Routing>> {
+    /// Router choice for the `m` normalised rows in `st.y` of MoE layer `l`, into
+    /// `st.routing` (its per-row vectors are refilled, not reallocated).
+    fn route(&self, g: &MoeGate, m: usize, st: &mut GroupScratch) -> Result<()> {
         let e = self.cfg.n_routed_experts;
-        let mut logits = vec![0f32; m * e];
-        self.backend.linear(y, m, &g.weight, &mut logits)?;
-        Ok(logits
-            .chunks_exact(e)
-            .map(|row| noaux_tc(row, &g.bias, &self.gate_params))
-            .collect())
+        let logits = zeroed(&mut st.gate_logits, m * e);
+        self.backend.linear(&st.y, m, &g.weight, logits)?;
+        st.routing.truncate(m);
+        while st.routing.len() < m {
+            st.routing.push(Routing {
+                experts: Vec::new(),
+                weights: Vec::new(),
+            });
+        }
+        for (row, r) in logits.chunks_exact(e).zip(st.routing.iter_mut()) {
+            noaux_tc_into(row, &g.bias, &self.gate_params, &mut st.gate, r);
+        }
+        Ok(())
     }
 
-    /// Routes `m` rows of MoE layer `l` and starts their routed experts; the shared expert
-    /// joins the experts' grouped pass when they are local, and is computed here while they
-    /// run when they are remote.
-    fn start_moe(&self, l: usize, g: &MoeGate, y: Vec<f32>, m: usize) -> Result<PendingMoe> {
-        let routing = self.route(g, &y, m)?;
+    /// Routes the `m` rows in `st.y` of MoE layer `l` and starts their routed experts; the
+    /// shared expert joins the experts' grouped pass when they are local, and is computed here
+    /// (into `st.shared`) while they run when they are remote.
+    fn start_moe(
+        &self,
+        l: usize,
+        g: &MoeGate,
+        m: usize,
+        st: &mut GroupScratch,
+    ) -> Result<PendingMoe> {
+        self.route(g, m, st)?;
+        let y = &st.y;
         let (routed, with_shared) =
             self.experts
-                .start_with_shared(l, &y, &routing, g.shared.as_ref())?;
+                .start_with_shared(l, y, &st.routing, g.shared.as_ref())?;
         let shared = match &g.shared {
             Some(sh) if !with_shared => {
-                let mut out = vec![0f32; y.len()];
-                self.backend.mlp(&y, m, sh, false, &mut out)?;
-                Some(out)
+                let out = zeroed(&mut st.shared, y.len());
+                self.backend.mlp(y, m, sh, false, out)?;
+                true
             }
-            _ => None,
+            _ => false,
         };
         Ok(PendingMoe {
             layer: l,
@@ -526,25 +654,28 @@ impl Model {
     }
 
     /// Splits a batch into one or two micro-batches of whole sequences with about equal
-    /// tokens. Two only when enabled, the experts are remote, and the batch is large enough for
-    /// the overlap to pay for the extra round trip.
-    fn micro_batches(&self, batch: &[SeqInput<'_>]) -> Vec<MicroBatch> {
-        let lens: Vec<usize> = batch.iter().map(|s| s.tokens.len()).collect();
-        let total: usize = lens.iter().sum();
+    /// tokens, into `out`. Two only when enabled, the experts are remote, and the batch is
+    /// large enough for the overlap to pay for the extra round trip.
+    fn micro_batches(&self, batch: &[SeqInput<'_>], out: &mut Vec<MicroBatch>) {
+        out.clear();
+        let len = |i: usize| batch[i].tokens.len();
+        let total: usize = (0..batch.len()).map(len).sum();
         let split = self.overlap.enabled
             && batch.len() >= 2
             && total >= self.overlap.min_tokens
             && self.experts.is_remote();
         if !split {
-            return vec![MicroBatch {
+            out.push(MicroBatch {
                 seqs: 0..batch.len(),
                 row0: 0,
                 rows: total,
-            }];
+            });
+            return;
         }
         let mut acc = 0;
         let mut cut = 1;
-        for (i, &n) in lens.iter().enumerate() {
+        for i in 0..batch.len() {
+            let n = len(i);
             if acc + n > total / 2 && i > 0 {
                 cut = i;
                 break;
@@ -553,19 +684,17 @@ impl Model {
             cut = i + 1;
         }
         let cut = cut.clamp(1, batch.len() - 1);
-        let first: usize = lens[..cut].iter().sum();
-        vec![
-            MicroBatch {
-                seqs: 0..cut,
-                row0: 0,
-                rows: first,
-            },
-            MicroBatch {
-                seqs: cut..batch.len(),
-                row0: first,
-                rows: total - first,
-            },
-        ]
+        let first: usize = (0..cut).map(len).sum();
+        out.push(MicroBatch {
+            seqs: 0..cut,
+            row0: 0,
+            rows: first,
+        });
+        out.push(MicroBatch {
+            seqs: cut..batch.len(),
+            row0: first,
+            rows: total - first,
+        });
     }
 
     /// MLA (DESIGN.md §3) for the rows of `batch`, whose tokens sit at `positions`:
@@ -573,7 +702,7 @@ impl Model {
     /// latent cache), q̃ = W_UKᵀ·q_nope per head, attention over the cache in the absorbed
     /// form, out = W_o·(W_UV·ctx) per head.
     #[allow(clippy::too_many_arguments)]
-    fn attention(
+    fn attention<'s>(
         &self,
         l: usize,
         at: &Attention,
@@ -582,7 +711,8 @@ impl Model {
         batch: &mut [SeqInput<'_>],
         starts: &[usize],
         positions: &[usize],
-    ) -> Result<Vec<f32>> {
+        sc: &'s mut AttnScratch,
+    ) -> Result<&'s [f32]> {
         let cfg = &self.cfg;
         let be = &*self.backend;
         let eps = cfg.rms_norm_eps;
@@ -596,22 +726,22 @@ impl Model {
         let (qk, ld) = (nope + rope_d, cfg.latent_dim());
         let t = positions.len();
         // Queries [t, heads, nope + rope].
-        let mut q = vec![0f32; t * heads * qk];
+        let q = zeroed(&mut sc.q, t * heads * qk);
         match &at.q {
             QProj::LoRA { a, norm, b } => {
-                let mut qa = vec![0f32; t * a.rows];
-                be.linear(y, t, a, &mut qa)?;
-                be.rms_norm(&mut qa, a.rows, norm, eps)?;
-                be.linear(&qa, t, b, &mut q)?;
+                let qa = zeroed(&mut sc.qa, t * a.rows);
+                be.linear(y, t, a, qa)?;
+                be.rms_norm(qa, a.rows, norm, eps)?;
+                be.linear(qa, t, b, q)?;
             }
-            QProj::Full(w) => be.linear(y, t, w, &mut q)?,
+            QProj::Full(w) => be.linear(y, t, w, q)?,
         }
-        be.rope(&self.rope, &mut q, heads, qk, nope, positions)?;
+        be.rope(&self.rope, q, heads, qk, nope, positions)?;
         // Cache entries [t, kv_lora_rank + rope]: normalised latent, rotated shared key.
-        let mut kv = vec![0f32; t * ld];
-        be.linear(y, t, &at.kv_a, &mut kv)?;
-        be.rms_norm(&mut kv, ld, &at.kv_a_norm, eps)?;
-        be.rope(&self.rope, &mut kv, 1, ld, lat, positions)?;
+        let kv = zeroed(&mut sc.kv, t * ld);
+        be.linear(y, t, &at.kv_a, kv)?;
+        be.rms_norm(kv, ld, &at.kv_a_norm, eps)?;
+        be.rope(&self.rope, kv, 1, ld, lat, positions)?;
         let mut r0 = 0;
         for (s, &p0) in batch.iter().zip(starts) {
             let n = s.tokens.len();
@@ -619,16 +749,17 @@ impl Model {
             r0 += n;
         }
         // Absorbed queries: q̃ = W_UKᵀ·q_nope [t, heads, rank] and q_pe [t, heads, rope].
-        let mut q_abs = vec![0f32; t * heads * lat];
-        be.linear_heads(&q, t, qk, 0, &at.mla.w_uk_t, &mut q_abs)?;
-        let mut q_pe = vec![0f32; t * heads * rope_d];
-        be.gather_cols(&q, qk, nope, rope_d, &mut q_pe)?;
+        let q_abs = zeroed(&mut sc.q_abs, t * heads * lat);
+        be.linear_heads(q, t, qk, 0, &at.mla.w_uk_t, q_abs)?;
+        let q_pe = zeroed(&mut sc.q_pe, t * heads * rope_d);
+        be.gather_cols(q, qk, nope, rope_d, q_pe)?;
         // Attention over the paged cache: runs of one-token sequences as one decode batch,
         // each longer chunk causally over its sequence.
         let cache = pool.latent_cache(l)?;
         let scale = self.softmax_scale;
-        let mut ctx = vec![0f32; t * heads * lat];
+        let ctx = zeroed(&mut sc.ctx, t * heads * lat);
         let (hl, hp) = (heads * lat, heads * rope_d);
+        let mut seqs = reuse_pages(std::mem::take(&mut sc.seqs));
         let mut i = 0;
         let mut r0 = 0;
         while i < batch.len() {
@@ -637,12 +768,11 @@ impl Model {
                 let j = (i..batch.len())
                     .find(|&j| batch[j].tokens.len() != 1)
                     .unwrap_or(batch.len());
-                let seqs: Vec<SeqPages> = (i..j)
-                    .map(|k| SeqPages {
-                        pages: batch[k].cache.blocks(),
-                        len: starts[k] + 1,
-                    })
-                    .collect();
+                seqs.clear();
+                seqs.extend((i..j).map(|k| SeqPages {
+                    pages: batch[k].cache.blocks(),
+                    len: starts[k] + 1,
+                }));
                 let r1 = r0 + (j - i);
                 be.mla_decode(
                     &cache,
@@ -673,11 +803,12 @@ impl Model {
                 (i, r0) = (i + 1, r1);
             }
         }
+        sc.seqs = reuse_pages(seqs);
         // out = W_o · (W_UV · ctx) per head.
-        let mut o = vec![0f32; t * heads * vd];
-        be.linear_heads(&ctx, t, lat, 0, &at.mla.w_uv, &mut o)?;
-        let mut out = vec![0f32; t * cfg.hidden_size];
-        be.linear(&o, t, &at.o, &mut out)?;
+        let o = zeroed(&mut sc.o, t * heads * vd);
+        be.linear_heads(ctx, t, lat, 0, &at.mla.w_uv, o)?;
+        let out = zeroed(&mut sc.out, t * cfg.hidden_size);
+        be.linear(o, t, &at.o, out)?;
         Ok(out)
     }
 }

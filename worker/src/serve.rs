@@ -156,10 +156,12 @@ pub async fn run_attention(
     cfg: AttentionConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    if !cfg.experts.is_empty() {
-        // The dispatch client's per-layer row buffers: as on the shards (see tune_allocator).
-        crate::expert::tune_allocator();
-    }
+    // The forward pass's multi-megabyte buffers (a prefill chunk's activations, the kernels'
+    // per-operation buffers, the dispatch client's per-layer rows) would otherwise come fresh
+    // from mmap at every step and layer, paying a page fault and a zero-fill per 4 KiB (page
+    // faults, zero-fills and unmaps were ~5% of the pod's perf samples in a 32-request run). As
+    // on the shards (see tune_allocator).
+    crate::expert::tune_allocator();
     let model_dir = cfg.model.clone();
     let sel = if cfg.experts.is_empty() {
         ExpertSelection::All
@@ -286,6 +288,15 @@ pub async fn serve_attention(
     let addr = listener.local_addr().map_err(|e| io_err("local_addr", e))?;
     println!("READY {addr}");
     tracing::info!(%addr, "attention pod serving");
+    // Each generated token is one small HTTP/2 DATA frame to the router. Without TCP_NODELAY,
+    // Nagle's algorithm holds a frame while the previous one is unacknowledged and the router's
+    // delayed ACK (40-200 ms) then releases the tokens in bursts.
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!("could not set TCP_NODELAY: {e}");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await

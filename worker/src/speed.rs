@@ -9,7 +9,7 @@
 use crate::engine::sampler::{Sampler, SeqContext, SeqParams, SeqSampler};
 use crate::error::{Error, Result};
 use crate::kv::{KvDtype, SeqCache};
-use crate::model::{ExpertSelection, Model, SeqInput};
+use crate::model::{ExpertSelection, ForwardScratch, Model, SeqInput};
 use serde::Serialize;
 use shardseek_kernels::sampling::SamplingParams;
 use std::path::Path;
@@ -69,6 +69,9 @@ pub fn measure(
             "bench model needs a prompt of at least one token and batch sizes ≥ 1".into(),
         ));
     }
+    // The allocator settings of an attention pod, so that a step here costs what it costs
+    // there (the serving comparison `bench serve` against this is only fair that way).
+    crate::expert::tune_allocator();
     let t0 = Instant::now();
     let model = Model::load(dir, ExpertSelection::All)?;
     let load_seconds = t0.elapsed().as_secs_f64();
@@ -120,6 +123,8 @@ fn measure_batch(
         .collect();
     let mut sampler = Sampler::new();
     let mut next = vec![0u32; b];
+    // The engine's hot path: buffers kept from step to step.
+    let mut scratch = ForwardScratch::default();
     let mut step = |pool: &mut _, caches: &mut [SeqCache], toks: &[&[u32]], next: &mut [u32]| {
         let mut inputs: Vec<SeqInput> = caches
             .iter_mut()
@@ -130,13 +135,13 @@ fn measure_batch(
                 all_logits: false,
             })
             .collect();
-        let logits = model.forward(pool, &mut inputs)?;
-        for ((mut row, s), n) in logits.into_iter().zip(samplers.iter_mut()).zip(next) {
+        model.forward_into(pool, &mut inputs, &mut scratch)?;
+        for (k, (s, n)) in samplers.iter_mut().zip(next).enumerate() {
             let ctx = SeqContext {
                 prompt: &[],
                 generated: &[],
             };
-            *n = sampler.sample(s, &ctx, &mut row).token;
+            *n = sampler.sample(s, &ctx, scratch.logits_mut(k)).token;
         }
         Ok::<(), Error>(())
     };

@@ -2,7 +2,7 @@
 //! f64 references on random inputs.
 
 use super::common::*;
-use shardseek_kernels::gate::{GateParams, noaux_tc};
+use shardseek_kernels::gate::{GateParams, GateScratch, Routing, noaux_tc, noaux_tc_into};
 use shardseek_kernels::norm::{self, rms_norm_inplace};
 use shardseek_kernels::rope::{Rope, Yarn, yarn_get_mscale};
 use shardseek_kernels::sampling::reference::sample;
@@ -166,6 +166,46 @@ fn gate_matches_reference() {
                 for (a, b) in r.weights.iter().zip(&want_w) {
                     assert!((*a as f64 - b).abs() < 1e-5 * b.abs().max(1.0));
                 }
+            }
+        }
+    }
+}
+
+/// One scratch and one output reused across expert counts (as the model's routing buffers
+/// are) give what fresh ones give, and ties (many equal logits) go to the lowest index, as
+/// the reference's (and a stable sort's) order does.
+#[test]
+fn gate_into_reuses_buffers_and_breaks_ties_by_index() {
+    let mut sc = GateScratch::default();
+    let mut out = Routing {
+        experts: Vec::new(),
+        weights: Vec::new(),
+    };
+    for &seed in &SEEDS {
+        let mut rng = Rng::new(seed);
+        for (e, n_group, topk_group, top_k) in [(64, 4, 2, 6), (256, 8, 4, 8), (16, 1, 1, 2)] {
+            let p = GateParams {
+                n_group,
+                topk_group,
+                top_k,
+                norm_topk_prob: true,
+                routed_scaling_factor: 2.5,
+            };
+            for _ in 0..20 {
+                // Three distinct values only (0, 1, 2: their sigmoids' pair sums are distinct,
+                // so a tie is a tie in f32 and f64 alike): most experts and groups tie.
+                let logits: Vec<f32> = randv(&mut rng, e)
+                    .iter()
+                    .map(|v| (v + 1.0).round())
+                    .collect();
+                let bias = vec![0f32; e];
+                noaux_tc_into(&logits, &bias, &p, &mut sc, &mut out);
+                let (want_e, want_w) = gate_reference(&logits, &bias, &p);
+                assert_eq!(out.experts, want_e, "logits {logits:?}");
+                for (a, b) in out.weights.iter().zip(&want_w) {
+                    assert!((*a as f64 - b).abs() < 1e-5 * b.abs().max(1.0));
+                }
+                assert_eq!(out, noaux_tc(&logits, &bias, &p));
             }
         }
     }

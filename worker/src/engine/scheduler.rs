@@ -5,7 +5,7 @@ use super::logits::{GrammarMask, LogitsParams, LogitsStage, MaskSlot};
 use super::sampler::{Sampler, SeqContext, SeqParams, SeqSampler};
 use crate::generate::FinishReason;
 use crate::kv::{KvDtype, KvPool, SeqCache};
-use crate::model::{Model, SeqInput};
+use crate::model::{ForwardScratch, Model, SeqInput};
 use crate::prefix::{BlockKeyFn, sha256_block_key};
 use shardseek_kernels::sampling::SamplingParams;
 use std::collections::VecDeque;
@@ -113,6 +113,8 @@ pub struct EngineStats {
     pub generation_tokens_total: AtomicU64,
     pub preemptions_total: AtomicU64,
     pub steps_total: AtomicU64,
+    /// Of the step time, the model's forward pass, in nanoseconds (the rest is bookkeeping).
+    pub forward_nanos: AtomicU64,
     /// Wall time of forward steps (planning, forward pass, sampling), in nanoseconds.
     pub step_nanos: AtomicU64,
     /// Of that, the time spent keying, looking up, verifying and registering prefix-cache
@@ -414,6 +416,24 @@ struct Scheduler<'m> {
     stats: Arc<EngineStats>,
     rx: mpsc::Receiver<Command>,
     sampler: Sampler,
+    /// The model's buffers (activations, logits), reused by every step.
+    scratch: ForwardScratch,
+    /// The step's plan, each entry's first position, and the forward pass's inputs: kept
+    /// between steps so that planning allocates nothing once the batch size was seen.
+    plan: Vec<(usize, usize)>,
+    started: Vec<usize>,
+    inputs: Vec<SeqInput<'static>>,
+}
+
+/// An empty input list that keeps `v`'s allocation: the inputs borrow the running sequences
+/// for one step only, the buffer lives on (an in-place collect of an empty iterator).
+#[expect(
+    clippy::unnecessary_filter_map,
+    reason = "filter_map is what changes the element's lifetime; filter keeps the short one"
+)]
+fn recycle_inputs<'b>(mut v: Vec<SeqInput<'_>>) -> Vec<SeqInput<'b>> {
+    v.clear();
+    v.into_iter().filter_map(|_| None).collect()
 }
 
 impl<'m> Scheduler<'m> {
@@ -433,6 +453,10 @@ impl<'m> Scheduler<'m> {
             stats,
             rx,
             sampler: Sampler::new(),
+            scratch: ForwardScratch::default(),
+            plan: Vec::new(),
+            started: Vec::new(),
+            inputs: Vec::new(),
         }
     }
 
@@ -586,9 +610,21 @@ impl<'m> Scheduler<'m> {
 
     /// One forward step over the planned batch; false when nothing could be scheduled.
     fn step(&mut self) -> bool {
+        // The plan's buffers are the scheduler's, reused from step to step.
+        let (mut plan, mut started) = (
+            std::mem::take(&mut self.plan),
+            std::mem::take(&mut self.started),
+        );
+        plan.clear();
+        started.clear();
+        let scheduled = self.step_with(&mut plan, &mut started);
+        (self.plan, self.started) = (plan, started);
+        scheduled
+    }
+
+    fn step_with(&mut self, plan: &mut Vec<(usize, usize)>, started: &mut Vec<usize>) -> bool {
         let mut budget = self.cfg.max_batch_tokens;
         // Plan: (index into running, tokens this step). Running sequences first, oldest first.
-        let mut plan: Vec<(usize, usize)> = Vec::new();
         let mut claimed = 0usize; // blocks promised to earlier entries of the plan
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
@@ -658,7 +694,7 @@ impl<'m> Scheduler<'m> {
         if plan.is_empty() {
             return false;
         }
-        for &(i, take) in &plan {
+        for &(i, take) in plan.iter() {
             let s = &mut self.running[i];
             let len = s.cache.len() + take;
             if let Err(e) = self.pool.reserve(&mut s.cache, len) {
@@ -667,15 +703,12 @@ impl<'m> Scheduler<'m> {
                     s.tx.send(Event::Error(format!("KV cache reservation failed: {e}")));
             }
         }
-        let started: Vec<usize> = plan
-            .iter()
-            .map(|&(i, _)| self.running[i].cache.len())
-            .collect();
+        started.extend(plan.iter().map(|&(i, _)| self.running[i].cache.len()));
         // Sequences that select a token this step and follow a grammar: their masks depend only
         // on tokens already chosen, so they are computed on another thread while the forward
         // pass runs (the grammars are moved there and back).
         let mut grammars: Vec<(usize, Box<Grammar>, MaskSlot)> = Vec::new();
-        for &(i, take) in &plan {
+        for &(i, take) in plan.iter() {
             let s = &mut self.running[i];
             if take == s.pending()
                 && let Some((g, slot)) = s.grammar.take()
@@ -688,11 +721,13 @@ impl<'m> Scheduler<'m> {
         let model = self.model;
         let pool = &mut self.pool;
         let running = &mut self.running;
+        let (scratch, inputs_buf) = (&mut self.scratch, &mut self.inputs);
+        let plan_ref = &*plan;
         let mut forward = || {
-            let mut inputs: Vec<SeqInput> = Vec::with_capacity(plan.len());
+            let mut inputs = recycle_inputs(std::mem::take(inputs_buf));
             let mut rest: &mut [Seq] = running;
             let mut base = 0;
-            for &(i, take) in &plan {
+            for &(i, take) in plan_ref {
                 let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - base);
                 let (head, tail) = tail.split_at_mut(1);
                 let s = &mut head[0];
@@ -706,7 +741,13 @@ impl<'m> Scheduler<'m> {
                 rest = tail;
                 base = i + 1;
             }
-            model.forward(pool, &mut inputs)
+            let t0 = std::time::Instant::now();
+            let result = model.forward_into(pool, &mut inputs, scratch);
+            stats
+                .forward_nanos
+                .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            *inputs_buf = recycle_inputs(inputs);
+            result
         };
         let result = if grammars.is_empty() {
             forward()
@@ -750,8 +791,8 @@ impl<'m> Scheduler<'m> {
             self.running[i].grammar = Some((g, slot));
         }
         self.stats.steps_total.fetch_add(1, Ordering::Relaxed);
-        let mut logits = match result {
-            Ok(l) => l,
+        match result {
+            Ok(()) => {}
             Err(e) => {
                 // A failed step (e.g. an expert shard is down) fails the requests in it; the
                 // others go on at the next step.
@@ -763,7 +804,7 @@ impl<'m> Scheduler<'m> {
                 }
                 return true;
             }
-        };
+        }
         let v = self.model.cfg.vocab_size;
         let mut finished: Vec<usize> = Vec::new();
         for (i, e) in mask_errors {
@@ -772,10 +813,11 @@ impl<'m> Scheduler<'m> {
                 .send(Event::Error(format!("grammar: {e}")));
             finished.push(i);
         }
-        for ((&(i, take), lg), &start) in plan.iter().zip(logits.iter_mut()).zip(&started) {
+        for (k, (&(i, take), &start)) in plan.iter().zip(started.iter()).enumerate() {
             if finished.contains(&i) {
                 continue;
             }
+            let lg = self.scratch.logits_mut(k);
             let s = &mut self.running[i];
             let prompt_len = s.req.prompt.len();
             if start < prompt_len {

@@ -1,6 +1,7 @@
 //! Integration tests of the model core: reference fixtures, an f64 reference of the same
 //! math, cache consistency, determinism, bad input, and `model pull` from a local hub.
 
+mod alloc;
 mod bad_input;
 mod consistency;
 mod engine;
