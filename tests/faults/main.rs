@@ -274,6 +274,73 @@ fn up_restarts_a_killed_shard_the_affected_request_fails_and_up_serves_again() {
     }
 }
 
+/// Without redundant experts, a killed shard fails only the requests whose tokens were routed
+/// to it while it was down, each with an error naming it; the rest of the same batches go on,
+/// `up` stays up, and requests succeed again once the shard is back. (Which of 16 concurrent
+/// streams touch the dead shard is the model's routing; the exact per-sequence split is checked
+/// deterministically in worker/tests/model and worker/tests/expert_faults.)
+#[test]
+fn without_redundancy_a_killed_shard_fails_only_the_requests_routed_to_it() {
+    const STREAMS: usize = 16;
+    const TOKENS: usize = 300;
+    let m = tiny("fp8");
+    let (mut up, addr, _metrics, lines) = up_supervised(m.path(), 4, &["--dispatch-dtype", "bf16"]);
+    let victim = started_pid(&lines, "expert-1").expect("expert-1's pid");
+    let handles: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let prompt = [1 + i as u32, 2 * i as u32 + 7, 3, 4];
+                stream_completion(&addr, &prompt, TOKENS)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    sigkill(victim);
+    lines_until(
+        &up,
+        "[supervisor] expert-1 is ready again",
+        Duration::from_secs(60),
+    );
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let mut failed = 0;
+    for r in &results {
+        match r {
+            Ok(times) => assert_eq!(times.len(), TOKENS),
+            Err(e) => {
+                failed += 1;
+                assert!(
+                    e.contains("expert shard 1"),
+                    "a failure names the dead shard: {e}"
+                );
+            }
+        }
+    }
+    eprintln!(
+        "{failed} of {STREAMS} streams failed with shard 1 killed (no redundant experts); {} completed",
+        STREAMS - failed
+    );
+    assert!(
+        up.child.try_wait().is_ok_and(|s| s.is_none()),
+        "up exited after a shard died"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match stream_completion(&addr, &[1, 2, 3], 8) {
+            Ok(t) => {
+                assert_eq!(t.len(), 8);
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("the restarted shard did not rejoin: {e}"),
+        }
+    }
+    drop(up);
+}
+
 /// The inter-token gaps (seconds) of `streams`, split by when each token arrived: before
 /// `kill`, between `kill` and `rejoined`, after `rejoined`.
 fn itl_phases(

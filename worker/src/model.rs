@@ -12,7 +12,7 @@
 use crate::backend::{Backend, CpuBackend, MlaWeights, MlpWeights, PreparedWeight};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::experts::{LocalExperts, PendingExperts, RoutedExperts};
+use crate::experts::{LocalExperts, PendingExperts, RoutedExperts, RowFailure};
 use crate::kv::{KvDtype, KvLayout, KvPool, SeqCache};
 use crate::weights::Store;
 use shardseek_kernels::gate::{GateParams, Routing, noaux_tc};
@@ -138,8 +138,9 @@ struct PendingMoe {
 
 impl PendingMoe {
     /// Waits for the routed experts and adds them and the shared expert to the residual.
-    fn finish(self, backend: &dyn Backend, x: &mut [f32]) -> Result<()> {
-        let out = self.routed.wait()?;
+    /// Returns the rows whose routed sums are incomplete (a shard failed under them).
+    fn finish(self, backend: &dyn Backend, x: &mut [f32]) -> Result<Vec<RowFailure>> {
+        let (out, failures) = self.routed.wait_partial()?;
         if out.len() != self.len {
             return Err(Error::Dispatch {
                 layer: self.layer,
@@ -154,7 +155,25 @@ impl PendingMoe {
         if let Some(sh) = self.shared {
             backend.add(x, &sh)?;
         }
-        Ok(())
+        Ok(failures)
+    }
+}
+
+/// What one forward step produced (see [`Model::forward_partial`]).
+pub struct StepOutput {
+    /// Per sequence, what [`Model::forward`] returns; meaningless for the failed ones.
+    pub logits: Vec<Vec<f32>>,
+    /// Sequences (indices into the batch) whose routed experts failed in this step, each with
+    /// the first failure: their cache entries of this step are wrong, so the caller ends them.
+    pub failed: Vec<(usize, RowFailure)>,
+}
+
+/// Tells the routed experts that a step ended, however it ends.
+struct StepGuard<'a>(&'a dyn RoutedExperts);
+
+impl Drop for StepGuard<'_> {
+    fn drop(&mut self) {
+        self.0.step_finished();
     }
 }
 
@@ -372,8 +391,25 @@ impl Model {
 
     /// Runs one step for a batch of sequences: appends their new tokens to their caches and
     /// returns, per sequence, the logits of its last new token (or of all of them with
-    /// `all_logits`), each `vocab_size` long.
+    /// `all_logits`), each `vocab_size` long. Fails when any sequence's routed experts failed.
     pub fn forward(&self, pool: &mut KvPool, batch: &mut [SeqInput<'_>]) -> Result<Vec<Vec<f32>>> {
+        let out = self.forward_partial(pool, batch)?;
+        match out.failed.into_iter().next() {
+            None => Ok(out.logits),
+            Some((_, f)) => Err(f.into_error()),
+        }
+    }
+
+    /// [`forward`](Self::forward), except that a failure of remote experts (an expert shard
+    /// died and no replica holds its experts) fails only the sequences whose tokens were routed
+    /// there, listed in [`StepOutput::failed`]; the others' logits are exact. Rows are
+    /// independent through every operation of a step (attention reads only the sequence's own
+    /// cache), so the failed rows' incomplete sums reach no other sequence.
+    pub fn forward_partial(
+        &self,
+        pool: &mut KvPool,
+        batch: &mut [SeqInput<'_>],
+    ) -> Result<StepOutput> {
         let cfg = &self.cfg;
         let be = &*self.backend;
         let h = cfg.hidden_size;
@@ -418,6 +454,11 @@ impl Model {
         be.embed(&self.embed, &tokens, &mut x)?;
         let starts: Vec<usize> = batch.iter().map(|s| s.cache.len).collect();
         let groups = self.micro_batches(batch);
+        // One placement table for the whole step (remote experts switch tables between steps).
+        self.experts.step_started();
+        let _step = StepGuard(&*self.experts);
+        // (first row of the micro-batch, failure with micro-batch row indices)
+        let mut failures: Vec<(usize, RowFailure)> = Vec::new();
         // Software pipeline over micro-batches: a group's routed experts are started (possibly
         // on remote shards) and only awaited when that group comes round again, so the other
         // group's attention runs while the experts compute.
@@ -431,7 +472,8 @@ impl Model {
         for (l, layer) in self.layers.iter().enumerate() {
             for (g, st) in groups.iter().zip(state.iter_mut()) {
                 if let Some(p) = st.pending.take() {
-                    p.finish(be, &mut st.x)?;
+                    let lost = p.finish(be, &mut st.x)?;
+                    failures.extend(lost.into_iter().map(|f| (g.row0, f)));
                 }
                 let rows = g.row0..g.row0 + g.rows;
                 let xs = &mut st.x;
@@ -459,10 +501,27 @@ impl Model {
         }
         for (g, st) in groups.iter().zip(state.iter_mut()) {
             if let Some(p) = st.pending.take() {
-                p.finish(be, &mut st.x)?;
+                let lost = p.finish(be, &mut st.x)?;
+                failures.extend(lost.into_iter().map(|f| (g.row0, f)));
             }
             x[g.row0 * h..(g.row0 + g.rows) * h].copy_from_slice(&st.x);
         }
+        // Rows → sequences; a sequence keeps its first failure (the earliest layer).
+        let mut seq_of_row = Vec::with_capacity(total);
+        for (i, s) in batch.iter().enumerate() {
+            seq_of_row.extend(std::iter::repeat_n(i, s.tokens.len()));
+        }
+        let mut failed: Vec<(usize, RowFailure)> = Vec::new();
+        for (row0, f) in failures {
+            for &r in &f.rows {
+                if let Some(&seq) = seq_of_row.get(row0 + r)
+                    && !failed.iter().any(|(s, _)| *s == seq)
+                {
+                    failed.push((seq, f.clone()));
+                }
+            }
+        }
+        failed.sort_by_key(|(s, _)| *s);
         for s in batch.iter_mut() {
             s.cache.len += s.tokens.len();
         }
@@ -487,7 +546,10 @@ impl Model {
             out.push(logits[k * v..(k + n) * v].to_vec());
             k += n;
         }
-        Ok(out)
+        Ok(StepOutput {
+            logits: out,
+            failed,
+        })
     }
 
     /// Router choice for `m` normalised rows of MoE layer `l`.

@@ -706,7 +706,7 @@ impl<'m> Scheduler<'m> {
                 rest = tail;
                 base = i + 1;
             }
-            model.forward(pool, &mut inputs)
+            model.forward_partial(pool, &mut inputs)
         };
         let result = if grammars.is_empty() {
             forward()
@@ -750,8 +750,8 @@ impl<'m> Scheduler<'m> {
             self.running[i].grammar = Some((g, slot));
         }
         self.stats.steps_total.fetch_add(1, Ordering::Relaxed);
-        let mut logits = match result {
-            Ok(l) => l,
+        let (mut logits, step_failed) = match result {
+            Ok(out) => (out.logits, out.failed),
             Err(e) => {
                 // A failed step (e.g. an expert shard is down) fails the requests in it; the
                 // others go on at the next step.
@@ -766,6 +766,17 @@ impl<'m> Scheduler<'m> {
         };
         let v = self.model.cfg.vocab_size;
         let mut finished: Vec<usize> = Vec::new();
+        // An expert shard failed under some sequences (no replica held their experts): those
+        // end with the error naming the shard, and their KV blocks are freed unregistered
+        // (this step's entries are wrong); the rest of the batch goes on.
+        for (k, failure) in step_failed {
+            if let Some(&(i, _)) = plan.get(k) {
+                let _ = self.running[i]
+                    .tx
+                    .send(Event::Error(failure.into_error().to_string()));
+                finished.push(i);
+            }
+        }
         for (i, e) in mask_errors {
             let _ = self.running[i]
                 .tx
