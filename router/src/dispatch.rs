@@ -417,8 +417,8 @@ impl<T: Transport> Dispatcher<T> {
                     lost.push(t);
                 }
             }
-            tracing::warn!(layer, %error, lost = lost.len(), "expert shard failed");
             if !lost.is_empty() {
+                tracing::warn!(layer, %error, lost = lost.len(), "expert shard failed; its tokens have no replica");
                 failures.push(ShardFailure {
                     error,
                     tokens: lost,

@@ -488,7 +488,11 @@ fn skewed_load_rebalanced_live_tokens_unchanged_across_the_switch() {
     // Another round: the version only moves forward.
     let again: Value =
         serde_json::from_str(&http_post(&sup, "/rebalance").expect("rebalance")).expect("JSON");
-    let v = if again["outcome"] == "published" { 3.0 } else { 2.0 };
+    let v = if again["outcome"] == "published" {
+        3.0
+    } else {
+        2.0
+    };
     assert_eq!(again["version"].as_f64(), Some(v), "{again}");
     assert_eq!(version(), v);
 }
