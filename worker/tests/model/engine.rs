@@ -361,7 +361,7 @@ impl shardseek_worker::experts::RoutedExperts for LoseFirstOfTwo {
         rows: &[f32],
         routing: &[shardseek_kernels::gate::Routing],
     ) -> shardseek_worker::Result<shardseek_worker::experts::PendingExperts> {
-        use shardseek_worker::experts::{PendingExperts, RoutedExperts, RowFailure};
+        use shardseek_worker::experts::{PendingExperts, RowFailure};
         let out = self.inner.forward(layer, rows, routing)?;
         if routing.len() == 2 && !self.fired.swap(true, Ordering::SeqCst) {
             let (tx, rx) = std::sync::mpsc::channel();
