@@ -442,3 +442,50 @@ fn with_redundant_experts_a_killed_shard_fails_no_request_and_rejoins() {
     assert!(served > 0.0, "the restarted shard served no token:\n{text}");
     drop(up);
 }
+
+/// After a live rebalance, a killed shard comes back on the table in force (the placement file
+/// `up` keeps), not on version 1: requests routed with the new version succeed again.
+#[test]
+fn a_shard_restarted_after_a_rebalance_comes_back_on_the_new_table() {
+    let m = tiny("fp8");
+    let (up, addr, metrics, lines) = up_supervised(
+        m.path(),
+        4,
+        &["--rebalance-interval", "3600", "--dispatch-dtype", "bf16"],
+    );
+    let prompt = [3, 17, 255, 42, 8, 99];
+    for _ in 0..4 {
+        stream_completion(&addr, &prompt, 24).expect("healthy cluster");
+    }
+    let report = http_post(&metrics, "/rebalance").expect("rebalance");
+    assert!(report.contains("\"outcome\":\"published\""), "{report}");
+    let victim = started_pid(&lines, "expert-1").expect("expert-1's pid");
+    sigkill(victim);
+    lines_until(
+        &up,
+        "[supervisor] expert-1 is ready again",
+        Duration::from_secs(60),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match stream_completion(&addr, &prompt, 24) {
+            Ok(t) => {
+                assert_eq!(t.len(), 24);
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                assert!(
+                    !e.contains("stale placement"),
+                    "restarted on an old table: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("no success after the restart: {e}"),
+        }
+    }
+    // Several requests in a row: the restarted shard serves the new version's experts.
+    for _ in 0..3 {
+        stream_completion(&addr, &prompt, 24).expect("after the restart");
+    }
+    drop(up);
+}
