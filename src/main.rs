@@ -770,7 +770,7 @@ fn run_up(a: UpArgs) -> Result<()> {
         rebalance,
     };
     runtime()?.block_on(async move {
-        let mut cluster = shardseek_router::local::LocalCluster::start(&cfg).await?;
+        let cluster = shardseek_router::local::LocalCluster::start(&cfg).await?;
         println!(
             "shardseek up: {served} on http://{} (OpenAI API at /v1, gRPC Gateway, /metrics) with {} attention pod(s) and {} expert shard(s)",
             cluster.addr, a.attention, a.expert_shards
@@ -781,7 +781,7 @@ fn run_up(a: UpArgs) -> Result<()> {
         );
         if a.demo {
             let result = demo_request(&cluster.addr, &served).await;
-            cluster.supervisor.stop().await;
+            cluster.stop().await;
             return result;
         }
         let reason = cluster.run().await?;

@@ -311,6 +311,23 @@ impl LocalCluster {
         })
     }
 
+    /// Stops every child now (and removes the placement file).
+    pub async fn stop(self) {
+        let LocalCluster {
+            mut supervisor,
+            metrics_task,
+            rebalancer,
+            placement_dir,
+            ..
+        } = self;
+        drop(rebalancer);
+        supervisor.stop().await;
+        metrics_task.abort();
+        if let Some(dir) = placement_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+
     /// Serves until a signal (restarting children that die), then stops every child.
     pub async fn run(self) -> Result<StopReason> {
         let LocalCluster {

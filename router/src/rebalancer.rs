@@ -19,16 +19,19 @@
 //!
 //! The table in force is also written to a file (see [`Placement::write_file`]) once every shard
 //! has prepared it: a process `up` restarts reads it and comes back on the current table instead
-//! of version 1. (A shard restarted between a publication's Prepare and Commit holds only the new
-//! version's experts; the pods reach that version within the same publication.)
+//! of version 1. A process that restarted while a publication was under way may have read the
+//! older file: every round therefore first brings back to the table in force each shard whose
+//! `Expert.Info` reports another version (Prepare + Commit) and each pod whose `Load` does
+//! (Switch).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use prometheus::{GaugeVec, IntCounterVec, IntGauge, Opts, Registry};
+use shardseek_proto::v1::expert_client::ExpertClient;
 use shardseek_proto::v1::placement_client::PlacementClient;
-use shardseek_proto::v1::{CommitRequest, LoadRequest};
+use shardseek_proto::v1::{CommitRequest, InfoRequest, LoadRequest};
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
@@ -102,6 +105,8 @@ pub struct Rebalancer {
     /// not, so a shard never sees one version number for two tables.
     next_version: u64,
     last_counts: HashMap<String, Vec<u64>>,
+    /// The placement version each pod reported in its last `Load`.
+    pod_versions: HashMap<String, u64>,
     version_gauge: IntGauge,
     rebalances: IntCounterVec,
     predicted: GaugeVec,
@@ -169,6 +174,7 @@ impl Rebalancer {
             config,
             current: initial,
             last_counts: HashMap::new(),
+            pod_versions: HashMap::new(),
             version_gauge,
             rebalances,
             predicted,
@@ -193,6 +199,7 @@ impl Rebalancer {
 
     async fn round(&mut self) -> Result<RebalanceReport> {
         let load = self.gather_load().await?;
+        self.reconcile().await;
         let before = eplb::imbalance(&self.current, &load);
         let mut report = RebalanceReport {
             outcome: Outcome::NoLoad,
@@ -240,14 +247,18 @@ impl Rebalancer {
                     .await
                     .map_err(|_| format!("Load not answered within {RPC_TIMEOUT:?}"))?
                     .map_err(|s| s.message().to_string())?;
-                Ok::<_, String>(r.into_inner().expert_pairs)
+                let r = r.into_inner();
+                Ok::<_, String>((r.expert_pairs, r.placement_version))
             }))
             .await;
         let mut load = vec![0.0; experts];
         for (addr, reply) in self.config.attention.iter().zip(replies) {
             let counts = match reply {
-                Ok(c) if c.len() == experts => c,
-                Ok(c) => {
+                Ok((c, version)) if c.len() == experts => {
+                    self.pod_versions.insert(addr.clone(), version);
+                    c
+                }
+                Ok((c, _)) => {
                     return Err(Error::Placement(format!(
                         "attention pod {addr} reports load for {} experts, the model has {experts}",
                         c.len()
@@ -271,6 +282,63 @@ impl Rebalancer {
             self.last_counts.insert(addr.clone(), counts);
         }
         Ok(load)
+    }
+
+    /// Brings back to the table in force every shard that serves another version (it restarted
+    /// on an older file) and every pod whose last `Load` reported another version. Failures are
+    /// only logged: the next round tries again.
+    async fn reconcile(&mut self) {
+        let version = self.current.version();
+        let table = self.current.to_proto();
+        for addr in &self.config.shards {
+            let info = async {
+                let channel = Endpoint::from_shared(format!("http://{addr}"))
+                    .map_err(|e| e.to_string())?
+                    .connect_timeout(CONNECT_TIMEOUT)
+                    .connect()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tokio::time::timeout(RPC_TIMEOUT, ExpertClient::new(channel).info(InfoRequest {}))
+                    .await
+                    .map_err(|_| "Info not answered".to_string())?
+                    .map_err(|s| s.message().to_string())
+            };
+            let Ok(info) = info.await else { continue };
+            if info.into_inner().placement_version == version {
+                continue;
+            }
+            let fixed = async {
+                let mut c = client(addr).await?;
+                call(c.prepare(table.clone())).await?;
+                call(c.commit(CommitRequest { version })).await
+            };
+            match fixed.await {
+                Ok(()) => {
+                    tracing::info!(shard = %addr, version, "shard brought to the table in force")
+                }
+                Err(e) => {
+                    tracing::warn!(shard = %addr, version, error = %e, "shard on another table")
+                }
+            }
+        }
+        for addr in &self.config.attention {
+            if self.pod_versions.get(addr).is_none_or(|&v| v == version) {
+                continue;
+            }
+            let fixed = async {
+                let mut c = client(addr).await?;
+                call(c.switch(table.clone())).await
+            };
+            match fixed.await {
+                Ok(()) => {
+                    self.pod_versions.insert(addr.clone(), version);
+                    tracing::info!(pod = %addr, version, "attention pod brought to the table in force");
+                }
+                Err(e) => {
+                    tracing::warn!(pod = %addr, version, error = %e, "attention pod on another table")
+                }
+            }
+        }
     }
 
     /// Prepare on every shard, Switch on every pod, Commit on every shard.

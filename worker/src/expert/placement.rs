@@ -230,8 +230,9 @@ impl<C: ExpertCompute> PlacementRpc for ShardControl<C> {
                     me.shard
                 )));
             }
-            // Refuse the older versions first; only then drop their experts.
-            state.accepted.retain(|&v, _| v >= version);
+            // Refuse every other version first (older ones: no pod routes with them any more; a
+            // newer one could only be left by an aborted publication); then drop their experts.
+            state.accepted.retain(|&v, _| v == version);
             state.rebuild_held();
             state.held_list()
         };
