@@ -489,3 +489,66 @@ fn a_shard_restarted_after_a_rebalance_comes_back_on_the_new_table() {
     }
     drop(up);
 }
+
+/// A shard that comes back on an older table (here: the placement file is gone, so it starts on
+/// version 1) is brought back to the table in force by the next rebalance round, and requests
+/// succeed again.
+#[test]
+fn a_shard_on_an_older_table_is_brought_back_by_the_next_round() {
+    let m = tiny("fp8");
+    let (up, addr, metrics, lines) = up_supervised(
+        m.path(),
+        4,
+        &["--rebalance-interval", "3600", "--dispatch-dtype", "bf16"],
+    );
+    let prompt = [3, 17, 255, 42, 8, 99];
+    for _ in 0..4 {
+        stream_completion(&addr, &prompt, 24).expect("healthy cluster");
+    }
+    let report = http_post(&metrics, "/rebalance").expect("rebalance");
+    assert!(report.contains("\"outcome\":\"published\""), "{report}");
+    let file = std::env::temp_dir()
+        .join(format!("shardseek-up-{}", up.child.id()))
+        .join("placement.json");
+    std::fs::remove_file(&file).expect("the placement file of up");
+    sigkill(started_pid(&lines, "expert-1").expect("expert-1's pid"));
+    lines_until(
+        &up,
+        "[supervisor] expert-1 is ready again",
+        Duration::from_secs(60),
+    );
+    // On version 1 the restarted shard refuses what the pods route with version 2.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match stream_completion(&addr, &prompt, 24) {
+            Err(e) if e.contains("stale placement") => break,
+            _ => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the restarted shard never refused version 2"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    // The next round (which may also publish a version for the load of the failed requests).
+    http_post(&metrics, "/rebalance").expect("rebalance");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match stream_completion(&addr, &prompt, 24) {
+            Ok(t) => {
+                assert_eq!(t.len(), 24);
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("shard 1 was not brought back to version 2: {e}"),
+        }
+    }
+    for _ in 0..3 {
+        stream_completion(&addr, &prompt, 24).expect("after the reconcile");
+    }
+    drop(up);
+}
