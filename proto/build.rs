@@ -9,6 +9,7 @@ const PROTOS: &[&str] = &[
     "shardseek/v1/generate.proto",
     "shardseek/v1/attention.proto",
     "shardseek/v1/gateway.proto",
+    "shardseek/v1/placement.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -256,6 +256,10 @@ struct WorkerArgs {
     /// Expert role: how long to wait for same-layer requests of other pods to batch with.
     #[arg(long, default_value_t = 200, env = "SHARDSEEK_BATCH_WINDOW_US")]
     batch_window_us: u64,
+    /// The expert placement table in force, kept by a rebalancer (`up --rebalance-interval`):
+    /// when the file exists the process starts on it instead of the initial table (version 1).
+    #[arg(long, env = "SHARDSEEK_PLACEMENT_FILE")]
+    placement_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -362,6 +366,11 @@ struct UpArgs {
     /// Element type of the latent KV cache: f32 (exact), bf16, or fp8 (e4m3, per-token scale).
     #[arg(long, default_value = "bf16")]
     kv_cache_dtype: String,
+    /// Online expert rebalancing (EPLB): every SECS seconds, the expert load the attention pods
+    /// observed is balanced over the shards and a new placement version is published, switched
+    /// between steps. Needs expert shards.
+    #[arg(long, value_name = "SECS")]
+    rebalance_interval: Option<u64>,
     /// Start, answer one OpenAI chat request through the router, print it, and stop.
     #[arg(long)]
     demo: bool,
@@ -654,14 +663,7 @@ fn run_router(mut a: RouterArgs) -> Result<()> {
     let mut attention_service = None;
     if let Some(path) = a.cluster_config.clone() {
         let cc = read_cluster_config(&path)?;
-        if let Some(secs) = cc.experts.rebalance_interval_seconds {
-            bail!(
-                "--cluster-config {}: experts.rebalanceIntervalSeconds is {secs}, but online expert \
-                 rebalancing is not implemented yet (the EPLB algorithm is, in \
-                 shardseek_router::eplb); remove the field to serve with the initial placement",
-                path.display()
-            );
-        }
+        refuse_rebalance_under_kubernetes(&path, &cc)?;
         a.model = Some(PathBuf::from(&cc.model.path));
         a.served_model_name = Some(cc.model.served_name.clone());
         a.max_model_len
@@ -732,8 +734,15 @@ fn run_up(a: UpArgs) -> Result<()> {
             dir
         }
     };
-    shardseek_worker::config::ModelConfig::from_dir(&model)
+    let mcfg = shardseek_worker::config::ModelConfig::from_dir(&model)
         .with_context(|| format!("--model {}", model.display()))?;
+    let rebalance = a
+        .rebalance_interval
+        .map(|secs| shardseek_router::local::RebalanceSettings {
+            interval: std::time::Duration::from_secs(secs),
+            experts: mcfg.n_routed_experts,
+            groups: mcfg.n_group,
+        });
     let served = model
         .file_name()
         .map_or_else(|| "shardseek".into(), |n| n.to_string_lossy().to_string());
@@ -758,9 +767,10 @@ fn run_up(a: UpArgs) -> Result<()> {
         served_model_name: served.clone(),
         // The children's stderr is a pipe to this process: they log in this terminal's format.
         env: vec![("SHARDSEEK_LOG_FORMAT".into(), log_format().into())],
+        rebalance,
     };
     runtime()?.block_on(async move {
-        let mut cluster = shardseek_router::local::LocalCluster::start(&cfg).await?;
+        let cluster = shardseek_router::local::LocalCluster::start(&cfg).await?;
         println!(
             "shardseek up: {served} on http://{} (OpenAI API at /v1, gRPC Gateway, /metrics) with {} attention pod(s) and {} expert shard(s)",
             cluster.addr, a.attention, a.expert_shards
@@ -771,7 +781,7 @@ fn run_up(a: UpArgs) -> Result<()> {
         );
         if a.demo {
             let result = demo_request(&cluster.addr, &served).await;
-            cluster.supervisor.stop().await;
+            cluster.stop().await;
             return result;
         }
         let reason = cluster.run().await?;
@@ -864,6 +874,24 @@ fn init_tracing() {
     }
 }
 
+/// Online rebalancing runs under `shardseek up`; under Kubernetes nothing would run the
+/// rebalancer yet (the operator refuses the field too), so a config asking for it is refused
+/// rather than silently served with a fixed placement.
+fn refuse_rebalance_under_kubernetes(
+    path: &std::path::Path,
+    cc: &shardseek_proto::cluster_config::ClusterConfig,
+) -> Result<()> {
+    if let Some(secs) = cc.experts.rebalance_interval_seconds {
+        bail!(
+            "--cluster-config {}: experts.rebalanceIntervalSeconds is {secs}, but online expert \
+             rebalancing is not supported under Kubernetes yet (it runs under `shardseek up \
+             --rebalance-interval`); remove the field to serve with the initial placement",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Reads the operator's cluster config.
 fn read_cluster_config(
     path: &std::path::Path,
@@ -889,14 +917,7 @@ fn run_worker(mut a: WorkerArgs) -> Result<()> {
     if let Some(path) = a.cluster_config.clone() {
         use shardseek_proto::cluster_config::DispatchDtype;
         let cc = read_cluster_config(&path)?;
-        if let Some(secs) = cc.experts.rebalance_interval_seconds {
-            bail!(
-                "--cluster-config {}: experts.rebalanceIntervalSeconds is {secs}, but online expert \
-                 rebalancing is not implemented yet (the EPLB algorithm is, in \
-                 shardseek_router::eplb); remove the field to serve with the initial placement",
-                path.display()
-            );
-        }
+        refuse_rebalance_under_kubernetes(&path, &cc)?;
         a.model = Some(PathBuf::from(&cc.model.path));
         a.metrics_listen = Some(any_addr(cc.metrics_port));
         a.max_batch_tokens = cc.attention.max_batch_tokens as usize;
@@ -972,6 +993,7 @@ fn run_worker(mut a: WorkerArgs) -> Result<()> {
                 redundant_slots: a.redundant_slots,
                 wire_dtype,
                 metrics_listen: a.metrics_listen,
+                placement_file: a.placement_file,
             };
             runtime()?.block_on(shardseek_worker::serve::run_attention(
                 acfg,
@@ -990,6 +1012,7 @@ fn run_worker(mut a: WorkerArgs) -> Result<()> {
                 redundant_slots: a.redundant_slots,
                 batch_window: std::time::Duration::from_micros(a.batch_window_us),
                 metrics_listen: a.metrics_listen,
+                placement_file: a.placement_file,
             };
             runtime()?.block_on(shardseek_worker::serve::run_expert(ecfg, shutdown_signal()))?;
         }

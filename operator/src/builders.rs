@@ -329,11 +329,18 @@ pub fn cluster_config(dsd: &DeepSeekDeployment) -> Result<ClusterConfig> {
                 cc::DEFAULT_EXPERT_GRPC_PORT,
             ),
             grpc_port: cc::DEFAULT_EXPERT_GRPC_PORT,
-            rebalance_interval_seconds: spec
-                .experts
-                .rebalance_interval_seconds
-                .map(|s| non_negative("experts.rebalanceIntervalSeconds", s))
-                .transpose()?,
+            // The CRD's CEL rule refuses the field; an object stored before the rule is refused
+            // here, rather than rendered into a config every worker would refuse at start.
+            rebalance_interval_seconds: match spec.experts.rebalance_interval_seconds {
+                None => None,
+                Some(s) => {
+                    return Err(Error::InvalidSpec(format!(
+                        "experts.rebalanceIntervalSeconds is {s}: online expert rebalancing is \
+                         not supported under Kubernetes yet (it runs under `shardseek up \
+                         --rebalance-interval`); remove the field"
+                    )));
+                }
+            },
         },
         router: cc::RouterConfig {
             http_port: cc::DEFAULT_ROUTER_HTTP_PORT,

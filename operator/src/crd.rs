@@ -343,7 +343,8 @@ fn default_max_seq_len() -> i32 {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("self.shards == 0 ? self.redundantSlots == 0 : self.redundantSlots % self.shards == 0").message("experts.redundantSlots must be a multiple of experts.shards (and 0 when shards is 0)")
+    validation = Rule::new("self.shards == 0 ? self.redundantSlots == 0 : self.redundantSlots % self.shards == 0").message("experts.redundantSlots must be a multiple of experts.shards (and 0 when shards is 0)"),
+    validation = Rule::new("!has(self.rebalanceIntervalSeconds)").message("experts.rebalanceIntervalSeconds: online expert rebalancing is not supported under Kubernetes yet (it runs under `shardseek up --rebalance-interval`); remove the field to serve with the initial placement")
 )]
 pub struct ExpertsSpec {
     /// Number of expert shards; 0 keeps the experts inside the attention pods.
@@ -357,7 +358,9 @@ pub struct ExpertsSpec {
     /// CPU, memory and accelerators of each expert shard.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// Seconds between expert-placement rebalances (EPLB); unset keeps the initial placement.
+    /// Seconds between expert-placement rebalances (EPLB). Reserved: refused until the operator
+    /// runs the rebalancer (online EPLB runs under `shardseek up --rebalance-interval`); unset
+    /// keeps the initial placement.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 10))]
     pub rebalance_interval_seconds: Option<i32>,

@@ -303,8 +303,8 @@ pub fn compute(
 
 /// The expert placement version in force: 1, the initial table every process derives from
 /// (experts, shards, redundant slots), while there are expert shards; none without shards.
-/// Online rebalancing, which would publish higher versions, is not implemented: a cluster
-/// config with `experts.rebalanceIntervalSeconds` is refused by the workers.
+/// Online rebalancing, which publishes higher versions, runs only under `shardseek up`; under
+/// Kubernetes `experts.rebalanceIntervalSeconds` is refused (CRD rule, builders, workers).
 pub fn placement_version(dsd: &DeepSeekDeployment) -> Option<i64> {
     (dsd.spec.experts.shards > 0).then_some(1)
 }

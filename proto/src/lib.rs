@@ -1,6 +1,6 @@
 //! shardseek-proto: the contracts between shardseek processes (DESIGN.md §1, §4).
 //!
-//! The gRPC services (`Expert`, `Attention`, `Gateway`) are generated from `proto/shardseek/v1/`
+//! The gRPC services (`Expert`, `Attention`, `Gateway`, `Placement`) are generated from `proto/shardseek/v1/`
 //! by `build.rs`; this crate adds the few helpers every side of a connection needs to agree on —
 //! the model fingerprint and the metadata keys that carry it.
 

@@ -4,9 +4,16 @@
 //! rows **by shard** — a token travels once to each shard holding any of its experts, with the
 //! list of the (expert, weight) pairs that shard serves — splits a shard's group into messages
 //! under the transport's size limit, sends all of them concurrently, and adds the returned
-//! partial sums into the output. When a shard fails and every expert it was asked for has a
-//! live replica elsewhere, those tokens are re-sent there once; otherwise the call fails with an
-//! error naming the shard and the layer.
+//! partial sums into the output. When a shard fails, each of its tokens whose experts there all
+//! have a live replica elsewhere is re-sent there once; the others fail, alone: the result
+//! ([`Dispatched`]) lists them with the error naming the shard and the layer, and every other
+//! token's sum is complete, so the caller fails only the sequences those tokens belong to.
+//!
+//! Placement changes (EPLB) take effect between steps, never inside one: the caller brackets
+//! each forward step with [`Dispatcher::step_started`] / [`Dispatcher::step_finished`], and a
+//! table handed to [`Dispatcher::stage_placement`] during a step waits for the step's end. So
+//! every layer of a step routes with one table, and once a pod reports a version in use
+//! ([`Dispatcher::wait_for_version`]) none of its requests carries an older one.
 //!
 //! Replica choice: for each (token, expert) the dispatcher takes, among the expert's live
 //! replicas (all of them when none is live), the one with the least load, where load is the
@@ -16,8 +23,8 @@
 //! never chosen while a replica lives.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::codec::{PendingRows, WireDtype};
@@ -99,6 +106,34 @@ pub struct Routes<'a> {
     pub weights: &'a [f32],
 }
 
+/// One layer's dispatch result.
+#[derive(Debug)]
+pub struct Dispatched {
+    /// `[T, hidden]`: Σ weight · expert(row) per token; incomplete for the failed tokens.
+    pub rows: Vec<f32>,
+    /// Tokens whose sums are incomplete, grouped by the shard error that lost them (a token
+    /// sent to two failed shards appears under both).
+    pub failures: Vec<ShardFailure>,
+}
+
+/// Tokens lost to one failed shard exchange.
+#[derive(Debug)]
+pub struct ShardFailure {
+    /// Names the shard (id and address) and the layer.
+    pub error: Error,
+    /// Token indices into the dispatched batch, ascending.
+    pub tokens: Vec<usize>,
+}
+
+/// The tables a dispatcher routes with (see the module docs on switching between steps).
+struct Tables {
+    current: Arc<Placement>,
+    /// A newer table waiting for the step under way to end.
+    staged: Option<Arc<Placement>>,
+    /// A forward step is under way: `current` must not change.
+    in_step: bool,
+}
+
 /// The rows of one batch headed to one shard.
 struct ShardGroup {
     shard: usize,
@@ -109,7 +144,11 @@ struct ShardGroup {
 /// The dispatch client of one attention pod.
 pub struct Dispatcher<T: Transport> {
     transport: Arc<T>,
-    placement: RwLock<Arc<Placement>>,
+    tables: Mutex<Tables>,
+    /// The version of `tables.current`, for waiters on a switch.
+    active: tokio::sync::watch::Sender<u64>,
+    /// Per expert: (token, expert) pairs dispatched since start (the load EPLB balances).
+    expert_pairs: Vec<AtomicU64>,
     hidden: usize,
     config: DispatchConfig,
     /// Per shard: (token, expert) pairs sent and not yet answered (the replica-choice load).
@@ -147,9 +186,19 @@ impl<T: Transport> Dispatcher<T> {
         let in_flight = (0..transport.shards())
             .map(|_| AtomicUsize::new(0))
             .collect();
+        let expert_pairs = (0..placement.n_experts())
+            .map(|_| AtomicU64::new(0))
+            .collect();
+        let (active, _) = tokio::sync::watch::channel(placement.version());
         Ok(Dispatcher {
             transport,
-            placement: RwLock::new(Arc::new(placement)),
+            tables: Mutex::new(Tables {
+                current: Arc::new(placement),
+                staged: None,
+                in_step: false,
+            }),
+            active,
+            expert_pairs,
             hidden,
             config,
             in_flight,
@@ -168,12 +217,25 @@ impl<T: Transport> Dispatcher<T> {
         &self.config
     }
 
+    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
+        match self.tables.lock() {
+            Ok(t) => t,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
     /// The placement table in use.
     pub fn placement(&self) -> Arc<Placement> {
-        match self.placement.read() {
-            Ok(p) => Arc::clone(&p),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        }
+        Arc::clone(&self.tables().current)
+    }
+
+    /// (token, expert) pairs dispatched per expert since this dispatcher started, summed over
+    /// layers: the load the rebalancer reads (it takes differences between reads).
+    pub fn expert_load(&self) -> Vec<u64> {
+        self.expert_pairs
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// (token, expert) pairs this pod sent to each shard over the last [`LOAD_WINDOW`].
@@ -186,8 +248,9 @@ impl<T: Transport> Dispatcher<T> {
     }
 
     /// `shardseek_expert_load_imbalance_ratio`: the busiest shard's load ÷ the mean shard load
-    /// over the last [`LOAD_WINDOW`] of this pod's dispatches (load = (token, expert) pairs,
-    /// what a shard computes). `None` before any dispatch.
+    /// over the last [`LOAD_WINDOW`] of this pod's dispatches under the placement in use (load =
+    /// (token, expert) pairs, what a shard computes; the window restarts when the placement
+    /// changes, so the figure describes the table in force). `None` before any dispatch.
     pub fn load_imbalance(&self) -> Option<f64> {
         let load = self.shard_load();
         let total: u64 = load.iter().sum();
@@ -198,8 +261,11 @@ impl<T: Transport> Dispatcher<T> {
         Some(max / (total as f64 / load.len() as f64))
     }
 
-    /// Switches to a newer placement table (EPLB); its version travels with later dispatches.
-    pub fn set_placement(&self, placement: Placement) -> Result<()> {
+    /// Hands over a newer placement table (EPLB): it takes effect at once when no step is under
+    /// way, else when the current step ends; its version travels with later dispatches. A
+    /// table for another shard count or expert count, or not newer than the one in use, is
+    /// refused.
+    pub fn stage_placement(&self, placement: Placement) -> Result<()> {
         if placement.shards() != self.transport.shards() {
             return Err(Error::Placement(format!(
                 "placement is for {} shards, the transport reaches {}",
@@ -207,17 +273,68 @@ impl<T: Transport> Dispatcher<T> {
                 self.transport.shards()
             )));
         }
-        let mut guard = match self.placement.write() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        *guard = Arc::new(placement);
+        let mut t = self.tables();
+        if placement.n_experts() != t.current.n_experts() {
+            return Err(Error::Placement(format!(
+                "placement is for {} experts, this model has {}",
+                placement.n_experts(),
+                t.current.n_experts()
+            )));
+        }
+        if placement.version() < t.current.version() {
+            return Err(Error::Placement(format!(
+                "placement version {} is older than version {} in use",
+                placement.version(),
+                t.current.version()
+            )));
+        }
+        let placement = Arc::new(placement);
+        if t.in_step {
+            t.staged = Some(placement);
+        } else {
+            self.promote(&mut t, placement);
+        }
         Ok(())
     }
 
+    fn promote(&self, t: &mut Tables, placement: Arc<Placement>) {
+        let version = placement.version();
+        t.current = placement;
+        // The imbalance window describes the table in force.
+        match self.window.lock() {
+            Ok(mut w) => w.buckets.clear(),
+            Err(poisoned) => poisoned.into_inner().buckets.clear(),
+        }
+        self.active.send_replace(version);
+        tracing::info!(version, "placement switched");
+    }
+
+    /// A forward step begins: the table in use stays until [`step_finished`](Self::step_finished).
+    pub fn step_started(&self) {
+        self.tables().in_step = true;
+    }
+
+    /// The forward step ended: a staged table takes over now, before the next step.
+    pub fn step_finished(&self) {
+        let mut t = self.tables();
+        t.in_step = false;
+        if let Some(p) = t.staged.take() {
+            self.promote(&mut t, p);
+        }
+    }
+
+    /// Waits until the steps route with version `version` or newer; false after `timeout`.
+    pub async fn wait_for_version(&self, version: u64, timeout: Duration) -> bool {
+        let mut rx = self.active.subscribe();
+        tokio::time::timeout(timeout, rx.wait_for(|&v| v >= version))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
     /// Dispatches `rows` (`[T, hidden]`) of MoE layer `layer` to the shards and returns
-    /// Σ weight · expert(row) per token, `[T, hidden]`. Copies the rows once; a caller that can
-    /// hand them over uses [`dispatch_shared`](Self::dispatch_shared).
+    /// Σ weight · expert(row) per token, `[T, hidden]`; fails when any token lost a shard.
+    /// Copies the rows once; a caller that can hand them over uses
+    /// [`dispatch_shared`](Self::dispatch_shared).
     pub async fn dispatch(
         &self,
         layer: usize,
@@ -239,6 +356,23 @@ impl<T: Transport> Dispatcher<T> {
         rows: Arc<Vec<f32>>,
         routes: Routes<'_>,
     ) -> Result<Vec<f32>> {
+        let d = self.dispatch_partial(layer, step, rows, routes).await?;
+        match d.failures.into_iter().next() {
+            None => Ok(d.rows),
+            Some(f) => Err(f.error),
+        }
+    }
+
+    /// [`dispatch_shared`](Self::dispatch_shared), except that tokens lost to a failed shard
+    /// (with no live replica to take their experts) are reported in [`Dispatched::failures`]
+    /// while the other tokens' sums are complete. `Err` only for bad input.
+    pub async fn dispatch_partial(
+        &self,
+        layer: usize,
+        step: u64,
+        rows: Arc<Vec<f32>>,
+        routes: Routes<'_>,
+    ) -> Result<Dispatched> {
         let h = self.hidden;
         if h == 0 || !rows.len().is_multiple_of(h) {
             return Err(Error::Input(format!(
@@ -262,39 +396,78 @@ impl<T: Transport> Dispatcher<T> {
         let mut out = vec![0.0f32; rows.len()];
         let all: Vec<usize> = (0..tokens).collect();
         let groups = self.plan(&placement, &all, routes, &BTreeSet::new(), layer)?;
+        for &e in routes.experts {
+            if let Some(c) = self.expert_pairs.get(e as usize) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         let failed = self
             .run(&placement, layer, step, &rows, groups, &mut out)
             .await;
-        let Some((first_err, failed_groups)) = failed else {
-            return Ok(out);
-        };
-        if failed_groups.is_empty() {
-            return Err(first_err);
+        if failed.is_empty() {
+            return Ok(Dispatched {
+                rows: out,
+                failures: Vec::new(),
+            });
         }
-        // Failover: the failed shards' tokens go to live replicas, once, if every expert has one.
-        let dead: BTreeSet<usize> = failed_groups.iter().map(|g| g.shard).collect();
+        // Failover, token by token: a failed token whose experts on the failed shards all have
+        // a replica elsewhere is re-sent once (only its failed pairs, each to one replica); the
+        // others are lost with their shard's error.
+        let dead: BTreeSet<usize> = failed.iter().map(|(g, _)| g.shard).collect();
         let mut retry_tokens: Vec<usize> = Vec::new();
         let mut retry = Vec::new();
-        for g in &failed_groups {
-            // Only the (token, expert) pairs that failed are re-sent, each to one replica.
+        let mut failures = Vec::new();
+        for (g, error) in failed {
+            let mut lost = Vec::new();
             for (i, &t) in g.tokens.iter().enumerate() {
                 let (experts, weights) = g.assignments.row(i);
-                retry_tokens.push(t);
-                retry.push((experts.to_vec(), weights.to_vec()));
+                let movable = experts.iter().all(|&e| {
+                    placement
+                        .replicas(e as usize)
+                        .is_some_and(|r| r.iter().any(|s| !dead.contains(s)))
+                });
+                if movable {
+                    retry_tokens.push(t);
+                    retry.push((experts.to_vec(), weights.to_vec()));
+                } else {
+                    lost.push(t);
+                }
+            }
+            if !lost.is_empty() {
+                tracing::warn!(layer, %error, lost = lost.len(), "expert shard failed; its tokens have no replica");
+                failures.push(ShardFailure {
+                    error,
+                    tokens: lost,
+                });
             }
         }
-        let regroup = self.plan_pairs(&placement, &retry_tokens, &retry, &dead);
-        let Some(regroup) = regroup else {
-            return Err(first_err);
-        };
-        tracing::warn!(layer, error = %first_err, "failing over to replicas");
-        match self
-            .run(&placement, layer, step, &rows, regroup, &mut out)
-            .await
-        {
-            None => Ok(out),
-            Some((e, _)) => Err(e),
+        if !retry_tokens.is_empty() {
+            // Every pair has a replica outside `dead` (checked above), so this plans them all.
+            if let Some(regroup) = self.plan_pairs(&placement, &retry_tokens, &retry, &dead) {
+                tracing::warn!(
+                    layer,
+                    tokens = retry_tokens.len(),
+                    "failing over to replicas"
+                );
+                for (g, error) in self
+                    .run(&placement, layer, step, &rows, regroup, &mut out)
+                    .await
+                {
+                    failures.push(ShardFailure {
+                        error,
+                        tokens: g.tokens,
+                    });
+                }
+            }
         }
+        for f in &mut failures {
+            f.tokens.sort_unstable();
+            f.tokens.dedup();
+        }
+        Ok(Dispatched {
+            rows: out,
+            failures,
+        })
     }
 
     /// Groups `tokens` by shard, choosing for each (token, expert) one replica not in `exclude`,
@@ -393,7 +566,7 @@ impl<T: Transport> Dispatcher<T> {
     }
 
     /// Sends every group (split under the size limit) concurrently and adds the replies into
-    /// `out`. Returns the first error and the groups that failed, or `None` when all succeeded.
+    /// `out`. Returns the chunks that failed, each with its error (empty when all succeeded).
     async fn run(
         &self,
         placement: &Placement,
@@ -402,7 +575,7 @@ impl<T: Transport> Dispatcher<T> {
         rows: &Arc<Vec<f32>>,
         groups: Vec<ShardGroup>,
         out: &mut [f32],
-    ) -> Option<(Error, Vec<ShardGroup>)> {
+    ) -> Vec<(ShardGroup, Error)> {
         let h = self.hidden;
         let dtype = self.config.wire_dtype;
         let row_bytes = dtype.row_bytes(h).max(1);
@@ -462,10 +635,9 @@ impl<T: Transport> Dispatcher<T> {
                 ((gi, start, len), reply)
             }))
             .await;
-        let mut first_err = None;
         // Failed chunks become groups of their own, so a failover re-sends exactly the rows
         // whose partial sums did not arrive (a split group may have partly succeeded).
-        let mut failed: Vec<ShardGroup> = Vec::new();
+        let mut failed: Vec<(ShardGroup, Error)> = Vec::new();
         for ((gi, start, len), reply) in replies {
             let g = &groups[gi];
             let checked = reply.and_then(|r| {
@@ -489,24 +661,23 @@ impl<T: Transport> Dispatcher<T> {
                         r.add_row_into(i, &mut out[t * h..(t + 1) * h]);
                     }
                 }
-                Err(e) => {
-                    if first_err.is_none() {
-                        first_err = Some(e);
-                    }
+                Err(err) => {
                     let mut assignments = Assignments::new();
                     for i in start..start + len {
                         let (e, w) = g.assignments.row(i);
                         assignments.push_row(e.iter().copied().zip(w.iter().copied()));
                     }
-                    failed.push(ShardGroup {
-                        shard: g.shard,
-                        tokens: g.tokens[start..start + len].to_vec(),
-                        assignments,
-                    });
+                    failed.push((
+                        ShardGroup {
+                            shard: g.shard,
+                            tokens: g.tokens[start..start + len].to_vec(),
+                            assignments,
+                        },
+                        err,
+                    ));
                 }
             }
         }
-        let err = first_err?;
-        Some((err, failed))
+        failed
     }
 }

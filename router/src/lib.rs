@@ -4,7 +4,8 @@
 //! Layers, bottom up: [`codec`] (f32 rows ↔ wire bytes), [`placement`] (expert → shards),
 //! [`transport`] (moves one shard's batch and its reply: gRPC, or NCCL with feature `nccl`),
 //! [`dispatch`] (groups a batch by shard, fans out, adds the partial sums), and [`supervisor`]
-//! (child processes of a local cluster). The dispatcher moves rows and never computes experts
+//! (child processes of a local cluster), with [`eplb`] and [`rebalancer`] (online rebalancing:
+//! observed load → new placement versions published to shards and pods). The dispatcher moves rows and never computes experts
 //! (STYLE.md rule 10); the expert side lives in `shardseek-worker`.
 
 pub mod codec;
@@ -14,12 +15,13 @@ pub mod gateway;
 pub mod local;
 pub mod openai;
 pub mod placement;
+pub mod rebalancer;
 pub mod supervisor;
 pub mod tokenizer;
 pub mod transport;
 
 pub use codec::{EncodedRows, PendingRows, WireDtype};
-pub use dispatch::{DispatchConfig, Dispatcher, Routes};
+pub use dispatch::{DispatchConfig, Dispatched, Dispatcher, Routes, ShardFailure};
 pub use placement::Placement;
 pub use transport::{Assignments, ShardRequest, Transport};
 

@@ -3,10 +3,32 @@
 //! dies is restarted on the same address with backoff while the rest keep serving (as a kubelet
 //! restarts a pod's container); Ctrl-C, SIGTERM, or the death of `up` itself stops every child.
 //! The supervisor's own metrics (restarts per child) are served on a `/metrics` of their own.
+//!
+//! With [`UpConfig::rebalance`] the supervisor process also runs the online EPLB
+//! [`Rebalancer`](crate::rebalancer::Rebalancer) over the shards and pods it started; every
+//! worker is given the placement file the rebalancer keeps (`--placement-file`), so a restarted
+//! one comes back on the table in force. `POST /rebalance` on the metrics port runs one round at
+//! once and answers its figures as JSON.
 
+use crate::eplb::EplbShape;
+use crate::placement::Placement;
+use crate::rebalancer::{Rebalancer, RebalancerConfig, RebalancerHandle};
 use crate::supervisor::{ChildSpec, Restart, StopReason, Supervisor, SupervisorConfig};
 use crate::{Error, Result};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Online rebalancing of a local cluster.
+#[derive(Clone, Debug)]
+pub struct RebalanceSettings {
+    /// Time between rounds.
+    pub interval: Duration,
+    /// The model's routed experts (`n_routed_experts`).
+    pub experts: usize,
+    /// The model's expert groups (`n_group`), the unit of hierarchical placement.
+    pub groups: usize,
+}
 
 /// What to start.
 #[derive(Clone, Debug)]
@@ -34,6 +56,8 @@ pub struct UpConfig {
     pub served_model_name: String,
     /// Environment variables of every child (for example the log format).
     pub env: Vec<(String, String)>,
+    /// Online EPLB; `None` keeps the initial placement.
+    pub rebalance: Option<RebalanceSettings>,
 }
 
 /// A port that was free a moment ago: children are given explicit ports so the attention pods
@@ -59,6 +83,9 @@ pub struct LocalCluster {
     /// Where the supervisor's `/metrics` is served (`127.0.0.1:PORT`).
     pub metrics_addr: String,
     metrics_task: tokio::task::JoinHandle<()>,
+    rebalancer: Option<Arc<RebalancerHandle>>,
+    /// The folder of the placement file, removed when the cluster stops.
+    placement_dir: Option<PathBuf>,
 }
 
 impl LocalCluster {
@@ -77,6 +104,37 @@ impl LocalCluster {
             )));
         }
         let slots_per_shard = (cfg.redundant_experts / cfg.expert_shards.max(1)).to_string();
+        // Online EPLB: check the shape before anything starts, and give every worker the file
+        // the table in force is kept in.
+        let mut placement_dir = None;
+        let mut placement_args: Vec<String> = Vec::new();
+        if let Some(r) = &cfg.rebalance {
+            if cfg.expert_shards == 0 {
+                return Err(Error::Input(
+                    "--rebalance-interval needs expert shards (--expert-shards 1 or more)".into(),
+                ));
+            }
+            if r.interval.is_zero() {
+                return Err(Error::Input(
+                    "--rebalance-interval must be at least 1 second".into(),
+                ));
+            }
+            Rebalancer::check_shape(rebalance_shape(cfg, r), r.experts)
+                .map_err(|e| Error::Input(format!("--rebalance-interval: {e}")))?;
+            let dir = std::env::temp_dir().join(format!("shardseek-up-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).map_err(|source| Error::Io {
+                op: format!("creating {}", dir.display()),
+                source,
+            })?;
+            let file = dir.join("placement.json");
+            // A file left by an earlier `up` with this pid would be stale.
+            let _ = std::fs::remove_file(&file);
+            placement_args = vec![
+                "--placement-file".into(),
+                file.to_string_lossy().to_string(),
+            ];
+            placement_dir = Some(dir);
+        }
         let prog = cfg.program.to_string_lossy().to_string();
         let model = cfg.model.to_string_lossy().to_string();
         let mut specs = Vec::new();
@@ -102,6 +160,7 @@ impl LocalCluster {
             .map(|s| s.to_string())
             .collect();
             args.extend(cfg.expert_args.iter().cloned());
+            args.extend(placement_args.iter().cloned());
             specs.push(ChildSpec {
                 name: format!("expert-{i}"),
                 program: prog.clone(),
@@ -134,6 +193,9 @@ impl LocalCluster {
                 args.push(slots_per_shard.clone());
             }
             args.extend(cfg.attention_args.iter().cloned());
+            if !shard_addrs.is_empty() {
+                args.extend(placement_args.iter().cloned());
+            }
             specs.push(ChildSpec {
                 name: format!("attention-{i}"),
                 program: prog.clone(),
@@ -174,6 +236,25 @@ impl LocalCluster {
             restart: Restart::Always,
         });
         let supervisor = Supervisor::start(specs, SupervisorConfig::default()).await?;
+        let rebalancer = match (&cfg.rebalance, &placement_dir) {
+            (Some(r), Some(dir)) => {
+                let initial = Placement::initial(
+                    r.experts,
+                    cfg.expert_shards,
+                    cfg.redundant_experts / cfg.expert_shards,
+                )?;
+                let config = RebalancerConfig {
+                    shards: shard_addrs.clone(),
+                    attention: pod_addrs.clone(),
+                    shape: rebalance_shape(cfg, r),
+                    interval: r.interval,
+                    placement_file: Some(dir.join("placement.json")),
+                };
+                let rb = Rebalancer::new(config, initial, &supervisor.registry())?;
+                Some(Arc::new(RebalancerHandle::spawn(rb)))
+            }
+            _ => None,
+        };
         let io = |source| Error::Io {
             op: "serving the supervisor's /metrics".into(),
             source,
@@ -183,7 +264,7 @@ impl LocalCluster {
             .map_err(io)?;
         let metrics_addr = listener.local_addr().map_err(io)?.to_string();
         let registry = supervisor.registry();
-        let app = axum::Router::new().route(
+        let mut app = axum::Router::new().route(
             "/metrics",
             axum::routing::get(move || {
                 let registry = registry.clone();
@@ -196,6 +277,27 @@ impl LocalCluster {
                 }
             }),
         );
+        if let Some(rb) = &rebalancer {
+            let rb = Arc::clone(rb);
+            app = app.route(
+                "/rebalance",
+                axum::routing::post(move || {
+                    let rb = Arc::clone(&rb);
+                    async move {
+                        match rb.rebalance_now().await {
+                            Ok(report) => (
+                                http::StatusCode::OK,
+                                serde_json::to_string(&report).unwrap_or_default(),
+                            ),
+                            Err(e) => (
+                                http::StatusCode::SERVICE_UNAVAILABLE,
+                                serde_json::json!({ "error": e }).to_string(),
+                            ),
+                        }
+                    }
+                }),
+            );
+        }
         let metrics_task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -204,7 +306,26 @@ impl LocalCluster {
             addr,
             metrics_addr,
             metrics_task,
+            rebalancer,
+            placement_dir,
         })
+    }
+
+    /// Stops every child now (and removes the placement file).
+    pub async fn stop(self) {
+        let LocalCluster {
+            mut supervisor,
+            metrics_task,
+            rebalancer,
+            placement_dir,
+            ..
+        } = self;
+        drop(rebalancer);
+        supervisor.stop().await;
+        metrics_task.abort();
+        if let Some(dir) = placement_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 
     /// Serves until a signal (restarting children that die), then stops every child.
@@ -212,10 +333,26 @@ impl LocalCluster {
         let LocalCluster {
             supervisor,
             metrics_task,
+            rebalancer,
+            placement_dir,
             ..
         } = self;
         let reason = supervisor.run().await;
         metrics_task.abort();
+        drop(rebalancer);
+        if let Some(dir) = placement_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
         reason
+    }
+}
+
+/// The EPLB shape of a local cluster: every shard on one node (flat, DeepSeek's global policy).
+fn rebalance_shape(cfg: &UpConfig, r: &RebalanceSettings) -> EplbShape {
+    EplbShape {
+        shards: cfg.expert_shards,
+        redundant: cfg.redundant_experts,
+        groups: r.groups,
+        nodes: 1,
     }
 }

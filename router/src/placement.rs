@@ -6,8 +6,12 @@
 //! `E mod S` shards one more): contiguous ranges keep a shard's weight reads sequential in the
 //! checkpoint. Redundant slots then add replicas: the `redundant_slots` of shard `s` hold experts
 //! of shard `s + ⌊S/2⌋ (mod S)`, so a replica never lives on its primary's shard and a dead
-//! shard's experts can fail over to a live one. Rebalancing (EPLB) will publish later
-//! tables with higher versions through [`Placement::from_assignments`].
+//! shard's experts can fail over to a live one. Rebalancing (EPLB, [`crate::rebalancer`])
+//! publishes later tables with higher versions: built by [`Placement::from_assignments`], sent
+//! as [`PlacementTable`]s, and kept in a file ([`Placement::write_file`]) from which a restarted
+//! process starts, so that it comes back on the table in force rather than on version 1.
+
+use shardseek_proto::v1::PlacementTable;
 
 use crate::{Error, Result};
 
@@ -81,6 +85,11 @@ impl Placement {
                     "expert {e} placed on shard {bad} of {shards}"
                 )));
             }
+            if r.iter().enumerate().any(|(i, s)| r[..i].contains(s)) {
+                return Err(Error::Placement(format!(
+                    "expert {e} placed twice on one shard: {r:?}"
+                )));
+            }
         }
         Ok(Placement {
             version,
@@ -112,6 +121,84 @@ impl Placement {
             .filter(|&e| self.replicas[e].contains(&shard))
             .collect()
     }
+
+    /// Whether `other` places every expert on the same shards (versions aside).
+    pub fn same_table(&self, other: &Placement) -> bool {
+        self.shards == other.shards && self.replicas == other.replicas
+    }
+
+    /// The table as the placement control plane sends it.
+    pub fn to_proto(&self) -> PlacementTable {
+        PlacementTable {
+            version: self.version,
+            shards: self.shards as u32,
+            replica_counts: self.replicas.iter().map(|r| r.len() as u32).collect(),
+            shard_ids: self.replicas.iter().flatten().map(|&s| s as u32).collect(),
+        }
+    }
+
+    /// A received table, checked: one count per expert, the ids they announce, shards in range.
+    pub fn from_proto(table: &PlacementTable) -> Result<Self> {
+        let total: usize = table.replica_counts.iter().map(|&c| c as usize).sum();
+        if total != table.shard_ids.len() {
+            return Err(Error::Placement(format!(
+                "table version {}: replica counts add up to {total}, {} shard ids follow",
+                table.version,
+                table.shard_ids.len()
+            )));
+        }
+        let mut ids = table.shard_ids.iter().map(|&s| s as usize);
+        let replicas = table
+            .replica_counts
+            .iter()
+            .map(|&c| ids.by_ref().take(c as usize).collect())
+            .collect();
+        Self::from_assignments(table.version, table.shards as usize, replicas)
+    }
+
+    /// Writes the table to `path` atomically (a temporary file renamed over it), so a process
+    /// starting at any moment reads a whole table.
+    pub fn write_file(&self, path: &std::path::Path) -> Result<()> {
+        let io = |source| Error::Io {
+            op: format!("writing the placement file {}", path.display()),
+            source,
+        };
+        let file = PlacementFile {
+            version: self.version,
+            shards: self.shards,
+            replicas: self.replicas.clone(),
+        };
+        let text = serde_json::to_string(&file).map_err(|e| io(std::io::Error::other(e)))?;
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// Reads a table written by [`write_file`](Self::write_file); `None` when the file does not
+    /// exist (no rebalance has published one yet).
+    pub fn read_file(path: &std::path::Path) -> Result<Option<Self>> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(Error::Io {
+                    op: format!("reading the placement file {}", path.display()),
+                    source,
+                });
+            }
+        };
+        let file: PlacementFile = serde_json::from_str(&text)
+            .map_err(|e| Error::Placement(format!("placement file {}: {e}", path.display())))?;
+        Self::from_assignments(file.version, file.shards, file.replicas).map(Some)
+    }
+}
+
+/// The on-disk form of a table (JSON).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PlacementFile {
+    version: u64,
+    shards: usize,
+    replicas: Vec<Vec<usize>>,
 }
 
 /// Shard `s`'s contiguous primary range `[lo, hi)`.
@@ -176,5 +263,33 @@ mod tests {
         assert_eq!(replicated, 8);
         assert!(Placement::initial(16, 1, 1).is_err());
         assert!(Placement::initial(4, 8, 0).is_err());
+    }
+
+    #[test]
+    fn proto_and_file_round_trip_and_bad_tables_are_refused() {
+        let p = Placement::from_assignments(7, 3, vec![vec![2], vec![0, 1], vec![1, 2, 0]])
+            .expect("valid");
+        let back = Placement::from_proto(&p.to_proto()).expect("round trip");
+        assert_eq!(back, p);
+        let dir = std::env::temp_dir().join(format!("shardseek-placement-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("placement.json");
+        assert_eq!(Placement::read_file(&path).expect("absent is fine"), None);
+        p.write_file(&path).expect("write");
+        assert_eq!(Placement::read_file(&path).expect("read"), Some(p.clone()));
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+        let mut bad = p.to_proto();
+        bad.shard_ids.pop();
+        assert!(Placement::from_proto(&bad).is_err(), "short id list");
+        let mut bad = p.to_proto();
+        bad.shard_ids[0] = 3;
+        assert!(Placement::from_proto(&bad).is_err(), "shard out of range");
+        let mut bad = p.to_proto();
+        bad.replica_counts[0] = 0;
+        bad.shard_ids.remove(0);
+        assert!(
+            Placement::from_proto(&bad).is_err(),
+            "expert without a shard"
+        );
     }
 }

@@ -213,6 +213,29 @@ pub fn http_get(addr: &str, path: &str) -> Result<String, String> {
     Ok(body.to_string())
 }
 
+/// `POST http://addr/path` with an empty body (HTTP/1.0); the body of a 200 answer.
+pub fn http_post(addr: &str, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).map_err(|e| e.to_string())?;
+    let (head, body) = resp.split_once("\r\n\r\n").ok_or("no HTTP head")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(format!(
+            "{}: {body}",
+            head.lines().next().unwrap_or_default()
+        ));
+    }
+    Ok(body.to_string())
+}
+
 /// A streaming `/v1/completions` of `max_tokens` tokens after `prompt` (token ids), ignoring
 /// EOS. Returns the arrival time of every generated token, or the error the stream carried
 /// (HTTP status, or an `{"error": …}` event) — whatever failed, as text.

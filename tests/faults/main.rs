@@ -274,6 +274,73 @@ fn up_restarts_a_killed_shard_the_affected_request_fails_and_up_serves_again() {
     }
 }
 
+/// Without redundant experts, a killed shard fails only the requests whose tokens were routed
+/// to it while it was down, each with an error naming it; the rest of the same batches go on,
+/// `up` stays up, and requests succeed again once the shard is back. (Which of 16 concurrent
+/// streams touch the dead shard is the model's routing; the exact per-sequence split is checked
+/// deterministically in worker/tests/model and worker/tests/expert_faults.)
+#[test]
+fn without_redundancy_a_killed_shard_fails_only_the_requests_routed_to_it() {
+    const STREAMS: usize = 16;
+    const TOKENS: usize = 300;
+    let m = tiny("fp8");
+    let (mut up, addr, _metrics, lines) = up_supervised(m.path(), 4, &["--dispatch-dtype", "bf16"]);
+    let victim = started_pid(&lines, "expert-1").expect("expert-1's pid");
+    let handles: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let addr = addr.clone();
+            std::thread::spawn(move || {
+                let prompt = [1 + i as u32, 2 * i as u32 + 7, 3, 4];
+                stream_completion(&addr, &prompt, TOKENS)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    sigkill(victim);
+    lines_until(
+        &up,
+        "[supervisor] expert-1 is ready again",
+        Duration::from_secs(60),
+    );
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let mut failed = 0;
+    for r in &results {
+        match r {
+            Ok(times) => assert_eq!(times.len(), TOKENS),
+            Err(e) => {
+                failed += 1;
+                assert!(
+                    e.contains("expert shard 1"),
+                    "a failure names the dead shard: {e}"
+                );
+            }
+        }
+    }
+    eprintln!(
+        "{failed} of {STREAMS} streams failed with shard 1 killed (no redundant experts); {} completed",
+        STREAMS - failed
+    );
+    assert!(
+        up.child.try_wait().is_ok_and(|s| s.is_none()),
+        "up exited after a shard died"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match stream_completion(&addr, &[1, 2, 3], 8) {
+            Ok(t) => {
+                assert_eq!(t.len(), 8);
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("the restarted shard did not rejoin: {e}"),
+        }
+    }
+    drop(up);
+}
+
 /// The inter-token gaps (seconds) of `streams`, split by when each token arrived: before
 /// `kill`, between `kill` and `rejoined`, after `rejoined`.
 fn itl_phases(
@@ -373,5 +440,115 @@ fn with_redundant_experts_a_killed_shard_fails_no_request_and_rejoins() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert!(served > 0.0, "the restarted shard served no token:\n{text}");
+    drop(up);
+}
+
+/// After a live rebalance, a killed shard comes back on the table in force (the placement file
+/// `up` keeps), not on version 1: requests routed with the new version succeed again.
+#[test]
+fn a_shard_restarted_after_a_rebalance_comes_back_on_the_new_table() {
+    let m = tiny("fp8");
+    let (up, addr, metrics, lines) = up_supervised(
+        m.path(),
+        4,
+        &["--rebalance-interval", "3600", "--dispatch-dtype", "bf16"],
+    );
+    let prompt = [3, 17, 255, 42, 8, 99];
+    for _ in 0..4 {
+        stream_completion(&addr, &prompt, 24).expect("healthy cluster");
+    }
+    let report = http_post(&metrics, "/rebalance").expect("rebalance");
+    assert!(report.contains("\"outcome\":\"published\""), "{report}");
+    let victim = started_pid(&lines, "expert-1").expect("expert-1's pid");
+    sigkill(victim);
+    lines_until(
+        &up,
+        "[supervisor] expert-1 is ready again",
+        Duration::from_secs(60),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match stream_completion(&addr, &prompt, 24) {
+            Ok(t) => {
+                assert_eq!(t.len(), 24);
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                assert!(
+                    !e.contains("stale placement"),
+                    "restarted on an old table: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("no success after the restart: {e}"),
+        }
+    }
+    // Several requests in a row: the restarted shard serves the new version's experts.
+    for _ in 0..3 {
+        stream_completion(&addr, &prompt, 24).expect("after the restart");
+    }
+    drop(up);
+}
+
+/// A shard that comes back on an older table (here: the placement file is gone, so it starts on
+/// version 1) is brought back to the table in force by the next rebalance round, and requests
+/// succeed again.
+#[test]
+fn a_shard_on_an_older_table_is_brought_back_by_the_next_round() {
+    let m = tiny("fp8");
+    let (up, addr, metrics, lines) = up_supervised(
+        m.path(),
+        4,
+        &["--rebalance-interval", "3600", "--dispatch-dtype", "bf16"],
+    );
+    let prompt = [3, 17, 255, 42, 8, 99];
+    for _ in 0..4 {
+        stream_completion(&addr, &prompt, 24).expect("healthy cluster");
+    }
+    let report = http_post(&metrics, "/rebalance").expect("rebalance");
+    assert!(report.contains("\"outcome\":\"published\""), "{report}");
+    let file = std::env::temp_dir()
+        .join(format!("shardseek-up-{}", up.child.id()))
+        .join("placement.json");
+    std::fs::remove_file(&file).expect("the placement file of up");
+    sigkill(started_pid(&lines, "expert-1").expect("expert-1's pid"));
+    lines_until(
+        &up,
+        "[supervisor] expert-1 is ready again",
+        Duration::from_secs(60),
+    );
+    // On version 1 the restarted shard refuses what the pods route with version 2.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match stream_completion(&addr, &prompt, 24) {
+            Err(e) if e.contains("stale placement") => break,
+            _ => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the restarted shard never refused version 2"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    // The next round (which may also publish a version for the load of the failed requests).
+    http_post(&metrics, "/rebalance").expect("rebalance");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match stream_completion(&addr, &prompt, 24) {
+            Ok(t) => {
+                assert_eq!(t.len(), 24);
+                break;
+            }
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("shard 1 was not brought back to version 2: {e}"),
+        }
+    }
+    for _ in 0..3 {
+        stream_completion(&addr, &prompt, 24).expect("after the reconcile");
+    }
     drop(up);
 }

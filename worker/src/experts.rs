@@ -41,6 +41,36 @@ pub trait RoutedExperts: Send + Sync {
     fn forward(&self, layer: usize, rows: &[f32], routing: &[Routing]) -> Result<Vec<f32>> {
         self.start(layer, rows, routing)?.wait()
     }
+
+    /// A forward step (every layer of one batch) begins. Experts behind a dispatch client keep
+    /// one placement table for the whole step; a newer one waits for [`step_finished`].
+    ///
+    /// [`step_finished`]: RoutedExperts::step_finished
+    fn step_started(&self) {}
+
+    /// The forward step ended (whether it succeeded or not).
+    fn step_finished(&self) {}
+}
+
+/// Rows of one [`RoutedExperts::start`] whose sums are incomplete: an expert shard holding one
+/// of their experts failed and no live replica took over. The model fails only the sequences
+/// these rows belong to.
+#[derive(Clone, Debug)]
+pub struct RowFailure {
+    pub layer: usize,
+    /// Row indices into the started rows, ascending.
+    pub rows: Vec<usize>,
+    /// Names the shard (id and address), e.g. `expert shard 1 (127.0.0.1:4001), layer 3: ...`.
+    pub error: String,
+}
+
+impl RowFailure {
+    pub(crate) fn into_error(self) -> Error {
+        Error::Dispatch {
+            layer: self.layer,
+            detail: self.error,
+        }
+    }
 }
 
 /// Routed-expert output that is ready or still being computed elsewhere.
@@ -48,16 +78,31 @@ pub enum PendingExperts {
     Ready(Vec<f32>),
     /// Filled by another thread (e.g. the dispatch client's async task).
     Waiting(std::sync::mpsc::Receiver<Result<Vec<f32>>>),
+    /// Filled by another thread; the rows listed in the failures have incomplete sums.
+    Partial(std::sync::mpsc::Receiver<Result<(Vec<f32>, Vec<RowFailure>)>>),
 }
 
 impl PendingExperts {
+    /// The rows' sums; an error when any row's sum is incomplete.
     pub fn wait(self) -> Result<Vec<f32>> {
+        let (out, failures) = self.wait_partial()?;
+        match failures.into_iter().next() {
+            None => Ok(out),
+            Some(f) => Err(f.into_error()),
+        }
+    }
+
+    /// The rows' sums and the rows whose sums are incomplete (with why): a shard failure costs
+    /// only the sequences it touched.
+    pub fn wait_partial(self) -> Result<(Vec<f32>, Vec<RowFailure>)> {
+        let gone = || Error::Dispatch {
+            layer: usize::MAX,
+            detail: "the dispatch task ended without a result".into(),
+        };
         match self {
-            Self::Ready(v) => Ok(v),
-            Self::Waiting(rx) => rx.recv().map_err(|_| Error::Dispatch {
-                layer: usize::MAX,
-                detail: "the dispatch task ended without a result".into(),
-            })?,
+            Self::Ready(v) => Ok((v, Vec::new())),
+            Self::Waiting(rx) => Ok((rx.recv().map_err(|_| gone())??, Vec::new())),
+            Self::Partial(rx) => rx.recv().map_err(|_| gone())?,
         }
     }
 }
@@ -125,6 +170,51 @@ impl LocalExperts {
             backend,
             hidden: cfg.hidden_size,
             first_moe: cfg.first_k_dense_replace,
+            layers,
+            held,
+        })
+    }
+
+    /// The same layers holding exactly `experts`: the ones already held are shared (their
+    /// prepared weights are not prepared again), the others are located in `store` now. What a
+    /// shard does when a new placement gives it experts or takes some away.
+    pub fn with_experts(
+        &self,
+        cfg: &ModelConfig,
+        store: &Arc<Store>,
+        experts: &[usize],
+    ) -> Result<Self> {
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for (li, old) in self.layers.iter().enumerate() {
+            let l = self.first_moe + li;
+            let mut row: Vec<Option<Mlp>> = vec![None; old.len()];
+            for &e in experts {
+                let slot = row.get_mut(e).ok_or_else(|| {
+                    Error::Input(format!(
+                        "expert {e} out of range (n_routed_experts {})",
+                        old.len()
+                    ))
+                })?;
+                *slot = Some(match &old[e] {
+                    Some(mlp) => mlp.clone(),
+                    None => load_mlp(
+                        &*self.backend,
+                        store,
+                        &format!("model.layers.{l}.mlp.experts.{e}"),
+                        cfg.hidden_size,
+                        cfg.moe_intermediate_size,
+                    )?,
+                });
+            }
+            layers.push(row);
+        }
+        let mut held = experts.to_vec();
+        held.sort_unstable();
+        held.dedup();
+        Ok(Self {
+            backend: Arc::clone(&self.backend),
+            hidden: self.hidden,
+            first_moe: self.first_moe,
             layers,
             held,
         })

@@ -20,6 +20,7 @@ pub mod kv_sizing;
 pub mod metrics;
 pub mod model;
 pub mod modelgen;
+pub mod placement_control;
 pub mod prefix;
 pub mod pull;
 pub mod remote;

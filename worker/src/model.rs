@@ -12,7 +12,7 @@
 use crate::backend::{Backend, CpuBackend, MlaWeights, MlpWeights, PreparedWeight};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::experts::{LocalExperts, PendingExperts, RoutedExperts};
+use crate::experts::{LocalExperts, PendingExperts, RoutedExperts, RowFailure};
 use crate::kv::{KvDtype, KvLayout, KvPool, SeqCache};
 use crate::weights::Store;
 use shardseek_kernels::gate::{GateParams, GateScratch, Routing, noaux_tc_into};
@@ -226,8 +226,14 @@ struct PendingMoe {
 
 impl PendingMoe {
     /// Waits for the routed experts and adds them and the shared expert to the residual.
-    fn finish(self, backend: &dyn Backend, x: &mut [f32], shared: &[f32]) -> Result<()> {
-        let out = self.routed.wait()?;
+    /// Returns the rows whose routed sums are incomplete (a shard failed under them).
+    fn finish(
+        self,
+        backend: &dyn Backend,
+        x: &mut [f32],
+        shared: &[f32],
+    ) -> Result<Vec<RowFailure>> {
+        let (out, failures) = self.routed.wait_partial()?;
         if out.len() != self.len {
             return Err(Error::Dispatch {
                 layer: self.layer,
@@ -242,7 +248,16 @@ impl PendingMoe {
         if self.shared {
             backend.add(x, shared)?;
         }
-        Ok(())
+        Ok(failures)
+    }
+}
+
+/// Tells the routed experts that a step ended, however it ends.
+struct StepGuard<'a>(&'a dyn RoutedExperts);
+
+impl Drop for StepGuard<'_> {
+    fn drop(&mut self) {
+        self.0.step_finished();
     }
 }
 
@@ -460,22 +475,31 @@ impl Model {
 
     /// Runs one step for a batch of sequences: appends their new tokens to their caches and
     /// returns, per sequence, the logits of its last new token (or of all of them with
-    /// `all_logits`), each `vocab_size` long. A convenience over [`Model::forward_into`] that
-    /// allocates its buffers for this call.
+    /// `all_logits`), each `vocab_size` long. Fails when any sequence's routed experts failed.
+    /// A convenience over [`Model::forward_into`] that allocates its buffers for this call.
     pub fn forward(&self, pool: &mut KvPool, batch: &mut [SeqInput<'_>]) -> Result<Vec<Vec<f32>>> {
         let mut sc = ForwardScratch::default();
-        self.forward_into(pool, batch, &mut sc)?;
-        Ok((0..sc.len()).map(|i| sc.logits(i).to_vec()).collect())
+        let failed = self.forward_into(pool, batch, &mut sc)?;
+        match failed.into_iter().next() {
+            None => Ok((0..sc.len()).map(|i| sc.logits(i).to_vec()).collect()),
+            Some((_, f)) => Err(f.into_error()),
+        }
     }
 
     /// [`Model::forward`] into buffers the caller keeps from step to step: the logits are
     /// read with [`ForwardScratch::logits`]. This is the engine's hot path.
+    ///
+    /// A failure of remote experts (an expert shard died and no replica holds its experts)
+    /// fails only the sequences whose tokens were routed there: they are returned (index into
+    /// the batch, first failure) and their logits are meaningless; the others' logits are
+    /// exact. Rows are independent through every operation of a step (attention reads only the
+    /// sequence's own cache), so the failed rows' incomplete sums reach no other sequence.
     pub fn forward_into(
         &self,
         pool: &mut KvPool,
         batch: &mut [SeqInput<'_>],
         sc: &mut ForwardScratch,
-    ) -> Result<()> {
+    ) -> Result<Vec<(usize, RowFailure)>> {
         let cfg = &self.cfg;
         let be = &*self.backend;
         let h = cfg.hidden_size;
@@ -542,13 +566,20 @@ impl Model {
             st.x.extend_from_slice(&x[g.row0 * h..(g.row0 + g.rows) * h]);
             st.pending = None;
         }
+        // One placement table for the whole step (remote experts switch tables between steps).
+        self.experts.step_started();
+        let _step = StepGuard(&*self.experts);
+        // (first row of the micro-batch, failure with micro-batch row indices); empty, it does
+        // not allocate.
+        let mut failures: Vec<(usize, RowFailure)> = Vec::new();
         // Software pipeline over micro-batches: a group's routed experts are started (possibly
         // on remote shards) and only awaited when that group comes round again, so the other
         // group's attention runs while the experts compute.
         for (l, layer) in self.layers.iter().enumerate() {
             for (g, st) in micro.iter().zip(groups.iter_mut()) {
                 if let Some(p) = st.pending.take() {
-                    p.finish(be, &mut st.x, &st.shared)?;
+                    let lost = p.finish(be, &mut st.x, &st.shared)?;
+                    failures.extend(lost.into_iter().map(|f| (g.row0, f)));
                 }
                 let rows = g.row0..g.row0 + g.rows;
                 // x += MLA(RMSNorm(x))
@@ -578,9 +609,29 @@ impl Model {
         }
         for (g, st) in micro.iter().zip(groups.iter_mut()) {
             if let Some(p) = st.pending.take() {
-                p.finish(be, &mut st.x, &st.shared)?;
+                let lost = p.finish(be, &mut st.x, &st.shared)?;
+                failures.extend(lost.into_iter().map(|f| (g.row0, f)));
             }
             x[g.row0 * h..(g.row0 + g.rows) * h].copy_from_slice(&st.x);
+        }
+        // Rows → sequences; a sequence keeps its first failure (the earliest layer). Only a step
+        // with failures pays for the map.
+        let mut failed: Vec<(usize, RowFailure)> = Vec::new();
+        if !failures.is_empty() {
+            let mut seq_of_row = Vec::with_capacity(total);
+            for (i, s) in batch.iter().enumerate() {
+                seq_of_row.extend(std::iter::repeat_n(i, s.tokens.len()));
+            }
+            for (row0, f) in failures {
+                for &r in &f.rows {
+                    if let Some(&seq) = seq_of_row.get(row0 + r)
+                        && !failed.iter().any(|(s, _)| *s == seq)
+                    {
+                        failed.push((seq, f.clone()));
+                    }
+                }
+            }
+            failed.sort_by_key(|(s, _)| *s);
         }
         for s in batch.iter_mut() {
             s.cache.len += s.tokens.len();
@@ -600,7 +651,7 @@ impl Model {
         let v = cfg.vocab_size;
         *vocab = v;
         be.linear(hsel, rows, &self.lm_head, zeroed(logits, rows * v))?;
-        Ok(())
+        Ok(failed)
     }
 
     /// Router choice for the `m` normalised rows in `st.y` of MoE layer `l`, into

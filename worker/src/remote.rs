@@ -2,15 +2,17 @@
 //! (an attention pod's routed experts, through the dispatch client) and [`ShardCompute`] (an
 //! expert shard's experts, behind the shard server).
 
+use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::expert::{ComputeError, ExpertCompute, RowExperts};
-use crate::experts::{LocalExperts, PendingExperts, RoutedExperts};
+use crate::experts::{LocalExperts, PendingExperts, RoutedExperts, RowFailure};
 use crate::metrics::WorkerMetrics;
+use crate::weights::Store;
 use shardseek_kernels::gate::Routing;
 use shardseek_router::transport::grpc::GrpcTransport;
 use shardseek_router::{Dispatcher, Routes};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 /// Routed experts on expert shards: `start` hands the layer to the dispatch client on the
 /// async runtime and returns at once, so the model can compute the other micro-batch.
@@ -94,43 +96,97 @@ impl RoutedExperts for RemoteExperts {
                 experts: &experts,
                 weights: &weights,
             };
-            let out = dispatcher.dispatch_shared(layer, step, rows, routes).await;
+            let out = dispatcher.dispatch_partial(layer, step, rows, routes).await;
             hist.observe(t0.elapsed().as_secs_f64());
             if let Some(ratio) = dispatcher.load_imbalance() {
                 imbalance.set(ratio);
             }
-            let _ = tx.send(out.map_err(|e| Error::Dispatch {
-                layer,
-                detail: e.to_string(),
-            }));
+            let out = out
+                .map(|d| {
+                    let failures = d
+                        .failures
+                        .into_iter()
+                        .map(|f| RowFailure {
+                            layer,
+                            rows: f.tokens,
+                            error: f.error.to_string(),
+                        })
+                        .collect();
+                    (d.rows, failures)
+                })
+                .map_err(|e| Error::Dispatch {
+                    layer,
+                    detail: e.to_string(),
+                });
+            let _ = tx.send(out);
         });
-        Ok(PendingExperts::Waiting(rx))
+        Ok(PendingExperts::Partial(rx))
     }
 
     fn is_remote(&self) -> bool {
         true
     }
+
+    fn step_started(&self) {
+        self.dispatcher.step_started();
+    }
+
+    fn step_finished(&self) {
+        self.dispatcher.step_finished();
+    }
 }
 
-/// An expert shard's experts: the model's weights for the experts placement gives it.
+/// An expert shard's experts: the model's weights for the experts placement gives it. A new
+/// placement swaps in another set (gained experts located in the checkpoint, kept ones shared);
+/// a batch computes on the set it started with.
 pub struct ShardCompute {
-    experts: LocalExperts,
+    experts: RwLock<Arc<LocalExperts>>,
+    cfg: ModelConfig,
+    store: Arc<Store>,
     metrics: Arc<WorkerMetrics>,
 }
 
 impl ShardCompute {
-    pub fn new(experts: LocalExperts, metrics: Arc<WorkerMetrics>) -> Self {
-        Self { experts, metrics }
+    pub fn new(
+        experts: LocalExperts,
+        cfg: ModelConfig,
+        store: Arc<Store>,
+        metrics: Arc<WorkerMetrics>,
+    ) -> Self {
+        Self {
+            experts: RwLock::new(Arc::new(experts)),
+            cfg,
+            store,
+            metrics,
+        }
+    }
+
+    fn current(&self) -> Arc<LocalExperts> {
+        match self.experts.read() {
+            Ok(e) => Arc::clone(&e),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
     }
 }
 
 impl ExpertCompute for ShardCompute {
     fn hidden(&self) -> usize {
-        self.experts.hidden()
+        self.cfg.hidden_size
     }
 
-    fn experts(&self) -> &[usize] {
-        self.experts.held()
+    fn experts(&self) -> Vec<usize> {
+        self.current().held().to_vec()
+    }
+
+    fn set_experts(&self, experts: &[usize]) -> Result<(), ComputeError> {
+        let next = self
+            .current()
+            .with_experts(&self.cfg, &self.store, experts)?;
+        match self.experts.write() {
+            Ok(mut e) => *e = Arc::new(next),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(next),
+        }
+        Ok(())
     }
 
     fn compute(
@@ -145,7 +201,7 @@ impl ExpertCompute for ShardCompute {
                 *counts.entry(e).or_default() += 1;
             }
         }
-        let out = self.experts.combine(layer, rows, assignments)?;
+        let out = self.current().combine(layer, rows, assignments)?;
         self.metrics
             .record_expert_tokens(&counts.into_iter().collect::<Vec<_>>());
         Ok(out)

@@ -9,10 +9,12 @@ use crate::expert::{ExpertServer, ExpertServerConfig};
 use crate::experts::LocalExperts;
 use crate::metrics::WorkerMetrics;
 use crate::model::{ExpertSelection, Model, Overlap};
+use crate::placement_control::PodControl;
 use crate::remote::{RemoteExperts, ShardCompute};
 use crate::weights::Store;
 use axum::routing::get;
 use shardseek_proto::v1::attention_server::AttentionServer;
+use shardseek_proto::v1::placement_server::PlacementServer;
 use shardseek_router::transport::grpc::{GrpcConfig, GrpcTransport};
 use shardseek_router::{DispatchConfig, Dispatcher, Placement, WireDtype};
 use std::future::Future;
@@ -40,6 +42,9 @@ pub struct AttentionConfig {
     /// Also serve `/metrics`, `/health`, `/ready` here (Kubernetes probes and scraping use a
     /// port of their own, so they never queue behind the data path).
     pub metrics_listen: Option<SocketAddr>,
+    /// The placement table in force, kept by a rebalancer; when the file exists the pod starts
+    /// on it instead of the initial table.
+    pub placement_file: Option<PathBuf>,
 }
 
 /// Configuration of an expert shard.
@@ -54,6 +59,34 @@ pub struct ExpertRoleConfig {
     pub batch_window: std::time::Duration,
     /// Where `/metrics`, `/health`, `/ready` are served (default: an ephemeral port, printed).
     pub metrics_listen: Option<SocketAddr>,
+    /// The placement table in force, kept by a rebalancer; when the file exists the shard
+    /// starts on it (its version and experts) instead of the initial table.
+    pub placement_file: Option<PathBuf>,
+}
+
+/// The table a process starts on: the rebalancer's file when there is one, else the initial
+/// table every process derives alike.
+fn starting_placement(
+    file: Option<&std::path::Path>,
+    experts: usize,
+    shards: usize,
+    redundant_slots: usize,
+) -> Result<Placement> {
+    let from_file = match file {
+        Some(path) => Placement::read_file(path)
+            .map_err(|e| Error::Input(format!("--placement-file: {e}")))?,
+        None => None,
+    };
+    match from_file {
+        Some(p) if p.shards() == shards && p.n_experts() == experts => Ok(p),
+        Some(p) => Err(Error::Input(format!(
+            "--placement-file: a table of {} experts on {} shards, this cluster has {experts} on {shards}",
+            p.n_experts(),
+            p.shards()
+        ))),
+        None => Placement::initial(experts, shards, redundant_slots)
+            .map_err(|e| Error::Input(format!("placement: {e}"))),
+    }
 }
 
 /// Runs an expert shard until `shutdown`: loads only the experts placement gives it and serves
@@ -71,11 +104,15 @@ pub async fn run_expert(
             cfg.shard, cfg.shards
         )));
     }
-    let placement = Placement::initial(mcfg.n_routed_experts, cfg.shards, cfg.redundant_slots)
-        .map_err(|e| Error::Input(format!("placement: {e}")))?;
+    let placement = starting_placement(
+        cfg.placement_file.as_deref(),
+        mcfg.n_routed_experts,
+        cfg.shards,
+        cfg.redundant_slots,
+    )?;
     let held = placement.experts_of(cfg.shard);
     let store = Store::open(&cfg.model)?;
-    let experts = LocalExperts::load(&mcfg, store, &held)?;
+    let experts = LocalExperts::load(&mcfg, store.clone(), &held)?;
     tracing::info!(
         shard = cfg.shard,
         experts = held.len(),
@@ -89,7 +126,8 @@ pub async fn run_expert(
     scfg.addr = cfg.listen;
     scfg.placement_version = placement.version();
     scfg.batch_window = cfg.batch_window;
-    let server = ExpertServer::start(Arc::new(ShardCompute::new(experts, metrics.clone())), scfg)
+    let compute = ShardCompute::new(experts, mcfg.clone(), store, metrics.clone());
+    let server = ExpertServer::start(Arc::new(compute), scfg)
         .await
         .map_err(|e| Error::Input(format!("expert server: {e}")))?;
     // Metrics of the shard on a second, HTTP-only listener next to the gRPC port (port + 1000
@@ -173,15 +211,16 @@ pub async fn run_attention(
         .map_err(|e| Error::Input(format!("model loading task failed: {e}")))??;
     model.set_overlap(cfg.overlap.clone());
     let metrics = Arc::new(WorkerMetrics::new());
+    let mut control = None;
     if !cfg.experts.is_empty() {
         let fingerprint = shardseek_proto::fingerprint_from_model_dir(&cfg.model)
             .map_err(|e| Error::Input(format!("fingerprint of {}: {e}", cfg.model.display())))?;
-        let placement = Placement::initial(
+        let placement = starting_placement(
+            cfg.placement_file.as_deref(),
             model.cfg.n_routed_experts,
             cfg.experts.len(),
             cfg.redundant_slots,
-        )
-        .map_err(|e| Error::Input(format!("placement: {e}")))?;
+        )?;
         let transport = Arc::new(GrpcTransport::new(
             cfg.experts.clone(),
             fingerprint,
@@ -205,22 +244,28 @@ pub async fn run_attention(
             },
         )
         .map_err(|e| Error::Input(format!("dispatch: {e}")))?;
+        let dispatcher = Arc::new(dispatcher);
+        control = Some(PlacementServer::new(PodControl::new(Arc::clone(
+            &dispatcher,
+        ))));
         let top_k = model.cfg.num_experts_per_tok;
         model.set_experts(Arc::new(RemoteExperts::new(
-            Arc::new(dispatcher),
+            dispatcher,
             tokio::runtime::Handle::current(),
             metrics.clone(),
             top_k,
         )));
     }
-    serve_attention(Arc::new(model), metrics, cfg, shutdown).await
+    serve_attention(Arc::new(model), metrics, cfg, control, shutdown).await
 }
 
-/// Serves an already-loaded model (its experts local or behind a dispatch client).
+/// Serves an already-loaded model (its experts local or behind a dispatch client, whose
+/// placement `control` service is served beside the `Attention` service).
 pub async fn serve_attention(
     model: Arc<Model>,
     metrics: Arc<WorkerMetrics>,
     cfg: AttentionConfig,
+    control: Option<PlacementServer<PodControl>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let fingerprint = shardseek_proto::fingerprint_from_model_dir(&cfg.model)
@@ -243,7 +288,11 @@ pub async fn serve_attention(
     let svc = AttentionServer::new(AttentionService::new(engine.clone(), fingerprint))
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
-    let grpc = tonic::service::Routes::new(svc).into_axum_router();
+    let mut routes = tonic::service::Routes::new(svc);
+    if let Some(control) = control {
+        routes = routes.add_service(control);
+    }
+    let grpc = routes.into_axum_router();
     let (m, e) = (metrics.clone(), engine.clone());
     // Probes (the pod's startup, liveness and readiness): nothing listens until the weights
     // are loaded and the shards connected, so the startup probe covers loading; after that

@@ -471,6 +471,7 @@ fn examples_pass_and_fail_the_cel_rules() {
         "experts.redundantSlots must be a multiple of experts.shards",
         "model.volume must set exactly one of",
         "transport nccl is not wired yet",
+        "experts.rebalanceIntervalSeconds: online expert rebalancing is not supported under Kubernetes yet",
     ] {
         assert!(errors.contains(message), "expected {message:?} in {errors}");
     }
@@ -833,4 +834,17 @@ fn dashboard_queries_only_exported_metrics() {
     assert!(!metrics_catalog::is_exported_series(
         &metric_names("rate(shardseek_bogus_total[5m])")[0]
     ));
+}
+
+/// Online rebalancing runs under `shardseek up` only: an object asking for it (stored before the
+/// CEL rule, or on a server without CEL) is refused by the builders with the reason.
+#[test]
+fn rebalance_interval_is_refused_under_kubernetes() {
+    let mut dsd = as_stored(example("minimal.yaml"));
+    dsd.spec.experts.rebalance_interval_seconds = Some(600);
+    let err = builders::build(&dsd).expect_err("refused").to_string();
+    assert!(
+        err.contains("experts.rebalanceIntervalSeconds") && err.contains("shardseek up"),
+        "{err}"
+    );
 }

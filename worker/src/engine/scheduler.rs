@@ -791,8 +791,8 @@ impl<'m> Scheduler<'m> {
             self.running[i].grammar = Some((g, slot));
         }
         self.stats.steps_total.fetch_add(1, Ordering::Relaxed);
-        match result {
-            Ok(()) => {}
+        let step_failed = match result {
+            Ok(failed) => failed,
             Err(e) => {
                 // A failed step (e.g. an expert shard is down) fails the requests in it; the
                 // others go on at the next step.
@@ -804,9 +804,20 @@ impl<'m> Scheduler<'m> {
                 }
                 return true;
             }
-        }
+        };
         let v = self.model.cfg.vocab_size;
         let mut finished: Vec<usize> = Vec::new();
+        // An expert shard failed under some sequences (no replica held their experts): those
+        // end with the error naming the shard, and their KV blocks are freed unregistered
+        // (this step's entries are wrong); the rest of the batch goes on.
+        for (k, failure) in step_failed {
+            if let Some(&(i, _)) = plan.get(k) {
+                let _ = self.running[i]
+                    .tx
+                    .send(Event::Error(failure.into_error().to_string()));
+                finished.push(i);
+            }
+        }
         for (i, e) in mask_errors {
             let _ = self.running[i]
                 .tx

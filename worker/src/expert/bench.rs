@@ -141,8 +141,8 @@ impl ExpertCompute for NoCompute {
     fn hidden(&self) -> usize {
         self.hidden
     }
-    fn experts(&self) -> &[usize] {
-        &self.experts
+    fn experts(&self) -> Vec<usize> {
+        self.experts.clone()
     }
     fn compute(
         &self,

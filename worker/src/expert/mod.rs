@@ -2,14 +2,18 @@
 //!
 //! The server moves rows and checks contracts; the computing is the trait's business, so the
 //! model's grouped-GEMM experts plug in without the server knowing about weights (STYLE.md rule
-//! 10). Per request it checks the placement version and that every expert asked for is held;
+//! 10). Per request it checks the placement version and that every expert asked for is held
+//! ([`ShardPlacement`]: a new table is prepared and committed through the `Placement` service
+//! the same server answers, see [`placement`]);
 //! per stream it checks the caller's model fingerprint and shard count, and refuses a mismatch
 //! with a message saying what differs. Requests of the same layer from several attention pods
 //! that arrive within [`ExpertServerConfig::batch_window`] are computed as one batch.
 
 pub mod bench;
+pub mod placement;
 mod server;
 
+pub use placement::{ShardControl, ShardPlacement};
 pub use server::{ExpertServer, ExpertServerConfig, RunningExpertServer};
 
 /// Keeps freed memory in the process instead of returning it to the kernel (glibc malloc).
@@ -40,8 +44,16 @@ pub trait ExpertCompute: Send + Sync + 'static {
     /// Row width (the model's hidden size).
     fn hidden(&self) -> usize;
 
-    /// Expert ids this shard holds, ascending.
-    fn experts(&self) -> &[usize];
+    /// Expert ids this shard holds now, ascending.
+    fn experts(&self) -> Vec<usize>;
+
+    /// Holds exactly `experts` from now on (a new placement): gained experts are mapped, lost
+    /// ones dropped; a batch already computing keeps the set it started with. A compute that
+    /// cannot change its experts refuses.
+    fn set_experts(&self, experts: &[usize]) -> Result<(), ComputeError> {
+        let _ = experts;
+        Err("this shard's experts are fixed; it cannot take a new placement".into())
+    }
 
     /// For every row of `rows` (`[assignments.len(), hidden]`), Σ weight · expert(row) over the
     /// row's (expert, weight) list: one row per token, the shard's partial combine.

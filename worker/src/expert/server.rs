@@ -30,7 +30,9 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
 
+use super::placement::{ShardControl, ShardPlacement};
 use super::{ExpertCompute, RowExperts};
+use shardseek_proto::v1::placement_server::PlacementServer;
 
 /// How long the batcher waits for other attention pods' requests of the same layer once one
 /// arrived, when several pods are connected: a fraction of one layer's dispatch round trip, so
@@ -146,16 +148,21 @@ impl ExpertServer {
             config.max_batch_rows,
             Arc::clone(&streams),
         ));
-        let mut held = vec![false; config.fingerprint.n_routed_experts as usize];
-        for &e in compute.experts() {
-            if let Some(h) = held.get_mut(e) {
-                *h = true;
-            }
-        }
+        let placement = Arc::new(ShardPlacement::new(
+            config.shard_id,
+            config.shard_count,
+            config.fingerprint.n_routed_experts as usize,
+            config.placement_version,
+            &compute.experts(),
+        ));
+        let control = PlacementServer::new(ShardControl::new(
+            Arc::clone(&compute),
+            Arc::clone(&placement),
+        ));
         let service = Service(Arc::new(Shared {
             compute,
             config: Arc::new(config.clone()),
-            held: Arc::new(held),
+            placement,
             jobs: jobs_tx,
             stop: stop.clone(),
             streams,
@@ -178,7 +185,8 @@ impl ExpertServer {
             .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
             .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
             .max_frame_size(Some(MAX_FRAME_BYTES))
-            .add_service(grpc);
+            .add_service(grpc)
+            .add_service(control);
         let task = tokio::spawn(async move {
             router
                 .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
@@ -207,8 +215,9 @@ impl<C> std::ops::Deref for Service<C> {
 struct Shared<C> {
     compute: Arc<C>,
     config: Arc<ExpertServerConfig>,
-    /// `held[e]`: whether this shard holds expert `e`.
-    held: Arc<Vec<bool>>,
+    /// The placement versions accepted and the experts held (changed by the `Placement`
+    /// service's Prepare and Commit).
+    placement: Arc<ShardPlacement>,
     jobs: mpsc::Sender<Job>,
     stop: CancellationToken,
     /// Open dispatch streams: the batch window only waits when more than one pod is connected.
@@ -283,14 +292,8 @@ impl<C: ExpertCompute> Shared<C> {
     /// Turns a request into a batcher job, or the error to send back.
     fn admit(&self, req: DispatchRequest) -> std::result::Result<Admitted, Box<DispatchReply>> {
         let id = req.request_id;
-        if req.placement_version != self.config.placement_version {
-            return Err(rejected(
-                id,
-                format!(
-                    "stale placement: request routed with version {}, shard {} serves version {}",
-                    req.placement_version, self.config.shard_id, self.config.placement_version
-                ),
-            ));
+        if let Some(why) = self.placement.refuse(req.placement_version, &[]) {
+            return Err(rejected(id, why));
         }
         let rows = req
             .rows
@@ -319,15 +322,11 @@ impl<C: ExpertCompute> Shared<C> {
                 ),
             ));
         }
-        if let Some(&e) = assignments
-            .experts()
-            .iter()
-            .find(|&&e| !self.held.get(e as usize).copied().unwrap_or(false))
+        if let Some(why) = self
+            .placement
+            .refuse(req.placement_version, assignments.experts())
         {
-            return Err(rejected(
-                id,
-                format!("expert {e} is not held by shard {}", self.config.shard_id),
-            ));
+            return Err(rejected(id, why));
         }
         let dtype =
             WireDtype::from_proto(req.reply_dtype).map_err(|e| rejected(id, e.to_string()))?;
@@ -400,8 +399,13 @@ impl<C: ExpertCompute> Expert for Service<C> {
             model: Some(self.config.fingerprint.clone()),
             shard_id: self.config.shard_id as u32,
             shard_count: self.config.shard_count as u32,
-            placement_version: self.config.placement_version,
-            experts: self.compute.experts().iter().map(|&e| e as u32).collect(),
+            placement_version: self.placement.newest_version(),
+            experts: self
+                .placement
+                .held()
+                .into_iter()
+                .map(|e| e as u32)
+                .collect(),
             max_message_bytes: self.config.max_message_bytes as u64,
         }))
     }

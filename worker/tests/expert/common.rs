@@ -65,8 +65,8 @@ impl ExpertCompute for LinearExperts {
     fn hidden(&self) -> usize {
         HIDDEN
     }
-    fn experts(&self) -> &[usize] {
-        &self.experts
+    fn experts(&self) -> Vec<usize> {
+        self.experts.clone()
     }
     fn compute(
         &self,

@@ -346,3 +346,96 @@ async fn replicas_share_the_load_a_dead_shard_is_masked_at_once_and_rejoins() {
         s.server.shutdown().await.expect("stop");
     }
 }
+
+/// Without replicas, a dead shard costs only the tokens routed to it: `dispatch_partial` lists
+/// them, each with the error naming the shard, and every other token's sum is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_replicas_only_the_tokens_on_the_dead_shard_fail() {
+    let placement = Placement::initial(EXPERTS, 2, 0).expect("placement");
+    let mut running = start_shards(&placement, |_| {}).await;
+    let t = transport(&running, GrpcConfig::default());
+    t.connect_all().await.expect("connect");
+    let d = dispatcher(Arc::clone(&t), placement.clone(), WireDtype::F32, DEADLINE);
+    let shard0: Vec<u32> = placement.experts_of(0).iter().map(|&e| e as u32).collect();
+    let mixed: Vec<u32> = vec![
+        shard0[0],
+        placement.experts_of(1)[0] as u32,
+        shard0[1],
+        placement.experts_of(1)[1] as u32,
+    ];
+    // Tokens 0..4 need only shard 0; tokens 4..8 need both.
+    let (rows, _, _) = batch(8, 2);
+    let (e0, w0) = routes_within(4, &shard0);
+    let (e1, w1) = routes_within(4, &mixed);
+    let experts = [e0.clone(), e1].concat();
+    let weights = [w0.clone(), w1].concat();
+    running.pop().expect("shard 1").server.abort().await;
+    let got = d
+        .dispatch_partial(
+            5,
+            0,
+            Arc::new(rows.clone()),
+            Routes {
+                top_k: TOP_K,
+                experts: &experts,
+                weights: &weights,
+            },
+        )
+        .await
+        .expect("the input is fine");
+    let mut lost: Vec<usize> = Vec::new();
+    for f in &got.failures {
+        let text = f.error.to_string();
+        assert!(text.contains("expert shard 1"), "{text}");
+        lost.extend(&f.tokens);
+    }
+    lost.sort_unstable();
+    lost.dedup();
+    assert_eq!(
+        lost,
+        vec![4, 5, 6, 7],
+        "exactly the tokens routed to shard 1"
+    );
+    let want = local_reference(&placement, 5, &rows[..4 * HIDDEN], &e0, &w0);
+    assert_eq!(
+        &got.rows[..4 * HIDDEN],
+        &want[..],
+        "the others' sums are exact"
+    );
+    for s in running {
+        s.server.shutdown().await.expect("stop");
+    }
+}
+
+/// A table staged during a step waits for the step's end (every layer of a step routes with one
+/// table); one staged between steps is used at once; an older one is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_placement_takes_effect_between_steps() {
+    let placement = Placement::initial(EXPERTS, 2, 0).expect("placement");
+    let running = start_shards(&placement, |_| {}).await;
+    let t = transport(&running, GrpcConfig::default());
+    let d = dispatcher(Arc::clone(&t), placement.clone(), WireDtype::F32, DEADLINE);
+    // Version 2 swaps the halves.
+    let swapped = |version| {
+        Placement::from_assignments(
+            version,
+            2,
+            (0..EXPERTS).map(|e| vec![1 - e * 2 / EXPERTS]).collect(),
+        )
+        .expect("valid")
+    };
+    d.step_started();
+    d.stage_placement(swapped(2)).expect("staged");
+    assert_eq!(d.placement().version(), 1, "not inside a step");
+    assert!(!d.wait_for_version(2, Duration::from_millis(50)).await);
+    d.step_finished();
+    assert!(d.wait_for_version(2, Duration::from_millis(50)).await);
+    assert_eq!(d.placement().version(), 2);
+    assert_eq!(d.placement().replicas(0), Some(&[1][..]));
+    d.stage_placement(swapped(3)).expect("between steps");
+    assert_eq!(d.placement().version(), 3, "used at once between steps");
+    assert!(d.stage_placement(placement.clone()).is_err(), "older");
+    for s in running {
+        s.server.shutdown().await.expect("stop");
+    }
+}

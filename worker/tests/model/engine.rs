@@ -346,3 +346,101 @@ fn cache_salt_separates_tenants_and_the_same_salt_shares() {
     assert_eq!(ta, tn);
     assert_eq!(ta, ta2);
 }
+
+/// Routed experts that, once, report the first row of the first two-row batch as lost (what an
+/// expert shard dying under that token looks like to the model), computing every row anyway.
+struct LoseFirstOfTwo {
+    inner: Arc<shardseek_worker::experts::LocalExperts>,
+    fired: std::sync::atomic::AtomicBool,
+}
+
+impl shardseek_worker::experts::RoutedExperts for LoseFirstOfTwo {
+    fn start(
+        &self,
+        layer: usize,
+        rows: &[f32],
+        routing: &[shardseek_kernels::gate::Routing],
+    ) -> shardseek_worker::Result<shardseek_worker::experts::PendingExperts> {
+        use shardseek_worker::experts::{PendingExperts, RowFailure};
+        let out = self.inner.forward(layer, rows, routing)?;
+        if routing.len() == 2 && !self.fired.swap(true, Ordering::SeqCst) {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let lost = RowFailure {
+                layer,
+                rows: vec![0],
+                error: format!(
+                    "expert shard 9 (127.0.0.1:1), layer {layer}: the shard closed the stream"
+                ),
+            };
+            tx.send(Ok((out, vec![lost]))).unwrap();
+            return Ok(PendingExperts::Partial(rx));
+        }
+        Ok(PendingExperts::Ready(out))
+    }
+}
+
+/// A shard failure under one sequence of a batch ends that sequence with the error naming the
+/// shard and frees its blocks; the other sequence of the same steps goes on to the tokens it
+/// gets alone.
+#[test]
+fn a_failed_expert_shard_ends_only_the_sequences_routed_to_it() {
+    use shardseek_worker::config::ModelConfig;
+    use shardseek_worker::experts::LocalExperts;
+    use shardseek_worker::weights::Store;
+    let dir = fixture_dir("open-fp8");
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let all: Vec<usize> = (0..cfg.n_routed_experts).collect();
+    let local = Arc::new(LocalExperts::load(&cfg, Store::open(&dir).unwrap(), &all).unwrap());
+    let mut m = Model::load(&dir, ExpertSelection::All).unwrap();
+    m.set_experts(Arc::new(LoseFirstOfTwo {
+        inner: local,
+        fired: Default::default(),
+    }));
+    let engine = Engine::start(
+        Arc::new(m),
+        EngineConfig {
+            kv_blocks: 16,
+            max_seq_len: 512,
+            kv_dtype: KvDtype::F32,
+            ..Default::default()
+        },
+    );
+    // A is older, so it is row 0 once both decode (one row each).
+    let mut a = engine.submit(req(vec![5, 6, 7], 20)).unwrap();
+    let mut b = engine.submit(req(vec![9, 10, 11, 12], 20)).unwrap();
+    let err = loop {
+        match a.blocking_next() {
+            Some(Event::Error(e)) => break e,
+            Some(Event::Finished { .. }) | None => panic!("request A should have failed"),
+            Some(_) => {}
+        }
+    };
+    assert!(
+        err.contains("expert shard 9"),
+        "the error names the shard: {err}"
+    );
+    let (toks, lps, _, _) = collect(&mut b);
+    let alone = generate(
+        &model(),
+        &GenerateRequest {
+            prompt: vec![9, 10, 11, 12],
+            max_tokens: 20,
+            sampling: SamplingParams::default(),
+            seed: 0,
+            top_logprobs: 0,
+            echo: false,
+            ignore_eos: true,
+            kv_dtype: KvDtype::F32,
+        },
+    )
+    .unwrap();
+    assert_eq!(toks, alone.tokens, "B goes on as if alone");
+    for (x, y) in lps.iter().zip(&alone.logprobs) {
+        assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while engine.stats.kv_blocks_available.load(Ordering::Relaxed) != 16 {
+        assert!(Instant::now() < deadline, "blocks not returned");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
