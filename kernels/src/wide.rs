@@ -10,7 +10,7 @@
 //! panels (or 32 consecutive values of a row) form one wide tile.
 
 use crate::cpu::{self, Isa, NR, Tile};
-use crate::weight::Weight;
+use crate::weight::{FP8_BLOCK, Weight};
 
 /// Columns of the wide tile.
 pub(crate) const NW: usize = 2 * NR;
@@ -194,6 +194,12 @@ mod avx512 {
         kc: usize,
         panel: &mut [f32],
     ) {
+        if let (crate::weight::WeightData::Fp8E4m3 { q, scale_inv }, true) =
+            (w.data, k0.is_multiple_of(NR))
+        {
+            unsafe { pack_fp8(q, scale_inv, w.cols, r0, rows, k0, kc, panel) };
+            return;
+        }
         let mut buf = [0f32; NR * PACK_KC_MAX];
         for j in 0..rows {
             cpu::dequant_row(Isa::Avx512, w, r0 + j, k0, &mut buf[j * kc..(j + 1) * kc]);
@@ -216,6 +222,58 @@ mod avx512 {
         for kk in full..kc {
             for j in 0..NR {
                 panel[kk * NR + j] = if j < rows { buf[j * kc + kk] } else { 0.0 };
+            }
+        }
+    }
+
+    /// [`pack_panel`] for FP8 weights: each row's 16 codes of a column block are converted
+    /// straight into a 16-lane register (the shift-and-mask f16 trick of `crate::cpu`, block
+    /// scale·2⁸ applied), transposed, and stored; no row buffer.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    unsafe fn pack_fp8(
+        q: &[u8],
+        scale_inv: &[f32],
+        cols: usize,
+        r0: usize,
+        rows: usize,
+        k0: usize,
+        kc: usize,
+        panel: &mut [f32],
+    ) {
+        let kbs = cols.div_ceil(FP8_BLOCK);
+        let full = kc / NR * NR;
+        let mask = _mm256_set1_epi16(0xBF80u16 as i16);
+        unsafe {
+            let dst = panel.as_mut_ptr();
+            for kb in (0..full).step_by(NR) {
+                let c = k0 + kb;
+                let mut r = [_mm512_setzero_ps(); NR];
+                for (j, v) in r.iter_mut().enumerate().take(rows) {
+                    let row = r0 + j;
+                    let s = scale_inv[(row / FP8_BLOCK) * kbs + c / FP8_BLOCK] * 256.0;
+                    let b = _mm_loadu_si128(q.as_ptr().add(row * cols + c) as *const __m128i);
+                    let w = _mm256_cvtepu8_epi16(b);
+                    let t = _mm256_srai_epi16(_mm256_slli_epi16(w, 8), 1);
+                    let h = _mm256_and_si256(t, mask);
+                    *v = _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(s));
+                }
+                let t = transpose16(r);
+                for (i, v) in t.iter().enumerate() {
+                    _mm512_storeu_ps(dst.add((kb + i) * NR), *v);
+                }
+            }
+        }
+        for kk in full..kc {
+            for j in 0..NR {
+                panel[kk * NR + j] = if j < rows {
+                    let row = r0 + j;
+                    let c = k0 + kk;
+                    crate::fp8::E4M3_TABLE[q[row * cols + c] as usize]
+                        * scale_inv[(row / FP8_BLOCK) * kbs + c / FP8_BLOCK]
+                } else {
+                    0.0
+                };
             }
         }
     }

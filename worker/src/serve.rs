@@ -156,10 +156,10 @@ pub async fn run_attention(
     cfg: AttentionConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    if !cfg.experts.is_empty() {
-        // The dispatch client's per-layer row buffers: as on the shards (see tune_allocator).
-        crate::expert::tune_allocator();
-    }
+    // The forward's per-layer buffers (and the dispatch client's rows, with shards) reuse the
+    // heap, as on the shards (see tune_allocator): with glibc's defaults a 512-token prefill
+    // pays a fresh mmap, page faults and zero-fill for every large buffer of every layer.
+    crate::expert::tune_allocator();
     let model_dir = cfg.model.clone();
     let sel = if cfg.experts.is_empty() {
         ExpertSelection::All

@@ -69,6 +69,9 @@ pub fn measure(
             "bench model needs a prompt of at least one token and batch sizes ≥ 1".into(),
         ));
     }
+    // The allocator settings of a serving process (`serve`), so the step measured here is the
+    // step the server runs: per-layer buffers reuse the heap instead of fresh mmaps.
+    crate::expert::tune_allocator();
     let t0 = Instant::now();
     let model = Model::load(dir, ExpertSelection::All)?;
     let load_seconds = t0.elapsed().as_secs_f64();
