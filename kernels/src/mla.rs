@@ -329,23 +329,37 @@ const EXP_QT: usize = 64;
 /// no more memory than this (DeepSeek-V3: 32 KiB of K/V per token, 1024 tokens a segment).
 const EXP_SEGMENT_BYTES: usize = 32 << 20;
 
-/// Which form [`mla_prefill_expanded`] or [`mla_prefill`] (absorbed) does less work for a
-/// chunk of `chunk` tokens after `start` cached ones, at rank `r`, `heads` heads of
-/// `nope`+`rope` query/key and `v` value dimensions. Multiply-adds per form:
+/// Whether the expanded form ([`mla_prefill_expanded`]) is faster than the absorbed one
+/// ([`mla_prefill`] plus the W_UK/W_UV projections around it) for a chunk of `chunk` tokens
+/// after `start` cached ones, at rank `r`, `heads` heads of `nope`+`rope` query/key and `v`
+/// value dimensions. Multiply-adds per form, each term divided by its measured rate:
 ///
-/// - expanded: decompress the whole context, `(start+chunk)·H·(nope+v)·r`, then attend at
-///   `nope+rope+v` per (query, key, head);
-/// - absorbed: project the chunk's queries in and outputs out, `chunk·H·(nope+v)·r`, then
-///   attend at `2r+rope` per (query, key, head).
+/// - expanded: decompress the whole context, `(start+chunk)·H·(nope+v)·r` (one GEMM, rate
+///   1), then attend at `nope+rope+v` per (query, key, head) (rate `EXP_ATTN_RATE`);
+/// - absorbed: project the chunk's queries in and outputs out, `chunk·H·(nope+v)·r` (per-head
+///   GEMMs of `chunk` rows, rate `ABS_PROJ_RATE`), then attend at `2r+rope` (rate 1).
 ///
-/// Both forms run on the same wide tiles, and a measured rate goes with each term. On the
-/// development box (Zen 5, 2 threads, medium shapes: r 512, 16 heads, 128+64 / 128) the
-/// decompression GEMM ran at 1.0 of the absorbed form's projection GEMMs (both M ≥ 16,
-/// wide tile) and the expanded attention ran at 0.6 of the absorbed attention's
-/// multiply-add rate (its K is 192 deep, not 576, so tile loads and the softmax weigh more),
-/// hence the weight 1/0.6 on the expanded attention term. The rule picks the expanded form for
-/// every prefill without a cached prefix, and the absorbed form for short chunks after a long
-/// one (at medium shapes: a 64-token chunk after more than ~11 000 cached tokens).
+/// The rates were fitted to CPU time per call (so other tenants of the machine do not skew
+/// them) on the development box (Zen 5, 2 threads, AVX-512, medium shapes: r 512, 16 heads,
+/// 128+64 / 128, FP8 kv_b, f32 cache), in ms expanded / absorbed:
+///
+/// | prefix | chunk | expanded | absorbed | rule |
+/// |---|---|---|---|---|
+/// | 0 | 512 | 25.5 | 43.1 | expanded |
+/// | 0 | 64 | 1.9 | 3.7 | expanded |
+/// | 16 | 64 | 2.3 | 3.9 | expanded |
+/// | 64 | 64 | 3.3 | 4.3 | expanded |
+/// | 256 | 128 | 11.8 | 12.7 | expanded |
+/// | 512 | 200 | 27.1 | 29.3 | expanded |
+/// | 2048 | 300 | 131.7 | 134.4 | expanded |
+/// | 4096 | 512 | 332 | 446 | expanded |
+/// | 128 | 32 | 3.6 | 3.0 | absorbed |
+/// | 1024 | 64 | 30.8 | 15.9 | absorbed |
+/// | 2048 | 8 | 66.2 | 5.1 | absorbed |
+/// | 4096 | 64 | 133 | 53 | absorbed |
+///
+/// The rule agrees with every row: a prompt without a cached prefix always goes expanded, and
+/// a short chunk after a long prefix (decode-like) stays absorbed.
 pub fn prefer_expanded(
     chunk: usize,
     start: usize,
@@ -360,13 +374,16 @@ pub fn prefer_expanded(
     let pairs = c * s + c * (c + 1.0) / 2.0;
     let proj = h * (nope + v) as f64 * r as f64;
     let expanded = (s + c) * proj + pairs * h * (nope + rope + v) as f64 / EXP_ATTN_RATE;
-    let absorbed = c * proj + pairs * h * (2 * r + rope) as f64;
+    let absorbed = c * proj / ABS_PROJ_RATE + pairs * h * (2 * r + rope) as f64;
     expanded <= absorbed
 }
 
-/// Multiply-add rate of the expanded attention relative to the absorbed one (see
-/// [`prefer_expanded`]).
-const EXP_ATTN_RATE: f64 = 0.6;
+/// Multiply-add rate of the expanded attention relative to the absorbed attention (its K is
+/// 192 deep, not 576, so tile loads and the softmax weigh more); see [`prefer_expanded`].
+const EXP_ATTN_RATE: f64 = 0.75;
+/// Multiply-add rate of the absorbed form's per-head projections (GEMMs of `chunk` rows)
+/// relative to the context-wide decompression GEMM; see [`prefer_expanded`].
+const ABS_PROJ_RATE: f64 = 0.6;
 
 /// Prefill in the expanded form (DESIGN.md §3): the chunk of tokens at positions
 /// `start..start+chunk` of one sequence, whose latents are already in the cache

@@ -265,6 +265,13 @@ fn expanded_rule_prefers_expanded_without_prefix() {
         assert!(rule(chunk, 0), "chunk {chunk} without prefix");
     }
     assert!(!rule(1, 100_000), "one token after a long prefix");
+    // Rows of the measured table in `prefer_expanded`'s documentation.
+    for (start, chunk) in [(64, 64), (256, 128), (2048, 300), (4096, 512)] {
+        assert!(rule(chunk, start), "prefix {start} chunk {chunk}");
+    }
+    for (start, chunk) in [(128, 32), (1024, 64), (2048, 8), (4096, 64)] {
+        assert!(!rule(chunk, start), "prefix {start} chunk {chunk}");
+    }
 }
 
 #[test]
