@@ -801,10 +801,7 @@ fn mla_prefill(
     let vals = randf(pages * MLA_BLOCK * e, 11);
     let cache = LatentCache::new(CacheData::F32(&vals), r, p)?;
     let table: Vec<u32> = (0..pages as u32).collect();
-    let seq = SeqPages {
-        pages: &table,
-        len,
-    };
+    let seq = SeqPages { pages: &table, len };
     let scale = 1.0 / ((nope + p) as f32).sqrt();
     let pairs = (chunk * start + chunk * (chunk + 1) / 2) as f64;
     if expanded {
@@ -822,9 +819,8 @@ fn mla_prefill(
         let qa = randf(chunk * heads * r, 13);
         let qp = randf(chunk * heads * p, 14);
         let mut out = vec![0f32; chunk * heads * r];
-        let s = time_best(|_| {
-            mla::mla_prefill(&cache, &seq, start, heads, &qa, &qp, scale, &mut out)
-        })?;
+        let s =
+            time_best(|_| mla::mla_prefill(&cache, &seq, start, heads, &qa, &qp, scale, &mut out))?;
         Ok((s, bytes, 2.0 * pairs * (heads * (2 * r + p)) as f64))
     }
 }

@@ -16,11 +16,11 @@
 //! loop with one query row per (token, head) and a causal limit per row.
 
 use crate::cpu::{self, Isa, MR, NR, Tile};
+use crate::error::{Error, Result, shape};
+use crate::fp8::{E4M3_TABLE, bf16_to_f32};
 use crate::gemm::{Epilogue, matmul_with};
 use crate::weight::Weight;
 use crate::wide::{NW, microkernel_wide};
-use crate::error::{Error, Result, shape};
-use crate::fp8::{E4M3_TABLE, bf16_to_f32};
 use rayon::prelude::*;
 
 /// Tokens per cache block (page).
@@ -437,10 +437,7 @@ pub fn mla_prefill_expanded_with(
 ) -> Result<()> {
     const OP: &str = "mla_prefill_expanded";
     let (r, p) = (cache.kv_lora_rank, cache.rope_dim);
-    if heads == 0
-        || kv_b.cols != r
-        || !kv_b.rows.is_multiple_of(heads)
-        || kv_b.rows / heads <= nope
+    if heads == 0 || kv_b.cols != r || !kv_b.rows.is_multiple_of(heads) || kv_b.rows / heads <= nope
     {
         return Err(shape(
             OP,
@@ -453,7 +450,10 @@ pub fn mla_prefill_expanded_with(
     let (hv, dq) = (kv_b.rows / heads, nope + p);
     let v = hv - nope;
     if !q.len().is_multiple_of(heads * dq) {
-        return Err(shape(OP, format!("q {} for {heads} heads of {dq}", q.len())));
+        return Err(shape(
+            OP,
+            format!("q {} for {heads} heads of {dq}", q.len()),
+        ));
     }
     let chunk = q.len() / (heads * dq);
     if out.len() != chunk * heads * v {
@@ -515,11 +515,7 @@ pub fn mla_prefill_expanded_with(
             .zip(l_run.chunks_mut(chunk))
             .enumerate()
         {
-            for (ti, (mt, lt)) in mh
-                .chunks_mut(EXP_QT)
-                .zip(lh.chunks_mut(EXP_QT))
-                .enumerate()
-            {
+            for (ti, (mt, lt)) in mh.chunks_mut(EXP_QT).zip(lh.chunks_mut(EXP_QT)).enumerate() {
                 let q0 = ti * EXP_QT;
                 // The tile's last query sees keys < start + q0 + len(tile).
                 if s0 < start + q0 + mt.len() {
@@ -1052,9 +1048,7 @@ pub mod reference {
                 let n = start + i + 1;
                 let s: Vec<f64> = (0..n)
                     .map(|t| {
-                        let a: f64 = (0..nope)
-                            .map(|k| qr[k] as f64 * kvs[t][h * hv + k])
-                            .sum();
+                        let a: f64 = (0..nope).map(|k| qr[k] as f64 * kvs[t][h * hv + k]).sum();
                         let b: f64 = (0..p)
                             .map(|k| qr[nope + k] as f64 * toks[t][r + k] as f64)
                             .sum();

@@ -226,8 +226,18 @@ fn prefill_forms_agree() {
     let kv_b_bytes: Vec<u8> = kv_b.iter().flat_map(|x| x.to_le_bytes()).collect();
     let w = Weight::new(heads * (nope + v), R, WeightData::F32(&kv_b_bytes)).unwrap();
     let mut expanded = vec![0f32; chunk * heads * v];
-    mla::mla_prefill_expanded(&cache, &seq, start, heads, &q, &w, nope, 0.25, &mut expanded)
-        .unwrap();
+    mla::mla_prefill_expanded(
+        &cache,
+        &seq,
+        start,
+        heads,
+        &q,
+        &w,
+        nope,
+        0.25,
+        &mut expanded,
+    )
+    .unwrap();
     // Absorbed: q̃ = W_UKᵀ q_nope, attention over latents, then W_UV.
     let (dq, hv) = (nope + P, nope + v);
     let mut q_abs = vec![0f32; chunk * heads * R];
@@ -236,9 +246,7 @@ fn prefill_forms_agree() {
         let h = row % heads;
         let qr = &q[row * dq..(row + 1) * dq];
         for k in 0..R {
-            q_abs[row * R + k] = (0..nope)
-                .map(|d| kv_b[(h * hv + d) * R + k] * qr[d])
-                .sum();
+            q_abs[row * R + k] = (0..nope).map(|d| kv_b[(h * hv + d) * R + k] * qr[d]).sum();
         }
         q_pe[row * P..(row + 1) * P].copy_from_slice(&qr[nope..]);
     }
