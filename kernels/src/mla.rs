@@ -435,7 +435,38 @@ pub fn mla_prefill_expanded_with(
     scale: f32,
     out: &mut [f32],
 ) -> Result<()> {
+    // Context tokens whose K/V fit in the segment budget, whole blocks, at least one.
+    let row_bytes = kv_b.rows.max(1) * 4;
+    let seg = (EXP_SEGMENT_BYTES / row_bytes / MLA_BLOCK).max(1) * MLA_BLOCK;
+    mla_prefill_expanded_segmented(
+        isa, cache, seq, start, heads, q, kv_b, nope, scale, seg, out,
+    )
+}
+
+/// [`mla_prefill_expanded_with`] decompressing at most `segment` context tokens at a time
+/// (a positive multiple of [`MLA_BLOCK`]); the default is what fits in 32 MiB. Exposed so
+/// tests can run the multi-segment path at small shapes.
+#[allow(clippy::too_many_arguments)]
+pub fn mla_prefill_expanded_segmented(
+    isa: Isa,
+    cache: &LatentCache,
+    seq: &SeqPages,
+    start: usize,
+    heads: usize,
+    q: &[f32],
+    kv_b: &Weight,
+    nope: usize,
+    scale: f32,
+    segment: usize,
+    out: &mut [f32],
+) -> Result<()> {
     const OP: &str = "mla_prefill_expanded";
+    if segment == 0 || !segment.is_multiple_of(MLA_BLOCK) {
+        return Err(shape(
+            OP,
+            format!("segment of {segment} tokens is not a positive multiple of {MLA_BLOCK}"),
+        ));
+    }
     let (r, p) = (cache.kv_lora_rank, cache.rope_dim);
     if heads == 0 || kv_b.cols != r || !kv_b.rows.is_multiple_of(heads) || kv_b.rows / heads <= nope
     {
@@ -478,8 +509,7 @@ pub fn mla_prefill_expanded_with(
     check_seq(OP, cache, seq)?;
     let len = start + chunk;
     let ks = heads * hv;
-    let seg = (EXP_SEGMENT_BYTES / (ks * 4)) / MLA_BLOCK * MLA_BLOCK;
-    let seg = seg.max(MLA_BLOCK).min(len.div_ceil(MLA_BLOCK) * MLA_BLOCK);
+    let seg = segment.min(len.div_ceil(MLA_BLOCK) * MLA_BLOCK);
     let mut lat = vec![0f32; seg * r];
     let mut kpe = vec![0f32; seg * p];
     // K/V rows are read 16 values at a time: pad so the last head's last partial panel stays

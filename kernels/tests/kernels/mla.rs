@@ -206,6 +206,81 @@ fn prefill_expanded_matches_reference() {
     }
 }
 
+/// A context decompressed in several segments (64 or 128 tokens at a time) gives the
+/// one-segment result: the online softmax carries across segments.
+#[test]
+fn prefill_expanded_segments_match_reference() {
+    let (nope, v, heads) = (24, 20, 3);
+    let mut rng = Rng::new(5);
+    for &(start, chunk) in &[(0, 200), (130, 70), (300, 5)] {
+        let len = start + chunk;
+        let (tabs, blocks) = tables(&mut rng, &[len]);
+        let (vals, bf, ..) = caches(&mut rng, blocks);
+        let seq = SeqPages {
+            pages: &tabs[0],
+            len,
+        };
+        let q = randv(&mut rng, chunk * heads * (nope + P));
+        let w = OwnedWeight::random(&mut rng, heads * (nope + v), R, Kind::Fp8);
+        for data in [CacheData::F32(&vals), CacheData::Bf16(&bf)] {
+            let cache = LatentCache::new(data, R, P).unwrap();
+            let want = mla::reference::mla_prefill_expanded(
+                &cache,
+                &seq,
+                start,
+                heads,
+                &q,
+                &w.view(),
+                nope,
+                0.3,
+            );
+            for isa in isas() {
+                for segment in [MLA_BLOCK, 2 * MLA_BLOCK] {
+                    let mut out = vec![f32::NAN; chunk * heads * v];
+                    mla::mla_prefill_expanded_segmented(
+                        isa,
+                        &cache,
+                        &seq,
+                        start,
+                        heads,
+                        &q,
+                        &w.view(),
+                        nope,
+                        0.3,
+                        segment,
+                        &mut out,
+                    )
+                    .unwrap();
+                    let e = rel_err(&out, &want);
+                    assert!(
+                        e < 2e-5,
+                        "{isa:?} start {start} chunk {chunk} segment {segment}: {e}"
+                    );
+                }
+            }
+        }
+        let cache = LatentCache::new(CacheData::F32(&vals), R, P).unwrap();
+        let mut out = vec![0f32; chunk * heads * v];
+        let bad = mla::mla_prefill_expanded_segmented(
+            Isa::Portable,
+            &cache,
+            &seq,
+            start,
+            heads,
+            &q,
+            &w.view(),
+            nope,
+            0.3,
+            100,
+            &mut out,
+        );
+        assert!(
+            bad.is_err(),
+            "a segment that is not whole blocks is refused"
+        );
+    }
+}
+
 /// The expanded and absorbed forms are the same attention: splitting kv_b per head into
 /// W_UK/W_UV and running the absorbed kernel gives the expanded kernel's output.
 #[test]
