@@ -248,6 +248,25 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Report> {
         );
         push(r, &mut progress);
     }
+    // MLA prefill of a 512-token prompt (no cached prefix), medium shapes, per layer: the
+    // expanded form (decompress K/V with kv_b, attend per head) against the absorbed
+    // attention alone (its W_UK/W_UV projections, as much work as the decompression here, not
+    // included). FLOPs are each form's own multiply-adds.
+    for (name, expanded) in [
+        ("mla prefill expanded (medium)", true),
+        ("mla prefill absorbed attention (medium)", false),
+    ] {
+        let (s, bytes, flops) = mla_prefill(512, 0, 16, 512, 64, 128, 128, expanded)?;
+        let r = mk(
+            name,
+            "chunk 512, no prefix, 16 heads, 512+64, 128+64/128".into(),
+            s,
+            bytes,
+            flops,
+            Bound::Compute,
+        );
+        push(r, &mut progress);
+    }
     let read2 = read_bandwidth(isa);
     let fma2 = fma_peak(isa);
     progress(&format!(
@@ -493,8 +512,9 @@ fn fma_peak(isa: Isa) -> f64 {
         i += 1;
     }
     let per_thread = match isa {
-        // The peak loop is 256-bit on AVX-512 CPUs too (what the compute kernels use there).
-        Isa::Avx2Fma | Isa::Avx512 => ITERS as f64 * 12.0 * 8.0 * 2.0,
+        // 512-bit on AVX-512 CPUs: the compute-bound kernels' wide tile runs 512-bit there.
+        Isa::Avx512 => ITERS as f64 * 12.0 * 16.0 * 2.0,
+        Isa::Avx2Fma => ITERS as f64 * 12.0 * 8.0 * 2.0,
         Isa::Portable => ITERS as f64 * 12.0 * 2.0,
     };
     per_thread * threads as f64 / best / 1e9
@@ -503,7 +523,9 @@ fn fma_peak(isa: Isa) -> f64 {
 fn fma_loop(isa: Isa, iters: u64) -> f64 {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma | Isa::Avx512 => unsafe { fma_loop_avx2(iters) },
+        Isa::Avx512 => unsafe { fma_loop_avx512(iters) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2Fma => unsafe { fma_loop_avx2(iters) },
         _ => {
             let mut a = [1f32; 12];
             for _ in 0..iters {
@@ -535,6 +557,25 @@ unsafe fn fma_loop_avx2(iters: u64) -> f64 {
     }
     unsafe { _mm256_storeu_ps(out.as_mut_ptr(), s) };
     out.iter().map(|&v| v as f64).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_loop_avx512(iters: u64) -> f64 {
+    use std::arch::x86_64::*;
+    let mut a = [_mm512_set1_ps(1.0); 12];
+    let b = _mm512_set1_ps(0.999_999);
+    let c = _mm512_set1_ps(1e-7);
+    for _ in 0..iters {
+        for v in a.iter_mut() {
+            *v = _mm512_fmadd_ps(*v, b, c);
+        }
+    }
+    let mut s = a[0];
+    for v in &a[1..] {
+        s = _mm512_add_ps(s, *v);
+    }
+    _mm512_reduce_add_ps(s) as f64
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -738,6 +779,50 @@ enum CacheKind {
     F32,
     Bf16,
     Fp8,
+}
+
+/// MLA prefill of `chunk` tokens after `start` cached ones, f32 cache, FP8 kv_b, in the
+/// expanded form or the absorbed attention; (seconds, cache bytes, flops) per call.
+#[allow(clippy::too_many_arguments)]
+fn mla_prefill(
+    chunk: usize,
+    start: usize,
+    heads: usize,
+    r: usize,
+    p: usize,
+    nope: usize,
+    v: usize,
+    expanded: bool,
+) -> Result<((f64, f64), f64, f64)> {
+    let e = r + p;
+    let len = start + chunk;
+    let bytes = (len * e * 4) as f64;
+    let pages = len.div_ceil(MLA_BLOCK);
+    let vals = randf(pages * MLA_BLOCK * e, 11);
+    let cache = LatentCache::new(CacheData::F32(&vals), r, p)?;
+    let table: Vec<u32> = (0..pages as u32).collect();
+    let seq = SeqPages { pages: &table, len };
+    let scale = 1.0 / ((nope + p) as f32).sqrt();
+    let pairs = (chunk * start + chunk * (chunk + 1) / 2) as f64;
+    if expanded {
+        let kv_b = Store::new(Kind::Fp8, heads * (nope + v), r, 1, 12);
+        let w = kv_b.get(0)?;
+        let q = randf(chunk * heads * (nope + p), 13);
+        let mut out = vec![0f32; chunk * heads * v];
+        let s = time_best(|_| {
+            mla::mla_prefill_expanded(&cache, &seq, start, heads, &q, &w, nope, scale, &mut out)
+        })?;
+        let flops = 2.0 * (len * heads * (nope + v) * r) as f64
+            + 2.0 * pairs * (heads * (nope + p + v)) as f64;
+        Ok((s, bytes, flops))
+    } else {
+        let qa = randf(chunk * heads * r, 13);
+        let qp = randf(chunk * heads * p, 14);
+        let mut out = vec![0f32; chunk * heads * r];
+        let s =
+            time_best(|_| mla::mla_prefill(&cache, &seq, start, heads, &qa, &qp, scale, &mut out))?;
+        Ok((s, bytes, 2.0 * pairs * (heads * (2 * r + p)) as f64))
+    }
 }
 
 /// MLA decode, every sequence `ctx` tokens; (seconds, cache bytes, flops) per call.

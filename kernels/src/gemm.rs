@@ -13,6 +13,7 @@
 use crate::cpu::{self, Isa, MR, NR, SyncPtr, Tile};
 use crate::error::{Result, shape};
 use crate::weight::{FP8_BLOCK, Weight};
+use crate::wide::{NW, PACK_KC_MAX, microkernel_wide, pack_panel};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -22,6 +23,7 @@ pub const STREAM_MAX_M: usize = 16;
 /// Depth of a packed weight panel: two FP8 scale blocks, 16 KiB per 16-column micro-panel,
 /// so a micro-panel stays in L1 while the 6-row panels of x stream past it.
 const KC: usize = 2 * FP8_BLOCK;
+const _: () = assert!(KC <= PACK_KC_MAX);
 /// Widest column range of one prefill task: a `KC × 256` f32 panel is 256 KiB, in L2.
 const NC_MAX: usize = 256;
 
@@ -265,32 +267,21 @@ impl<'a> XOperand<'a> {
         let panels = cols.div_ceil(NR);
         let mp = m.div_ceil(MR) * MR;
         with_panel(KC * panels * NR, |bp| {
-            let mut rowbuf = [0f32; KC];
             for (pi, k0) in (0..k).step_by(KC).enumerate() {
                 let kc = KC.min(k - k0);
                 // Dequantise W[n0..n1, k0..k0+kc] into 16-wide micro-panels [kc][16].
                 for p in 0..panels {
                     let panel = &mut bp[p * KC * NR..(p * KC + kc) * NR];
-                    for j in 0..NR {
-                        let r = n0 + p * NR + j;
-                        if r < n1 {
-                            cpu::dequant_row(self.isa, w, r, k0, &mut rowbuf[..kc]);
-                            for (kk, v) in rowbuf[..kc].iter().enumerate() {
-                                panel[kk * NR + j] = *v;
-                            }
-                        } else {
-                            for kk in 0..kc {
-                                panel[kk * NR + j] = 0.0;
-                            }
-                        }
-                    }
+                    let r0 = n0 + p * NR;
+                    pack_panel(self.isa, w, r0, NR.min(n1 - r0), k0, kc, panel);
                 }
                 let xa = &self.packed[pi * mp * KC..];
                 for ib in 0..m.div_ceil(MR) {
                     let a = &xa[ib * MR * kc..];
                     let mr = MR.min(m - ib * MR);
-                    for p in 0..panels {
-                        let nr = NR.min(cols - p * NR);
+                    // Two adjacent 16-column panels per wide tile (`crate::wide`).
+                    for p in (0..panels).step_by(2) {
+                        let nr = NW.min(cols - p * NR);
                         let t = Tile {
                             kc,
                             a: a.as_ptr(),
@@ -304,9 +295,10 @@ impl<'a> XOperand<'a> {
                             nr,
                             accumulate: pi > 0,
                         };
-                        // SAFETY: panels are padded to 16 columns and 6 rows; C is the
+                        // SAFETY: panels are padded to 16 columns and 6 rows, the second half
+                        // is panel p+1 (read only when nr > 16, i.e. when it exists); C is the
                         // [m, cols] tile, and the tile covers rows < m, columns < cols.
-                        unsafe { cpu::microkernel(self.isa, &t) };
+                        unsafe { microkernel_wide(self.isa, &t, KC * NR) };
                     }
                 }
             }

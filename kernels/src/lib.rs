@@ -32,6 +32,7 @@ pub mod rope;
 pub mod sampling;
 pub mod softmax;
 pub mod weight;
+mod wide;
 
 pub use error::{Error, Result};
 pub use weight::{Weight, WeightData};

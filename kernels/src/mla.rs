@@ -18,6 +18,9 @@
 use crate::cpu::{self, Isa, MR, NR, Tile};
 use crate::error::{Error, Result, shape};
 use crate::fp8::{E4M3_TABLE, bf16_to_f32};
+use crate::gemm::{Epilogue, matmul_with};
+use crate::weight::Weight;
+use crate::wide::{NW, microkernel_wide};
 use rayon::prelude::*;
 
 /// Tokens per cache block (page).
@@ -318,6 +321,442 @@ pub fn mla_prefill_with(
     Ok(())
 }
 
+/// Query rows (of one head) per task of the expanded prefill: four 16-row panels of Qᵀ
+/// (48 KiB at qk 192), reused across every key block.
+const EXP_QT: usize = 64;
+/// Bytes of decompressed K_nope/V held at once by the expanded prefill: the context is
+/// decompressed in segments of this size (at least one block), so a long cached prefix costs
+/// no more memory than this (DeepSeek-V3: 32 KiB of K/V per token, 1024 tokens a segment).
+const EXP_SEGMENT_BYTES: usize = 32 << 20;
+
+/// Whether the expanded form ([`mla_prefill_expanded`]) is faster than the absorbed one
+/// ([`mla_prefill`] plus the W_UK/W_UV projections around it) for a chunk of `chunk` tokens
+/// after `start` cached ones, at rank `r`, `heads` heads of `nope`+`rope` query/key and `v`
+/// value dimensions. Multiply-adds per form, each term divided by its measured rate:
+///
+/// - expanded: decompress the whole context, `(start+chunk)·H·(nope+v)·r` (one GEMM, rate
+///   1), then attend at `nope+rope+v` per (query, key, head) (rate `EXP_ATTN_RATE`);
+/// - absorbed: project the chunk's queries in and outputs out, `chunk·H·(nope+v)·r` (per-head
+///   GEMMs of `chunk` rows, rate `ABS_PROJ_RATE`), then attend at `2r+rope` (rate 1).
+///
+/// The rates were fitted to CPU time per call (so other tenants of the machine do not skew
+/// them) on the development box (Zen 5, 2 threads, AVX-512, medium shapes: r 512, 16 heads,
+/// 128+64 / 128, FP8 kv_b, f32 cache), in ms expanded / absorbed:
+///
+/// | prefix | chunk | expanded | absorbed | rule |
+/// |---|---|---|---|---|
+/// | 0 | 512 | 25.5 | 43.1 | expanded |
+/// | 0 | 64 | 1.9 | 3.7 | expanded |
+/// | 16 | 64 | 2.3 | 3.9 | expanded |
+/// | 64 | 64 | 3.3 | 4.3 | expanded |
+/// | 256 | 128 | 11.8 | 12.7 | expanded |
+/// | 512 | 200 | 27.1 | 29.3 | expanded |
+/// | 2048 | 300 | 131.7 | 134.4 | expanded |
+/// | 4096 | 512 | 332 | 446 | expanded |
+/// | 128 | 32 | 3.6 | 3.0 | absorbed |
+/// | 1024 | 64 | 30.8 | 15.9 | absorbed |
+/// | 2048 | 8 | 66.2 | 5.1 | absorbed |
+/// | 4096 | 64 | 133 | 53 | absorbed |
+///
+/// The rule agrees with every row: a prompt without a cached prefix always goes expanded, and
+/// a short chunk after a long prefix (decode-like) stays absorbed.
+pub fn prefer_expanded(
+    chunk: usize,
+    start: usize,
+    heads: usize,
+    r: usize,
+    nope: usize,
+    rope: usize,
+    v: usize,
+) -> bool {
+    let (c, s, h) = (chunk as f64, start as f64, heads as f64);
+    // Σ over the chunk of the keys each query sees.
+    let pairs = c * s + c * (c + 1.0) / 2.0;
+    let proj = h * (nope + v) as f64 * r as f64;
+    let expanded = (s + c) * proj + pairs * h * (nope + rope + v) as f64 / EXP_ATTN_RATE;
+    let absorbed = c * proj / ABS_PROJ_RATE + pairs * h * (2 * r + rope) as f64;
+    expanded <= absorbed
+}
+
+/// Multiply-add rate of the expanded attention relative to the absorbed attention (its K is
+/// 192 deep, not 576, so tile loads and the softmax weigh more); see [`prefer_expanded`].
+const EXP_ATTN_RATE: f64 = 0.75;
+/// Multiply-add rate of the absorbed form's per-head projections (GEMMs of `chunk` rows)
+/// relative to the context-wide decompression GEMM; see [`prefer_expanded`].
+const ABS_PROJ_RATE: f64 = 0.6;
+
+/// Prefill in the expanded form (DESIGN.md §3): the chunk of tokens at positions
+/// `start..start+chunk` of one sequence, whose latents are already in the cache
+/// (`seq.len ≥ start + chunk`); token i sees positions `0..=start+i`.
+///
+/// K_nope and V of the context are decompressed from the cached latents with `kv_b`
+/// (`[heads·(nope+v), kv_lora_rank]`, rows of head h: W_UK then W_UV) as one GEMM over the
+/// context rows per segment, then every head attends in tiles of 64 queries × 64 keys with an
+/// online softmax: q = [q_nope, q_pe], k = [k_nope, k_pe] with k_pe (in the cache) shared by
+/// every head. `q` is `[chunk, heads, nope + rope_dim]` (q_pe rotated), `out`
+/// `[chunk, heads, v]`: the attention output after W_UV, ready for W_o.
+#[allow(clippy::too_many_arguments)]
+pub fn mla_prefill_expanded(
+    cache: &LatentCache,
+    seq: &SeqPages,
+    start: usize,
+    heads: usize,
+    q: &[f32],
+    kv_b: &Weight,
+    nope: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    mla_prefill_expanded_with(
+        cpu::isa(),
+        cache,
+        seq,
+        start,
+        heads,
+        q,
+        kv_b,
+        nope,
+        scale,
+        out,
+    )
+}
+
+/// [`mla_prefill_expanded`] with an explicit instruction set.
+#[allow(clippy::too_many_arguments)]
+pub fn mla_prefill_expanded_with(
+    isa: Isa,
+    cache: &LatentCache,
+    seq: &SeqPages,
+    start: usize,
+    heads: usize,
+    q: &[f32],
+    kv_b: &Weight,
+    nope: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
+    // Context tokens whose K/V fit in the segment budget, whole blocks, at least one.
+    let row_bytes = kv_b.rows.max(1) * 4;
+    let seg = (EXP_SEGMENT_BYTES / row_bytes / MLA_BLOCK).max(1) * MLA_BLOCK;
+    mla_prefill_expanded_segmented(
+        isa, cache, seq, start, heads, q, kv_b, nope, scale, seg, out,
+    )
+}
+
+/// [`mla_prefill_expanded_with`] decompressing at most `segment` context tokens at a time
+/// (a positive multiple of [`MLA_BLOCK`]); the default is what fits in 32 MiB. Exposed so
+/// tests can run the multi-segment path at small shapes.
+#[allow(clippy::too_many_arguments)]
+pub fn mla_prefill_expanded_segmented(
+    isa: Isa,
+    cache: &LatentCache,
+    seq: &SeqPages,
+    start: usize,
+    heads: usize,
+    q: &[f32],
+    kv_b: &Weight,
+    nope: usize,
+    scale: f32,
+    segment: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    const OP: &str = "mla_prefill_expanded";
+    if segment == 0 || !segment.is_multiple_of(MLA_BLOCK) {
+        return Err(shape(
+            OP,
+            format!("segment of {segment} tokens is not a positive multiple of {MLA_BLOCK}"),
+        ));
+    }
+    let (r, p) = (cache.kv_lora_rank, cache.rope_dim);
+    if heads == 0 || kv_b.cols != r || !kv_b.rows.is_multiple_of(heads) || kv_b.rows / heads <= nope
+    {
+        return Err(shape(
+            OP,
+            format!(
+                "kv_b [{}, {}] for {heads} heads, nope {nope}, rank {r}",
+                kv_b.rows, kv_b.cols
+            ),
+        ));
+    }
+    let (hv, dq) = (kv_b.rows / heads, nope + p);
+    let v = hv - nope;
+    if !q.len().is_multiple_of(heads * dq) {
+        return Err(shape(
+            OP,
+            format!("q {} for {heads} heads of {dq}", q.len()),
+        ));
+    }
+    let chunk = q.len() / (heads * dq);
+    if out.len() != chunk * heads * v {
+        return Err(shape(
+            OP,
+            format!("out {} for {chunk} tokens × {heads} heads × {v}", out.len()),
+        ));
+    }
+    if seq.len < start + chunk {
+        return Err(shape(
+            OP,
+            format!(
+                "sequence has {} tokens, chunk ends at {}",
+                seq.len,
+                start + chunk
+            ),
+        ));
+    }
+    if chunk == 0 {
+        return Ok(());
+    }
+    check_seq(OP, cache, seq)?;
+    let len = start + chunk;
+    let ks = heads * hv;
+    let seg = segment.min(len.div_ceil(MLA_BLOCK) * MLA_BLOCK);
+    let mut lat = vec![0f32; seg * r];
+    let mut kpe = vec![0f32; seg * p];
+    // K/V rows are read 16 values at a time: pad so the last head's last partial panel stays
+    // inside the buffer.
+    let mut kv = vec![0f32; seg * ks + NW];
+    // Running max and sum per (head, query); the unnormalised output accumulates in `out`.
+    let mut m_run = vec![f32::NEG_INFINITY; heads * chunk];
+    let mut l_run = vec![0f32; heads * chunk];
+    out.fill(0.0);
+    let op = SyncPtr(out.as_mut_ptr());
+    for s0 in (0..len).step_by(seg) {
+        let sn = seg.min(len - s0);
+        gather_latents(isa, cache, seq.pages, s0, sn, &mut lat, &mut kpe);
+        matmul_with(
+            isa,
+            &lat[..sn * r],
+            sn,
+            kv_b,
+            Epilogue::Store,
+            &mut kv[..sn * ks],
+        )?;
+        let seg_kv = SegmentKv {
+            s0,
+            sn,
+            kv: &kv,
+            ks,
+            hv,
+            kpe: &kpe,
+        };
+        let mut tasks = Vec::new();
+        for (h, (mh, lh)) in m_run
+            .chunks_mut(chunk)
+            .zip(l_run.chunks_mut(chunk))
+            .enumerate()
+        {
+            for (ti, (mt, lt)) in mh.chunks_mut(EXP_QT).zip(lh.chunks_mut(EXP_QT)).enumerate() {
+                let q0 = ti * EXP_QT;
+                // The tile's last query sees keys < start + q0 + len(tile).
+                if s0 < start + q0 + mt.len() {
+                    tasks.push((h, q0, mt, lt));
+                }
+            }
+        }
+        tasks.into_par_iter().for_each(|(h, q0, mt, lt)| {
+            let tile = QueryTile {
+                h,
+                q0,
+                heads,
+                start,
+                nope,
+                rope: p,
+                v,
+            };
+            // SAFETY: the task writes rows q0..q0+len of head h of `out` only; tasks differ
+            // in (h, q0).
+            unsafe { expanded_tile(isa, &tile, q, scale, &seg_kv, op, mt, lt) };
+        });
+    }
+    for (qi, row) in out.chunks_exact_mut(heads * v).enumerate() {
+        for (h, o) in row.chunks_exact_mut(v).enumerate() {
+            let inv = 1.0 / l_run[h * chunk + qi];
+            for x in o {
+                *x *= inv;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A raw output pointer that tasks writing disjoint rows share.
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+
+/// One segment of decompressed context: keys `s0..s0+sn`, K_nope/V rows `[sn, heads·hv]` with
+/// row stride `ks` (head h at `h·hv`: nope values then v values), k_pe rows `[sn, rope]`.
+struct SegmentKv<'a> {
+    s0: usize,
+    sn: usize,
+    kv: &'a [f32],
+    ks: usize,
+    hv: usize,
+    kpe: &'a [f32],
+}
+
+/// The queries of one expanded-prefill task: head `h`, chunk rows from `q0`.
+struct QueryTile {
+    h: usize,
+    q0: usize,
+    heads: usize,
+    start: usize,
+    nope: usize,
+    rope: usize,
+    v: usize,
+}
+
+/// Copies the latents and k_pe of tokens `t0..t0+n` of a sequence into `[n, r]` and
+/// `[n, rope]` f32 rows.
+fn gather_latents(
+    isa: Isa,
+    cache: &LatentCache,
+    pages: &[u32],
+    t0: usize,
+    n: usize,
+    lat: &mut [f32],
+    kpe: &mut [f32],
+) {
+    let (r, p, e) = (cache.kv_lora_rank, cache.rope_dim, cache.entry());
+    let mut conv = vec![0f32; e];
+    for i in 0..n {
+        let pos = t0 + i;
+        let tok = pages[pos / MLA_BLOCK] as usize * MLA_BLOCK + pos % MLA_BLOCK;
+        let off = tok * e;
+        let src: &[f32] = match cache.data {
+            CacheData::F32(d) => &d[off..off + e],
+            CacheData::Bf16(d) => {
+                cpu::convert_bf16(isa, &d[off..off + e], &mut conv);
+                &conv
+            }
+            CacheData::Fp8 { q, scale } => {
+                cpu::convert_fp8(isa, &q[off..off + e], scale[tok], &mut conv);
+                &conv
+            }
+        };
+        lat[i * r..(i + 1) * r].copy_from_slice(&src[..r]);
+        kpe[i * p..(i + 1) * p].copy_from_slice(&src[r..]);
+    }
+}
+
+/// Online-softmax attention of one (head, query tile) over one segment of keys, accumulating
+/// the unnormalised output into `out` and the running max/sum into `m_run`/`l_run`.
+///
+/// # Safety
+/// `out` must point at `[chunk, heads, v]` floats, and no other thread may touch rows
+/// `q0..q0+m_run.len()` of head `h`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn expanded_tile(
+    isa: Isa,
+    qt: &QueryTile,
+    q: &[f32],
+    scale: f32,
+    seg: &SegmentKv,
+    out: SyncPtr,
+    m_run: &mut [f32],
+    l_run: &mut [f32],
+) {
+    let (h, q0, heads, nope, p, v) = (qt.h, qt.q0, qt.heads, qt.nope, qt.rope, qt.v);
+    let dq = nope + p;
+    let hn = m_run.len();
+    let panels = hn.div_ceil(NR);
+    let hp = panels * NR;
+    // Qᵀ of the tile as 16-query micro-panels [panel][dq][16], softmax scale folded in.
+    let mut qp = vec![0f32; panels * dq * NR];
+    for j in 0..hn {
+        let src = &q[((q0 + j) * heads + h) * dq..][..dq];
+        let dst = &mut qp[(j / NR) * dq * NR + j % NR..];
+        for (k, &x) in src.iter().enumerate() {
+            dst[k * NR] = scale * x;
+        }
+    }
+    let limits: Vec<usize> = (0..hn).map(|j| qt.start + q0 + j + 1).collect();
+    let kend = (seg.s0 + seg.sn).min(qt.start + q0 + hn);
+    let mut st = vec![0f32; MLA_BLOCK * hp];
+    let mut colmax = vec![0f32; hn];
+    let ldo = heads * v;
+    // SAFETY (whole function): rows q0..q0+hn of head h are this task's (caller).
+    let o_row = |j: usize| unsafe { out.0.add((q0 + j) * ldo + h * v) };
+    for t0 in (seg.s0..kend).step_by(MLA_BLOCK) {
+        let tp = MLA_BLOCK.min(kend - t0);
+        let kr = t0 - seg.s0;
+        // Sᵀ[t][j] = k_nope_t · q_nope_j + k_pe_t · q_pe_j.
+        for tb in (0..tp).step_by(MR) {
+            for pn in (0..panels).step_by(2) {
+                let base = Tile {
+                    kc: nope,
+                    a: seg.kv[(kr + tb) * seg.ks + h * seg.hv..].as_ptr(),
+                    rsa: seg.ks,
+                    csa: 1,
+                    b: qp[pn * dq * NR..].as_ptr(),
+                    rsb: NR,
+                    c: st[tb * hp + pn * NR..].as_mut_ptr(),
+                    ldc: hp,
+                    mr: MR.min(tp - tb),
+                    nr: NW.min(hp - pn * NR),
+                    accumulate: false,
+                };
+                let rope = Tile {
+                    kc: p,
+                    a: seg.kpe[(kr + tb) * p..].as_ptr(),
+                    rsa: p,
+                    b: qp[pn * dq * NR + nope * NR..].as_ptr(),
+                    accumulate: true,
+                    ..base
+                };
+                // SAFETY: key rows kr+tb.. of the segment (mr of them), nope K values of head h
+                // and p k_pe values each; Q panels pn (and pn+1 when nr > 16) are padded to 16
+                // queries; a row of Sᵀ holds hp ≥ pn·16 + nr values.
+                unsafe {
+                    microkernel_wide(isa, &base, dq * NR);
+                    microkernel_wide(isa, &rope, dq * NR);
+                }
+            }
+        }
+        softmax_block(
+            isa,
+            &mut st,
+            hp,
+            tp,
+            t0,
+            &limits,
+            m_run,
+            l_run,
+            &mut colmax,
+            |j, corr| {
+                // SAFETY: row j of this task's output, v values.
+                let o = unsafe { std::slice::from_raw_parts_mut(o_row(j), v) };
+                for x in o {
+                    *x *= corr;
+                }
+            },
+        );
+        // O[j] += Σ_t P[t][j] · v_t.
+        for jb in (0..hn).step_by(MR) {
+            for nb in (0..v).step_by(NW) {
+                let t = Tile {
+                    kc: tp,
+                    a: st[jb..].as_ptr(),
+                    rsa: 1,
+                    csa: hp,
+                    b: seg.kv[kr * seg.ks + h * seg.hv + nope + nb..].as_ptr(),
+                    rsb: seg.ks,
+                    c: unsafe { o_row(jb).add(nb) },
+                    ldc: ldo,
+                    mr: MR.min(hn - jb),
+                    nr: NW.min(v - nb),
+                    accumulate: true,
+                };
+                // SAFETY: P rows jb..jb+mr over tp keys; V values nb.. of head h of each key
+                // (reads past v stay inside the row or the buffer's padding); output rows
+                // jb..jb+mr of this task, nr ≤ v - nb columns.
+                unsafe { microkernel_wide(isa, &t, NR) };
+            }
+        }
+    }
+}
+
 /// Attention of `hn` query rows over the first `limit(j)` tokens of the sequence (row j).
 #[allow(clippy::too_many_arguments)]
 fn attend(
@@ -378,9 +817,9 @@ fn attend(
                 &conv[..tp * e]
             }
         };
-        // Sᵀ[t][j] = page_t · q_j (scaled).
+        // Sᵀ[t][j] = page_t · q_j (scaled), two Q panels per wide tile.
         for tb in (0..tp).step_by(MR) {
-            for pn in 0..panels {
+            for pn in (0..panels).step_by(2) {
                 let t = Tile {
                     kc: e,
                     a: page[tb * e..].as_ptr(),
@@ -391,73 +830,50 @@ fn attend(
                     c: st[tb * hp + pn * NR..].as_mut_ptr(),
                     ldc: hp,
                     mr: MR.min(tp - tb),
-                    nr: NR,
+                    nr: NW.min(hp - pn * NR),
                     accumulate: false,
                 };
-                // SAFETY: rows tb..tb+mr of the page, a full padded Q panel, a full row of Sᵀ.
-                unsafe { cpu::microkernel(isa, &t) };
+                // SAFETY: rows tb..tb+mr of the page; full padded Q panels pn (and pn+1 when
+                // nr > 16); a row of Sᵀ is hp ≥ pn·16 + nr long.
+                unsafe { microkernel_wide(isa, &t, e * NR) };
             }
         }
-        // Causal / length mask, then the online softmax update per row.
-        for (j, &lim) in limits.iter().enumerate() {
-            for t in lim.saturating_sub(t0)..tp {
-                st[t * hp + j] = f32::NEG_INFINITY;
-            }
-        }
-        colmax.copy_from_slice(&st[..hn]);
-        for t in 1..tp {
-            for (c, &v) in colmax.iter_mut().zip(&st[t * hp..t * hp + hn]) {
-                if v > *c {
-                    *c = v;
-                }
-            }
-        }
-        for j in 0..hn {
-            let m_new = m_run[j].max(colmax[j]);
-            // Rows whose limit ends before this page keep their state (every row sees token 0).
-            let corr = if m_new == f32::NEG_INFINITY {
-                1.0
-            } else {
-                (m_run[j] - m_new).exp()
-            };
-            m_run[j] = m_new;
-            colmax[j] = corr;
-            l_run[j] *= corr;
-            if corr != 1.0 {
+        softmax_block(
+            isa,
+            &mut st,
+            hp,
+            tp,
+            t0,
+            &limits,
+            &mut m_run,
+            &mut l_run,
+            &mut colmax,
+            |j, corr| {
                 for v in &mut o[j * r..(j + 1) * r] {
                     *v *= corr;
                 }
-            }
-        }
-        for t in 0..tp {
-            let row = &mut st[t * hp..t * hp + hn];
-            for (v, &m) in row.iter_mut().zip(&m_run) {
-                *v -= m;
-            }
-            cpu::exp_inplace(isa, row);
-            for (l, &v) in l_run.iter_mut().zip(row.iter()) {
-                *l += v;
-            }
-        }
-        // O[j] += Σ_t P[t][j] · c_t.
+            },
+        );
+        // O[j] += Σ_t P[t][j] · c_t, 32 latent values per wide tile.
         for jb in (0..hn).step_by(MR) {
-            for nb in 0..r / NR {
+            for nb in (0..r).step_by(NW) {
                 let t = Tile {
                     kc: tp,
                     a: st[jb..].as_ptr(),
                     rsa: 1,
                     csa: hp,
-                    b: page[nb * NR..].as_ptr(),
+                    b: page[nb..].as_ptr(),
                     rsb: e,
-                    c: o[jb * r + nb * NR..].as_mut_ptr(),
+                    c: o[jb * r + nb..].as_mut_ptr(),
                     ldc: r,
                     mr: MR.min(hn - jb),
-                    nr: NR,
+                    nr: NW.min(r - nb),
                     accumulate: true,
                 };
-                // SAFETY: P rows jb..jb+mr over tp tokens; 16 latent values of each token
-                // (r is a multiple of 16); O rows jb..jb+mr.
-                unsafe { cpu::microkernel(isa, &t) };
+                // SAFETY: P rows jb..jb+mr over tp tokens; nr ≤ 32 latent values of each token
+                // starting at nb (r is a multiple of 16, so each half read is inside the
+                // token's entry); O rows jb..jb+mr.
+                unsafe { microkernel_wide(isa, &t, NR) };
             }
         }
     }
@@ -468,6 +884,67 @@ fn attend(
             .zip(&o[j * r..(j + 1) * r])
         {
             *d = v * inv;
+        }
+    }
+}
+
+/// One key block of the online (flash-style) softmax. `st` holds Sᵀ `[tp][hp]` (key t of the
+/// block starting at absolute position `t0`, query row j < `limits.len()`). Keys at or past
+/// `limits[j]` are masked, the running max and sum of every row are updated, `rescale(j, c)`
+/// is called to multiply row j's output accumulator by c when its max moved, and `st` is left
+/// holding the unnormalised probabilities P.
+///
+/// Every row must see at least one key in its first block (all callers start at key 0, which
+/// every query sees), so a running max is never −∞ once a later block masks a row entirely.
+#[allow(clippy::too_many_arguments)]
+fn softmax_block(
+    isa: Isa,
+    st: &mut [f32],
+    hp: usize,
+    tp: usize,
+    t0: usize,
+    limits: &[usize],
+    m_run: &mut [f32],
+    l_run: &mut [f32],
+    colmax: &mut [f32],
+    mut rescale: impl FnMut(usize, f32),
+) {
+    let hn = limits.len();
+    for (j, &lim) in limits.iter().enumerate() {
+        for t in lim.saturating_sub(t0)..tp {
+            st[t * hp + j] = f32::NEG_INFINITY;
+        }
+    }
+    colmax[..hn].copy_from_slice(&st[..hn]);
+    for t in 1..tp {
+        for (c, &v) in colmax[..hn].iter_mut().zip(&st[t * hp..t * hp + hn]) {
+            if v > *c {
+                *c = v;
+            }
+        }
+    }
+    for j in 0..hn {
+        let m_new = m_run[j].max(colmax[j]);
+        // Rows whose limit ends before this block keep their state.
+        let corr = if m_new == f32::NEG_INFINITY {
+            1.0
+        } else {
+            (m_run[j] - m_new).exp()
+        };
+        m_run[j] = m_new;
+        l_run[j] *= corr;
+        if corr != 1.0 {
+            rescale(j, corr);
+        }
+    }
+    for t in 0..tp {
+        let row = &mut st[t * hp..t * hp + hn];
+        for (v, &m) in row.iter_mut().zip(m_run.iter()) {
+            *v -= m;
+        }
+        cpu::exp_inplace(isa, row);
+        for (l, &v) in l_run.iter_mut().zip(row.iter()) {
+            *l += v;
         }
     }
 }
@@ -563,5 +1040,60 @@ pub mod reference {
                 )
             })
             .collect()
+    }
+
+    /// The expanded form in f64: K_nope and V of every context token decompressed with
+    /// `kv_b`, one (query, head) at a time. `q` is `[chunk, heads, nope + rope]`; the result
+    /// `[chunk, heads, v]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn mla_prefill_expanded(
+        cache: &LatentCache,
+        seq: &SeqPages,
+        start: usize,
+        heads: usize,
+        q: &[f32],
+        kv_b: &Weight,
+        nope: usize,
+        scale: f32,
+    ) -> Vec<f32> {
+        let (r, p) = (cache.kv_lora_rank, cache.rope_dim);
+        let hv = kv_b.rows / heads;
+        let (v, dq) = (hv - nope, nope + p);
+        let chunk = q.len() / (heads * dq);
+        let len = start + chunk;
+        let toks: Vec<Vec<f32>> = (0..len).map(|t| cache.token(seq.pages, t)).collect();
+        // kvs[t][row] = kv_b[row] · c_t
+        let kvs: Vec<Vec<f64>> = toks
+            .iter()
+            .map(|c| {
+                (0..kv_b.rows)
+                    .map(|row| (0..r).map(|k| kv_b.get(row, k) as f64 * c[k] as f64).sum())
+                    .collect()
+            })
+            .collect();
+        let mut out = Vec::with_capacity(chunk * heads * v);
+        for i in 0..chunk {
+            for h in 0..heads {
+                let qr = &q[(i * heads + h) * dq..][..dq];
+                let n = start + i + 1;
+                let s: Vec<f64> = (0..n)
+                    .map(|t| {
+                        let a: f64 = (0..nope).map(|k| qr[k] as f64 * kvs[t][h * hv + k]).sum();
+                        let b: f64 = (0..p)
+                            .map(|k| qr[nope + k] as f64 * toks[t][r + k] as f64)
+                            .sum();
+                        scale as f64 * (a + b)
+                    })
+                    .collect();
+                let mx = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let w: Vec<f64> = s.iter().map(|x| (x - mx).exp()).collect();
+                let z: f64 = w.iter().sum();
+                for d in 0..v {
+                    let acc: f64 = (0..n).map(|t| w[t] * kvs[t][h * hv + nope + d]).sum();
+                    out.push((acc / z) as f32);
+                }
+            }
+        }
+        out
     }
 }

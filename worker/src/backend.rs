@@ -22,7 +22,9 @@ use crate::error::{Error, Result};
 use crate::weights::{Linear, Store};
 use rayon::prelude::*;
 use shardseek_kernels::gemm::{matmul, matmul_acc, matmul_silu_mul};
-use shardseek_kernels::mla::{LatentCache, SeqPages, mla_decode, mla_prefill};
+use shardseek_kernels::mla::{
+    LatentCache, SeqPages, mla_decode, mla_prefill, mla_prefill_expanded, prefer_expanded,
+};
 use shardseek_kernels::moe::{Combine, ExpertWeights, Group, grouped_ffn};
 use shardseek_kernels::norm::rms_norm_inplace;
 use shardseek_kernels::rope::Rope;
@@ -341,7 +343,11 @@ pub trait Backend: Send + Sync {
         out: &mut [f32],
     ) -> Result<()>;
 
-    /// MLA over a chunk of one sequence whose latents are in the cache (causal).
+    /// MLA over a chunk of one sequence whose latents are in the cache (causal): `q` is
+    /// `[chunk, heads, nope + rope]` (q_pe rotated), `out` `[chunk, heads, v_head_dim]`, the
+    /// attention output after W_UV. The backend picks the form: expanded (decompress K/V of
+    /// the context with kv_b, attend per head) or absorbed (attend over the latents), by
+    /// `kernels::mla::prefer_expanded` on the CPU.
     #[allow(clippy::too_many_arguments)]
     fn mla_prefill(
         &self,
@@ -349,8 +355,8 @@ pub trait Backend: Send + Sync {
         seq: &SeqPages,
         start: usize,
         heads: usize,
-        q_abs: &[f32],
-        q_pe: &[f32],
+        q: &[f32],
+        w: &MlaWeights,
         scale: f32,
         out: &mut [f32],
     ) -> Result<()>;
@@ -399,6 +405,8 @@ impl Backend for CpuBackend {
     }
 
     fn prepare(&self, store: &Arc<Store>, w: &Linear) -> Result<PreparedWeight> {
+        // The kernels read the mapping in place: map its pages now, not on the first step.
+        w.prefault(store);
         Ok(PreparedWeight {
             rows: w.rows,
             cols: w.cols,
@@ -608,14 +616,52 @@ impl Backend for CpuBackend {
         seq: &SeqPages,
         start: usize,
         heads: usize,
-        q_abs: &[f32],
-        q_pe: &[f32],
+        q: &[f32],
+        w: &MlaWeights,
         scale: f32,
         out: &mut [f32],
     ) -> Result<()> {
-        Ok(mla_prefill(
-            cache, seq, start, heads, q_abs, q_pe, scale, out,
-        )?)
+        let (r, rope) = (cache.kv_lora_rank, cache.rope_dim);
+        let (nope, v) = match (w.w_uk_t.first(), w.w_uv.first()) {
+            (Some(uk), Some(uv)) if w.w_uk_t.len() == heads && w.w_uv.len() == heads => {
+                (uk.cols, uv.rows)
+            }
+            _ => {
+                return Err(input_err(
+                    "mla_prefill",
+                    format!("MLA weights of {} heads for {heads}", w.w_uk_t.len()),
+                ));
+            }
+        };
+        let qk = nope + rope;
+        if heads == 0 || !q.len().is_multiple_of(heads * qk) {
+            return Err(input_err(
+                "mla_prefill",
+                format!("q {} for {heads} heads of {qk}", q.len()),
+            ));
+        }
+        let chunk = q.len() / (heads * qk);
+        if prefer_expanded(chunk, start, heads, r, nope, rope, v) {
+            return Ok(mla_prefill_expanded(
+                cache,
+                seq,
+                start,
+                heads,
+                q,
+                &w.kv_b.view(),
+                nope,
+                scale,
+                out,
+            )?);
+        }
+        // Absorbed: q̃ = W_UKᵀ·q_nope per head, attention over the latents, then W_UV.
+        let mut q_abs = vec![0f32; chunk * heads * r];
+        self.linear_heads(q, chunk, qk, 0, &w.w_uk_t, &mut q_abs)?;
+        let mut q_pe = vec![0f32; chunk * heads * rope];
+        self.gather_cols(q, qk, nope, rope, &mut q_pe)?;
+        let mut ctx = vec![0f32; chunk * heads * r];
+        mla_prefill(cache, seq, start, heads, &q_abs, &q_pe, scale, &mut ctx)?;
+        self.linear_heads(&ctx, chunk, r, 0, &w.w_uv, out)
     }
 
     fn mlp(

@@ -3,11 +3,14 @@
 //! dtype. The model only says what each layer computes; every operation runs on a
 //! [`Backend`] chosen at load, with weights prepared for it once (`crate::backend`).
 //!
-//! MLA runs in the absorbed form (kernels::mla decode and chunked prefill): the cache holds, per
-//! token and layer, the normalised latent c (kv_lora_rank) and the rotated rope key k_pe;
-//! scores are (q_nope·W_UK)·c + q_pe·k_pe and the output is W_UV·(Σ p·c). This is the same
-//! math as the expanded form of the reference, reassociated, so prefill-then-decode and a full
-//! recompute give the same numbers up to f32 rounding.
+//! The latent cache holds, per token and layer, the normalised latent c (kv_lora_rank) and the
+//! rotated rope key k_pe. Decode runs MLA in the absorbed form (kernels::mla): scores are
+//! (q_nope·W_UK)·c + q_pe·k_pe and the output is W_UV·(Σ p·c). A prefill chunk runs in the
+//! expanded form: K_nope = W_UK·c and V = W_UV·c are decompressed for the chunk's context and
+//! every head attends over [k_nope, k_pe] (the absorbed form is kept for short chunks after a
+//! long cached prefix, where it does less work; `kernels::mla::prefer_expanded`). Both are the
+//! math of the reference, reassociated, so prefill-then-decode and a full recompute give the
+//! same numbers up to f32 rounding.
 
 use crate::backend::{Backend, CpuBackend, MlaWeights, MlpWeights, PreparedWeight};
 use crate::config::ModelConfig;
@@ -750,8 +753,8 @@ impl Model {
 
     /// MLA (DESIGN.md §3) for the rows of `batch`, whose tokens sit at `positions`:
     /// q = W_qb·norm(W_qa·y), c‖k_pe = W_kva·y (c normalised, k_pe rotated, appended to the
-    /// latent cache), q̃ = W_UKᵀ·q_nope per head, attention over the cache in the absorbed
-    /// form, out = W_o·(W_UV·ctx) per head.
+    /// latent cache), attention over the cache (absorbed for decode, expanded for a prefill
+    /// chunk), out = W_o·o.
     #[allow(clippy::too_many_arguments)]
     fn attention<'s>(
         &self,
@@ -799,17 +802,14 @@ impl Model {
             pool.write_tokens(l, s.cache, p0, &kv[r0 * ld..(r0 + n) * ld])?;
             r0 += n;
         }
-        // Absorbed queries: q̃ = W_UKᵀ·q_nope [t, heads, rank] and q_pe [t, heads, rope].
-        let q_abs = zeroed(&mut sc.q_abs, t * heads * lat);
-        be.linear_heads(q, t, qk, 0, &at.mla.w_uk_t, q_abs)?;
-        let q_pe = zeroed(&mut sc.q_pe, t * heads * rope_d);
-        be.gather_cols(q, qk, nope, rope_d, q_pe)?;
-        // Attention over the paged cache: runs of one-token sequences as one decode batch,
-        // each longer chunk causally over its sequence.
+        // Attention over the paged cache into o [t, heads, v]: runs of one-token sequences
+        // as one decode batch in the absorbed form (q̃ = W_UKᵀ·q_nope, attend over latents,
+        // W_UV after), each longer chunk causally over its sequence in the form the backend
+        // measures faster (expanded for a fresh prompt).
         let cache = pool.latent_cache(l)?;
         let scale = self.softmax_scale;
-        let ctx = zeroed(&mut sc.ctx, t * heads * lat);
-        let (hl, hp) = (heads * lat, heads * rope_d);
+        let o = zeroed(&mut sc.o, t * heads * vd);
+        let (hq, hv) = (heads * qk, heads * vd);
         let mut seqs = reuse_pages(std::mem::take(&mut sc.seqs));
         let mut i = 0;
         let mut r0 = 0;
@@ -824,16 +824,15 @@ impl Model {
                     pages: batch[k].cache.blocks(),
                     len: starts[k] + 1,
                 }));
-                let r1 = r0 + (j - i);
-                be.mla_decode(
-                    &cache,
-                    &seqs,
-                    heads,
-                    &q_abs[r0 * hl..r1 * hl],
-                    &q_pe[r0 * hp..r1 * hp],
-                    scale,
-                    &mut ctx[r0 * hl..r1 * hl],
-                )?;
+                let (r1, b) = (r0 + (j - i), j - i);
+                let qs = &q[r0 * hq..r1 * hq];
+                let q_abs = zeroed(&mut sc.q_abs, b * heads * lat);
+                be.linear_heads(qs, b, qk, 0, &at.mla.w_uk_t, q_abs)?;
+                let q_pe = zeroed(&mut sc.q_pe, b * heads * rope_d);
+                be.gather_cols(qs, qk, nope, rope_d, q_pe)?;
+                let ctx = zeroed(&mut sc.ctx, b * heads * lat);
+                be.mla_decode(&cache, &seqs, heads, q_abs, q_pe, scale, ctx)?;
+                be.linear_heads(ctx, b, lat, 0, &at.mla.w_uv, &mut o[r0 * hv..r1 * hv])?;
                 (i, r0) = (j, r1);
             } else {
                 let seq = SeqPages {
@@ -846,18 +845,16 @@ impl Model {
                     &seq,
                     starts[i],
                     heads,
-                    &q_abs[r0 * hl..r1 * hl],
-                    &q_pe[r0 * hp..r1 * hp],
+                    &q[r0 * hq..r1 * hq],
+                    &at.mla,
                     scale,
-                    &mut ctx[r0 * hl..r1 * hl],
+                    &mut o[r0 * hv..r1 * hv],
                 )?;
                 (i, r0) = (i + 1, r1);
             }
         }
         sc.seqs = reuse_pages(seqs);
-        // out = W_o · (W_UV · ctx) per head.
-        let o = zeroed(&mut sc.o, t * heads * vd);
-        be.linear_heads(ctx, t, lat, 0, &at.mla.w_uv, o)?;
+        // out = W_o · o.
         let out = zeroed(&mut sc.out, t * cfg.hidden_size);
         be.linear(o, t, &at.o, out)?;
         Ok(out)

@@ -589,13 +589,26 @@ impl<'a> Hub<'a> {
             }
             let mut body = resp.into_body();
             loop {
-                let frame = tokio::time::timeout(self.cfg.read_timeout, body.frame())
-                    .await
-                    .map_err(|_| http_err(&url, "timed out waiting for data"))?;
+                let Ok(frame) = tokio::time::timeout(self.cfg.read_timeout, body.frame()).await
+                else {
+                    file.flush().await.map_err(|e| io_err(&partial, e))?;
+                    return Err(http_err(&url, "timed out waiting for data"));
+                };
                 let Some(frame) = frame else { break };
-                // An error here keeps the `.incomplete` file: the next run resumes it.
-                let frame = frame
-                    .map_err(|e| http_err(&url, format!("download broke: {}", with_causes(&e))))?;
+                // An error here keeps the `.incomplete` file: the next run resumes it. tokio's
+                // file finishes a write in the background, so it is flushed first: the partial
+                // file must hold every byte received before this call returns (a resume reads
+                // its length).
+                let frame = match frame {
+                    Ok(frame) => frame,
+                    Err(e) => {
+                        file.flush().await.map_err(|e| io_err(&partial, e))?;
+                        return Err(http_err(
+                            &url,
+                            format!("download broke: {}", with_causes(&e)),
+                        ));
+                    }
+                };
                 if let Ok(data) = frame.into_data() {
                     if offset + received + data.len() as u64 > f.size {
                         // More than the listing says: cannot be the right file.

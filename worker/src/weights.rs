@@ -279,6 +279,24 @@ impl Linear {
         }
     }
 
+    /// Maps the matrix's pages into this process now, in one `MADV_POPULATE_READ` per tensor
+    /// (Linux ≥ 5.14), instead of one page fault per 4 KiB the first time a kernel reads it.
+    /// On `main` before this, kernel time was ~19% of the profile of medium's first 512-token
+    /// prefill, mostly those faults (fault handling, page-cache lookups, memcg charging), and
+    /// the prefill GEMM's software prefetches are dropped on unmapped pages. Only tensors a process prepares are populated, so an expert
+    /// shard still maps only its experts. A kernel without the advice (or a failure) leaves
+    /// the pages to fault in lazily, as before: the result is the same, only slower.
+    pub fn prefault(&self, store: &Store) {
+        #[cfg(target_os = "linux")]
+        {
+            let map = &store.files[self.info.file].1;
+            let len = self.info.end - self.info.start;
+            let _ = map.advise_range(memmap2::Advice::PopulateRead, self.info.start, len);
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = store;
+    }
+
     /// Bytes of weights plus scales.
     pub fn stored_bytes(&self) -> usize {
         (self.info.end - self.info.start) + self.scale_inv.as_ref().map_or(0, |s| s.len() * 4)

@@ -192,14 +192,14 @@ impl Backend for Outside {
         seq: &SeqPages,
         start: usize,
         heads: usize,
-        q_abs: &[f32],
-        q_pe: &[f32],
+        q: &[f32],
+        w: &MlaWeights,
         scale: f32,
         out: &mut [f32],
     ) -> Result<()> {
         let _p = Paused::new();
         self.0
-            .mla_prefill(cache, seq, start, heads, q_abs, q_pe, scale, out)
+            .mla_prefill(cache, seq, start, heads, q, w, scale, out)
     }
 
     fn mlp(
