@@ -3,6 +3,7 @@
 //! cross-pod batching, and refusal of shards for another model or layout.
 
 mod common;
+mod faults;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

@@ -1,15 +1,11 @@
 //! Fault injection: a shard killed mid-stream, the survivors going on, the restarted shard
 //! rejoining, and failover to redundant replicas.
 
-#[path = "../expert/common.rs"]
-#[allow(dead_code)] // shared with the `expert` binary; not every helper is used here
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use shardseek_router::transport::grpc::{GrpcConfig, GrpcTransport};
 use shardseek_router::{Placement, Routes, Transport, WireDtype};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
