@@ -193,7 +193,10 @@ impl Rebalancer {
             Ok(r) => r.outcome.label(),
             Err(_) => "failed",
         };
+        // The round's count and the version in force change together, after the round: a
+        // scrape never sees a new version whose round is not counted yet.
         self.rebalances.with_label_values(&[label]).inc();
+        self.version_gauge.set(self.current.version() as i64);
         result
     }
 
@@ -381,7 +384,6 @@ impl Rebalancer {
         // Every pod routes with the new table now: it is in force, whatever Commit says (a shard
         // that misses it keeps serving both versions, which is harmless).
         self.current = next;
-        self.version_gauge.set(version as i64);
         let committed =
             futures::future::join_all(self.config.shards.iter().map(|addr| async move {
                 let mut c = client(addr).await?;
