@@ -445,7 +445,7 @@ fn read_bandwidth(isa: Isa) -> f64 {
 fn sum(isa: Isa, c: &[f32]) -> f32 {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma | Isa::Avx512 => unsafe { sum_avx2(c) },
+        Isa::Avx2Fma | Isa::Avx512 | Isa::Avx512Bf16 => unsafe { sum_avx2(c) },
         _ => {
             let mut acc = [0f32; 16];
             for ch in c.chunks_exact(16) {
@@ -494,7 +494,7 @@ fn fma_peak(isa: Isa) -> f64 {
     }
     let per_thread = match isa {
         // The peak loop is 256-bit on AVX-512 CPUs too (what the compute kernels use there).
-        Isa::Avx2Fma | Isa::Avx512 => ITERS as f64 * 12.0 * 8.0 * 2.0,
+        Isa::Avx2Fma | Isa::Avx512 | Isa::Avx512Bf16 => ITERS as f64 * 12.0 * 8.0 * 2.0,
         Isa::Portable => ITERS as f64 * 12.0 * 2.0,
     };
     per_thread * threads as f64 / best / 1e9
@@ -503,7 +503,7 @@ fn fma_peak(isa: Isa) -> f64 {
 fn fma_loop(isa: Isa, iters: u64) -> f64 {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma | Isa::Avx512 => unsafe { fma_loop_avx2(iters) },
+        Isa::Avx2Fma | Isa::Avx512 | Isa::Avx512Bf16 => unsafe { fma_loop_avx2(iters) },
         _ => {
             let mut a = [1f32; 12];
             for _ in 0..iters {

@@ -1,20 +1,26 @@
 //! y = x · Wᵀ with W in its stored dtype (dequantised inside the kernel).
 //!
-//! Two strategies, picked by the number of rows of x:
-//! - **decode** (`m ≤ STREAM_MAX_M`): memory-bound, so each weight row is streamed from memory
-//!   once, dequantised in registers and dotted with every row of x ([`crate::cpu`]).
-//! - **prefill** (larger `m`): compute-bound. x is packed once into 6-row panels; each task
-//!   dequantises a `KC × NC` panel of W to f32 (scale applied) once and reuses it across all
-//!   rows of x through the 6×16 FMA microkernel.
+//! Three strategies:
+//! - **FP8 on [`Isa::Avx512Bf16`]**, any `m`: x is split once into bf16 hi/lo parts and every
+//!   weight byte is read once per block of x rows, converted to bf16 in registers and used by
+//!   `RW`×`RX` tiles of bf16 dot products ([`crate::cpu`]); large `m` is cut into L2-sized
+//!   blocks of x.
+//! - **decode** otherwise (`m ≤ STREAM_MAX_M`): memory-bound, so each weight row is streamed
+//!   from memory once, dequantised in registers and dotted with every row of x.
+//! - **prefill** otherwise (larger `m`): compute-bound. x is packed once into 6-row panels;
+//!   each task dequantises a `KC × NC` panel of W to f32 (scale applied) once and reuses it
+//!   across all rows of x through the 6×16 FMA microkernel.
 //!
 //! Tasks own disjoint column ranges of y and compute a `[m, cols]` tile locally, then apply
-//! the epilogue (store, scaled accumulate, or SiLU(gate)·up) while writing y.
+//! the epilogue (store, scaled accumulate, or SiLU(gate)·up) while writing y. They run on the
+//! kernel team ([`crate::pool::parallel_for`]).
 
 use crate::cpu::{self, Isa, MR, NR, SyncPtr, Tile};
 use crate::error::{Result, shape};
-use crate::weight::{FP8_BLOCK, Weight};
-use rayon::prelude::*;
+use crate::pool::parallel_for;
+use crate::weight::{FP8_BLOCK, Weight, WeightData};
 use std::cell::RefCell;
+use std::sync::OnceLock;
 
 /// Up to this many rows of x the streaming (decode) kernel is used: it re-reads each weight row
 /// from L1 once per 4 rows of x, which beats packing while the weight bytes dominate.
@@ -92,11 +98,11 @@ pub fn matmul_with(
     if m == 0 || w.rows == 0 {
         return Ok(());
     }
-    let a = XOperand::new(isa, x, m, w.cols);
+    let a = XOperand::new(isa, x, m, w.cols, is_fp8(w));
     let n = w.rows;
     let yp = SyncPtr(y.as_mut_ptr());
     let chunk = col_chunk(m, n, 1);
-    (0..n.div_ceil(chunk)).into_par_iter().for_each(|t| {
+    parallel_for(n.div_ceil(chunk), |t| {
         let n0 = t * chunk;
         let n1 = (n0 + chunk).min(n);
         with_tile(m * (n1 - n0), |tile| {
@@ -122,11 +128,11 @@ pub fn silu_mul_with(
     if m == 0 || gate.rows == 0 {
         return Ok(());
     }
-    let a = XOperand::new(isa, x, m, gate.cols);
+    let a = XOperand::new(isa, x, m, gate.cols, is_fp8(gate) && is_fp8(up));
     let n = gate.rows;
     let yp = SyncPtr(y.as_mut_ptr());
     let chunk = col_chunk(m, n, 2);
-    (0..n.div_ceil(chunk)).into_par_iter().for_each(|t| {
+    parallel_for(n.div_ceil(chunk), |t| {
         let n0 = t * chunk;
         let n1 = (n0 + chunk).min(n);
         let cols = n1 - n0;
@@ -153,7 +159,7 @@ pub fn silu_mul_inplace(g: &mut [f32], u: &[f32]) {
 /// multiples of 16 so tiles align with the microkernel, bounded so a panel fits in L2.
 /// `weights` is how many matrices one task reads per column (2 for gate+up).
 pub(crate) fn col_chunk(m: usize, n: usize, weights: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
+    let threads = crate::pool::threads();
     let want = n.div_ceil(4 * threads);
     let cap = if m <= STREAM_MAX_M {
         // Streaming: ~64 KiB of weights per task amortises scheduling.
@@ -227,29 +233,43 @@ pub(crate) unsafe fn write_tile(
     }
 }
 
-/// The x side of a GEMM, prepared once and shared by every task: raw rows for the streaming
-/// kernel, or 6-row panels `[k-block][row-panel][kc][6]` for the microkernel.
+/// Whether `w` holds FP8 codes (the weights the bf16 tile path serves).
+pub(crate) fn is_fp8(w: &Weight) -> bool {
+    matches!(w.data, WeightData::Fp8E4m3 { .. })
+}
+
+/// The x side of a GEMM, prepared once and shared by every task: bf16 hi/lo rows for the FP8
+/// tiles of [`Isa::Avx512Bf16`], raw rows for the streaming kernel, or 6-row panels
+/// `[k-block][row-panel][kc][6]` for the microkernel (packed on first use).
 pub(crate) struct XOperand<'a> {
     isa: Isa,
     x: &'a [f32],
     m: usize,
     k: usize,
-    packed: Vec<f32>,
+    bf16: Vec<u16>,
+    packed: OnceLock<Vec<f32>>,
 }
 
 impl<'a> XOperand<'a> {
-    pub(crate) fn new(isa: Isa, x: &'a [f32], m: usize, k: usize) -> Self {
-        let packed = if m > STREAM_MAX_M {
-            pack_x(x, m, k)
-        } else {
-            Vec::new()
-        };
+    /// `fp8`: the weights this operand meets are FP8 (then, on [`Isa::Avx512Bf16`], x is
+    /// prepared for the bf16 tiles; other weights still work, through the f32 paths).
+    pub(crate) fn new(isa: Isa, x: &'a [f32], m: usize, k: usize, fp8: bool) -> Self {
+        let mut bf16 = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        if fp8 && isa == Isa::Avx512Bf16 && m > 0 {
+            bf16 = vec![0u16; cpu::avx512bf16::prepared_len(m, k)];
+            // SAFETY: the ISA was detected; the length is the prepared length.
+            unsafe { cpu::avx512bf16::prepare_x(x, m, k, &mut bf16) };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = fp8;
         Self {
             isa,
             x,
             m,
             k,
-            packed,
+            bf16,
+            packed: OnceLock::new(),
         }
     }
 
@@ -257,11 +277,19 @@ impl<'a> XOperand<'a> {
     pub(crate) fn compute_cols(&self, w: &Weight, n0: usize, n1: usize, out: &mut [f32]) {
         debug_assert_eq!(w.cols, self.k);
         let cols = n1 - n0;
+        #[cfg(target_arch = "x86_64")]
+        if !self.bf16.is_empty() && is_fp8(w) {
+            out.fill(0.0);
+            // SAFETY: bf16 is prepared only on a CPU with the ISA; w is FP8.
+            unsafe { cpu::avx512bf16::fp8_rows(&self.bf16, self.m, w, n0, n1, out, cols) };
+            return;
+        }
         if self.m <= STREAM_MAX_M {
             cpu::stream_rows(self.isa, self.x, self.m, w, n0, n1, out, cols);
             return;
         }
         let (m, k) = (self.m, self.k);
+        let packed = self.packed.get_or_init(|| pack_x(self.x, m, k));
         let panels = cols.div_ceil(NR);
         let mp = m.div_ceil(MR) * MR;
         with_panel(KC * panels * NR, |bp| {
@@ -285,7 +313,7 @@ impl<'a> XOperand<'a> {
                         }
                     }
                 }
-                let xa = &self.packed[pi * mp * KC..];
+                let xa = &packed[pi * mp * KC..];
                 for ib in 0..m.div_ceil(MR) {
                     let a = &xa[ib * MR * kc..];
                     let mr = MR.min(m - ib * MR);
