@@ -12,10 +12,8 @@
 //! every FP8 GEMM — decode GEMV, small-M batches, grouped experts, prefill — runs on
 //! `vdpbf16ps` ([`avx512bf16`]): an e4m3 code is exact in bf16, and two `vpermt2b` lookups
 //! turn 64 codes into 64 bf16 values in six instructions (the f16 route costs about 14);
-//! x is split once per call into bf16 hi + lo parts (x = hi + lo + O(2⁻¹⁸|x|)), so each
-//! product is accumulated in f32 from two exact bf16 products. Measured on one Zen 4 core with
-//! the weights in cache: 2× the f16 route's GEMV rate, and 1.2–1.3× the f32 FMA peak at 4–16
-//! rows of x (bf16 dot products do twice the multiply-adds of an f32 FMA per instruction).
+//! x is split once per call into three bf16 parts (x = hi + mid + lo + O(2⁻²⁴|x|), f32's own
+//! precision), so each product is accumulated in f32 from three exact bf16 products.
 //!
 //! FP8 in registers: an e4m3 code `s eeee mmm` becomes the f16 `s 0eeee mmm0000000` with two
 //! shifts and a mask, i.e. exactly the e4m3 value times 2⁻⁸ (normals and subnormals alike), and
@@ -487,7 +485,7 @@ pub(crate) mod avx512 {
 }
 
 /// FP8 GEMMs on AVX512-BF16 dot products (module doc): x prepared once per call into bf16
-/// hi/lo parts, weights converted 64 codes at a time by table lookup, `RW`×`RX` register
+/// hi/mid/lo parts, weights converted 64 codes at a time by table lookup, `RW`×`RX` register
 /// tiles of (weight row, x row) dot products with the block scale applied per 128 columns.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512bf16 {
@@ -511,13 +509,14 @@ pub(crate) mod avx512bf16 {
     }
     static TABLES: [[u8; 128]; 2] = tables();
 
-    /// u16 words of one 64-column chunk of a prepared row: hi A, hi B, lo A, lo B (32 each).
-    pub(crate) const CHUNK_WORDS: usize = 128;
+    /// u16 words of one 64-column chunk of a prepared row: hi A, hi B, mid A, mid B, lo A,
+    /// lo B (32 each).
+    pub(crate) const CHUNK_WORDS: usize = 192;
     /// Columns a prepared row is padded to.
     const CHUNK: usize = 64;
     /// Prepared x of at most this many bytes is used whole per task; beyond it, the columns
     /// are cut into [`KCB`] blocks and the rows into [`MCB`] blocks, so a block of x
-    /// (`MCB·KCB·4` bytes, 128 KiB) stays in L2 while every weight row of the task passes it.
+    /// (`MCB·KCB·6` bytes, 192 KiB) stays in L2 while every weight row of the task passes it.
     const WHOLE_X_BYTES: usize = 256 << 10;
     const KCB: usize = 4 * FP8_BLOCK;
     const MCB: usize = 64;
@@ -527,10 +526,13 @@ pub(crate) mod avx512bf16 {
         m * k.div_ceil(CHUNK) * CHUNK_WORDS
     }
 
-    /// Splits `m` rows of x (`[m, k]`) into bf16 hi + lo, in the lane order the weight
-    /// conversion produces: within chunk c, hi A holds columns 64c + {0–7, 16–23, 32–39,
-    /// 48–55} and hi B the other 32 (the order of `vpunpck{l,h}bw` on 64 codes). Columns past
-    /// k are zero.
+    /// Splits `m` rows of x (`[m, k]`) into three bf16 parts, x = hi + mid + lo + r with
+    /// |r| ≤ 2⁻²⁴|x| (each bf16 rounding keeps 8 significant bits of what the previous left),
+    /// in the lane order the weight conversion produces: within chunk c, the A vectors hold
+    /// columns 64c + {0–7, 16–23, 32–39, 48–55} and the B vectors the other 32 (the order of
+    /// `vpunpck{l,h}bw` on 64 codes). Columns past k are zero. (Two parts, |r| ≤ 2⁻¹⁶|x|, made
+    /// results depend on rounding flips of the hi part at the 1e-5 level: a batch and its
+    /// sequences alone then differed by 1e-4 in the logits.)
     ///
     /// # Safety
     /// The CPU must have [`Isa::Avx512Bf16`]; `out.len() == prepared_len(m, k)`.
@@ -546,19 +548,18 @@ pub(crate) mod avx512bf16 {
                         let c0 = ch * CHUNK + 16 * j;
                         let rem = k.saturating_sub(c0).min(16);
                         let mask: u16 = if rem == 16 { 0xffff } else { (1u16 << rem) - 1 };
-                        let v = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(i * k + c0.min(k)));
-                        let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
-                        let back =
-                            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-                        let l: __m256i =
-                            std::mem::transmute(_mm512_cvtneps_pbh(_mm512_sub_ps(v, back)));
-                        let st = |off: usize, v: __m128i| {
-                            _mm_storeu_si128(o.add(off + 8 * j) as *mut __m128i, v)
-                        };
-                        st(0, _mm256_castsi256_si128(h));
-                        st(32, _mm256_extracti128_si256::<1>(h));
-                        st(64, _mm256_castsi256_si128(l));
-                        st(96, _mm256_extracti128_si256::<1>(l));
+                        let mut v = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(i * k + c0.min(k)));
+                        for part in 0..3 {
+                            let p: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                            let back = _mm512_castsi512_ps(_mm512_slli_epi32(
+                                _mm512_cvtepu16_epi32(p),
+                                16,
+                            ));
+                            v = _mm512_sub_ps(v, back);
+                            let a = o.add(64 * part + 8 * j) as *mut __m128i;
+                            _mm_storeu_si128(a, _mm256_castsi256_si128(p));
+                            _mm_storeu_si128(a.add(4), _mm256_extracti128_si256::<1>(p));
+                        }
                     }
                 }
             }
@@ -633,12 +634,12 @@ pub(crate) mod avx512bf16 {
                         let ld = |j: usize| -> __m512bh {
                             std::mem::transmute(_mm512_loadu_si512(xv.add(j) as *const _))
                         };
-                        let (ha, hb, la, lb) = (ld(0), ld(1), ld(2), ld(3));
-                        for r in 0..RW {
-                            acc[r][i] = _mm512_dpbf16_ps(acc[r][i], ha, wa[r]);
-                            acc[r][i] = _mm512_dpbf16_ps(acc[r][i], hb, wb[r]);
-                            acc[r][i] = _mm512_dpbf16_ps(acc[r][i], la, wa[r]);
-                            acc[r][i] = _mm512_dpbf16_ps(acc[r][i], lb, wb[r]);
+                        for part in 0..3 {
+                            let (xa, xb) = (ld(2 * part), ld(2 * part + 1));
+                            for r in 0..RW {
+                                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xa, wa[r]);
+                                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xb, wb[r]);
+                            }
                         }
                     }
                     c += CHUNK;
@@ -684,7 +685,7 @@ pub(crate) mod avx512bf16 {
         assert!(xp.len() >= m * xs && n1 <= w.rows);
         assert!(m == 0 || out.len() >= (m - 1) * ld + (n1 - n0));
         let kb = k.div_ceil(FP8_BLOCK);
-        let (kcb, mcb) = if m * k * 4 <= WHOLE_X_BYTES {
+        let (kcb, mcb) = if m * k * 6 <= WHOLE_X_BYTES {
             (k.max(1), m.max(1))
         } else {
             (KCB, MCB)

@@ -1,7 +1,7 @@
 //! y = x · Wᵀ with W in its stored dtype (dequantised inside the kernel).
 //!
 //! Three strategies:
-//! - **FP8 on [`Isa::Avx512Bf16`]**, any `m`: x is split once into bf16 hi/lo parts and every
+//! - **FP8 on [`Isa::Avx512Bf16`]**, any `m`: x is split once into three bf16 parts and every
 //!   weight byte is read once per block of x rows, converted to bf16 in registers and used by
 //!   `RW`×`RX` tiles of bf16 dot products ([`crate::cpu`]); large `m` is cut into L2-sized
 //!   blocks of x.
@@ -238,7 +238,7 @@ pub(crate) fn is_fp8(w: &Weight) -> bool {
     matches!(w.data, WeightData::Fp8E4m3 { .. })
 }
 
-/// The x side of a GEMM, prepared once and shared by every task: bf16 hi/lo rows for the FP8
+/// The x side of a GEMM, prepared once and shared by every task: bf16 hi/mid/lo rows for the FP8
 /// tiles of [`Isa::Avx512Bf16`], raw rows for the streaming kernel, or 6-row panels
 /// `[k-block][row-panel][kc][6]` for the microkernel (packed on first use).
 pub(crate) struct XOperand<'a> {
