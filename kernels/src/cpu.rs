@@ -520,6 +520,8 @@ pub(crate) mod avx512bf16 {
     const WHOLE_X_BYTES: usize = 256 << 10;
     const KCB: usize = 4 * FP8_BLOCK;
     const MCB: usize = 64;
+    /// Row groups between a tile and its far (L2) prefetch.
+    const FAR_GROUPS: usize = 6;
 
     /// Length in u16 of `m` prepared rows of `k` columns.
     pub(crate) fn prepared_len(m: usize, k: usize) -> usize {
@@ -589,8 +591,10 @@ pub(crate) mod avx512bf16 {
 
     /// `RW` weight rows (at `q`, `k` columns each, one 128-row scale block, scales at `srow`)
     /// against `RX` prepared x rows (at `xp`, stride `xs` words), columns `c0..c1` (`c0` on a
-    /// scale block). Returns the partial dot products, scale applied.
+    /// scale block); `rows_left` rows of the task start at `q` (prefetch bound). Returns the
+    /// partial dot products, scale applied.
     #[inline]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")]
     unsafe fn tile<const RW: usize, const RX: usize>(
         xp: *const u16,
@@ -600,6 +604,7 @@ pub(crate) mod avx512bf16 {
         c0: usize,
         c1: usize,
         srow: *const f32,
+        rows_left: usize,
     ) -> [[f32; RX]; RW] {
         unsafe {
             let tp = TABLES.as_ptr() as *const u8;
@@ -607,8 +612,12 @@ pub(crate) mod avx512bf16 {
             let th1 = _mm512_loadu_si512(tp.add(64) as *const _);
             let tl0 = _mm512_loadu_si512(tp.add(128) as *const _);
             let tl1 = _mm512_loadu_si512(tp.add(192) as *const _);
-            // The next group of RW rows, same columns: the access a few microseconds ahead.
-            let ahead = RW * k;
+            // Prefetch the same columns of later row groups of the task: the next group into
+            // L1, the group FAR_GROUPS ahead into L2 (one core's demand misses alone reach
+            // about half of what its share of the memory bandwidth allows; the two hints
+            // measured +15% on a Zen 4 core), never past the task's rows.
+            let near = (RW < rows_left).then_some(RW * k);
+            let far = (FAR_GROUPS * RW < rows_left).then_some(FAR_GROUPS * RW * k);
             let mut tot = [[_mm512_setzero_ps(); RX]; RW];
             let mut c = c0;
             while c < c1 {
@@ -620,8 +629,12 @@ pub(crate) mod avx512bf16 {
                     for r in 0..RW {
                         let p = q.add(r * k + c);
                         let codes = if c + CHUNK <= k {
-                            // A hint: past the end of the weights it is dropped, never faults.
-                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead) as *const i8);
+                            if let Some(d) = near {
+                                _mm_prefetch::<_MM_HINT_T0>(p.add(d) as *const i8);
+                            }
+                            if let Some(d) = far {
+                                _mm_prefetch::<_MM_HINT_T2>(p.add(d) as *const i8);
+                            }
                             _mm512_loadu_si512(p as *const _)
                         } else {
                             _mm512_maskz_loadu_epi8((1u64 << (k - c)) - 1, p as *const i8)
@@ -706,7 +719,9 @@ pub(crate) mod avx512bf16 {
                         let xi = unsafe { xp.as_ptr().add(i * xs) };
                         macro_rules! run {
                             ($rw:literal, $rx:literal) => {{
-                                let t = unsafe { tile::<$rw, $rx>(xi, xs, qn, k, c0, c1, srow) };
+                                let t = unsafe {
+                                    tile::<$rw, $rx>(xi, xs, qn, k, c0, c1, srow, n1 - n)
+                                };
                                 for (r, tr) in t.iter().enumerate() {
                                     for (j, v) in tr.iter().enumerate() {
                                         out[(i + j) * ld + n + r - n0] += v;

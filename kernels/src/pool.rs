@@ -194,7 +194,7 @@ fn wait_for_job(team: &Team, seen: u64) -> u64 {
             return e;
         }
         polls = polls.wrapping_add(1);
-        if polls % 64 == 0 {
+        if polls.is_multiple_of(64) {
             let idle = start.elapsed();
             if idle > SPIN {
                 let mut guard = team.sleep.lock().unwrap_or_else(|p| p.into_inner());
@@ -252,7 +252,7 @@ pub fn parallel_for(tasks: usize, f: impl Fn(usize) + Sync) {
     let mut polls = 0u32;
     while team.gate.load(Ordering::Acquire) & ACTIVE != 0 {
         polls = polls.wrapping_add(1);
-        if polls % 1024 == 0 {
+        if polls.is_multiple_of(1024) {
             std::thread::yield_now();
         }
         std::hint::spin_loop();
