@@ -213,6 +213,12 @@ pub fn dequant_row(isa: Isa, w: &Weight, r: usize, c0: usize, out: &mut [f32]) {
     }
 }
 
+/// Whether the [`Isa::Avx512Bf16`] tiles compute with `w` (FP8 and BF16 weights; F16 and F32
+/// take the f32 paths).
+pub(crate) fn bf16_tiles_serve(w: &Weight) -> bool {
+    matches!(w.data, WeightData::Fp8E4m3 { .. } | WeightData::Bf16(_))
+}
+
 /// Weight kinds as const-generic parameters of the streaming kernels.
 pub(crate) const KIND_FP8: u8 = 0;
 pub(crate) const KIND_BF16: u8 = 1;
@@ -484,9 +490,10 @@ pub(crate) mod avx512 {
     }
 }
 
-/// FP8 GEMMs on AVX512-BF16 dot products (module doc): x prepared once per call into bf16
-/// hi/mid/lo parts, weights converted 64 codes at a time by table lookup, `RW`×`RX` register
-/// tiles of (weight row, x row) dot products with the block scale applied per 128 columns.
+/// FP8 and BF16 GEMMs on AVX512-BF16 dot products (module doc): x prepared once per call into
+/// bf16 hi/mid/lo parts, FP8 weights converted 64 codes at a time by table lookup (BF16 weights
+/// permuted into the same lane order), `RW`×`RX` register tiles of (weight row, x row) dot
+/// products with the FP8 block scale applied per 128 columns.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512bf16 {
     use super::*;
@@ -509,6 +516,20 @@ pub(crate) mod avx512bf16 {
     }
     static TABLES: [[u8; 128]; 2] = tables();
 
+    /// `vpermt2w` indices that put 64 bf16 weights (two vectors, natural order) into the lane
+    /// order of [`prepare_x`]: A = words {0–7, 16–23, 32–39, 48–55}, B = the others.
+    const fn bf16_order() -> [[u16; 32]; 2] {
+        let mut t = [[0u16; 32]; 2];
+        let mut j = 0;
+        while j < 32 {
+            t[0][j] = (16 * (j / 8) + j % 8) as u16;
+            t[1][j] = (16 * (j / 8) + 8 + j % 8) as u16;
+            j += 1;
+        }
+        t
+    }
+    static BF16_ORDER: [[u16; 32]; 2] = bf16_order();
+
     /// u16 words of one 64-column chunk of a prepared row: hi A, hi B, mid A, mid B, lo A,
     /// lo B (32 each).
     pub(crate) const CHUNK_WORDS: usize = 192;
@@ -520,8 +541,10 @@ pub(crate) mod avx512bf16 {
     const WHOLE_X_BYTES: usize = 256 << 10;
     const KCB: usize = 4 * FP8_BLOCK;
     const MCB: usize = 64;
-    /// Row groups between a tile and its far (L2) prefetch.
-    const FAR_GROUPS: usize = 6;
+    /// Distances of the L1 and L2 prefetches, in weight bytes (rounded up to whole row
+    /// groups): about 0.5 and 4 µs of one core's stream.
+    const NEAR_BYTES: usize = 16 << 10;
+    const FAR_BYTES: usize = 128 << 10;
 
     /// Length in u16 of `m` prepared rows of `k` columns.
     pub(crate) fn prepared_len(m: usize, k: usize) -> usize {
@@ -589,14 +612,14 @@ pub(crate) mod avx512bf16 {
         }
     }
 
-    /// `RW` weight rows (at `q`, `k` columns each, one 128-row scale block, scales at `srow`)
-    /// against `RX` prepared x rows (at `xp`, stride `xs` words), columns `c0..c1` (`c0` on a
-    /// scale block); `rows_left` rows of the task start at `q` (prefetch bound). Returns the
-    /// partial dot products, scale applied.
+    /// `RW` weight rows of kind `KIND` (at `q`, `k` columns each; FP8: in one 128-row scale
+    /// block, scales at `srow`) against `RX` prepared x rows (at `xp`, stride `xs` words),
+    /// columns `c0..c1` (`c0` on a 128-column block); `rows_left` rows of the task start at
+    /// `q` (prefetch bound). Returns the partial dot products, scale applied.
     #[inline]
     #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")]
-    unsafe fn tile<const RW: usize, const RX: usize>(
+    unsafe fn tile<const KIND: u8, const RW: usize, const RX: usize>(
         xp: *const u16,
         xs: usize,
         q: *const u8,
@@ -612,12 +635,24 @@ pub(crate) mod avx512bf16 {
             let th1 = _mm512_loadu_si512(tp.add(64) as *const _);
             let tl0 = _mm512_loadu_si512(tp.add(128) as *const _);
             let tl1 = _mm512_loadu_si512(tp.add(192) as *const _);
-            // Prefetch the same columns of later row groups of the task: the next group into
-            // L1, the group FAR_GROUPS ahead into L2 (one core's demand misses alone reach
-            // about half of what its share of the memory bandwidth allows; the two hints
-            // measured +15% on a Zen 4 core), never past the task's rows.
-            let near = (RW < rows_left).then_some(RW * k);
-            let far = (FAR_GROUPS * RW < rows_left).then_some(FAR_GROUPS * RW * k);
+            let (ia, ib) = (
+                _mm512_loadu_si512(BF16_ORDER[0].as_ptr() as *const _),
+                _mm512_loadu_si512(BF16_ORDER[1].as_ptr() as *const _),
+            );
+            // Bytes per weight and per weight row.
+            let eb = if KIND == KIND_FP8 { 1 } else { 2 };
+            let rb = k * eb;
+            // Prefetch the same columns of later row groups of the task: the first group at
+            // least NEAR_BYTES ahead into L1, the first at least FAR_BYTES ahead into L2 (one
+            // core's demand misses alone reach about half of what its share of the memory
+            // bandwidth allows; the two hints measured +15% on a Zen 4 core), never past the
+            // task's rows.
+            let group = RW * rb;
+            let ahead = |bytes: usize| {
+                let rows = bytes.div_ceil(group) * RW;
+                (rows < rows_left).then_some(rows * rb)
+            };
+            let (near, far) = (ahead(NEAR_BYTES), ahead(FAR_BYTES));
             let mut tot = [[_mm512_setzero_ps(); RX]; RW];
             let mut c = c0;
             while c < c1 {
@@ -627,19 +662,42 @@ pub(crate) mod avx512bf16 {
                     let mut wa = [std::mem::transmute::<__m512, __m512bh>(_mm512_setzero_ps()); RW];
                     let mut wb = wa;
                     for r in 0..RW {
-                        let p = q.add(r * k + c);
-                        let codes = if c + CHUNK <= k {
-                            if let Some(d) = near {
-                                _mm_prefetch::<_MM_HINT_T0>(p.add(d) as *const i8);
-                            }
-                            if let Some(d) = far {
-                                _mm_prefetch::<_MM_HINT_T2>(p.add(d) as *const i8);
-                            }
-                            _mm512_loadu_si512(p as *const _)
+                        let p = q.add(r * rb + c * eb);
+                        if let Some(d) = near {
+                            _mm_prefetch::<_MM_HINT_T0>(p.add(d) as *const i8);
+                        }
+                        if let Some(d) = far {
+                            _mm_prefetch::<_MM_HINT_T2>(p.add(d) as *const i8);
+                        }
+                        let left = k - c;
+                        if KIND == KIND_FP8 {
+                            let codes = if left >= CHUNK {
+                                _mm512_loadu_si512(p as *const _)
+                            } else {
+                                _mm512_maskz_loadu_epi8((1u64 << left) - 1, p as *const i8)
+                            };
+                            (wa[r], wb[r]) = convert64(codes, th0, th1, tl0, tl1);
                         } else {
-                            _mm512_maskz_loadu_epi8((1u64 << (k - c)) - 1, p as *const i8)
-                        };
-                        (wa[r], wb[r]) = convert64(codes, th0, th1, tl0, tl1);
+                            let (z0, z1) = if left >= CHUNK {
+                                (
+                                    _mm512_loadu_si512(p as *const _),
+                                    _mm512_loadu_si512(p.add(64) as *const _),
+                                )
+                            } else {
+                                let m0 = ((1u64 << left.min(32)) as u32).wrapping_sub(1);
+                                let m1 = ((1u64 << left.saturating_sub(32)) as u32).wrapping_sub(1);
+                                (
+                                    _mm512_maskz_loadu_epi16(m0, p as *const i16),
+                                    _mm512_maskz_loadu_epi16(m1, p.add(64) as *const i16),
+                                )
+                            };
+                            wa[r] = std::mem::transmute::<__m512i, __m512bh>(
+                                _mm512_permutex2var_epi16(z0, ia, z1),
+                            );
+                            wb[r] = std::mem::transmute::<__m512i, __m512bh>(
+                                _mm512_permutex2var_epi16(z0, ib, z1),
+                            );
+                        }
                     }
                     let ch = c / CHUNK;
                     for i in 0..RX {
@@ -657,10 +715,18 @@ pub(crate) mod avx512bf16 {
                     }
                     c += CHUNK;
                 }
-                let sv = _mm512_set1_ps(*srow.add((bend - 1) / FP8_BLOCK));
-                for r in 0..RW {
-                    for i in 0..RX {
-                        tot[r][i] = _mm512_fmadd_ps(acc[r][i], sv, tot[r][i]);
+                if KIND == KIND_FP8 {
+                    let sv = _mm512_set1_ps(*srow.add((bend - 1) / FP8_BLOCK));
+                    for r in 0..RW {
+                        for i in 0..RX {
+                            tot[r][i] = _mm512_fmadd_ps(acc[r][i], sv, tot[r][i]);
+                        }
+                    }
+                } else {
+                    for r in 0..RW {
+                        for i in 0..RX {
+                            tot[r][i] = _mm512_add_ps(acc[r][i], tot[r][i]);
+                        }
                     }
                 }
             }
@@ -674,14 +740,14 @@ pub(crate) mod avx512bf16 {
         }
     }
 
-    /// `out[i·ld + (n−n0)] += x_i · W_n` for rows `n0..n1` of the FP8 weight `w` and the `m`
-    /// prepared rows `xp` ([`prepare_x`] of `[m, w.cols]`).
+    /// `out[i·ld + (n−n0)] += x_i · W_n` for rows `n0..n1` of the FP8 or BF16 weight `w` and
+    /// the `m` prepared rows `xp` ([`prepare_x`] of `[m, w.cols]`).
     ///
     /// # Safety
-    /// The CPU must have [`Isa::Avx512Bf16`]; `w` must be FP8.
+    /// The CPU must have [`Isa::Avx512Bf16`]; `w` must be FP8 or BF16 ([`bf16_tiles_serve`]).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")]
-    pub(crate) unsafe fn fp8_rows(
+    pub(crate) unsafe fn rows(
         xp: &[u16],
         m: usize,
         w: &Weight,
@@ -690,12 +756,35 @@ pub(crate) mod avx512bf16 {
         out: &mut [f32],
         ld: usize,
     ) {
-        let k = w.cols;
-        let WeightData::Fp8E4m3 { q, scale_inv } = w.data else {
-            unreachable!("fp8_rows on a non-FP8 weight")
-        };
+        assert!(n1 <= w.rows);
+        match w.data {
+            WeightData::Fp8E4m3 { q, scale_inv } => unsafe {
+                rows_kind::<KIND_FP8>(xp, m, w.cols, q, scale_inv, n0, n1, out, ld)
+            },
+            WeightData::Bf16(b) => unsafe {
+                rows_kind::<KIND_BF16>(xp, m, w.cols, b, &[], n0, n1, out, ld)
+            },
+            _ => unreachable!("avx512bf16::rows on a weight it does not serve"),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")]
+    unsafe fn rows_kind<const KIND: u8>(
+        xp: &[u16],
+        m: usize,
+        k: usize,
+        q: &[u8],
+        scale_inv: &[f32],
+        n0: usize,
+        n1: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        let eb = if KIND == KIND_FP8 { 1 } else { 2 };
+        assert!(q.len() >= n1 * k * eb);
         let xs = k.div_ceil(CHUNK) * CHUNK_WORDS;
-        assert!(xp.len() >= m * xs && n1 <= w.rows);
+        assert!(xp.len() >= m * xs);
         assert!(m == 0 || out.len() >= (m - 1) * ld + (n1 - n0));
         let kb = k.div_ceil(FP8_BLOCK);
         let (kcb, mcb) = if m * k * 6 <= WHOLE_X_BYTES {
@@ -711,8 +800,11 @@ pub(crate) mod avx512bf16 {
                 while n < n1 {
                     // Four rows at a time when they share a scale block.
                     let four = n + 4 <= n1 && n % FP8_BLOCK + 4 <= FP8_BLOCK;
-                    let srow = unsafe { scale_inv.as_ptr().add((n / FP8_BLOCK) * kb) };
-                    let qn = unsafe { q.as_ptr().add(n * k) };
+                    let srow = match KIND {
+                        KIND_FP8 => unsafe { scale_inv.as_ptr().add((n / FP8_BLOCK) * kb) },
+                        _ => std::ptr::null(),
+                    };
+                    let qn = unsafe { q.as_ptr().add(n * k * eb) };
                     let mut i = i0;
                     while i < i1 {
                         let g = (i1 - i).min(4);
@@ -720,7 +812,7 @@ pub(crate) mod avx512bf16 {
                         macro_rules! run {
                             ($rw:literal, $rx:literal) => {{
                                 let t = unsafe {
-                                    tile::<$rw, $rx>(xi, xs, qn, k, c0, c1, srow, n1 - n)
+                                    tile::<KIND, $rw, $rx>(xi, xs, qn, k, c0, c1, srow, n1 - n)
                                 };
                                 for (r, tr) in t.iter().enumerate() {
                                     for (j, v) in tr.iter().enumerate() {

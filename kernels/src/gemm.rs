@@ -18,7 +18,7 @@
 use crate::cpu::{self, Isa, MR, NR, SyncPtr, Tile};
 use crate::error::{Result, shape};
 use crate::pool::parallel_for;
-use crate::weight::{FP8_BLOCK, Weight, WeightData};
+use crate::weight::{FP8_BLOCK, Weight};
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
@@ -98,7 +98,7 @@ pub fn matmul_with(
     if m == 0 || w.rows == 0 {
         return Ok(());
     }
-    let a = XOperand::new(isa, x, m, w.cols, is_fp8(w));
+    let a = XOperand::new(isa, x, m, w.cols, cpu::bf16_tiles_serve(w));
     let n = w.rows;
     let yp = SyncPtr(y.as_mut_ptr());
     let chunk = col_chunk(m, n, 1);
@@ -128,7 +128,13 @@ pub fn silu_mul_with(
     if m == 0 || gate.rows == 0 {
         return Ok(());
     }
-    let a = XOperand::new(isa, x, m, gate.cols, is_fp8(gate) && is_fp8(up));
+    let a = XOperand::new(
+        isa,
+        x,
+        m,
+        gate.cols,
+        cpu::bf16_tiles_serve(gate) && cpu::bf16_tiles_serve(up),
+    );
     let n = gate.rows;
     let yp = SyncPtr(y.as_mut_ptr());
     let chunk = col_chunk(m, n, 2);
@@ -233,11 +239,6 @@ pub(crate) unsafe fn write_tile(
     }
 }
 
-/// Whether `w` holds FP8 codes (the weights the bf16 tile path serves).
-pub(crate) fn is_fp8(w: &Weight) -> bool {
-    matches!(w.data, WeightData::Fp8E4m3 { .. })
-}
-
 /// The x side of a GEMM, prepared once and shared by every task: bf16 hi/mid/lo rows for the FP8
 /// tiles of [`Isa::Avx512Bf16`], raw rows for the streaming kernel, or 6-row panels
 /// `[k-block][row-panel][kc][6]` for the microkernel (packed on first use).
@@ -251,18 +252,19 @@ pub(crate) struct XOperand<'a> {
 }
 
 impl<'a> XOperand<'a> {
-    /// `fp8`: the weights this operand meets are FP8 (then, on [`Isa::Avx512Bf16`], x is
-    /// prepared for the bf16 tiles; other weights still work, through the f32 paths).
-    pub(crate) fn new(isa: Isa, x: &'a [f32], m: usize, k: usize, fp8: bool) -> Self {
+    /// `tiles`: the weights this operand meets are served by the bf16 tiles (FP8, BF16: then,
+    /// on [`Isa::Avx512Bf16`], x is prepared for them; other weights still work, through the
+    /// f32 paths).
+    pub(crate) fn new(isa: Isa, x: &'a [f32], m: usize, k: usize, tiles: bool) -> Self {
         let mut bf16 = Vec::new();
         #[cfg(target_arch = "x86_64")]
-        if fp8 && isa == Isa::Avx512Bf16 && m > 0 {
+        if tiles && isa == Isa::Avx512Bf16 && m > 0 {
             bf16 = vec![0u16; cpu::avx512bf16::prepared_len(m, k)];
             // SAFETY: the ISA was detected; the length is the prepared length.
             unsafe { cpu::avx512bf16::prepare_x(x, m, k, &mut bf16) };
         }
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = fp8;
+        let _ = tiles;
         Self {
             isa,
             x,
@@ -278,10 +280,10 @@ impl<'a> XOperand<'a> {
         debug_assert_eq!(w.cols, self.k);
         let cols = n1 - n0;
         #[cfg(target_arch = "x86_64")]
-        if !self.bf16.is_empty() && is_fp8(w) {
+        if !self.bf16.is_empty() && cpu::bf16_tiles_serve(w) {
             out.fill(0.0);
-            // SAFETY: bf16 is prepared only on a CPU with the ISA; w is FP8.
-            unsafe { cpu::avx512bf16::fp8_rows(&self.bf16, self.m, w, n0, n1, out, cols) };
+            // SAFETY: bf16 is prepared only on a CPU with the ISA; the tiles serve w.
+            unsafe { cpu::avx512bf16::rows(&self.bf16, self.m, w, n0, n1, out, cols) };
             return;
         }
         if self.m <= STREAM_MAX_M {

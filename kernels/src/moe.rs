@@ -11,7 +11,7 @@
 
 use crate::cpu::{self, Isa, SyncPtr};
 use crate::error::{Result, shape};
-use crate::gemm::{Epilogue, XOperand, col_chunk, is_fp8, silu_mul_inplace, with_tile, write_tile};
+use crate::gemm::{Epilogue, XOperand, col_chunk, silu_mul_inplace, with_tile, write_tile};
 use crate::pool::parallel_for;
 use crate::weight::Weight;
 use std::ops::Range;
@@ -143,9 +143,9 @@ pub fn grouped_ffn_with(
     parallel_for(live.len(), |li| {
         let r = &groups[live[li]].rows;
         let e = &experts[groups[live[li]].expert];
-        let fp8 = is_fp8(&e.gate) && is_fp8(&e.up);
+        let tiles = cpu::bf16_tiles_serve(&e.gate) && cpu::bf16_tiles_serve(&e.up);
         let xs = &x[r.start * hidden..r.end * hidden];
-        let _ = xa[li].set(XOperand::new(isa, xs, r.len(), hidden, fp8));
+        let _ = xa[li].set(XOperand::new(isa, xs, r.len(), hidden, tiles));
     });
     let mut h = vec![0f32; h_len];
     let hp = SyncPtr(h.as_mut_ptr());
@@ -179,7 +179,13 @@ pub fn grouped_ffn_with(
         let e = &experts[groups[gi].expert];
         let m = groups[gi].rows.len();
         let hs = &h[h_off[gi]..h_off[gi] + m * e.gate.rows];
-        let _ = ha[li].set(XOperand::new(isa, hs, m, e.gate.rows, is_fp8(&e.down)));
+        let _ = ha[li].set(XOperand::new(
+            isa,
+            hs,
+            m,
+            e.gate.rows,
+            cpu::bf16_tiles_serve(&e.down),
+        ));
     });
     let yp = SyncPtr(y.as_mut_ptr());
     let tasks = group_tasks(&live, groups, |gi| {

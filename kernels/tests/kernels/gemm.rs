@@ -134,21 +134,23 @@ fn decode_gemv_every_path_odd_shapes() {
     );
 }
 
-/// Enough rows × columns of x that the bf16 path cuts x into L2-sized blocks (more than
+/// Enough rows × columns of x that the bf16 tiles (FP8 and BF16 weights) cut x into L2-sized blocks (more than
 /// 256 KiB prepared: columns in 512-wide blocks, rows in blocks of 64), with a partial last
 /// block of each.
 #[test]
-fn blocked_fp8_gemm_matches_reference() {
+fn blocked_fp8_and_bf16_gemm_matches_reference() {
     let mut rng = Rng::new(11);
     let (m, n, k) = (70, 37, 1100);
-    let w = OwnedWeight::random(&mut rng, n, k, Kind::Fp8);
-    let x = randv(&mut rng, m * k);
-    let want = reference::matmul(&x, m, &w.view());
-    for isa in isas() {
-        let mut y = vec![f32::NAN; m * n];
-        gemm::matmul_with(isa, &x, m, &w.view(), Epilogue::Store, &mut y).unwrap();
-        let e = rel_err(&y, &want);
-        assert!(e < TOL, "{isa:?} blocked: {e}");
+    for kind in [Kind::Fp8, Kind::Bf16] {
+        let w = OwnedWeight::random(&mut rng, n, k, kind);
+        let x = randv(&mut rng, m * k);
+        let want = reference::matmul(&x, m, &w.view());
+        for isa in isas() {
+            let mut y = vec![f32::NAN; m * n];
+            gemm::matmul_with(isa, &x, m, &w.view(), Epilogue::Store, &mut y).unwrap();
+            let e = rel_err(&y, &want);
+            assert!(e < TOL, "{isa:?} {kind:?} blocked: {e}");
+        }
     }
 }
 
