@@ -663,11 +663,14 @@ pub(crate) mod avx512bf16 {
                     let mut wb = wa;
                     for r in 0..RW {
                         let p = q.add(r * rb + c * eb);
-                        if let Some(d) = near {
-                            _mm_prefetch::<_MM_HINT_T0>(p.add(d) as *const i8);
-                        }
-                        if let Some(d) = far {
-                            _mm_prefetch::<_MM_HINT_T2>(p.add(d) as *const i8);
+                        // One line per 64 FP8 codes, two per 64 BF16 values.
+                        for line in 0..eb {
+                            if let Some(d) = near {
+                                _mm_prefetch::<_MM_HINT_T0>(p.add(d + 64 * line) as *const i8);
+                            }
+                            if let Some(d) = far {
+                                _mm_prefetch::<_MM_HINT_T2>(p.add(d + 64 * line) as *const i8);
+                            }
                         }
                         let left = k - c;
                         if KIND == KIND_FP8 {
