@@ -536,11 +536,11 @@ pub(crate) mod avx512bf16 {
     /// Columns a prepared row is padded to.
     const CHUNK: usize = 64;
     /// Prepared x of at most this many bytes is used whole per task; beyond it, the columns
-    /// are cut into [`KCB`] blocks and the rows into [`MCB`] blocks, so a block of x
-    /// (`MCB·KCB·6` bytes, 192 KiB) stays in L2 while every weight row of the task passes it.
+    /// are cut into [`KCB`] blocks, so a block of x (at most 64 rows, the most the tiles are
+    /// given: `gemm::TILE_MAX_M`, · `KCB` · 6 bytes = 192 KiB) stays in L2 while every weight
+    /// row of the task passes it.
     const WHOLE_X_BYTES: usize = 256 << 10;
     const KCB: usize = 4 * FP8_BLOCK;
-    const MCB: usize = 64;
     /// Distances of the L1 and L2 prefetches, in weight bytes (rounded up to whole row
     /// groups): about 0.5 and 4 µs of one core's stream.
     const NEAR_BYTES: usize = 16 << 10;
@@ -790,54 +790,51 @@ pub(crate) mod avx512bf16 {
         assert!(xp.len() >= m * xs);
         assert!(m == 0 || out.len() >= (m - 1) * ld + (n1 - n0));
         let kb = k.div_ceil(FP8_BLOCK);
-        let (kcb, mcb) = if m * k * 6 <= WHOLE_X_BYTES {
-            (k.max(1), m.max(1))
+        let kcb = if m * k * 6 <= WHOLE_X_BYTES {
+            k.max(1)
         } else {
-            (KCB, MCB)
+            KCB
         };
         for c0 in (0..k).step_by(kcb) {
             let c1 = (c0 + kcb).min(k);
-            for i0 in (0..m).step_by(mcb) {
-                let i1 = (i0 + mcb).min(m);
-                let mut n = n0;
-                while n < n1 {
-                    // Four rows at a time when they share a scale block.
-                    let four = n + 4 <= n1 && n % FP8_BLOCK + 4 <= FP8_BLOCK;
-                    let srow = match KIND {
-                        KIND_FP8 => unsafe { scale_inv.as_ptr().add((n / FP8_BLOCK) * kb) },
-                        _ => std::ptr::null(),
-                    };
-                    let qn = unsafe { q.as_ptr().add(n * k * eb) };
-                    let mut i = i0;
-                    while i < i1 {
-                        let g = (i1 - i).min(4);
-                        let xi = unsafe { xp.as_ptr().add(i * xs) };
-                        macro_rules! run {
-                            ($rw:literal, $rx:literal) => {{
-                                let t = unsafe {
-                                    tile::<KIND, $rw, $rx>(xi, xs, qn, k, c0, c1, srow, n1 - n)
-                                };
-                                for (r, tr) in t.iter().enumerate() {
-                                    for (j, v) in tr.iter().enumerate() {
-                                        out[(i + j) * ld + n + r - n0] += v;
-                                    }
+            let mut n = n0;
+            while n < n1 {
+                // Four rows at a time when they share a scale block.
+                let four = n + 4 <= n1 && n % FP8_BLOCK + 4 <= FP8_BLOCK;
+                let srow = match KIND {
+                    KIND_FP8 => unsafe { scale_inv.as_ptr().add((n / FP8_BLOCK) * kb) },
+                    _ => std::ptr::null(),
+                };
+                let qn = unsafe { q.as_ptr().add(n * k * eb) };
+                let mut i = 0;
+                while i < m {
+                    let g = (m - i).min(4);
+                    let xi = unsafe { xp.as_ptr().add(i * xs) };
+                    macro_rules! run {
+                        ($rw:literal, $rx:literal) => {{
+                            let t = unsafe {
+                                tile::<KIND, $rw, $rx>(xi, xs, qn, k, c0, c1, srow, n1 - n)
+                            };
+                            for (r, tr) in t.iter().enumerate() {
+                                for (j, v) in tr.iter().enumerate() {
+                                    out[(i + j) * ld + n + r - n0] += v;
                                 }
-                            }};
-                        }
-                        match (four, g) {
-                            (true, 1) => run!(4, 1),
-                            (true, 2) => run!(4, 2),
-                            (true, 3) => run!(4, 3),
-                            (true, _) => run!(4, 4),
-                            (false, 1) => run!(1, 1),
-                            (false, 2) => run!(1, 2),
-                            (false, 3) => run!(1, 3),
-                            (false, _) => run!(1, 4),
-                        }
-                        i += g;
+                            }
+                        }};
                     }
-                    n += if four { 4 } else { 1 };
+                    match (four, g) {
+                        (true, 1) => run!(4, 1),
+                        (true, 2) => run!(4, 2),
+                        (true, 3) => run!(4, 3),
+                        (true, _) => run!(4, 4),
+                        (false, 1) => run!(1, 1),
+                        (false, 2) => run!(1, 2),
+                        (false, 3) => run!(1, 3),
+                        (false, _) => run!(1, 4),
+                    }
+                    i += g;
                 }
+                n += if four { 4 } else { 1 };
             }
         }
     }

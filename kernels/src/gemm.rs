@@ -1,10 +1,12 @@
 //! y = x · Wᵀ with W in its stored dtype (dequantised inside the kernel).
 //!
 //! Three strategies:
-//! - **FP8 on [`Isa::Avx512Bf16`]**, any `m`: x is split once into three bf16 parts and every
-//!   weight byte is read once per block of x rows, converted to bf16 in registers and used by
-//!   `RW`×`RX` tiles of bf16 dot products ([`crate::cpu`]); large `m` is cut into L2-sized
-//!   blocks of x.
+//! - **FP8 and BF16 on [`Isa::Avx512Bf16`]**, `m ≤ TILE_MAX_M`: x is split once into three
+//!   bf16 parts and every weight byte is read once, converted to bf16 in registers and used by
+//!   `RW`×`RX` tiles of bf16 dot products ([`crate::cpu`]); x beyond 256 KiB is cut into
+//!   L2-sized blocks. This serves decode (M = 1) and batched decode (M = 2–64): at M = 16 it
+//!   measured 4× the streaming kernel's GFLOP/s and at M = 32–64 1.5–2× the packed
+//!   microkernel's (`bench kernels`, `decode fp8 gemm (V3) M=16`).
 //! - **decode** otherwise (`m ≤ STREAM_MAX_M`): memory-bound, so each weight row is streamed
 //!   from memory once, dequantised in registers and dotted with every row of x.
 //! - **prefill** otherwise (larger `m`): compute-bound. x is packed once into 6-row panels;
@@ -21,6 +23,11 @@ use crate::pool::parallel_for;
 use crate::weight::{FP8_BLOCK, Weight};
 use std::cell::RefCell;
 use std::sync::OnceLock;
+
+/// Up to this many rows of x the bf16 tiles of [`Isa::Avx512Bf16`] serve FP8 and BF16 weights.
+/// Beyond it the packed microkernel is faster: at M = 512 the tiles measured 0.7–0.9× its
+/// GFLOP/s (`bench kernels`, prefill rows), at M = 16–64 1.5–4× the other paths.
+pub const TILE_MAX_M: usize = 64;
 
 /// Up to this many rows of x the streaming (decode) kernel is used: it re-reads each weight row
 /// from L1 once per 4 rows of x, which beats packing while the weight bytes dominate.
@@ -239,7 +246,7 @@ pub(crate) unsafe fn write_tile(
     }
 }
 
-/// The x side of a GEMM, prepared once and shared by every task: bf16 hi/mid/lo rows for the FP8
+/// The x side of a GEMM, prepared once and shared by every task: bf16 hi/mid/lo rows for the
 /// tiles of [`Isa::Avx512Bf16`], raw rows for the streaming kernel, or 6-row panels
 /// `[k-block][row-panel][kc][6]` for the microkernel (packed on first use).
 pub(crate) struct XOperand<'a> {
@@ -258,7 +265,7 @@ impl<'a> XOperand<'a> {
     pub(crate) fn new(isa: Isa, x: &'a [f32], m: usize, k: usize, tiles: bool) -> Self {
         let mut bf16 = Vec::new();
         #[cfg(target_arch = "x86_64")]
-        if tiles && isa == Isa::Avx512Bf16 && m > 0 {
+        if tiles && isa == Isa::Avx512Bf16 && m > 0 && m <= TILE_MAX_M {
             bf16 = vec![0u16; cpu::avx512bf16::prepared_len(m, k)];
             // SAFETY: the ISA was detected; the length is the prepared length.
             unsafe { cpu::avx512bf16::prepare_x(x, m, k, &mut bf16) };

@@ -72,13 +72,14 @@ pub fn threads() -> usize {
 }
 
 /// How long an idle team worker polls for the next job before it parks. A decode step issues
-/// a kernel every 10–100 µs with short serial work between (norms, RoPE, routing); 1 ms covers
-/// those gaps and the gap between steps, and bounds what an idle process burns.
-const SPIN: Duration = Duration::from_millis(1);
+/// a kernel every 10–100 µs with short serial work between (norms, RoPE, routing); 200 µs
+/// covers those gaps, and a longer one (MLA on rayon's workers, sampling between steps) is
+/// not spent competing with them for the cores.
+const SPIN: Duration = Duration::from_micros(200);
 /// Pure busy-polling at the start of the wait (the common case, the next kernel of the same
 /// step); after this the worker yields between polls so another runnable thread on its core
 /// (a rayon worker, the server) is not starved.
-const HOT_SPIN: Duration = Duration::from_micros(50);
+const HOT_SPIN: Duration = Duration::from_micros(20);
 
 /// `gate` layout: job id in the high 32 bits, [`OPEN`] while workers may join, the number of
 /// workers inside the job in the low bits.
