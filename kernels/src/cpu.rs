@@ -9,8 +9,9 @@
 //! byte of the AVX2 path; every other kernel of [`Isa::Avx512`] runs the AVX2 code.
 //!
 //! With AVX512-VBMI and AVX512-BF16 as well (Zen 4, Sapphire Rapids: [`Isa::Avx512Bf16`]),
-//! every FP8 GEMM — decode GEMV, small-M batches, grouped experts, prefill — runs on
-//! `vdpbf16ps` ([`avx512bf16`]): an e4m3 code is exact in bf16, and two `vpermt2b` lookups
+//! every FP8 and BF16 GEMM of up to 64 rows of x — decode GEMV, batched decode, grouped
+//! experts — runs on `vdpbf16ps` ([`avx512bf16`]; prefill sizes keep the packed f32
+//! microkernel, which measured faster there): an e4m3 code is exact in bf16, and two `vpermt2b` lookups
 //! turn 64 codes into 64 bf16 values in six instructions (the f16 route costs about 14);
 //! x is split once per call into three bf16 parts (x = hi + mid + lo + O(2⁻²⁴|x|), f32's own
 //! precision), so each product is accumulated in f32 from three exact bf16 products.
@@ -27,7 +28,8 @@ use std::sync::OnceLock;
 /// Instruction set a kernel runs with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
-    /// AVX-512 F/BW/VL/VBMI/BF16: FP8 GEMMs on bf16 dot products ([`avx512bf16`]).
+    /// AVX-512 F/BW/VL/VBMI/BF16: FP8/BF16 GEMMs of up to 64 rows on bf16 dot products
+    /// ([`avx512bf16`]).
     Avx512Bf16,
     /// AVX-512 F/BW/VL on top of AVX2 + FMA + F16C: the FP8 decode GEMV in 512-bit vectors.
     Avx512,
