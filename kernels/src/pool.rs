@@ -71,14 +71,15 @@ pub fn threads() -> usize {
     init(None)
 }
 
-/// How long an idle team worker polls for the next job before it parks. A decode step issues
-/// a kernel every 10–100 µs with short serial work between (norms, RoPE, routing); 200 µs
-/// covers those gaps, and a longer one (MLA on rayon's workers, sampling between steps) is
-/// not spent competing with them for the cores.
-const SPIN: Duration = Duration::from_micros(200);
-/// Pure busy-polling at the start of the wait (the common case, the next kernel of the same
-/// step); after this the worker yields between polls so another runnable thread on its core
-/// (a rayon worker, the server) is not starved.
+/// How long an idle team worker polls for the next job before it parks. Back-to-back kernels
+/// (a decode step's projections, the phases of the grouped MoE) are microseconds apart; a
+/// longer gap (MLA on rayon's workers, sampling between steps) ends in a park, so the worker
+/// neither competes with those threads nor burns the pod's CPU quota, and stays a sleeper in
+/// the scheduler's eyes (on the shared development machine, with 200 µs of polling, the worker
+/// did about 40% of `bench kernels`' work instead of half: `perf report --sort comm`).
+const SPIN: Duration = Duration::from_micros(50);
+/// Pure busy-polling before the worker starts yielding between polls (so another runnable
+/// thread on its core, a rayon worker or the server, is not starved).
 const HOT_SPIN: Duration = Duration::from_micros(20);
 
 /// `gate` layout: job id in the high 32 bits, [`OPEN`] while workers may join, the number of
