@@ -8,6 +8,14 @@
 //! 16-lane f32 vectors with the same shift-and-mask trick, half the instructions per weight
 //! byte of the AVX2 path; every other kernel of [`Isa::Avx512`] runs the AVX2 code.
 //!
+//! With AVX512-VBMI and AVX512-BF16 as well (Zen 4, Sapphire Rapids: [`Isa::Avx512Bf16`]),
+//! every FP8 and BF16 GEMM of up to 64 rows of x — decode GEMV, batched decode, grouped
+//! experts — runs on `vdpbf16ps` ([`avx512bf16`]; prefill sizes keep the packed f32
+//! microkernel, which measured faster there): an e4m3 code is exact in bf16, and two `vpermt2b` lookups
+//! turn 64 codes into 64 bf16 values in six instructions (the f16 route costs about 14);
+//! x is split once per call into three bf16 parts (x = hi + mid + lo + O(2⁻²⁴|x|), f32's own
+//! precision), so each product is accumulated in f32 from three exact bf16 products.
+//!
 //! FP8 in registers: an e4m3 code `s eeee mmm` becomes the f16 `s 0eeee mmm0000000` with two
 //! shifts and a mask, i.e. exactly the e4m3 value times 2⁻⁸ (normals and subnormals alike), and
 //! F16C converts it to f32; the 2⁸ is folded into the block scale. The one code this does not
@@ -20,6 +28,9 @@ use std::sync::OnceLock;
 /// Instruction set a kernel runs with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Isa {
+    /// AVX-512 F/BW/VL/VBMI/BF16: FP8/BF16 GEMMs of up to 64 rows on bf16 dot products
+    /// ([`avx512bf16`]).
+    Avx512Bf16,
     /// AVX-512 F/BW/VL on top of AVX2 + FMA + F16C: the FP8 decode GEMV in 512-bit vectors.
     Avx512,
     /// AVX2 + FMA + F16C, 256-bit vectors.
@@ -30,10 +41,11 @@ pub enum Isa {
 
 impl Isa {
     /// Every path, best first (tests run each one the CPU supports).
-    pub const ALL: [Isa; 3] = [Isa::Avx512, Isa::Avx2Fma, Isa::Portable];
+    pub const ALL: [Isa; 4] = [Isa::Avx512Bf16, Isa::Avx512, Isa::Avx2Fma, Isa::Portable];
 
     pub fn name(self) -> &'static str {
         match self {
+            Isa::Avx512Bf16 => "avx512f+bw+vl+vbmi+bf16",
             Isa::Avx512 => "avx512f+bw+vl",
             Isa::Avx2Fma => "avx2+fma",
             Isa::Portable => "portable",
@@ -46,8 +58,21 @@ impl Isa {
             Isa::Portable => true,
             Isa::Avx2Fma => detect_avx2(),
             Isa::Avx512 => detect_avx512(),
+            Isa::Avx512Bf16 => detect_avx512bf16(),
         }
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect_avx512bf16() -> bool {
+    detect_avx512()
+        && is_x86_feature_detected!("avx512vbmi")
+        && is_x86_feature_detected!("avx512bf16")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_avx512bf16() -> bool {
+    false
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -75,8 +100,9 @@ fn detect_avx2() -> bool {
     false
 }
 
-/// The best instruction set of this CPU, detected once. `SHARDSEEK_KERNELS_ISA=portable` or
-/// `=avx2` caps the choice (to compare paths on one machine).
+/// The best instruction set of this CPU, detected once. `SHARDSEEK_KERNELS_ISA=portable`,
+/// `=avx2` or `=avx512` (F/BW/VL without the bf16 path) caps the choice (to compare paths on
+/// one machine).
 pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
@@ -84,6 +110,7 @@ pub fn isa() -> Isa {
         let allowed: &[Isa] = match cap.as_str() {
             "portable" => &[Isa::Portable],
             "avx2" => &[Isa::Avx2Fma, Isa::Portable],
+            "avx512" => &Isa::ALL[1..],
             _ => &Isa::ALL,
         };
         allowed
@@ -142,7 +169,7 @@ pub(crate) unsafe fn microkernel(isa: Isa, t: &Tile) {
     debug_assert!(t.mr <= MR && t.nr <= NR);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma | Isa::Avx512 => unsafe {
+        Isa::Avx2Fma | Isa::Avx512 | Isa::Avx512Bf16 => unsafe {
             match t.mr {
                 6 => avx2::kern::<6>(t),
                 5 => avx2::kern::<5>(t),
@@ -183,9 +210,15 @@ unsafe fn portable_kern(t: &Tile) {
 pub fn dequant_row(isa: Isa, w: &Weight, r: usize, c0: usize, out: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma | Isa::Avx512 => unsafe { avx2::dequant_row(w, r, c0, out) },
+        Isa::Avx2Fma | Isa::Avx512 | Isa::Avx512Bf16 => unsafe { avx2::dequant_row(w, r, c0, out) },
         _ => w.dequant_row_into(r, c0, out),
     }
+}
+
+/// Whether the [`Isa::Avx512Bf16`] tiles compute with `w` (FP8 and BF16 weights; F16 and F32
+/// take the f32 paths).
+pub(crate) fn bf16_tiles_serve(w: &Weight) -> bool {
+    matches!(w.data, WeightData::Fp8E4m3 { .. } | WeightData::Bf16(_))
 }
 
 /// Weight kinds as const-generic parameters of the streaming kernels.
@@ -253,11 +286,13 @@ pub(crate) fn stream_rows(
 ) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if matches!(w.data, WeightData::Fp8E4m3 { .. }) => unsafe {
+        Isa::Avx512 | Isa::Avx512Bf16 if matches!(w.data, WeightData::Fp8E4m3 { .. }) => unsafe {
             avx512::stream_rows_fp8(x, m, w, n0, n1, out, ld)
         },
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma | Isa::Avx512 => unsafe { avx2::stream_rows(x, m, w, n0, n1, out, ld) },
+        Isa::Avx2Fma | Isa::Avx512 | Isa::Avx512Bf16 => unsafe {
+            avx2::stream_rows(x, m, w, n0, n1, out, ld)
+        },
         _ => portable_stream_rows(x, m, w, n0, n1, out, ld),
     }
 }
@@ -286,7 +321,7 @@ pub fn convert_fp8(isa: Isa, codes: &[u8], scale: f32, out: &mut [f32]) {
     assert_eq!(codes.len(), out.len());
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma | Isa::Avx512 => unsafe {
+        Isa::Avx2Fma | Isa::Avx512 | Isa::Avx512Bf16 => unsafe {
             avx2::convert::<KIND_FP8>(codes, scale * 256.0, out)
         },
         _ => {
@@ -302,7 +337,7 @@ pub fn convert_bf16(isa: Isa, bits: &[u16], out: &mut [f32]) {
     assert_eq!(bits.len(), out.len());
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma | Isa::Avx512 => unsafe {
+        Isa::Avx2Fma | Isa::Avx512 | Isa::Avx512Bf16 => unsafe {
             let bytes = std::slice::from_raw_parts(bits.as_ptr() as *const u8, bits.len() * 2);
             avx2::convert::<KIND_BF16>(bytes, 1.0, out)
         },
@@ -318,7 +353,7 @@ pub fn convert_bf16(isa: Isa, bits: &[u16], out: &mut [f32]) {
 pub fn exp_inplace(isa: Isa, v: &mut [f32]) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2Fma | Isa::Avx512 => unsafe { avx2::exp_inplace(v) },
+        Isa::Avx2Fma | Isa::Avx512 | Isa::Avx512Bf16 => unsafe { avx2::exp_inplace(v) },
         _ => {
             for x in v.iter_mut() {
                 *x = x.exp();
@@ -453,6 +488,356 @@ pub(crate) mod avx512 {
                 r[g] = _mm512_reduce_add_ps(tot[g]) + tail[g];
             }
             r
+        }
+    }
+}
+
+/// FP8 and BF16 GEMMs on AVX512-BF16 dot products (module doc): x prepared once per call into
+/// bf16 hi/mid/lo parts, FP8 weights converted 64 codes at a time by table lookup (BF16 weights
+/// permuted into the same lane order), `RW`×`RX` register tiles of (weight row, x row) dot
+/// products with the FP8 block scale applied per 128 columns.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512bf16 {
+    use super::*;
+    use crate::fp8::e4m3_to_f32;
+    use std::arch::x86_64::*;
+
+    /// bf16 bits of the non-negative e4m3 codes 0..128, as high bytes and low bytes: the two
+    /// 128-byte `vpermt2b` tables. Every e4m3 value (subnormals too) is exact in bf16; the
+    /// NaN code 0x7f maps to a bf16 NaN.
+    const fn tables() -> [[u8; 128]; 2] {
+        let mut t = [[0u8; 128]; 2];
+        let mut c = 0;
+        while c < 128 {
+            let b = e4m3_to_f32(c as u8).to_bits() >> 16;
+            t[0][c] = (b >> 8) as u8;
+            t[1][c] = b as u8;
+            c += 1;
+        }
+        t
+    }
+    static TABLES: [[u8; 128]; 2] = tables();
+
+    /// `vpermt2w` indices that put 64 bf16 weights (two vectors, natural order) into the lane
+    /// order of [`prepare_x`]: A = words {0–7, 16–23, 32–39, 48–55}, B = the others.
+    const fn bf16_order() -> [[u16; 32]; 2] {
+        let mut t = [[0u16; 32]; 2];
+        let mut j = 0;
+        while j < 32 {
+            t[0][j] = (16 * (j / 8) + j % 8) as u16;
+            t[1][j] = (16 * (j / 8) + 8 + j % 8) as u16;
+            j += 1;
+        }
+        t
+    }
+    static BF16_ORDER: [[u16; 32]; 2] = bf16_order();
+
+    /// u16 words of one 64-column chunk of a prepared row: hi A, hi B, mid A, mid B, lo A,
+    /// lo B (32 each).
+    pub(crate) const CHUNK_WORDS: usize = 192;
+    /// Columns a prepared row is padded to.
+    const CHUNK: usize = 64;
+    /// Prepared x of at most this many bytes is used whole per task; beyond it, the columns
+    /// are cut into [`KCB`] blocks, so a block of x (at most 64 rows, the most the tiles are
+    /// given: `gemm::TILE_MAX_M`, · `KCB` · 6 bytes = 192 KiB) stays in L2 while every weight
+    /// row of the task passes it.
+    const WHOLE_X_BYTES: usize = 256 << 10;
+    const KCB: usize = 4 * FP8_BLOCK;
+    /// Distances of the L1 and L2 prefetches, in weight bytes (rounded up to whole row
+    /// groups): about 0.5 and 4 µs of one core's stream.
+    const NEAR_BYTES: usize = 16 << 10;
+    const FAR_BYTES: usize = 128 << 10;
+
+    /// Length in u16 of `m` prepared rows of `k` columns.
+    pub(crate) fn prepared_len(m: usize, k: usize) -> usize {
+        m * k.div_ceil(CHUNK) * CHUNK_WORDS
+    }
+
+    /// Splits `m` rows of x (`[m, k]`) into three bf16 parts, x = hi + mid + lo + r with
+    /// |r| ≤ 2⁻²⁴|x| (each bf16 rounding keeps 8 significant bits of what the previous left),
+    /// in the lane order the weight conversion produces: within chunk c, the A vectors hold
+    /// columns 64c + {0–7, 16–23, 32–39, 48–55} and the B vectors the other 32 (the order of
+    /// `vpunpck{l,h}bw` on 64 codes). Columns past k are zero. (Two parts, |r| ≤ 2⁻¹⁶|x|, made
+    /// results depend on rounding flips of the hi part at the 1e-5 level: a batch and its
+    /// sequences alone then differed by 1e-4 in the logits.)
+    ///
+    /// # Safety
+    /// The CPU must have [`Isa::Avx512Bf16`]; `out.len() == prepared_len(m, k)`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")]
+    pub(crate) unsafe fn prepare_x(x: &[f32], m: usize, k: usize, out: &mut [u16]) {
+        let chunks = k.div_ceil(CHUNK);
+        assert!(x.len() >= m * k && out.len() == prepared_len(m, k));
+        for i in 0..m {
+            for ch in 0..chunks {
+                unsafe {
+                    let o = out.as_mut_ptr().add((i * chunks + ch) * CHUNK_WORDS);
+                    for j in 0..4 {
+                        let c0 = ch * CHUNK + 16 * j;
+                        let rem = k.saturating_sub(c0).min(16);
+                        let mask: u16 = if rem == 16 { 0xffff } else { (1u16 << rem) - 1 };
+                        let mut v = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(i * k + c0.min(k)));
+                        for part in 0..3 {
+                            let p: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                            let back = _mm512_castsi512_ps(_mm512_slli_epi32(
+                                _mm512_cvtepu16_epi32(p),
+                                16,
+                            ));
+                            v = _mm512_sub_ps(v, back);
+                            let a = o.add(64 * part + 8 * j) as *mut __m128i;
+                            _mm_storeu_si128(a, _mm256_castsi256_si128(p));
+                            _mm_storeu_si128(a.add(4), _mm256_extracti128_si256::<1>(p));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// 64 e4m3 codes → two vectors of 32 bf16 (the lane order of [`prepare_x`]).
+    #[inline(always)]
+    unsafe fn convert64(
+        codes: __m512i,
+        th0: __m512i,
+        th1: __m512i,
+        tl0: __m512i,
+        tl1: __m512i,
+    ) -> (__m512bh, __m512bh) {
+        unsafe {
+            let h = _mm512_permutex2var_epi8(th0, codes, th1);
+            // (table high byte) | (code & 0x80): the sign.
+            let h = _mm512_ternarylogic_epi32::<0xF8>(h, codes, _mm512_set1_epi8(0x80u8 as i8));
+            let l = _mm512_permutex2var_epi8(tl0, codes, tl1);
+            (
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_unpacklo_epi8(l, h)),
+                std::mem::transmute::<__m512i, __m512bh>(_mm512_unpackhi_epi8(l, h)),
+            )
+        }
+    }
+
+    /// `RW` weight rows of kind `KIND` (at `q`, `k` columns each; FP8: in one 128-row scale
+    /// block, scales at `srow`) against `RX` prepared x rows (at `xp`, stride `xs` words),
+    /// columns `c0..c1` (`c0` on a 128-column block); `rows_left` rows of the task start at
+    /// `q` (prefetch bound). Returns the partial dot products, scale applied.
+    #[inline]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")]
+    unsafe fn tile<const KIND: u8, const RW: usize, const RX: usize>(
+        xp: *const u16,
+        xs: usize,
+        q: *const u8,
+        k: usize,
+        c0: usize,
+        c1: usize,
+        srow: *const f32,
+        rows_left: usize,
+    ) -> [[f32; RX]; RW] {
+        unsafe {
+            let tp = TABLES.as_ptr() as *const u8;
+            let th0 = _mm512_loadu_si512(tp as *const _);
+            let th1 = _mm512_loadu_si512(tp.add(64) as *const _);
+            let tl0 = _mm512_loadu_si512(tp.add(128) as *const _);
+            let tl1 = _mm512_loadu_si512(tp.add(192) as *const _);
+            let (ia, ib) = (
+                _mm512_loadu_si512(BF16_ORDER[0].as_ptr() as *const _),
+                _mm512_loadu_si512(BF16_ORDER[1].as_ptr() as *const _),
+            );
+            // Bytes per weight and per weight row.
+            let eb = if KIND == KIND_FP8 { 1 } else { 2 };
+            let rb = k * eb;
+            // Prefetch the same columns of later row groups of the task: the first group at
+            // least NEAR_BYTES ahead into L1, the first at least FAR_BYTES ahead into L2 (one
+            // core's demand misses alone reach about half of what its share of the memory
+            // bandwidth allows; the two hints measured +15% on a Zen 4 core), never past the
+            // task's rows.
+            let group = RW * rb;
+            let ahead = |bytes: usize| {
+                let rows = bytes.div_ceil(group) * RW;
+                (rows < rows_left).then_some(rows * rb)
+            };
+            let (near, far) = (ahead(NEAR_BYTES), ahead(FAR_BYTES));
+            let mut tot = [[_mm512_setzero_ps(); RX]; RW];
+            let mut c = c0;
+            while c < c1 {
+                let bend = (c + FP8_BLOCK).min(c1);
+                let mut acc = [[_mm512_setzero_ps(); RX]; RW];
+                while c < bend {
+                    let mut wa = [std::mem::transmute::<__m512, __m512bh>(_mm512_setzero_ps()); RW];
+                    let mut wb = wa;
+                    for r in 0..RW {
+                        let p = q.add(r * rb + c * eb);
+                        // One line per 64 FP8 codes, two per 64 BF16 values.
+                        for line in 0..eb {
+                            if let Some(d) = near {
+                                _mm_prefetch::<_MM_HINT_T0>(p.add(d + 64 * line) as *const i8);
+                            }
+                            if let Some(d) = far {
+                                _mm_prefetch::<_MM_HINT_T2>(p.add(d + 64 * line) as *const i8);
+                            }
+                        }
+                        let left = k - c;
+                        if KIND == KIND_FP8 {
+                            let codes = if left >= CHUNK {
+                                _mm512_loadu_si512(p as *const _)
+                            } else {
+                                _mm512_maskz_loadu_epi8((1u64 << left) - 1, p as *const i8)
+                            };
+                            (wa[r], wb[r]) = convert64(codes, th0, th1, tl0, tl1);
+                        } else {
+                            let (z0, z1) = if left >= CHUNK {
+                                (
+                                    _mm512_loadu_si512(p as *const _),
+                                    _mm512_loadu_si512(p.add(64) as *const _),
+                                )
+                            } else {
+                                let m0 = ((1u64 << left.min(32)) as u32).wrapping_sub(1);
+                                let m1 = ((1u64 << left.saturating_sub(32)) as u32).wrapping_sub(1);
+                                (
+                                    _mm512_maskz_loadu_epi16(m0, p as *const i16),
+                                    _mm512_maskz_loadu_epi16(m1, p.add(64) as *const i16),
+                                )
+                            };
+                            wa[r] = std::mem::transmute::<__m512i, __m512bh>(
+                                _mm512_permutex2var_epi16(z0, ia, z1),
+                            );
+                            wb[r] = std::mem::transmute::<__m512i, __m512bh>(
+                                _mm512_permutex2var_epi16(z0, ib, z1),
+                            );
+                        }
+                    }
+                    let ch = c / CHUNK;
+                    for i in 0..RX {
+                        let xv = xp.add(i * xs + ch * CHUNK_WORDS) as *const __m512i;
+                        let ld = |j: usize| -> __m512bh {
+                            std::mem::transmute(_mm512_loadu_si512(xv.add(j) as *const _))
+                        };
+                        for part in 0..3 {
+                            let (xa, xb) = (ld(2 * part), ld(2 * part + 1));
+                            for r in 0..RW {
+                                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xa, wa[r]);
+                                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xb, wb[r]);
+                            }
+                        }
+                    }
+                    c += CHUNK;
+                }
+                if KIND == KIND_FP8 {
+                    let sv = _mm512_set1_ps(*srow.add((bend - 1) / FP8_BLOCK));
+                    for r in 0..RW {
+                        for i in 0..RX {
+                            tot[r][i] = _mm512_fmadd_ps(acc[r][i], sv, tot[r][i]);
+                        }
+                    }
+                } else {
+                    for r in 0..RW {
+                        for i in 0..RX {
+                            tot[r][i] = _mm512_add_ps(acc[r][i], tot[r][i]);
+                        }
+                    }
+                }
+            }
+            let mut o = [[0f32; RX]; RW];
+            for r in 0..RW {
+                for i in 0..RX {
+                    o[r][i] = _mm512_reduce_add_ps(tot[r][i]);
+                }
+            }
+            o
+        }
+    }
+
+    /// `out[i·ld + (n−n0)] += x_i · W_n` for rows `n0..n1` of the FP8 or BF16 weight `w` and
+    /// the `m` prepared rows `xp` ([`prepare_x`] of `[m, w.cols]`).
+    ///
+    /// # Safety
+    /// The CPU must have [`Isa::Avx512Bf16`]; `w` must be FP8 or BF16 ([`bf16_tiles_serve`]).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")]
+    pub(crate) unsafe fn rows(
+        xp: &[u16],
+        m: usize,
+        w: &Weight,
+        n0: usize,
+        n1: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        assert!(n1 <= w.rows);
+        match w.data {
+            WeightData::Fp8E4m3 { q, scale_inv } => unsafe {
+                rows_kind::<KIND_FP8>(xp, m, w.cols, q, scale_inv, n0, n1, out, ld)
+            },
+            WeightData::Bf16(b) => unsafe {
+                rows_kind::<KIND_BF16>(xp, m, w.cols, b, &[], n0, n1, out, ld)
+            },
+            _ => unreachable!("avx512bf16::rows on a weight it does not serve"),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")]
+    unsafe fn rows_kind<const KIND: u8>(
+        xp: &[u16],
+        m: usize,
+        k: usize,
+        q: &[u8],
+        scale_inv: &[f32],
+        n0: usize,
+        n1: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        let eb = if KIND == KIND_FP8 { 1 } else { 2 };
+        assert!(q.len() >= n1 * k * eb);
+        let xs = k.div_ceil(CHUNK) * CHUNK_WORDS;
+        assert!(xp.len() >= m * xs);
+        assert!(m == 0 || out.len() >= (m - 1) * ld + (n1 - n0));
+        let kb = k.div_ceil(FP8_BLOCK);
+        let kcb = if m * k * 6 <= WHOLE_X_BYTES {
+            k.max(1)
+        } else {
+            KCB
+        };
+        for c0 in (0..k).step_by(kcb) {
+            let c1 = (c0 + kcb).min(k);
+            let mut n = n0;
+            while n < n1 {
+                // Four rows at a time when they share a scale block.
+                let four = n + 4 <= n1 && n % FP8_BLOCK + 4 <= FP8_BLOCK;
+                let srow = match KIND {
+                    KIND_FP8 => unsafe { scale_inv.as_ptr().add((n / FP8_BLOCK) * kb) },
+                    _ => std::ptr::null(),
+                };
+                let qn = unsafe { q.as_ptr().add(n * k * eb) };
+                let mut i = 0;
+                while i < m {
+                    let g = (m - i).min(4);
+                    let xi = unsafe { xp.as_ptr().add(i * xs) };
+                    macro_rules! run {
+                        ($rw:literal, $rx:literal) => {{
+                            let t = unsafe {
+                                tile::<KIND, $rw, $rx>(xi, xs, qn, k, c0, c1, srow, n1 - n)
+                            };
+                            for (r, tr) in t.iter().enumerate() {
+                                for (j, v) in tr.iter().enumerate() {
+                                    out[(i + j) * ld + n + r - n0] += v;
+                                }
+                            }
+                        }};
+                    }
+                    match (four, g) {
+                        (true, 1) => run!(4, 1),
+                        (true, 2) => run!(4, 2),
+                        (true, 3) => run!(4, 3),
+                        (true, _) => run!(4, 4),
+                        (false, 1) => run!(1, 1),
+                        (false, 2) => run!(1, 2),
+                        (false, 3) => run!(1, 3),
+                        (false, _) => run!(1, 4),
+                    }
+                    i += g;
+                }
+                n += if four { 4 } else { 1 };
+            }
         }
     }
 }

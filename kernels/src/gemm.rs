@@ -1,21 +1,34 @@
 //! y = x · Wᵀ with W in its stored dtype (dequantised inside the kernel).
 //!
-//! Two strategies, picked by the number of rows of x:
-//! - **decode** (`m ≤ STREAM_MAX_M`): memory-bound, so each weight row is streamed from memory
-//!   once, dequantised in registers and dotted with every row of x ([`crate::cpu`]).
-//! - **prefill** (larger `m`): compute-bound. x is packed once into 6-row panels; each task
-//!   dequantises a `KC × NC` panel of W to f32 (scale applied) once and reuses it across all
-//!   rows of x through the 6×16 FMA microkernel.
+//! Three strategies:
+//! - **FP8 and BF16 on [`Isa::Avx512Bf16`]**, `m ≤ TILE_MAX_M`: x is split once into three
+//!   bf16 parts and every weight byte is read once, converted to bf16 in registers and used by
+//!   `RW`×`RX` tiles of bf16 dot products ([`crate::cpu`]); x beyond 256 KiB is cut into
+//!   L2-sized blocks. This serves decode (M = 1) and batched decode (M = 2–64): at M = 16 it
+//!   measured 4× the streaming kernel's GFLOP/s and at M = 32–64 1.5–2× the packed
+//!   microkernel's (`bench kernels`, `decode fp8 gemm (V3) M=16`).
+//! - **decode** otherwise (`m ≤ STREAM_MAX_M`): memory-bound, so each weight row is streamed
+//!   from memory once, dequantised in registers and dotted with every row of x.
+//! - **prefill** otherwise (larger `m`): compute-bound. x is packed once into 6-row panels;
+//!   each task dequantises a `KC × NC` panel of W to f32 (scale applied) once and reuses it
+//!   across all rows of x through the 6×16 FMA microkernel.
 //!
 //! Tasks own disjoint column ranges of y and compute a `[m, cols]` tile locally, then apply
-//! the epilogue (store, scaled accumulate, or SiLU(gate)·up) while writing y.
+//! the epilogue (store, scaled accumulate, or SiLU(gate)·up) while writing y. They run on the
+//! kernel team ([`crate::pool::parallel_for`]).
 
 use crate::cpu::{self, Isa, MR, NR, SyncPtr, Tile};
 use crate::error::{Result, shape};
+use crate::pool::parallel_for;
 use crate::weight::{FP8_BLOCK, Weight};
 use crate::wide::{NW, PACK_KC_MAX, microkernel_wide, pack_panel};
-use rayon::prelude::*;
 use std::cell::RefCell;
+use std::sync::OnceLock;
+
+/// Up to this many rows of x the bf16 tiles of [`Isa::Avx512Bf16`] serve FP8 and BF16 weights.
+/// Beyond it the packed microkernel is faster: at M = 512 the tiles measured 0.7–0.9× its
+/// GFLOP/s (`bench kernels`, prefill rows), at M = 16–64 1.5–4× the other paths.
+pub const TILE_MAX_M: usize = 64;
 
 /// Up to this many rows of x the streaming (decode) kernel is used: it re-reads each weight row
 /// from L1 once per 4 rows of x, which beats packing while the weight bytes dominate.
@@ -94,11 +107,11 @@ pub fn matmul_with(
     if m == 0 || w.rows == 0 {
         return Ok(());
     }
-    let a = XOperand::new(isa, x, m, w.cols);
+    let a = XOperand::new(isa, x, m, w.cols, cpu::bf16_tiles_serve(w));
     let n = w.rows;
     let yp = SyncPtr(y.as_mut_ptr());
     let chunk = col_chunk(m, n, 1);
-    (0..n.div_ceil(chunk)).into_par_iter().for_each(|t| {
+    parallel_for(n.div_ceil(chunk), |t| {
         let n0 = t * chunk;
         let n1 = (n0 + chunk).min(n);
         with_tile(m * (n1 - n0), |tile| {
@@ -124,11 +137,17 @@ pub fn silu_mul_with(
     if m == 0 || gate.rows == 0 {
         return Ok(());
     }
-    let a = XOperand::new(isa, x, m, gate.cols);
+    let a = XOperand::new(
+        isa,
+        x,
+        m,
+        gate.cols,
+        cpu::bf16_tiles_serve(gate) && cpu::bf16_tiles_serve(up),
+    );
     let n = gate.rows;
     let yp = SyncPtr(y.as_mut_ptr());
     let chunk = col_chunk(m, n, 2);
-    (0..n.div_ceil(chunk)).into_par_iter().for_each(|t| {
+    parallel_for(n.div_ceil(chunk), |t| {
         let n0 = t * chunk;
         let n1 = (n0 + chunk).min(n);
         let cols = n1 - n0;
@@ -155,7 +174,7 @@ pub fn silu_mul_inplace(g: &mut [f32], u: &[f32]) {
 /// multiples of 16 so tiles align with the microkernel, bounded so a panel fits in L2.
 /// `weights` is how many matrices one task reads per column (2 for gate+up).
 pub(crate) fn col_chunk(m: usize, n: usize, weights: usize) -> usize {
-    let threads = rayon::current_num_threads().max(1);
+    let threads = crate::pool::threads();
     let want = n.div_ceil(4 * threads);
     let cap = if m <= STREAM_MAX_M {
         // Streaming: ~64 KiB of weights per task amortises scheduling.
@@ -229,29 +248,39 @@ pub(crate) unsafe fn write_tile(
     }
 }
 
-/// The x side of a GEMM, prepared once and shared by every task: raw rows for the streaming
-/// kernel, or 6-row panels `[k-block][row-panel][kc][6]` for the microkernel.
+/// The x side of a GEMM, prepared once and shared by every task: bf16 hi/mid/lo rows for the
+/// tiles of [`Isa::Avx512Bf16`], raw rows for the streaming kernel, or 6-row panels
+/// `[k-block][row-panel][kc][6]` for the microkernel (packed on first use).
 pub(crate) struct XOperand<'a> {
     isa: Isa,
     x: &'a [f32],
     m: usize,
     k: usize,
-    packed: Vec<f32>,
+    bf16: Vec<u16>,
+    packed: OnceLock<Vec<f32>>,
 }
 
 impl<'a> XOperand<'a> {
-    pub(crate) fn new(isa: Isa, x: &'a [f32], m: usize, k: usize) -> Self {
-        let packed = if m > STREAM_MAX_M {
-            pack_x(x, m, k)
-        } else {
-            Vec::new()
-        };
+    /// `tiles`: the weights this operand meets are served by the bf16 tiles (FP8, BF16: then,
+    /// on [`Isa::Avx512Bf16`], x is prepared for them; other weights still work, through the
+    /// f32 paths).
+    pub(crate) fn new(isa: Isa, x: &'a [f32], m: usize, k: usize, tiles: bool) -> Self {
+        let mut bf16 = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        if tiles && isa == Isa::Avx512Bf16 && m > 0 && m <= TILE_MAX_M {
+            bf16 = vec![0u16; cpu::avx512bf16::prepared_len(m, k)];
+            // SAFETY: the ISA was detected; the length is the prepared length.
+            unsafe { cpu::avx512bf16::prepare_x(x, m, k, &mut bf16) };
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = tiles;
         Self {
             isa,
             x,
             m,
             k,
-            packed,
+            bf16,
+            packed: OnceLock::new(),
         }
     }
 
@@ -259,11 +288,19 @@ impl<'a> XOperand<'a> {
     pub(crate) fn compute_cols(&self, w: &Weight, n0: usize, n1: usize, out: &mut [f32]) {
         debug_assert_eq!(w.cols, self.k);
         let cols = n1 - n0;
+        #[cfg(target_arch = "x86_64")]
+        if !self.bf16.is_empty() && cpu::bf16_tiles_serve(w) {
+            out.fill(0.0);
+            // SAFETY: bf16 is prepared only on a CPU with the ISA; the tiles serve w.
+            unsafe { cpu::avx512bf16::rows(&self.bf16, self.m, w, n0, n1, out, cols) };
+            return;
+        }
         if self.m <= STREAM_MAX_M {
             cpu::stream_rows(self.isa, self.x, self.m, w, n0, n1, out, cols);
             return;
         }
         let (m, k) = (self.m, self.k);
+        let packed = self.packed.get_or_init(|| pack_x(self.x, m, k));
         let panels = cols.div_ceil(NR);
         let mp = m.div_ceil(MR) * MR;
         with_panel(KC * panels * NR, |bp| {
@@ -275,7 +312,7 @@ impl<'a> XOperand<'a> {
                     let r0 = n0 + p * NR;
                     pack_panel(self.isa, w, r0, NR.min(n1 - r0), k0, kc, panel);
                 }
-                let xa = &self.packed[pi * mp * KC..];
+                let xa = &packed[pi * mp * KC..];
                 for ib in 0..m.div_ceil(MR) {
                     let a = &xa[ib * MR * kc..];
                     let mr = MR.min(m - ib * MR);

@@ -1,18 +1,21 @@
 //! Grouped expert FFN: the gate/up → SiLU·mul → down chain of every routed expert in one call.
 //!
 //! Rows of x arrive sorted by expert with a list of (expert, row range). Both GEMM phases are
-//! cut into (expert, column range) tasks over one pool, so a skewed batch — one expert with
-//! most rows, many with one — still spreads over every core instead of one thread per expert.
-//! Each expert's rows pick the decode (streaming) or prefill (packed) strategy by their own
-//! count. Output row i is multiplied by `row_weight[i]` (the router's combine weight) and
+//! cut into (expert, column range) tasks on the kernel team, so a skewed batch — one expert
+//! with most rows, many with one — still spreads over every core instead of one thread per
+//! expert; tasks are claimed largest-first (most rows), so the long ones do not finish last.
+//! Each task reads its weight columns once for all of its expert's rows (the GEMM strategies of
+//! [`crate::gemm`], chosen by the expert's row count), and the gate and up results of a task
+//! meet in the SiLU·mul epilogue without leaving it. Output row i is multiplied by `row_weight[i]` (the router's combine weight) and
 //! stored into or accumulated onto `y[i]`.
 
 use crate::cpu::{self, Isa, SyncPtr};
 use crate::error::{Result, shape};
 use crate::gemm::{Epilogue, XOperand, col_chunk, silu_mul_inplace, with_tile, write_tile};
+use crate::pool::parallel_for;
 use crate::weight::Weight;
-use rayon::prelude::*;
 use std::ops::Range;
+use std::sync::OnceLock;
 
 /// The three projections of one expert: gate and up `[inter, hidden]`, down `[hidden, inter]`.
 #[derive(Clone, Copy, Debug)]
@@ -136,31 +139,32 @@ pub fn grouped_ffn_with(
     }
 
     // Phase 1: h_g = SiLU(x_g·W_gateᵀ) ⊙ (x_g·W_upᵀ), tasks over (group, inter columns).
-    let xa: Vec<XOperand> = live
-        .par_iter()
-        .map(|&i| {
-            let r = &groups[i].rows;
-            XOperand::new(isa, &x[r.start * hidden..r.end * hidden], r.len(), hidden)
-        })
-        .collect();
+    let xa: Vec<OnceLock<XOperand>> = live.iter().map(|_| OnceLock::new()).collect();
+    parallel_for(live.len(), |li| {
+        let r = &groups[live[li]].rows;
+        let e = &experts[groups[live[li]].expert];
+        let tiles = cpu::bf16_tiles_serve(&e.gate) && cpu::bf16_tiles_serve(&e.up);
+        let xs = &x[r.start * hidden..r.end * hidden];
+        let _ = xa[li].set(XOperand::new(isa, xs, r.len(), hidden, tiles));
+    });
     let mut h = vec![0f32; h_len];
     let hp = SyncPtr(h.as_mut_ptr());
-    let mut tasks = Vec::new();
-    for (li, &gi) in live.iter().enumerate() {
+    let tasks = group_tasks(&live, groups, |gi| {
         let (m, inter) = (groups[gi].rows.len(), experts[groups[gi].expert].gate.rows);
-        let chunk = col_chunk(m, inter, 2);
-        for n0 in (0..inter).step_by(chunk) {
-            tasks.push((li, n0, (n0 + chunk).min(inter)));
-        }
-    }
-    tasks.par_iter().for_each(|&(li, n0, n1)| {
+        (inter, col_chunk(m, inter, 2))
+    });
+    parallel_for(tasks.len(), |t| {
+        let (li, n0, n1) = tasks[t];
         let gi = live[li];
         let e = &experts[groups[gi].expert];
         let (m, inter, cols) = (groups[gi].rows.len(), e.gate.rows, n1 - n0);
+        let a = xa[li]
+            .get()
+            .expect("every operand is prepared before phase 1");
         with_tile(2 * m * cols, |buf| {
             let (g, u) = buf.split_at_mut(m * cols);
-            xa[li].compute_cols(&e.gate, n0, n1, g);
-            xa[li].compute_cols(&e.up, n0, n1, u);
+            a.compute_cols(&e.gate, n0, n1, g);
+            a.compute_cols(&e.up, n0, n1, u);
             silu_mul_inplace(g, u);
             // SAFETY: group gi's slice of h is [m, inter] at h_off; columns n0..n1 are ours.
             let dst = unsafe { hp.add(h_off[gi]) };
@@ -169,34 +173,35 @@ pub fn grouped_ffn_with(
     });
 
     // Phase 2: y_g (+)= w ⊙ (h_g·W_downᵀ), tasks over (group, hidden columns).
-    let ha: Vec<XOperand> = live
-        .par_iter()
-        .map(|&gi| {
-            let e = &experts[groups[gi].expert];
-            let m = groups[gi].rows.len();
-            XOperand::new(
-                isa,
-                &h[h_off[gi]..h_off[gi] + m * e.gate.rows],
-                m,
-                e.gate.rows,
-            )
-        })
-        .collect();
+    let ha: Vec<OnceLock<XOperand>> = live.iter().map(|_| OnceLock::new()).collect();
+    parallel_for(live.len(), |li| {
+        let gi = live[li];
+        let e = &experts[groups[gi].expert];
+        let m = groups[gi].rows.len();
+        let hs = &h[h_off[gi]..h_off[gi] + m * e.gate.rows];
+        let _ = ha[li].set(XOperand::new(
+            isa,
+            hs,
+            m,
+            e.gate.rows,
+            cpu::bf16_tiles_serve(&e.down),
+        ));
+    });
     let yp = SyncPtr(y.as_mut_ptr());
-    let mut tasks = Vec::new();
-    for (li, &gi) in live.iter().enumerate() {
-        let chunk = col_chunk(groups[gi].rows.len(), hidden, 1);
-        for n0 in (0..hidden).step_by(chunk) {
-            tasks.push((li, n0, (n0 + chunk).min(hidden)));
-        }
-    }
-    tasks.par_iter().for_each(|&(li, n0, n1)| {
+    let tasks = group_tasks(&live, groups, |gi| {
+        (hidden, col_chunk(groups[gi].rows.len(), hidden, 1))
+    });
+    parallel_for(tasks.len(), |t| {
+        let (li, n0, n1) = tasks[t];
         let gi = live[li];
         let r = groups[gi].rows.clone();
         let e = &experts[groups[gi].expert];
         let m = r.len();
+        let a = ha[li]
+            .get()
+            .expect("every operand is prepared before phase 2");
         with_tile(m * (n1 - n0), |tile| {
-            ha[li].compute_cols(&e.down, n0, n1, tile);
+            a.compute_cols(&e.down, n0, n1, tile);
             let scale = row_weight.map(|w| &w[r.clone()]);
             let ep = match (combine, scale) {
                 (Combine::Accumulate, s) => Epilogue::Accumulate { row_scale: s },
@@ -216,6 +221,25 @@ pub fn grouped_ffn_with(
         });
     });
     Ok(())
+}
+
+/// (live index, n0, n1) column tasks of every live group, `cols_chunk(group)` giving the
+/// group's (columns, chunk); groups with more rows (longer tasks) first.
+fn group_tasks(
+    live: &[usize],
+    groups: &[Group],
+    cols_chunk: impl Fn(usize) -> (usize, usize),
+) -> Vec<(usize, usize, usize)> {
+    let mut order: Vec<usize> = (0..live.len()).collect();
+    order.sort_by_key(|&li| std::cmp::Reverse(groups[live[li]].rows.len()));
+    let mut tasks = Vec::new();
+    for li in order {
+        let (n, chunk) = cols_chunk(live[li]);
+        for n0 in (0..n).step_by(chunk) {
+            tasks.push((li, n0, (n0 + chunk).min(n)));
+        }
+    }
+    tasks
 }
 
 /// Plain reference: each group through [`crate::gemm::reference`] in f64.

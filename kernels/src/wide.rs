@@ -27,7 +27,7 @@ pub(crate) unsafe fn microkernel_wide(isa: Isa, t: &Tile, b_hi: usize) {
     debug_assert!(t.mr <= cpu::MR && t.nr <= NW && t.nr > 0);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe {
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe {
             let two = t.nr > NR;
             match (t.mr, two) {
                 (6, true) => avx512::kern::<6, 2>(t, b_hi),
@@ -91,7 +91,7 @@ pub(crate) fn pack_panel(
     prefetch_rows(w, r0, rows, k0 + kc, PACK_KC_MAX);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { avx512::pack_panel(w, r0, rows, k0, kc, panel) },
+        Isa::Avx512 | Isa::Avx512Bf16 => unsafe { avx512::pack_panel(w, r0, rows, k0, kc, panel) },
         _ => {
             let mut rowbuf = [0f32; PACK_KC_MAX];
             for j in 0..NR {

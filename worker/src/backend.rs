@@ -27,9 +27,10 @@ use shardseek_kernels::mla::{
 };
 use shardseek_kernels::moe::{Combine, ExpertWeights, Group, grouped_ffn};
 use shardseek_kernels::norm::rms_norm_inplace;
+use shardseek_kernels::pool::parallel_for;
 use shardseek_kernels::rope::Rope;
 use shardseek_kernels::weight::{FP8_BLOCK, Weight, WeightData};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// A weight matrix prepared for a backend.
 #[derive(Clone)]
@@ -491,24 +492,25 @@ impl Backend for CpuBackend {
                 ),
             ));
         }
-        let outs: Vec<Result<Vec<f32>>> = ws
-            .par_iter()
-            .enumerate()
-            .map(|(h, w)| {
-                let k = w.cols;
-                let mut xh = vec![0f32; rows * k];
-                for (r, dst) in xh.chunks_exact_mut(k).enumerate() {
-                    let s = (r * heads + h) * x_stride + x_off;
-                    dst.copy_from_slice(&x[s..s + k]);
-                }
-                let mut yh = vec![0f32; rows * w.rows];
-                matmul(&xh, rows, &w.view(), &mut yh)?;
-                Ok(yh)
-            })
-            .collect();
+        // One task per head on the kernel team (each head's matmul runs inside its task).
+        let outs: Vec<OnceLock<Result<Vec<f32>>>> = ws.iter().map(|_| OnceLock::new()).collect();
+        parallel_for(heads, |h| {
+            let w = &ws[h];
+            let k = w.cols;
+            let mut xh = vec![0f32; rows * k];
+            for (r, dst) in xh.chunks_exact_mut(k).enumerate() {
+                let s = (r * heads + h) * x_stride + x_off;
+                dst.copy_from_slice(&x[s..s + k]);
+            }
+            let mut yh = vec![0f32; rows * w.rows];
+            let res = matmul(&xh, rows, &w.view(), &mut yh).map(|()| yh);
+            let _ = outs[h].set(res.map_err(Error::from));
+        });
         let mut off = 0;
         for (w, yh) in ws.iter().zip(outs) {
-            let yh = yh?;
+            let yh = yh
+                .into_inner()
+                .expect("parallel_for ran every head's task")?;
             let n = w.rows;
             for (r, src) in yh.chunks_exact(n).enumerate() {
                 let d = r * y_stride + off;

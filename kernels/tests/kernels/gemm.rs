@@ -1,6 +1,9 @@
-//! Block-scaled GEMM against the f64 reference: both instruction-set paths, decode and prefill
+//! Block-scaled GEMM against the f64 reference: every instruction-set path, decode and prefill
 //! shapes, every weight dtype, unaligned weight bytes, and the fused epilogues.
-//! Bound: f32 accumulate ⇒ ‖y − ref‖ ≤ 1e-5·‖ref‖.
+//! Bound: f32 accumulate ⇒ ‖y − ref‖ ≤ 1e-5·‖ref‖ — the bf16 path of FP8 weights on
+//! `Isa::Avx512Bf16` included: x is split into three bf16 parts (x = hi + mid + lo within
+//! 2⁻²⁴|x|, f32's own rounding), e4m3 weights are exact in bf16, the bf16 products exact in
+//! f32, and the sums are f32.
 
 use super::common::*;
 use shardseek_kernels::cpu::Isa;
@@ -136,4 +139,54 @@ fn decode_gemv_every_path_odd_shapes() {
         isas().len() >= 2,
         "at least the portable path and one vector path are tested"
     );
+}
+
+/// Enough rows × columns of x that the bf16 tiles (FP8 and BF16 weights) cut x into L2-sized
+/// column blocks (more than 256 KiB prepared: 512-wide blocks), with a partial last block; and
+/// more rows than the tiles take (the packed path then).
+#[test]
+fn blocked_fp8_and_bf16_gemm_matches_reference() {
+    let mut rng = Rng::new(11);
+    let (n, k) = (37, 1100);
+    for (m, kind) in [(60, Kind::Fp8), (60, Kind::Bf16), (70, Kind::Fp8)] {
+        let w = OwnedWeight::random(&mut rng, n, k, kind);
+        let x = randv(&mut rng, m * k);
+        let want = reference::matmul(&x, m, &w.view());
+        for isa in isas() {
+            let mut y = vec![f32::NAN; m * n];
+            gemm::matmul_with(isa, &x, m, &w.view(), Epilogue::Store, &mut y).unwrap();
+            let e = rel_err(&y, &want);
+            assert!(e < TOL, "{isa:?} {kind:?} blocked: {e}");
+        }
+    }
+}
+
+/// The bf16 path converts every finite e4m3 code exactly, in the lane order of its prepared x:
+/// a one-hot x picks each code of a 256-column row (all codes, both signs) and must give
+/// exactly code value × scale; and 1..4 rows of x against 1..5 weight rows cover every tile.
+#[test]
+fn fp8_codes_exact_through_every_path() {
+    let codes: Vec<u8> = (0..=255u8).filter(|c| c & 0x7f != 0x7f).collect();
+    let k = codes.len();
+    let scale = 3.0f32;
+    let scales = vec![scale; k.div_ceil(128)];
+    let w = Weight::new(
+        1,
+        k,
+        WeightData::Fp8E4m3 {
+            q: &codes,
+            scale_inv: &scales,
+        },
+    )
+    .unwrap();
+    for isa in isas() {
+        for (j, &c) in codes.iter().enumerate() {
+            let mut x = vec![0f32; k];
+            x[j] = 1.0;
+            let mut y = [f32::NAN];
+            gemm::matmul_with(isa, &x, 1, &w, Epilogue::Store, &mut y).unwrap();
+            let want = shardseek_kernels::fp8::e4m3_to_f32(c) * scale;
+            assert_eq!(y[0], want, "{isa:?} code {c:#x} at column {j}");
+        }
+    }
 }
