@@ -62,7 +62,36 @@ pub struct UpConfig {
 
 /// A port that was free a moment ago: children are given explicit ports so the attention pods
 /// can be told their shards' addresses before the shards exist.
+///
+/// The port is taken below the kernel's ephemeral range, not from it (which is what binding port
+/// 0 hands out): the child binds it only later, and in between any outgoing connection on the
+/// machine (a gRPC client of another cluster, an HTTP request) may be given the same port as its
+/// local end, and the child's bind then fails with "address in use". Ports below the range are
+/// never handed out that way. Each is picked at random, checked by binding it, and never given
+/// to two children of this process; binding port 0 is the fallback.
 fn free_port() -> Result<u16> {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::Mutex;
+    static TAKEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    const FLOOR: u16 = 10_000;
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if low > FLOOR + 1000 {
+        let span = u64::from(low - FLOOR);
+        let mut taken = TAKEN.lock().unwrap_or_else(|p| p.into_inner());
+        for attempt in 0..256u64 {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(attempt);
+            h.write_u32(std::process::id());
+            let port = FLOOR + (h.finish() % span) as u16;
+            if !taken.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                taken.push(port);
+                return Ok(port);
+            }
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| Error::Io {
         op: "finding a free port".into(),
         source,
