@@ -135,6 +135,32 @@ pub struct SeqPages<'a> {
     pub len: usize,
 }
 
+/// Checks a prefill chunk of `chunk` tokens from position `start` against its sequence; false
+/// when the chunk is empty (nothing to do).
+fn check_chunk(
+    op: &'static str,
+    cache: &LatentCache,
+    seq: &SeqPages,
+    start: usize,
+    chunk: usize,
+) -> Result<bool> {
+    if seq.len < start + chunk {
+        return Err(shape(
+            op,
+            format!(
+                "sequence has {} tokens, chunk ends at {}",
+                seq.len,
+                start + chunk
+            ),
+        ));
+    }
+    if chunk == 0 {
+        return Ok(false);
+    }
+    check_seq(op, cache, seq)?;
+    Ok(true)
+}
+
 fn check_seq(op: &'static str, cache: &LatentCache, s: &SeqPages) -> Result<()> {
     if s.len == 0 {
         return Err(shape(op, "empty sequence"));
@@ -286,20 +312,9 @@ pub fn mla_prefill_with(
             format!("q_pe {}, out {} for {chunk} tokens", q_pe.len(), out.len()),
         ));
     }
-    if seq.len < start + chunk {
-        return Err(shape(
-            OP,
-            format!(
-                "sequence has {} tokens, chunk ends at {}",
-                seq.len,
-                start + chunk
-            ),
-        ));
-    }
-    if chunk == 0 {
+    if !check_chunk(OP, cache, seq, start, chunk)? {
         return Ok(());
     }
-    check_seq(OP, cache, seq)?;
     let rows = chunk * heads;
     let threads = rayon::current_num_threads().max(1);
     let per = rows.div_ceil(4 * threads).div_ceil(NR).max(1) * NR;
@@ -493,20 +508,9 @@ pub fn mla_prefill_expanded_segmented(
             format!("out {} for {chunk} tokens × {heads} heads × {v}", out.len()),
         ));
     }
-    if seq.len < start + chunk {
-        return Err(shape(
-            OP,
-            format!(
-                "sequence has {} tokens, chunk ends at {}",
-                seq.len,
-                start + chunk
-            ),
-        ));
-    }
-    if chunk == 0 {
+    if !check_chunk(OP, cache, seq, start, chunk)? {
         return Ok(());
     }
-    check_seq(OP, cache, seq)?;
     let len = start + chunk;
     let ks = heads * hv;
     let seg = segment.min(len.div_ceil(MLA_BLOCK) * MLA_BLOCK);

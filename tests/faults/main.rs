@@ -443,22 +443,31 @@ fn with_redundant_experts_a_killed_shard_fails_no_request_and_rejoins() {
     drop(up);
 }
 
-/// After a live rebalance, a killed shard comes back on the table in force (the placement file
-/// `up` keeps), not on version 1: requests routed with the new version succeed again.
-#[test]
-fn a_shard_restarted_after_a_rebalance_comes_back_on_the_new_table() {
+const PROMPT: [u32; 6] = [3, 17, 255, 42, 8, 99];
+
+/// 4 shards of tiny under `up` (no periodic rounds), loaded with [`PROMPT`], then rebalanced
+/// once: the table in force is version 2.
+fn rebalanced_cluster() -> (tempfile::TempDir, Proc, String, String, Vec<String>) {
     let m = tiny("fp8");
     let (up, addr, metrics, lines) = up_supervised(
         m.path(),
         4,
         &["--rebalance-interval", "3600", "--dispatch-dtype", "bf16"],
     );
-    let prompt = [3, 17, 255, 42, 8, 99];
     for _ in 0..4 {
-        stream_completion(&addr, &prompt, 24).expect("healthy cluster");
+        stream_completion(&addr, &PROMPT, 24).expect("healthy cluster");
     }
     let report = http_post(&metrics, "/rebalance").expect("rebalance");
     assert!(report.contains("\"outcome\":\"published\""), "{report}");
+    (m, up, addr, metrics, lines)
+}
+
+/// After a live rebalance, a killed shard comes back on the table in force (the placement file
+/// `up` keeps), not on version 1: requests routed with the new version succeed again.
+#[test]
+fn a_shard_restarted_after_a_rebalance_comes_back_on_the_new_table() {
+    let (_m, up, addr, _, lines) = rebalanced_cluster();
+    let prompt = PROMPT;
     let victim = started_pid(&lines, "expert-1").expect("expert-1's pid");
     sigkill(victim);
     lines_until(
@@ -495,18 +504,8 @@ fn a_shard_restarted_after_a_rebalance_comes_back_on_the_new_table() {
 /// succeed again.
 #[test]
 fn a_shard_on_an_older_table_is_brought_back_by_the_next_round() {
-    let m = tiny("fp8");
-    let (up, addr, metrics, lines) = up_supervised(
-        m.path(),
-        4,
-        &["--rebalance-interval", "3600", "--dispatch-dtype", "bf16"],
-    );
-    let prompt = [3, 17, 255, 42, 8, 99];
-    for _ in 0..4 {
-        stream_completion(&addr, &prompt, 24).expect("healthy cluster");
-    }
-    let report = http_post(&metrics, "/rebalance").expect("rebalance");
-    assert!(report.contains("\"outcome\":\"published\""), "{report}");
+    let (_m, up, addr, metrics, lines) = rebalanced_cluster();
+    let prompt = PROMPT;
     let file = std::env::temp_dir()
         .join(format!("shardseek-up-{}", up.child.id()))
         .join("placement.json");
