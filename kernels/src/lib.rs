@@ -30,6 +30,7 @@ pub mod norm;
 pub mod pool;
 pub mod rope;
 pub mod sampling;
+pub mod scratch;
 pub mod softmax;
 pub mod weight;
 mod wide;

@@ -19,6 +19,7 @@ use crate::cpu::{self, Isa, MR, NR, Tile};
 use crate::error::{Error, Result, shape};
 use crate::fp8::{E4M3_TABLE, bf16_to_f32};
 use crate::gemm::{Epilogue, matmul_with};
+use crate::scratch;
 use crate::weight::Weight;
 use crate::wide::{NW, microkernel_wide};
 use rayon::prelude::*;
@@ -232,27 +233,28 @@ pub fn mla_decode_with(
     let threads = rayon::current_num_threads().max(1);
     let splits = (2 * threads).div_ceil(b).max(1);
     let chunk = heads.div_ceil(splits).div_ceil(NR).max(1) * NR;
-    let mut tasks = Vec::new();
-    for (si, outs) in out.chunks_mut(heads * r).enumerate() {
-        for (ci, o) in outs.chunks_mut(chunk * r).enumerate() {
-            tasks.push((si, ci * chunk, o));
-        }
-    }
-    tasks.into_par_iter().for_each(|(si, h0, o)| {
-        let hn = o.len() / r;
-        let row0 = si * heads + h0;
-        let s = &seqs[si];
-        attend(
-            isa,
-            cache,
-            s.pages,
-            &q_abs[row0 * r..(row0 + hn) * r],
-            &q_pe[row0 * p..(row0 + hn) * p],
-            &|_| s.len,
-            scale,
-            o,
-        );
-    });
+    // Nested parallel iterators, not a task list: a decode step allocates nothing here.
+    out.par_chunks_mut(heads * r)
+        .enumerate()
+        .for_each(|(si, outs)| {
+            outs.par_chunks_mut(chunk * r)
+                .enumerate()
+                .for_each(|(ci, o)| {
+                    let hn = o.len() / r;
+                    let row0 = si * heads + ci * chunk;
+                    let s = &seqs[si];
+                    attend(
+                        isa,
+                        cache,
+                        s.pages,
+                        &q_abs[row0 * r..(row0 + hn) * r],
+                        &q_pe[row0 * p..(row0 + hn) * p],
+                        &|_| s.len,
+                        scale,
+                        o,
+                    );
+                })
+        });
     Ok(())
 }
 
@@ -777,8 +779,9 @@ fn attend(
     let hn = out.len() / r;
     let panels = hn.div_ceil(NR);
     let hp = panels * NR;
-    // Qᵀ as 16-row micro-panels [panel][e][16], softmax scale folded in.
-    let mut qp = vec![0f32; panels * e * NR];
+    // Qᵀ as 16-row micro-panels [panel][e][16], softmax scale folded in. The buffers are the
+    // thread's scratch: decode steps allocate nothing here once warm.
+    let mut qp = scratch::take(panels * e * NR);
     for j in 0..hn {
         let (pi, jj) = (j / NR, j % NR);
         let dst = &mut qp[pi * e * NR..];
@@ -789,17 +792,20 @@ fn attend(
             dst[(r + k) * NR + jj] = scale * q_pe[j * p + k];
         }
     }
-    let limits: Vec<usize> = (0..hn).map(limit).collect();
+    let mut limits = scratch::take::<usize>(hn);
+    for (j, l) in limits.iter_mut().enumerate() {
+        *l = limit(j);
+    }
     let maxlen = limits.iter().copied().max().unwrap_or(0);
-    let mut o = vec![0f32; hn * r];
-    let mut st = vec![0f32; MLA_BLOCK * hp];
-    let mut m_run = vec![f32::NEG_INFINITY; hn];
-    let mut l_run = vec![0f32; hn];
-    let mut colmax = vec![0f32; hn];
-    let mut conv = match cache.data {
-        CacheData::Bf16(_) | CacheData::Fp8 { .. } => vec![0f32; MLA_BLOCK * e],
-        CacheData::F32(_) => Vec::new(),
-    };
+    let mut o = scratch::take(hn * r);
+    let mut st = scratch::take(MLA_BLOCK * hp);
+    let mut m_run = scratch::filled(hn, f32::NEG_INFINITY);
+    let mut l_run = scratch::take(hn);
+    let mut colmax = scratch::take(hn);
+    let mut conv = scratch::take(match cache.data {
+        CacheData::Bf16(_) | CacheData::Fp8 { .. } => MLA_BLOCK * e,
+        CacheData::F32(_) => 0,
+    });
     for (pi, t0) in (0..maxlen).step_by(MLA_BLOCK).enumerate() {
         let tp = MLA_BLOCK.min(maxlen - t0);
         let off = pages[pi] as usize * MLA_BLOCK * e;

@@ -29,8 +29,10 @@ use shardseek_kernels::moe::{Combine, ExpertWeights, Group, grouped_ffn};
 use shardseek_kernels::norm::rms_norm_inplace;
 use shardseek_kernels::pool::parallel_for;
 use shardseek_kernels::rope::Rope;
+use shardseek_kernels::scratch;
 use shardseek_kernels::weight::{FP8_BLOCK, Weight, WeightData};
-use std::sync::{Arc, OnceLock};
+use std::cell::RefCell;
+use std::sync::{Arc, Mutex};
 
 /// A weight matrix prepared for a backend.
 #[derive(Clone)]
@@ -400,6 +402,38 @@ fn input_err(op: &str, detail: String) -> Error {
     Error::Input(format!("{op}: {detail}"))
 }
 
+/// The output of [`Backend::linear_heads`], shared by the heads' tasks, each writing only its
+/// own columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint ranges through it (see `OutPtr::write`) while the owner waits.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Copies `src` to `off..off + src.len()` of the output.
+    ///
+    /// # Safety
+    /// The range must lie inside the output and no other task may write it concurrently.
+    unsafe fn write(self, off: usize, src: &[f32]) {
+        // SAFETY: the caller's contract.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.0.add(off), src.len()) }
+    }
+}
+
+/// The grouped-MoE call's expert and group lists, kept per thread between calls (the expert
+/// views borrow one call's weights, so between calls the list is kept empty under another
+/// lifetime; see [`scratch::recycle`]).
+#[derive(Default)]
+struct MoeLists {
+    experts: Vec<ExpertWeights<'static>>,
+    groups: Vec<Group>,
+}
+
+thread_local! {
+    static MOE_LISTS: RefCell<MoeLists> = RefCell::new(MoeLists::default());
+}
+
 impl Backend for CpuBackend {
     fn name(&self) -> String {
         format!("cpu ({})", shardseek_kernels::cpu::isa().name())
@@ -492,33 +526,38 @@ impl Backend for CpuBackend {
                 ),
             ));
         }
-        // One task per head on the kernel team (each head's matmul runs inside its task).
-        let outs: Vec<OnceLock<Result<Vec<f32>>>> = ws.iter().map(|_| OnceLock::new()).collect();
+        // One task per head on the kernel team (each head's matmul runs inside its task, on
+        // that worker's scratch buffers); each head writes its own columns of `y`.
+        let failed: Mutex<Option<Error>> = Mutex::new(None);
+        let out = OutPtr(y.as_mut_ptr());
         parallel_for(heads, |h| {
             let w = &ws[h];
-            let k = w.cols;
-            let mut xh = vec![0f32; rows * k];
+            let (k, n) = (w.cols, w.rows);
+            let off: usize = ws[..h].iter().map(|w| w.rows).sum();
+            let mut xh = scratch::take(rows * k);
             for (r, dst) in xh.chunks_exact_mut(k).enumerate() {
                 let s = (r * heads + h) * x_stride + x_off;
                 dst.copy_from_slice(&x[s..s + k]);
             }
-            let mut yh = vec![0f32; rows * w.rows];
-            let res = matmul(&xh, rows, &w.view(), &mut yh).map(|()| yh);
-            let _ = outs[h].set(res.map_err(Error::from));
-        });
-        let mut off = 0;
-        for (w, yh) in ws.iter().zip(outs) {
-            let yh = yh
-                .into_inner()
-                .expect("parallel_for ran every head's task")?;
-            let n = w.rows;
-            for (r, src) in yh.chunks_exact(n).enumerate() {
-                let d = r * y_stride + off;
-                y[d..d + n].copy_from_slice(src);
+            let mut yh = scratch::take(rows * n);
+            match matmul(&xh, rows, &w.view(), &mut yh) {
+                Ok(()) => {
+                    for (r, src) in yh.chunks_exact(n).enumerate() {
+                        // SAFETY: `y` is rows × y_stride long (checked above) and columns
+                        // off..off + n of each row belong to head h alone.
+                        unsafe { out.write(r * y_stride + off, src) };
+                    }
+                }
+                Err(e) => {
+                    let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+                    f.get_or_insert(e.into());
+                }
             }
-            off += n;
+        });
+        match failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn rms_norm(&self, x: &mut [f32], stride: usize, w: &[f32], eps: f32) -> Result<()> {
@@ -657,11 +696,11 @@ impl Backend for CpuBackend {
             )?);
         }
         // Absorbed: q̃ = W_UKᵀ·q_nope per head, attention over the latents, then W_UV.
-        let mut q_abs = vec![0f32; chunk * heads * r];
+        let mut q_abs = scratch::take(chunk * heads * r);
         self.linear_heads(q, chunk, qk, 0, &w.w_uk_t, &mut q_abs)?;
-        let mut q_pe = vec![0f32; chunk * heads * rope];
+        let mut q_pe = scratch::take(chunk * heads * rope);
         self.gather_cols(q, qk, nope, rope, &mut q_pe)?;
-        let mut ctx = vec![0f32; chunk * heads * r];
+        let mut ctx = scratch::take(chunk * heads * r);
         mla_prefill(cache, seq, start, heads, &q_abs, &q_pe, scale, &mut ctx)?;
         self.linear_heads(&ctx, chunk, r, 0, &w.w_uv, out)
     }
@@ -674,7 +713,7 @@ impl Backend for CpuBackend {
         accumulate: bool,
         y: &mut [f32],
     ) -> Result<()> {
-        let mut h = vec![0f32; m * w.gate.rows];
+        let mut h = scratch::take(m * w.gate.rows);
         matmul_silu_mul(x, m, &w.gate.view(), &w.up.view(), &mut h)?;
         if accumulate {
             matmul_acc(&h, m, &w.down.view(), None, y)?;
@@ -692,16 +731,19 @@ impl Backend for CpuBackend {
         row_weight: &[f32],
         y: &mut [f32],
     ) -> Result<()> {
-        let experts: Vec<ExpertWeights> = groups.iter().map(|g| g.mlp.experts()).collect();
-        let kgroups: Vec<Group> = groups
-            .iter()
-            .enumerate()
-            .map(|(i, g)| Group {
-                expert: i,
-                rows: g.rows.clone(),
-            })
-            .collect();
-        Ok(grouped_ffn(
+        // The two lists keep their allocations from call to call (see `MoeLists`).
+        let lists = MOE_LISTS
+            .try_with(|l| std::mem::take(&mut *l.borrow_mut()))
+            .unwrap_or_default();
+        let mut experts: Vec<ExpertWeights> = scratch::recycle(lists.experts);
+        let mut kgroups = lists.groups;
+        kgroups.clear();
+        experts.extend(groups.iter().map(|g| g.mlp.experts()));
+        kgroups.extend(groups.iter().enumerate().map(|(i, g)| Group {
+            expert: i,
+            rows: g.rows.clone(),
+        }));
+        let res = grouped_ffn(
             x,
             hidden,
             &kgroups,
@@ -709,6 +751,13 @@ impl Backend for CpuBackend {
             Some(row_weight),
             Combine::Store,
             y,
-        )?)
+        );
+        let _ = MOE_LISTS.try_with(|l| {
+            *l.borrow_mut() = MoeLists {
+                experts: scratch::recycle(experts),
+                groups: kgroups,
+            }
+        });
+        Ok(res?)
     }
 }

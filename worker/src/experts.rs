@@ -7,6 +7,8 @@ use crate::error::{Error, Result};
 use crate::model::{Mlp, load_mlp};
 use crate::weights::Store;
 use shardseek_kernels::gate::Routing;
+use shardseek_kernels::scratch;
+use std::cell::RefCell;
 use std::sync::Arc;
 
 /// Computes, for each row, Σ weight · expert(row) over the row's routed experts.
@@ -239,6 +241,17 @@ impl LocalExperts {
             .sum()
     }
 
+    /// Index into `layers` of MoE layer `layer`.
+    fn layer_index(&self, layer: usize) -> Result<usize> {
+        layer
+            .checked_sub(self.first_moe)
+            .filter(|&i| i < self.layers.len())
+            .ok_or_else(|| Error::Dispatch {
+                layer,
+                detail: "not a MoE layer".into(),
+            })
+    }
+
     /// Weighted sum per row for `(expert, weight)` lists: the partial combine of a shard.
     pub fn combine(
         &self,
@@ -266,29 +279,80 @@ impl LocalExperts {
                 assign.len()
             )));
         }
-        let li = layer
-            .checked_sub(self.first_moe)
-            .filter(|&i| i < self.layers.len())
-            .ok_or_else(|| Error::Dispatch {
-                layer,
-                detail: "not a MoE layer".into(),
-            })?;
+        let li = self.layer_index(layer)?;
+        let m = assign.len();
+        self.combine_pairs(
+            layer,
+            li,
+            rows,
+            |pairs| {
+                pairs.extend(
+                    assign
+                        .iter()
+                        .enumerate()
+                        .flat_map(|(r, list)| list.iter().map(move |&(e, w)| (e, r, w))),
+                )
+            },
+            m,
+            shared,
+        )
+    }
+
+    /// The grouped pass over the `(expert, row, weight)` pairs `fill` writes, for `m` rows of
+    /// `rows`, on buffers kept per thread from call to call (the hot path allocates nothing
+    /// once it has seen a call of the same shape; the output comes from [`recycle`]).
+    #[allow(clippy::too_many_arguments)]
+    fn combine_pairs(
+        &self,
+        layer: usize,
+        li: usize,
+        rows: &[f32],
+        fill: impl FnOnce(&mut Vec<(usize, usize, f32)>),
+        m: usize,
+        shared: Option<&Mlp>,
+    ) -> Result<Vec<f32>> {
+        let h = self.hidden;
+        let mut lists = COMBINE
+            .try_with(|c| std::mem::take(&mut *c.borrow_mut()))
+            .unwrap_or_default();
+        let res = self.combine_on(layer, li, rows, fill, m, shared, &mut lists);
+        let _ = COMBINE.try_with(|c| *c.borrow_mut() = lists);
+        debug_assert!(res.as_ref().map_or(true, |o| o.len() == m * h));
+        res
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn combine_on<'w>(
+        &'w self,
+        layer: usize,
+        li: usize,
+        rows: &[f32],
+        fill: impl FnOnce(&mut Vec<(usize, usize, f32)>),
+        m: usize,
+        shared: Option<&'w Mlp>,
+        lists: &mut CombineLists,
+    ) -> Result<Vec<f32>> {
+        let h = self.hidden;
         // Sort the (row, expert) pairs by expert: one group of consecutive rows per expert,
         // all experts in one grouped pass (gate+up with SiLU·mul, down scaled by the combine
-        // weight), then each output row is added onto its token's row.
-        let mut pairs: Vec<(usize, usize, f32)> = assign
-            .iter()
-            .enumerate()
-            .flat_map(|(r, list)| list.iter().map(move |&(e, w)| (e, r, w)))
-            .collect();
-        pairs.sort_by_key(|&(e, r, _)| (e, r));
+        // weight), then each output row is added onto its token's row. (Unstable sort: the
+        // stable one allocates a merge buffer.)
+        let pairs = &mut lists.pairs;
+        pairs.clear();
+        fill(pairs);
+        pairs.sort_unstable_by_key(|&(e, r, _)| (e, r));
         let n = pairs.len();
-        let m = assign.len();
         let extra = if shared.is_some() { m } else { 0 };
-        let mut xs = vec![0f32; (n + extra) * h];
-        let mut weight = Vec::with_capacity(n + extra);
-        let mut groups: Vec<MoeGroup> = Vec::new();
+        let mut xs = scratch::take((n + extra) * h);
+        let weight = &mut lists.weight;
+        weight.clear();
+        let mut groups: Vec<MoeGroup<'w>> = scratch::recycle(std::mem::take(&mut lists.groups));
         for (k, &(e, r, w)) in pairs.iter().enumerate() {
+            if r >= m {
+                return Err(Error::Input(format!(
+                    "row {r} of an assignment for {m} rows"
+                )));
+            }
             xs[k * h..(k + 1) * h].copy_from_slice(&rows[r * h..(r + 1) * h]);
             weight.push(w);
             match groups.last_mut() {
@@ -316,9 +380,17 @@ impl LocalExperts {
                 rows: n..n + m,
             });
         }
-        let mut ys = vec![0f32; (n + extra) * h];
-        self.backend.moe(&xs, h, &groups, &weight, &mut ys)?;
-        let mut out = vec![0f32; rows.len()];
+        let mut ys = scratch::take((n + extra) * h);
+        let res = self.backend.moe(&xs, h, &groups, weight, &mut ys);
+        lists.groups = scratch::recycle(groups);
+        res?;
+        let mut out = RECYCLED
+            .try_with(|r| r.borrow_mut().take())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        out.clear();
+        out.resize(rows.len(), 0.0);
         let sorted_rows = pairs.iter().map(|p| p.1).chain(0..extra);
         for (k, r) in sorted_rows.enumerate() {
             self.backend
@@ -328,24 +400,30 @@ impl LocalExperts {
     }
 }
 
-/// One row's `(expert, weight)` list from the router's choice.
-fn assignments(routing: &[Routing]) -> Vec<Vec<(usize, f32)>> {
-    routing
-        .iter()
-        .map(|r| {
-            r.experts
-                .iter()
-                .copied()
-                .zip(r.weights.iter().copied())
-                .collect()
-        })
-        .collect()
+/// The per-call lists of [`LocalExperts`]' grouped pass, kept per thread between calls (the
+/// groups borrow one call's weights: between calls the list is empty under another lifetime).
+#[derive(Default)]
+struct CombineLists {
+    pairs: Vec<(usize, usize, f32)>,
+    weight: Vec<f32>,
+    groups: Vec<MoeGroup<'static>>,
+}
+
+thread_local! {
+    static COMBINE: RefCell<CombineLists> = RefCell::new(CombineLists::default());
+    static RECYCLED: RefCell<Option<Vec<f32>>> = const { RefCell::new(None) };
+}
+
+/// Hands a routed-expert output back once its caller has added it to the residual: the next
+/// in-process call on this thread writes into it instead of allocating.
+pub fn recycle(out: Vec<f32>) {
+    let _ = RECYCLED.try_with(|r| *r.borrow_mut() = Some(out));
 }
 
 impl RoutedExperts for LocalExperts {
     fn start(&self, layer: usize, rows: &[f32], routing: &[Routing]) -> Result<PendingExperts> {
-        self.combine(layer, rows, &assignments(routing))
-            .map(PendingExperts::Ready)
+        self.start_with_shared(layer, rows, routing, None)
+            .map(|(p, _)| p)
     }
 
     fn start_with_shared(
@@ -355,7 +433,24 @@ impl RoutedExperts for LocalExperts {
         routing: &[Routing],
         shared: Option<&Mlp>,
     ) -> Result<(PendingExperts, bool)> {
-        let out = self.combine_with_shared(layer, rows, &assignments(routing), shared)?;
+        let h = self.hidden;
+        if rows.len() != routing.len() * h {
+            return Err(Error::Input(format!(
+                "{} values for {} rows of hidden {h}",
+                rows.len(),
+                routing.len()
+            )));
+        }
+        let li = self.layer_index(layer)?;
+        let fill = |pairs: &mut Vec<(usize, usize, f32)>| {
+            pairs.extend(routing.iter().enumerate().flat_map(|(r, rt)| {
+                rt.experts
+                    .iter()
+                    .zip(&rt.weights)
+                    .map(move |(&e, &w)| (e, r, w))
+            }))
+        };
+        let out = self.combine_pairs(layer, li, rows, fill, routing.len(), shared)?;
         Ok((PendingExperts::Ready(out), shared.is_some()))
     }
 }

@@ -248,6 +248,7 @@ impl PendingMoe {
             });
         }
         backend.add(x, &out)?;
+        crate::experts::recycle(out);
         if self.shared {
             backend.add(x, shared)?;
         }
