@@ -20,6 +20,7 @@
 use crate::cpu::{self, Isa, MR, NR, SyncPtr, Tile};
 use crate::error::{Result, shape};
 use crate::pool::parallel_for;
+use crate::scratch::{self, Scratch};
 use crate::weight::{FP8_BLOCK, Weight};
 use crate::wide::{NW, PACK_KC_MAX, microkernel_wide, pack_panel};
 use std::cell::RefCell;
@@ -256,7 +257,8 @@ pub(crate) struct XOperand<'a> {
     x: &'a [f32],
     m: usize,
     k: usize,
-    bf16: Vec<u16>,
+    /// On the thread's scratch list: a decode step allocates nothing here once warm.
+    bf16: Scratch<u16>,
     packed: OnceLock<Vec<f32>>,
 }
 
@@ -265,10 +267,10 @@ impl<'a> XOperand<'a> {
     /// on [`Isa::Avx512Bf16`], x is prepared for them; other weights still work, through the
     /// f32 paths).
     pub(crate) fn new(isa: Isa, x: &'a [f32], m: usize, k: usize, tiles: bool) -> Self {
-        let mut bf16 = Vec::new();
+        let mut bf16 = scratch::take(0);
         #[cfg(target_arch = "x86_64")]
         if tiles && isa == Isa::Avx512Bf16 && m > 0 && m <= TILE_MAX_M {
-            bf16 = vec![0u16; cpu::avx512bf16::prepared_len(m, k)];
+            bf16 = scratch::take(cpu::avx512bf16::prepared_len(m, k));
             // SAFETY: the ISA was detected; the length is the prepared length.
             unsafe { cpu::avx512bf16::prepare_x(x, m, k, &mut bf16) };
         }
