@@ -108,4 +108,25 @@ impl Rope {
             pair[1] = b * c + a * s;
         }
     }
+
+    /// [`Rope::apply`] to the vectors at `off..off + 2·inv_freq.len()` of each of the `heads`
+    /// rows of `stride` values in `x`, all at position `pos`: each angle's sine and cosine are
+    /// computed once for every head (they were a visible share of a decode step when computed
+    /// per head), and every head gets exactly the values [`Rope::apply`] would give it.
+    pub fn apply_heads(&self, x: &mut [f32], heads: usize, stride: usize, off: usize, pos: usize) {
+        let p = pos as f32;
+        for (i, &f) in self.inv_freq.iter().enumerate() {
+            let (s, c) = ((f * p) as f64).sin_cos();
+            let (c, s) = (
+                c as f32 * self.attention_factor,
+                s as f32 * self.attention_factor,
+            );
+            for h in 0..heads {
+                let j = h * stride + off + 2 * i;
+                let (a, b) = (x[j], x[j + 1]);
+                x[j] = a * c - b * s;
+                x[j + 1] = b * c + a * s;
+            }
+        }
+    }
 }

@@ -597,9 +597,7 @@ impl Backend for CpuBackend {
             ));
         }
         for (row, &pos) in x.chunks_exact_mut(heads * stride).zip(positions) {
-            for head in row.chunks_exact_mut(stride) {
-                rope.apply(&mut head[off..off + d], pos);
-            }
+            rope.apply_heads(row, heads, stride, off, pos);
         }
         Ok(())
     }

@@ -85,6 +85,25 @@ fn rope_yarn_matches_reference() {
     }
 }
 
+/// Rotating every head of a row at once gives each head exactly what rotating it alone gives,
+/// and leaves the values outside the rotated range alone (odd head count, stride and offset).
+#[test]
+fn rope_apply_heads_equals_per_head_apply() {
+    let rope = Rope::new(16, 10000.0, None);
+    let (heads, stride, off) = (5, 27, 9);
+    let mut rng = Rng::new(3);
+    for pos in [0usize, 7, 4097] {
+        let x = randv(&mut rng, heads * stride);
+        let mut want = x.clone();
+        for h in 0..heads {
+            rope.apply(&mut want[h * stride + off..h * stride + off + 16], pos);
+        }
+        let mut got = x.clone();
+        rope.apply_heads(&mut got, heads, stride, off, pos);
+        assert_eq!(got, want, "pos {pos}");
+    }
+}
+
 /// The router from its definition, in f64 and with plain loops.
 fn gate_reference(logits: &[f32], bias: &[f32], p: &GateParams) -> (Vec<usize>, Vec<f64>) {
     let e = logits.len();
