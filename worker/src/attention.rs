@@ -122,6 +122,7 @@ pub fn engine_request(r: &GenerateRequest) -> Result<EngineRequest, Status> {
         },
         seed: r.seed.unwrap_or(0),
         top_logprobs: r.logprobs as usize,
+        token_logprob: r.token_logprob.unwrap_or(true),
         echo: r.echo,
         ignore_eos: r.ignore_eos,
         stop_token_ids: r.stop_token_ids.clone(),
@@ -207,7 +208,7 @@ impl Attention for AttentionService {
                     },
                     Some(Event::Token { id, logprob, top }) => GenerateChunk {
                         request_id: rid,
-                        token: Some(token(id, Some(logprob), &top)),
+                        token: Some(token(id, logprob, &top)),
                         ..Default::default()
                     },
                     Some(Event::Finished {

@@ -93,6 +93,7 @@ pub fn generate(model: &Model, req: &GenerateRequest) -> Result<GenerateOutput> 
         sampling: req.sampling.clone(),
         seed: req.seed,
         top_logprobs: req.top_logprobs,
+        token_logprob: true,
         echo: req.echo,
         ignore_eos: req.ignore_eos,
         stop_token_ids: Vec::new(),
@@ -118,7 +119,7 @@ pub fn generate(model: &Model, req: &GenerateRequest) -> Result<GenerateOutput> 
             Event::PromptLogprobs(pl) => out.prompt_logprobs = Some(pl),
             Event::Token { id, logprob, top } => {
                 out.tokens.push(id);
-                out.logprobs.push(logprob);
+                out.logprobs.push(logprob.unwrap_or(f32::NAN));
                 out.top_logprobs.push(top);
             }
             Event::Finished { reason, .. } => {

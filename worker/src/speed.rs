@@ -118,6 +118,7 @@ fn measure_batch(
                 sampling: SamplingParams::default(),
                 seed: 0,
                 top_logprobs: 0,
+                token_logprob: false,
             })
         })
         .collect();

@@ -22,6 +22,9 @@ pub struct TokenRequest {
     pub seed: u64,
     /// Alternatives to report with each generated token.
     pub top_logprobs: usize,
+    /// Compute each generated token's log-prob (a pass over the vocabulary per token; without
+    /// it and without `top_logprobs`, [`TokenEvent::Token`]'s log-prob is NaN).
+    pub token_logprob: bool,
     /// Compute each prompt token's log-prob ([`TokenEvent::PromptLogprobs`] comes first).
     pub echo: bool,
     /// Keep generating past the model's end-of-sequence tokens.

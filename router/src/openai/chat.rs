@@ -230,6 +230,7 @@ async fn run(st: &AppState, req: Request, started: Instant) -> Result<Reply, Api
                     .map(|s| s.wrapping_add(j as u64))
                     .unwrap_or_else(random_u64),
                 top_logprobs: logprobs.unwrap_or(0),
+                token_logprob: logprobs.is_some(),
                 echo: false,
                 ignore_eos: sampling.ignore_eos,
                 stop_token_ids: sampling.stop_token_ids.clone(),

@@ -159,6 +159,7 @@ async fn run(st: &AppState, req: Request, started: Instant) -> Result<Reply, Api
                         .map(|s| s.wrapping_add(j as u64))
                         .unwrap_or_else(random_u64),
                     top_logprobs: logprobs.unwrap_or(0),
+                    token_logprob: logprobs.is_some(),
                     // The backend computes prompt log-probs only when they will be reported, or
                     // to mark the end of a prompt-only request.
                     echo: echo && (logprobs.is_some() || max_tokens == 0),

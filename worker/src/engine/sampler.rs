@@ -29,6 +29,9 @@ pub struct SeqParams {
     pub seed: u64,
     /// How many top alternatives to report per token (0: none, and none are computed).
     pub top_logprobs: usize,
+    /// Whether to compute the chosen token's log-prob: a log-sum-exp pass over the whole
+    /// vocabulary per token, which greedy decoding otherwise never needs.
+    pub token_logprob: bool,
 }
 
 /// What a logits processor may look at besides the logits.
@@ -78,8 +81,9 @@ impl SeqSampler {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sampled {
     pub token: u32,
-    /// log softmax(logits)[token] over the processed logits at temperature 1.
-    pub logprob: f32,
+    /// log softmax(logits)[token] over the processed logits at temperature 1; None unless
+    /// asked for (by `token_logprob` or `top_logprobs`).
+    pub logprob: Option<f32>,
     /// The `top_logprobs` most likely tokens, best first (empty unless asked for).
     pub top: Vec<(u32, f32)>,
 }
@@ -106,7 +110,14 @@ impl Sampler {
         for p in &mut seq.processors {
             p.process(ctx, logits);
         }
-        let (max, lse) = log_sum_exp(logits);
+        // The log-sum-exp pass only when a log-prob is reported; selection needs just the max
+        // (and greedy not even that).
+        let want_lp = seq.params.token_logprob || seq.params.top_logprobs > 0;
+        let (max, lse) = if want_lp {
+            log_sum_exp(logits)
+        } else {
+            (max_of(logits), f32::NAN)
+        };
         let token = self.select(logits, max, &seq.params.sampling, &mut seq.rng);
         let top = if seq.params.top_logprobs > 0 {
             self.top_logprobs(logits, lse, seq.params.top_logprobs)
@@ -115,7 +126,7 @@ impl Sampler {
         };
         Sampled {
             token,
-            logprob: logits[token as usize] - lse,
+            logprob: want_lp.then(|| logits[token as usize] - lse),
             top,
         }
     }
@@ -236,9 +247,14 @@ impl Sampler {
     }
 }
 
+/// The largest value of a row (−∞ for an empty or all −∞ row).
+fn max_of(x: &[f32]) -> f32 {
+    x.iter().copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
 /// (max, log Σ exp) of a row, in one pass after the max.
 fn log_sum_exp(x: &[f32]) -> (f32, f32) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = max_of(x);
     if max == f32::NEG_INFINITY {
         return (max, max);
     }
@@ -264,6 +280,7 @@ mod tests {
             sampling,
             seed,
             top_logprobs: top,
+            token_logprob: true,
         })
     }
 
@@ -312,7 +329,7 @@ mod tests {
         let mut row = lg.clone();
         let got = s.sample(&mut q, &NO_CTX, &mut row);
         assert_eq!(got.token as usize, argmax(&lg));
-        assert!((got.logprob - lp[got.token as usize]).abs() < 1e-5);
+        assert!((got.logprob.unwrap() - lp[got.token as usize]).abs() < 1e-5);
         let mut order: Vec<usize> = (0..lg.len()).collect();
         order.sort_by(|&a, &b| lg[b].total_cmp(&lg[a]));
         assert_eq!(got.top.len(), 5);
@@ -323,6 +340,27 @@ mod tests {
         // Not asked for: not computed.
         let mut q = seq(SamplingParams::default(), 0, 0);
         assert!(s.sample(&mut q, &NO_CTX, &mut lg.clone()).top.is_empty());
+        // No log-prob asked for at all: none is computed, and the token is the same, greedy or
+        // sampled.
+        for p in [
+            SamplingParams::default(),
+            SamplingParams {
+                temperature: 0.7,
+                top_k: 0,
+                top_p: 0.9,
+            },
+        ] {
+            let mut with = seq(p.clone(), 5, 0);
+            let mut without = seq(p, 5, 0);
+            without.params.token_logprob = false;
+            for _ in 0..20 {
+                let a = s.sample(&mut with, &NO_CTX, &mut lg.clone());
+                let b = s.sample(&mut without, &NO_CTX, &mut lg.clone());
+                assert_eq!(a.token, b.token);
+                assert!(a.logprob.is_some());
+                assert_eq!(b.logprob, None);
+            }
+        }
     }
 
     struct Ban(u32);

@@ -56,6 +56,8 @@ pub struct EngineRequest {
     pub sampling: SamplingParams,
     pub seed: u64,
     pub top_logprobs: usize,
+    /// Compute each generated token's log-prob (see [`SeqParams::token_logprob`]).
+    pub token_logprob: bool,
     pub echo: bool,
     pub ignore_eos: bool,
     /// Extra token ids that end generation (besides the model's EOS).
@@ -76,7 +78,8 @@ pub enum Event {
     PromptLogprobs(Vec<Option<f32>>),
     Token {
         id: u32,
-        logprob: f32,
+        /// None unless the request asked for it (or for top alternatives).
+        logprob: Option<f32>,
         top: Vec<(u32, f32)>,
     },
     Finished {
@@ -471,6 +474,7 @@ impl<'m> Scheduler<'m> {
             sampling: req.sampling.clone(),
             seed: req.seed,
             top_logprobs: req.top_logprobs,
+            token_logprob: req.token_logprob,
         });
         // The logits-processing stages, in vLLM's order: grammar mask, then min_tokens,
         // penalties, bias and min_p.

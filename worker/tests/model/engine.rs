@@ -24,6 +24,7 @@ fn req(prompt: Vec<u32>, max_tokens: usize) -> EngineRequest {
         sampling: SamplingParams::default(),
         seed: 0,
         top_logprobs: 0,
+        token_logprob: true,
         echo: false,
         ignore_eos: true,
         stop_token_ids: vec![],
@@ -42,7 +43,7 @@ fn collect(h: &mut shardseek_worker::engine::RequestHandle) -> Collected {
         match ev {
             Event::Token { id, logprob, .. } => {
                 toks.push(id);
-                lps.push(logprob);
+                lps.push(logprob.expect("the request asked for token log-probs"));
             }
             Event::PromptLogprobs(p) => plp = Some(p),
             Event::Finished { cached_tokens, .. } => {
