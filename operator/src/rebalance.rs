@@ -556,3 +556,50 @@ async fn warn_event(recorder: &Recorder, reference: &ObjectReference, message: &
         tracing::warn!(error = %e, "could not publish event");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dsd() -> DeepSeekDeployment {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "shardseek.io/v1alpha1",
+            "kind": "DeepSeekDeployment",
+            "metadata": {"name": "v3", "namespace": "llm", "uid": "u"},
+            "spec": {"image": "img", "model": {"servedName": "m", "volume": {"hostPath": {"path": "/m"}}},
+                     "attention": {"replicas": 1}, "experts": {"shards": 2, "rebalanceIntervalSeconds": 30}}
+        }))
+        .expect("dsd")
+    }
+
+    fn pod(name: &str, role: &str, index: Option<&str>, ip: &str, ready: bool) -> Pod {
+        let mut labels = serde_json::json!({"app.kubernetes.io/component": role});
+        if let Some(i) = index {
+            labels[POD_INDEX_LABEL] = serde_json::json!(i);
+        }
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "uid": format!("uid-{name}"), "labels": labels},
+            "status": {"podIP": ip, "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}]}
+        }))
+        .expect("pod")
+    }
+
+    #[test]
+    fn targets_need_every_desired_pod_ready_and_use_pod_ips() {
+        let d = dsd();
+        let mut pods = vec![
+            pod("v3-experts-1", "experts", Some("1"), "10.0.0.2", true),
+            pod("v3-experts-0", "experts", Some("0"), "10.0.0.1", true),
+            // No pod-index label: the ordinal comes from the name.
+            pod("v3-attention-0", "attention", None, "fd00::7", true),
+            pod("v3-router-abc", "router", None, "10.0.0.9", true),
+        ];
+        let t = ready_targets(&d, &pods).expect("all ready");
+        assert_eq!(t.shards, ["10.0.0.1:50053", "10.0.0.2:50053"]);
+        assert_eq!(t.attention, ["[fd00::7]:50052"]);
+        pods[0] = pod("v3-experts-1", "experts", Some("1"), "10.0.0.2", false);
+        assert_eq!(ready_targets(&d, &pods), None, "a shard not ready");
+        pods.remove(0);
+        assert_eq!(ready_targets(&d, &pods), None, "a shard missing");
+    }
+}
