@@ -278,9 +278,8 @@ impl Rebalancers {
         };
         let uid = dsd.metadata.uid.clone().unwrap_or_default();
         let shape = builders::placement_shape(dsd);
-        let same_spec = |r: &Running| {
-            r.key.uid == uid && r.key.interval == interval && r.key.shape == shape
-        };
+        let same_spec =
+            |r: &Running| r.key.uid == uid && r.key.interval == interval && r.key.shape == shape;
         if running.get(&object).is_some_and(|r| !same_spec(r)) {
             running.remove(&object);
         }

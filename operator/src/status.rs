@@ -308,8 +308,7 @@ pub fn compute(
 /// one a rebalancer published (`observed`), else 1, the initial table every process derives
 /// from (experts, shards, redundant slots).
 pub fn placement_version(dsd: &DeepSeekDeployment, observed: Option<u64>) -> Option<i64> {
-    (dsd.spec.experts.shards > 0)
-        .then(|| observed.and_then(|v| i64::try_from(v).ok()).unwrap_or(1))
+    (dsd.spec.experts.shards > 0).then(|| observed.and_then(|v| i64::try_from(v).ok()).unwrap_or(1))
 }
 
 /// The conditions whose status changed from `previous` to `next`, as `(type, status, reason,

@@ -988,10 +988,14 @@ fn operator_rebalances_the_experts_of_running_pods() {
             == Some(json!("Available"))
     });
     let object = ObjectRef::<DeepSeekDeployment>::new(NAME).within(NS);
-    wait_for("the rebalancer to start", || ctx.rebalancers.is_running(&object));
+    wait_for("the rebalancer to start", || {
+        ctx.rebalancers.is_running(&object)
+    });
     let status_version = || {
-        fake.get(DSD, NS, NAME)
-            .and_then(|d| d.pointer("/status/placementVersion").and_then(Value::as_u64))
+        fake.get(DSD, NS, NAME).and_then(|d| {
+            d.pointer("/status/placementVersion")
+                .and_then(Value::as_u64)
+        })
     };
     assert_eq!(status_version(), Some(1), "the initial table is version 1");
     let router = format!(
@@ -1151,7 +1155,11 @@ fn operator_rebalances_the_experts_of_running_pods() {
         let (code, body) = chat(&router, "Count to ten.").expect("chat");
         assert_eq!(code, 200, "{body}");
     }
-    assert_eq!(rounds(&metrics), counted, "a round ran after the field was removed");
+    assert_eq!(
+        rounds(&metrics),
+        counted,
+        "a round ran after the field was removed"
+    );
     assert_eq!(status_version(), kept, "the version in force stays");
     assert!(
         fake.get(CM, NS, &format!("{NAME}-placement")).is_some(),

@@ -538,8 +538,10 @@ async fn kept_placement_is_the_status_version_until_the_shape_changes() {
         .await
         .expect("create");
     let version = |h: &Harness| {
-        h.dsd()
-            .and_then(|d| d.pointer("/status/placementVersion").and_then(Value::as_i64))
+        h.dsd().and_then(|d| {
+            d.pointer("/status/placementVersion")
+                .and_then(Value::as_i64)
+        })
     };
     h.until("placement version 1", |h| version(h) == Some(1))
         .await;
