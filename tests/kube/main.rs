@@ -1026,10 +1026,11 @@ fn operator_rebalances_the_experts_of_running_pods() {
         "the round is counted"
     );
     let events = fake.objects("events.k8s.io/v1/events");
-    assert!(
-        events.iter().any(|e| e["reason"] == "PlacementPublished"),
-        "a PlacementPublished event: {events:?}"
-    );
+    let published = events
+        .iter()
+        .find(|e| e["reason"] == "PlacementPublished")
+        .unwrap_or_else(|| panic!("a PlacementPublished event: {events:?}"));
+    eprintln!("event: {}", published["note"]);
 
     // 2. Without load no round publishes: the status, the kept table, every shard and the
     //    attention pod agree on the version in force, and each shard holds its experts.
