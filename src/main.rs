@@ -874,18 +874,20 @@ fn init_tracing() {
     }
 }
 
-/// Online rebalancing runs under `shardseek up`; under Kubernetes nothing would run the
-/// rebalancer yet (the operator refuses the field too), so a config asking for it is refused
-/// rather than silently served with a fixed placement.
+/// A worker or router does not rebalance: under Kubernetes the operator runs the rebalancer
+/// (`spec.experts.rebalanceIntervalSeconds` of the DeepSeekDeployment) and renders no interval
+/// into the cluster config, so a config that carries one was not written by the operator and
+/// would be served with an interval nobody acts on: refused.
 fn refuse_rebalance_under_kubernetes(
     path: &std::path::Path,
     cc: &shardseek_proto::cluster_config::ClusterConfig,
 ) -> Result<()> {
     if let Some(secs) = cc.experts.rebalance_interval_seconds {
         bail!(
-            "--cluster-config {}: experts.rebalanceIntervalSeconds is {secs}, but online expert \
-             rebalancing is not supported under Kubernetes yet (it runs under `shardseek up \
-             --rebalance-interval`); remove the field to serve with the initial placement",
+            "--cluster-config {}: experts.rebalanceIntervalSeconds is {secs}, but workers and \
+             routers do not rebalance: under Kubernetes the operator does (set \
+             spec.experts.rebalanceIntervalSeconds of the DeepSeekDeployment), and under \
+             `shardseek up` the supervisor does (--rebalance-interval); remove the field",
             path.display()
         );
     }

@@ -66,6 +66,22 @@ pub const API_KEY_ENV: &str = "SHARDSEEK_API_KEY";
 /// numeric non-zero uid to verify runAsNonRoot).
 pub const RUN_AS_USER: i64 = 65532;
 
+/// Where attention pods and expert shards mount the ConfigMap `NAME-placement` (optional: it
+/// exists once a rebalance has published a table). Not below the config mount, which is
+/// read-only and could not hold the mount point.
+pub const PLACEMENT_MOUNT_DIR: &str = "/etc/shardseek-placement";
+/// The ConfigMap key (and so the file name) of the placement table in force, in the format of
+/// `shardseek worker --placement-file`.
+pub const PLACEMENT_KEY: &str = "placement.json";
+/// The workers' environment variable naming the placement file (`--placement-file`).
+pub const PLACEMENT_FILE_ENV: &str = "SHARDSEEK_PLACEMENT_FILE";
+/// Annotation of the placement ConfigMap: the shape its table was computed for
+/// ([`placement_shape`]). A table of another shape (shards, redundant slots or model changed)
+/// is deleted before the workloads are applied, so no pod starts on it.
+pub const PLACEMENT_SHAPE_ANNOTATION: &str = "shardseek.io/placement-shape";
+/// The pod volume of the placement ConfigMap.
+const PLACEMENT_VOLUME: &str = "placement";
+
 /// Model loading reads hundreds of GB; allow 30 minutes (180 probes × 10 s) before the kubelet
 /// gives up on a starting pod, while liveness after start stays strict.
 const STARTUP_PROBE_FAILURES: i32 = 180;
@@ -142,6 +158,9 @@ pub struct Names {
     pub router: String,
     /// `NAME-config`: ConfigMap.
     pub config: String,
+    /// `NAME-placement`: ConfigMap of the expert placement in force (written by the
+    /// rebalancer, not by the reconcile).
+    pub placement: String,
     /// `NAME`: ServiceMonitor.
     pub monitor: String,
 }
@@ -154,6 +173,7 @@ impl Names {
             experts: format!("{name}-experts"),
             router: format!("{name}-router"),
             config: format!("{name}-config"),
+            placement: format!("{name}-placement"),
             monitor: name.to_string(),
         }
     }
@@ -279,6 +299,20 @@ pub fn cluster_config(dsd: &DeepSeekDeployment) -> Result<ClusterConfig> {
     };
     let names = Names::new(&name);
     let shards = non_negative("experts.shards", spec.experts.shards)?;
+    // The CRD's schema and CEL rules say the same; objects stored before them are refused here.
+    if let Some(secs) = spec.experts.rebalance_interval_seconds {
+        if secs < 10 {
+            return Err(Error::InvalidSpec(format!(
+                "experts.rebalanceIntervalSeconds is {secs}; it must be at least 10"
+            )));
+        }
+        if shards == 0 {
+            return Err(Error::InvalidSpec(
+                "experts.rebalanceIntervalSeconds needs expert shards (experts.shards 1 or more)"
+                    .to_string(),
+            ));
+        }
+    }
     let config = ClusterConfig {
         name: name.clone(),
         namespace: Some(namespace.clone()),
@@ -329,18 +363,9 @@ pub fn cluster_config(dsd: &DeepSeekDeployment) -> Result<ClusterConfig> {
                 cc::DEFAULT_EXPERT_GRPC_PORT,
             ),
             grpc_port: cc::DEFAULT_EXPERT_GRPC_PORT,
-            // The CRD's CEL rule refuses the field; an object stored before the rule is refused
-            // here, rather than rendered into a config every worker would refuse at start.
-            rebalance_interval_seconds: match spec.experts.rebalance_interval_seconds {
-                None => None,
-                Some(s) => {
-                    return Err(Error::InvalidSpec(format!(
-                        "experts.rebalanceIntervalSeconds is {s}: online expert rebalancing is \
-                         not supported under Kubernetes yet (it runs under `shardseek up \
-                         --rebalance-interval`); remove the field"
-                    )));
-                }
-            },
+            // The operator runs the rebalancer; no worker reads the interval, so it stays out
+            // of the config (and of the pods' config hashes: changing it rolls no pod).
+            rebalance_interval_seconds: None,
         },
         router: cc::RouterConfig {
             http_port: cc::DEFAULT_ROUTER_HTTP_PORT,
@@ -359,6 +384,44 @@ pub fn cluster_config(dsd: &DeepSeekDeployment) -> Result<ClusterConfig> {
     };
     config.validate().map_err(Error::ClusterConfig)?;
     Ok(config)
+}
+
+/// The shape a placement table is computed for: what must not change for a kept table to stay
+/// valid (shards, redundant slots, the model). Kept on the placement ConfigMap.
+pub fn placement_shape(dsd: &DeepSeekDeployment) -> String {
+    let spec = &dsd.spec;
+    format!(
+        "shards={},redundantSlots={},model={}{}",
+        spec.experts.shards,
+        spec.experts.redundant_slots,
+        spec.model.path,
+        spec.model
+            .source
+            .as_ref()
+            .map(|s| format!(",source={s}"))
+            .unwrap_or_default()
+    )
+}
+
+/// The ConfigMap `NAME-placement` holding `table` (the placement in force), owned by `dsd` and
+/// annotated with the shape it was computed for. The rebalancer applies it once every shard has
+/// prepared a new version; pods mount it (see [`PLACEMENT_MOUNT_DIR`]).
+pub fn placement_config_map(dsd: &DeepSeekDeployment, table_json: &str) -> Result<ConfigMap> {
+    let owner = Owner::of(dsd)?;
+    let names = Names::new(&owner.name);
+    let mut metadata = owner.meta(&names.placement, None);
+    metadata.annotations = Some(BTreeMap::from([(
+        PLACEMENT_SHAPE_ANNOTATION.to_string(),
+        placement_shape(dsd),
+    )]));
+    Ok(ConfigMap {
+        metadata,
+        data: Some(BTreeMap::from([(
+            PLACEMENT_KEY.to_string(),
+            table_json.to_string(),
+        )])),
+        ..ConfigMap::default()
+    })
 }
 
 /// The first 16 hex digits of the SHA-256 of the config file's bytes: enough to tell configs
@@ -757,7 +820,32 @@ fn pod_template(
     );
     // The router mounts the model too: it reads tokenizer.json and tokenizer_config.json from
     // the checkpoint directory to apply the chat template and tokenize (DESIGN.md §2).
-    let (volumes, volume_mounts) = pod_volumes(dsd, names);
+    let (mut volumes, mut volume_mounts) = pod_volumes(dsd, names);
+    // Workers of a cluster with shards start on the placement in force: the rebalancer's table
+    // when one was published (even if rebalancing was switched off since), else the initial
+    // one. The ConfigMap is optional and not hashed: a new table rolls no pod (running pods
+    // switch through the placement control plane; the file is for pods that start later).
+    if role != Role::Router && spec.experts.shards > 0 {
+        volumes.push(Volume {
+            name: PLACEMENT_VOLUME.to_string(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: names.placement.clone(),
+                optional: Some(true),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+        volume_mounts.push(VolumeMount {
+            name: PLACEMENT_VOLUME.to_string(),
+            mount_path: PLACEMENT_MOUNT_DIR.to_string(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        });
+        env.push(value_env(
+            PLACEMENT_FILE_ENV,
+            &format!("{PLACEMENT_MOUNT_DIR}/{PLACEMENT_KEY}"),
+        ));
+    }
     let container = Container {
         name: role.component().to_string(),
         image: Some(spec.image.clone()),

@@ -29,6 +29,7 @@ use serde::de::DeserializeOwned;
 use crate::builders::{self, INSTANCE_LABEL, MANAGED_BY, OwnedObjects, ServiceMonitor};
 use crate::crd::{DeepSeekDeployment, DeepSeekDeploymentStatus};
 use crate::metrics::Metrics;
+use crate::rebalance::{self, Rebalancers, TaskEnv};
 use crate::status::{self, Observed, RoleState};
 use crate::{Error, Result};
 
@@ -79,6 +80,9 @@ pub struct Context {
     pub settings: ControllerSettings,
     /// Consecutive failures per object, for the backoff.
     failures: Mutex<HashMap<ObjectRef<DeepSeekDeployment>, u32>>,
+    /// The expert rebalancers of the objects that ask for one (this replica leads while the
+    /// controller runs).
+    pub rebalancers: Rebalancers,
 }
 
 impl Context {
@@ -94,6 +98,7 @@ impl Context {
             metrics,
             settings,
             failures: Mutex::new(HashMap::new()),
+            rebalancers: Rebalancers::default(),
         })
     }
 
@@ -149,7 +154,7 @@ pub async fn run_controller(
     .owns(api::<ConfigMap>(&client, ns), owned.clone())
     .owns(api::<PodDisruptionBudget>(&client, ns), owned)
     .graceful_shutdown_on(shutdown)
-    .run(reconcile, error_policy, ctx)
+    .run(reconcile, error_policy, Arc::clone(&ctx))
     .for_each(|result| async move {
         match result {
             Ok((object, _)) => tracing::debug!(%object, "reconciled"),
@@ -157,6 +162,8 @@ pub async fn run_controller(
         }
     })
     .await;
+    // Only the leader rebalances.
+    ctx.rebalancers.stop_all(&ctx.metrics);
     tracing::info!("controller stopped");
 }
 
@@ -173,6 +180,7 @@ pub async fn reconcile(dsd: Arc<DeepSeekDeployment>, ctx: Arc<Context>) -> Resul
     remove_legacy_finalizer(&dsd, &ctx).await?;
     if dsd.metadata.deletion_timestamp.is_some() {
         // Going away: the garbage collector deletes what it owns.
+        ctx.rebalancers.stop(&object, &ctx.metrics);
         ctx.reset_failures(&object);
         return Ok(Action::await_change());
     }
@@ -296,7 +304,7 @@ async fn monitoring_api_exists(client: &Client) -> Result<bool> {
     }
 }
 
-async fn apply(dsd: &DeepSeekDeployment, ctx: &Context) -> Result<Action> {
+async fn apply(dsd: &Arc<DeepSeekDeployment>, ctx: &Context) -> Result<Action> {
     let namespace = dsd
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
@@ -306,6 +314,8 @@ async fn apply(dsd: &DeepSeekDeployment, ctx: &Context) -> Result<Action> {
         // A spec the schema let through but that cannot be rendered: report it and wait for a
         // new spec; retrying would fail the same way.
         Err(error @ (Error::InvalidSpec(_) | Error::ClusterConfig(_))) => {
+            ctx.rebalancers
+                .stop(&ObjectRef::from_obj(dsd.as_ref()), &ctx.metrics);
             let observed = Observed {
                 invalid_spec: Some(error.to_string()),
                 ..Observed::default()
@@ -328,6 +338,7 @@ async fn apply(dsd: &DeepSeekDeployment, ctx: &Context) -> Result<Action> {
         config_hash,
     } = owned;
 
+    let kept_version = check_kept_placement(dsd, ctx, &namespace).await?;
     server_side_apply(client, &namespace, &config_map).await?;
     server_side_apply(client, &namespace, &attention_service).await?;
     let attention = server_side_apply(client, &namespace, &attention).await?;
@@ -382,7 +393,18 @@ async fn apply(dsd: &DeepSeekDeployment, ctx: &Context) -> Result<Action> {
             source,
         })?;
 
+    let object = ObjectRef::from_obj(dsd.as_ref());
+    ctx.rebalancers.sync(
+        dsd,
+        &pods.items,
+        &TaskEnv {
+            client: client.clone(),
+            recorder: ctx.recorder.clone(),
+            metrics: ctx.metrics.clone(),
+        },
+    );
     let observed = Observed {
+        placement_version: ctx.rebalancers.version(&object).or(kept_version),
         attention: RoleState::from_stateful_set(dsd.spec.attention.replicas, Some(&attention)),
         experts: RoleState::from_stateful_set(dsd.spec.experts.shards, experts.as_ref()),
         router: RoleState::from_deployment(dsd.spec.router.replicas, Some(&router)),
@@ -392,6 +414,36 @@ async fn apply(dsd: &DeepSeekDeployment, ctx: &Context) -> Result<Action> {
     };
     write_status(dsd, ctx, &observed).await?;
     Ok(Action::requeue(ctx.settings.resync))
+}
+
+/// The placement ConfigMap (`NAME-placement`, written by the rebalancer): its version when it
+/// holds a table of the current shape; deleted, with the rebalancer that wrote it stopped, when
+/// it holds one of another shape (shards, redundant slots or model changed) or there are no
+/// shards any more, so that no pod starts on a table that does not fit.
+async fn check_kept_placement(
+    dsd: &DeepSeekDeployment,
+    ctx: &Context,
+    namespace: &str,
+) -> Result<Option<u64>> {
+    let name = builders::Names::new(&dsd.name_any()).placement;
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), namespace);
+    let Some(cm) = api.get_opt(&name).await.map_err(|source| Error::Kube {
+        op: format!("get ConfigMap {name}"),
+        source,
+    })?
+    else {
+        return Ok(None);
+    };
+    if dsd.spec.experts.shards > 0
+        && let Some(table) = rebalance::kept_table(dsd, &cm)
+    {
+        return Ok(Some(table.version()));
+    }
+    ctx.rebalancers
+        .stop(&ObjectRef::from_obj(dsd), &ctx.metrics);
+    tracing::info!(configmap = %name, "deleting a kept expert placement of another shape");
+    delete_if_exists::<ConfigMap>(&ctx.client, namespace, &name).await?;
+    Ok(None)
 }
 
 async fn delete_if_exists<K>(client: &Client, namespace: &str, name: &str) -> Result<()>

@@ -344,7 +344,7 @@ fn default_max_seq_len() -> i32 {
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("self.shards == 0 ? self.redundantSlots == 0 : self.redundantSlots % self.shards == 0").message("experts.redundantSlots must be a multiple of experts.shards (and 0 when shards is 0)"),
-    validation = Rule::new("!has(self.rebalanceIntervalSeconds)").message("experts.rebalanceIntervalSeconds: online expert rebalancing is not supported under Kubernetes yet (it runs under `shardseek up --rebalance-interval`); remove the field to serve with the initial placement")
+    validation = Rule::new("!has(self.rebalanceIntervalSeconds) || self.shards > 0").message("experts.rebalanceIntervalSeconds needs expert shards (experts.shards 1 or more): with 0 shards the experts run inside the attention pods and there is nothing to rebalance")
 )]
 pub struct ExpertsSpec {
     /// Number of expert shards; 0 keeps the experts inside the attention pods.
@@ -358,9 +358,12 @@ pub struct ExpertsSpec {
     /// CPU, memory and accelerators of each expert shard.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
-    /// Seconds between expert-placement rebalances (EPLB). Reserved: refused until the operator
-    /// runs the rebalancer (online EPLB runs under `shardseek up --rebalance-interval`); unset
-    /// keeps the initial placement.
+    /// Seconds between expert-placement rebalances (online EPLB, at least 10). The operator
+    /// reads the expert load the attention pods observed over the interval, computes a balanced
+    /// placement and publishes it to the shards and pods without restarting any; the table in
+    /// force is kept in the ConfigMap `NAME-placement`, which restarted pods start from, and its
+    /// version in `status.placementVersion`. Unset: the placement in force stays (the initial
+    /// one unless an earlier interval rebalanced it). Changing it rolls no pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 10))]
     pub rebalance_interval_seconds: Option<i32>,
@@ -608,9 +611,10 @@ pub struct DeepSeekDeploymentStatus {
     /// Ready router pods.
     #[serde(default)]
     pub router_ready: i32,
-    /// The expert placement version in force, owned by the operator: 1 (the initial table,
-    /// which every process derives itself from experts, shards and redundant slots) while
-    /// there are expert shards. Online rebalancing, which would raise it, is not implemented.
+    /// The expert placement version in force, owned by the operator, while there are expert
+    /// shards: 1 is the initial table, which every process derives itself from experts, shards
+    /// and redundant slots; each rebalance that moves experts (`experts.rebalanceIntervalSeconds`)
+    /// publishes the next.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement_version: Option<i64>,
     /// The in-cluster URL of the OpenAI-compatible API.

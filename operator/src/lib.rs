@@ -8,6 +8,7 @@
 //! - [`leader`]: Lease-based leader election so only one replica writes;
 //! - [`metrics`]: the operator's own metrics and its `/metrics`, `/health`, `/ready` server;
 //! - [`metrics_catalog`]: every metric name shardseek exports, which the dashboard test checks;
+//! - [`rebalance`]: online expert rebalancing (EPLB) of the deployments that ask for it;
 //! - [`render`]: `shardseek render`, the objects the operator would apply, without a cluster.
 //!
 //! See `operator/README.md` for installation and what the tests cover.
@@ -18,6 +19,7 @@ pub mod crd;
 pub mod leader;
 pub mod metrics;
 pub mod metrics_catalog;
+pub mod rebalance;
 pub mod render;
 pub mod status;
 

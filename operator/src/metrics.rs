@@ -29,6 +29,10 @@ pub struct Metrics {
     pub duration: Histogram,
     /// 1 while this replica leads.
     pub leader: IntGauge,
+    /// Rebalance rounds, by outcome (`published`, `unchanged`, `no_load`, `failed`).
+    pub rebalances: IntCounterVec,
+    /// Rebalancers running (one per `DeepSeekDeployment` that sets an interval).
+    pub rebalancers: IntGauge,
 }
 
 impl Metrics {
@@ -72,8 +76,27 @@ impl Metrics {
         registry
             .register(Box::new(duration.clone()))
             .map_err(Error::Metrics)?;
+        let rebalances = IntCounterVec::new(
+            Opts::new(
+                "shardseek_operator_rebalances_total",
+                "Expert rebalance rounds run for DeepSeekDeployments.",
+            ),
+            &["outcome"],
+        )
+        .map_err(Error::Metrics)?;
+        let rebalancers = IntGauge::new(
+            "shardseek_operator_rebalancers",
+            "DeepSeekDeployments whose expert placement this replica rebalances now.",
+        )
+        .map_err(Error::Metrics)?;
         registry
             .register(Box::new(leader.clone()))
+            .map_err(Error::Metrics)?;
+        registry
+            .register(Box::new(rebalances.clone()))
+            .map_err(Error::Metrics)?;
+        registry
+            .register(Box::new(rebalancers.clone()))
             .map_err(Error::Metrics)?;
         Ok(Self {
             registry,
@@ -81,6 +104,8 @@ impl Metrics {
             errors,
             duration,
             leader,
+            rebalances,
+            rebalancers,
         })
     }
 
@@ -193,6 +218,7 @@ mod tests {
     fn registry_matches_the_catalog() {
         let metrics = Metrics::new().unwrap();
         metrics.errors.with_label_values(&["kube"]).inc();
+        metrics.rebalances.with_label_values(&["published"]).inc();
         let mut registered: Vec<String> = metrics
             .registry
             .gather()

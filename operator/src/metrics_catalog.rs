@@ -158,6 +158,18 @@ pub const METRICS: &[MetricInfo] = &[
         Operator,
         "1 while this replica holds the leader Lease.",
     ),
+    metric(
+        "shardseek_operator_rebalances_total",
+        Counter,
+        Operator,
+        "Expert rebalance rounds run for DeepSeekDeployments (label: outcome = published, unchanged, no_load, failed).",
+    ),
+    metric(
+        "shardseek_operator_rebalancers",
+        Gauge,
+        Operator,
+        "DeepSeekDeployments whose expert placement this replica rebalances now.",
+    ),
 ];
 
 /// The catalog entry of `name`, if any.

@@ -125,6 +125,9 @@ pub struct Observed {
     pub invalid_spec: Option<String>,
     /// The cluster config hash on the pod templates.
     pub config_hash: Option<String>,
+    /// The expert placement version in force when it is not the initial table's: the running
+    /// rebalancer's, else the one kept in the placement ConfigMap. `None`: version 1.
+    pub placement_version: Option<u64>,
 }
 
 /// The failures of the pods of one deployment: a container that is not running now and whose
@@ -295,18 +298,17 @@ pub fn compute(
         experts_summary: observed.experts.summary(),
         router_desired: observed.router.desired,
         router_ready: observed.router.ready,
-        placement_version: placement_version(dsd),
+        placement_version: placement_version(dsd, observed.placement_version),
         endpoint: builders::endpoint(dsd),
         config_hash: observed.config_hash.clone(),
     }
 }
 
-/// The expert placement version in force: 1, the initial table every process derives from
-/// (experts, shards, redundant slots), while there are expert shards; none without shards.
-/// Online rebalancing, which publishes higher versions, runs only under `shardseek up`; under
-/// Kubernetes `experts.rebalanceIntervalSeconds` is refused (CRD rule, builders, workers).
-pub fn placement_version(dsd: &DeepSeekDeployment) -> Option<i64> {
-    (dsd.spec.experts.shards > 0).then_some(1)
+/// The expert placement version in force while there are expert shards (none without): the
+/// one a rebalancer published (`observed`), else 1, the initial table every process derives
+/// from (experts, shards, redundant slots).
+pub fn placement_version(dsd: &DeepSeekDeployment, observed: Option<u64>) -> Option<i64> {
+    (dsd.spec.experts.shards > 0).then(|| observed.and_then(|v| i64::try_from(v).ok()).unwrap_or(1))
 }
 
 /// The conditions whose status changed from `previous` to `next`, as `(type, status, reason,
@@ -379,6 +381,12 @@ mod tests {
         d.spec.experts.shards = 4;
         let s = compute(&d, &Observed::default(), None, Timestamp::UNIX_EPOCH);
         assert_eq!(s.placement_version, Some(1));
+        let rebalanced = Observed {
+            placement_version: Some(7),
+            ..Observed::default()
+        };
+        let s = compute(&d, &rebalanced, None, Timestamp::UNIX_EPOCH);
+        assert_eq!(s.placement_version, Some(7));
         d.spec.experts.shards = 0;
         let s = compute(&d, &Observed::default(), None, Timestamp::UNIX_EPOCH);
         assert_eq!(s.placement_version, None);

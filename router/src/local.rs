@@ -277,7 +277,9 @@ impl LocalCluster {
                     attention: pod_addrs.clone(),
                     shape: rebalance_shape(cfg, r),
                     interval: r.interval,
-                    placement_file: Some(dir.join("placement.json")),
+                    store: Some(Arc::new(crate::rebalancer::FileStore {
+                        path: dir.join("placement.json"),
+                    })),
                 };
                 let rb = Rebalancer::new(config, initial, &supervisor.registry())?;
                 Some(Arc::new(RebalancerHandle::spawn(rb)))

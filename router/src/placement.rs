@@ -156,6 +156,25 @@ impl Placement {
         Self::from_assignments(table.version, table.shards as usize, replicas)
     }
 
+    /// The table as the JSON text of the placement file (what [`write_file`](Self::write_file)
+    /// writes and the operator keeps in a ConfigMap).
+    pub fn to_json(&self) -> String {
+        let file = PlacementFile {
+            version: self.version,
+            shards: self.shards,
+            replicas: self.replicas.clone(),
+        };
+        // A struct of integers and vectors always serialises.
+        serde_json::to_string(&file).unwrap_or_default()
+    }
+
+    /// A table from the text of a placement file, checked as [`from_assignments`](Self::from_assignments) checks.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let file: PlacementFile = serde_json::from_str(text)
+            .map_err(|e| Error::Placement(format!("not a placement table: {e}")))?;
+        Self::from_assignments(file.version, file.shards, file.replicas)
+    }
+
     /// Writes the table to `path` atomically (a temporary file renamed over it), so a process
     /// starting at any moment reads a whole table.
     pub fn write_file(&self, path: &std::path::Path) -> Result<()> {
@@ -163,14 +182,8 @@ impl Placement {
             op: format!("writing the placement file {}", path.display()),
             source,
         };
-        let file = PlacementFile {
-            version: self.version,
-            shards: self.shards,
-            replicas: self.replicas.clone(),
-        };
-        let text = serde_json::to_string(&file).map_err(|e| io(std::io::Error::other(e)))?;
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text).map_err(io)?;
+        std::fs::write(&tmp, self.to_json()).map_err(io)?;
         std::fs::rename(&tmp, path).map_err(io)
     }
 

@@ -17,16 +17,21 @@
 //!    the publication before anything is dropped; the next interval tries again with a higher
 //!    version. No request fails and none waits for more than the step boundary it switches at.
 //!
-//! The table in force is also written to a file (see [`Placement::write_file`]) once every shard
-//! has prepared it: a process `up` restarts reads it and comes back on the current table instead
-//! of version 1. A process that restarted while a publication was under way may have read the
+//! The table in force is also kept by a [`PlacementStore`] once every shard has prepared it: a
+//! process that restarts reads it and comes back on the current table instead of version 1.
+//! Under `up` the store is a file ([`FileStore`], see [`Placement::write_file`]) that every child
+//! is given with `--placement-file`; under Kubernetes the operator keeps it in a ConfigMap that
+//! the pods mount. A process that restarted while a publication was under way may have read the
 //! older file: every round therefore first brings back to the table in force each shard whose
 //! `Expert.Info` reports another version (Prepare + Commit) and each pod whose `Load` does
 //! (Switch).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+use futures::future::BoxFuture;
 
 use prometheus::{GaugeVec, IntCounterVec, IntGauge, Opts, Registry};
 use shardseek_proto::v1::expert_client::ExpertClient;
@@ -57,8 +62,30 @@ pub struct RebalancerConfig {
     pub attention: Vec<String>,
     pub shape: EplbShape,
     pub interval: Duration,
-    /// Where the table in force is kept for restarted processes.
-    pub placement_file: Option<PathBuf>,
+    /// Where the table in force is kept for restarted processes; `None` keeps it nowhere (a
+    /// restarted process then comes back on version 1 and the next round brings it back).
+    pub store: Option<Arc<dyn PlacementStore>>,
+}
+
+/// Where a rebalancer keeps the table in force for processes that start later. Written once
+/// every shard has prepared a new version, before any pod switches to it: a process that starts
+/// from then on may read either version, and every round brings the ones on another version
+/// back to the table in force.
+pub trait PlacementStore: Send + Sync + std::fmt::Debug {
+    /// Keeps `placement`, replacing the table kept before.
+    fn save<'a>(&'a self, placement: &'a Placement) -> BoxFuture<'a, Result<()>>;
+}
+
+/// The placement file of `shardseek up` (its children's `--placement-file`).
+#[derive(Clone, Debug)]
+pub struct FileStore {
+    pub path: PathBuf,
+}
+
+impl PlacementStore for FileStore {
+    fn save<'a>(&'a self, placement: &'a Placement) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move { placement.write_file(&self.path) })
+    }
 }
 
 /// What one rebalance did.
@@ -74,7 +101,8 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn label(self) -> &'static str {
+    /// The outcome's label in metrics (`published`, `unchanged`, `no_load`).
+    pub fn label(self) -> &'static str {
         match self {
             Outcome::Published => "published",
             Outcome::Unchanged => "unchanged",
@@ -184,6 +212,17 @@ impl Rebalancer {
     /// The table in force.
     pub fn placement(&self) -> &Placement {
         &self.current
+    }
+
+    /// Reads every pod's counters (the baseline of the first round's load) and brings every
+    /// process on another version back to the table in force, without computing a new table:
+    /// what a rebalancer that starts while the cluster already serves does first (the operator
+    /// starts one whenever the pods it balances change), so a pod that started on an older
+    /// table does not wait a whole interval to be switched.
+    pub async fn bring_back(&mut self) -> Result<()> {
+        self.gather_load().await?;
+        self.reconcile().await;
+        Ok(())
     }
 
     /// One round: read the load, compute, publish when it pays.
@@ -364,8 +403,8 @@ impl Rebalancer {
         for (addr, r) in self.config.shards.iter().zip(prepared) {
             r.map_err(|why| failed("Prepare on shard", addr, why))?;
         }
-        if let Some(path) = &self.config.placement_file {
-            next.write_file(path)?;
+        if let Some(store) = &self.config.store {
+            store.save(&next).await?;
         }
         let switched = futures::future::join_all(self.config.attention.iter().map(|addr| {
             let table = table.clone();
@@ -397,6 +436,19 @@ impl Rebalancer {
         }
         Ok(())
     }
+}
+
+/// What attention pod `addr` answers to `Placement.Load`: its (token, expert) pair counter per
+/// expert (one per routed expert of the model) and the placement version it routes with. How a
+/// rebalancer that does not read the model (the operator) learns the table's size.
+pub async fn pod_load(addr: &str) -> std::result::Result<(Vec<u64>, u64), String> {
+    let mut c = client(addr).await?;
+    let r = tokio::time::timeout(RPC_TIMEOUT, c.load(LoadRequest {}))
+        .await
+        .map_err(|_| format!("Load not answered within {RPC_TIMEOUT:?}"))?
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    Ok((r.expert_pairs, r.placement_version))
 }
 
 async fn client(addr: &str) -> std::result::Result<PlacementClient<Channel>, String> {

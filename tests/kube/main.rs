@@ -11,8 +11,13 @@
 //!   file, which the kubelet keeps as cluster DNS would: one line per ready attention pod for
 //!   the attention headless Service, and the stable per-shard names of the expert Service
 //!   (publishNotReadyAddresses);
-//! - the ConfigMap's keys are written to a directory per pod and the pod's volume mount path
-//!   (/etc/shardseek) is translated to it in args and env;
+//! - the ConfigMaps' keys are written to a directory per pod and the pod's volume mount paths
+//!   (/etc/shardseek, and /etc/shardseek-placement for the optional placement ConfigMap, written
+//!   again before each restart as a kubelet keeps ConfigMap volumes current) are translated to
+//!   it in args and env;
+//! - every pod is published as a Pod object (labels of its template plus the pod-index label of
+//!   StatefulSet pods, `status.podIP`, the Ready condition, container restarts), which the
+//!   operator's rebalancer reads to find the pods;
 //! - readiness is the pod's readinessProbe (`GET /ready` on the metrics port); a pod being
 //!   deleted leaves the DNS answer at once and gets SIGTERM (the process drains), SIGKILL after
 //!   the grace period; a process that exits is restarted, as `restartPolicy: Always` does;
@@ -74,6 +79,10 @@ struct PodProc {
     ip: String,
     /// The pod template the pod was created from (compared whole, as a revision).
     template: Value,
+    /// Whether a StatefulSet owns it (it carries the pod-index label).
+    stateful: bool,
+    /// The local directory of the placement ConfigMap volume, if the pod mounts it.
+    placement_dir: Option<PathBuf>,
     child: Child,
     dir: PathBuf,
     args: Vec<String>,
@@ -100,6 +109,8 @@ struct Kubelet {
     next_ip: AtomicU32,
     /// Process starts per pod name (creations and restarts).
     starts: Mutex<BTreeMap<String, u32>>,
+    /// The Pod objects published in the API.
+    published: Mutex<Vec<String>>,
     stop: AtomicBool,
 }
 
@@ -122,6 +133,7 @@ impl Kubelet {
             pods: Mutex::new(Vec::new()),
             next_ip: AtomicU32::new(10),
             starts: Mutex::new(BTreeMap::new()),
+            published: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
         })
     }
@@ -186,33 +198,62 @@ impl Kubelet {
         local
     }
 
-    fn start_pod(&self, owner: &str, ordinal: usize, name: String, template: &Value) -> PodProc {
+    /// The placement ConfigMap's files (none while it does not exist) in `local`, replacing
+    /// what was there: what a pod starting now finds in its optional volume.
+    fn write_placement(&self, local: &Path) {
+        let _ = std::fs::remove_dir_all(local);
+        std::fs::create_dir_all(local).unwrap();
+        if let Some(cm) = self.fake.get(CM, NS, &format!("{NAME}-placement")) {
+            for (k, v) in cm["data"].as_object().into_iter().flatten() {
+                std::fs::write(local.join(k), v.as_str().unwrap()).unwrap();
+            }
+        }
+    }
+
+    fn start_pod(
+        &self,
+        owner: &str,
+        ordinal: usize,
+        name: String,
+        template: &Value,
+        stateful: bool,
+    ) -> PodProc {
         let ip = format!("127.0.0.{}", self.next_ip.fetch_add(1, Ordering::Relaxed));
         let dir = self.root.join(&name).join(ip.replace('.', "-"));
         std::fs::create_dir_all(&dir).unwrap();
         let config_dir = self.write_config(&dir);
         let container = &template["spec"]["containers"][0];
-        // Volume mounts this kubelet can provide: the ConfigMap's directory.
+        // Volume mounts this kubelet can provide: the ConfigMaps' directories.
+        let mut placement_dir = None;
         let mounts: Vec<(String, PathBuf)> = container["volumeMounts"]
             .as_array()
             .unwrap()
             .iter()
-            .filter(|m| m["name"] == "config")
-            .map(|m| {
-                (
-                    m["mountPath"].as_str().unwrap().to_string(),
-                    config_dir.clone(),
-                )
+            .filter_map(|m| {
+                let local = match m["name"].as_str() {
+                    Some("config") => config_dir.clone(),
+                    Some("placement") => {
+                        let local = dir.join("etc-placement");
+                        self.write_placement(&local);
+                        placement_dir = Some(local.clone());
+                        local
+                    }
+                    _ => return None,
+                };
+                Some((m["mountPath"].as_str().unwrap().to_string(), local))
             })
             .collect();
+        // A mount path is replaced where it is a whole path prefix (`/etc/shardseek` is not the
+        // prefix of `/etc/shardseek-placement/...`).
         let translate = |s: &str| {
-            let mut s = s.to_string();
             for (mount, local) in &mounts {
-                if let Some(rest) = s.strip_prefix(mount.as_str()) {
-                    s = format!("{}{rest}", local.display());
+                if let Some(rest) = s.strip_prefix(mount.as_str())
+                    && (rest.is_empty() || rest.starts_with('/'))
+                {
+                    return format!("{}{rest}", local.display());
                 }
             }
-            s
+            s.to_string()
         };
         let args: Vec<String> = container["args"]
             .as_array()
@@ -247,6 +288,8 @@ impl Kubelet {
             ordinal,
             ip,
             template: template.clone(),
+            stateful,
+            placement_dir,
             child,
             dir,
             args,
@@ -323,6 +366,9 @@ impl Kubelet {
                 // restartPolicy: Always.
                 p.ready = false;
                 p.ready_since = None;
+                if let Some(local) = &p.placement_dir {
+                    self.write_placement(local);
+                }
                 p.child = self.spawn(&p.dir, &p.args, &p.env);
                 p.starts += 1;
                 *self
@@ -371,7 +417,7 @@ impl Kubelet {
             for ordinal in 0..replicas {
                 let pod_name = format!("{name}-{ordinal}");
                 if !pods.iter().any(|p| p.name == pod_name) {
-                    let pod = self.start_pod(&name, ordinal, pod_name, &template);
+                    let pod = self.start_pod(&name, ordinal, pod_name, &template, true);
                     pods.push(pod);
                 }
             }
@@ -447,7 +493,7 @@ impl Kubelet {
             if new < replicas && new + old < replicas + 1 {
                 let n = pods.iter().filter(|p| p.owner == name).count();
                 let pod_name = format!("{name}-{}-{n}", &revision[..8]);
-                let pod = self.start_pod(&name, n, pod_name, &template);
+                let pod = self.start_pod(&name, n, pod_name, &template, false);
                 pods.push(pod);
             } else if old > 0 && new_ready > 0 && new + old > replicas {
                 if let Some(p) = pods
@@ -484,8 +530,47 @@ impl Kubelet {
                 &deploy,
             );
         }
+        self.publish_pods(&pods);
         drop(pods);
         self.write_hosts();
+    }
+
+    /// The Pod objects as a kubelet reports them: one per pod process, gone with it.
+    fn publish_pods(&self, pods: &[PodProc]) {
+        let mut published = self.published.lock().unwrap();
+        let names: Vec<String> = pods.iter().map(|p| p.name.clone()).collect();
+        for gone in published.iter().filter(|n| !names.contains(n)) {
+            self.fake.remove("/v1/pods", NS, gone);
+        }
+        for p in pods {
+            let mut labels = p.template["metadata"]["labels"].clone();
+            if p.stateful {
+                labels["apps.kubernetes.io/pod-index"] = json!(p.ordinal.to_string());
+            }
+            let container = &p.template["spec"]["containers"][0];
+            let pod = json!({
+                "metadata": {"name": p.name, "namespace": NS, "labels": labels},
+                "status": {
+                    "phase": "Running",
+                    "podIP": p.ip,
+                    "conditions": [{"type": "Ready", "status": if p.ready { "True" } else { "False" }}],
+                    "containerStatuses": [{
+                        "name": container["name"], "image": container["image"], "imageID": "",
+                        "ready": p.ready, "restartCount": p.starts - 1, "state": {"running": {}},
+                    }],
+                },
+            });
+            // A terminating pod is published not ready (this fake keeps deletionTimestamp for
+            // objects with finalizers only).
+            let current = self.fake.get("/v1/pods", NS, &p.name);
+            let same = current.as_ref().is_some_and(|c| {
+                c["metadata"]["labels"] == pod["metadata"]["labels"] && c["status"] == pod["status"]
+            });
+            if !same {
+                self.fake.put("/v1/pods", NS, pod);
+            }
+        }
+        *published = names;
     }
 
     fn set_status(&self, collection: &str, name: &str, status: Value, object: &Value) {
@@ -818,6 +903,289 @@ fn operator_pods_run_as_processes() {
             "{name} restarted by the rollout"
         );
     }
+
+    drop(_node);
+    let _ = stop_tx.send(true);
+    rt.block_on(async {
+        let _ = tokio::time::timeout(Duration::from_secs(20), controller).await;
+    });
+}
+
+/// The `shardseek_operator_rebalances_total` rounds of every outcome.
+fn rounds(metrics: &Metrics) -> u64 {
+    ["published", "unchanged", "no_load", "failed"]
+        .iter()
+        .map(|o| metrics.rebalances.with_label_values(&[o]).get())
+        .sum()
+}
+
+/// Online EPLB under Kubernetes (issue 14): the operator runs the rebalancer of a deployment
+/// that sets `experts.rebalanceIntervalSeconds` against its real pods (found by Pod IP), a
+/// skewed workload gets a new placement published with `status.placementVersion` ≥ 2, the
+/// ConfigMap `t-placement` holds the table every shard and pod serves, a killed shard comes back
+/// on it, removing the field stops the rounds (and rolls no pod), and so does deleting the object.
+#[test]
+fn operator_rebalances_the_experts_of_running_pods() {
+    let _serial = serial();
+    if !namespaces_available() {
+        assert!(
+            std::env::var_os("SHARDSEEK_REQUIRE_NAMESPACES").is_none(),
+            "this test needs mount namespaces (root) and SHARDSEEK_REQUIRE_NAMESPACES is set"
+        );
+        eprintln!("skipped: mount namespaces (root) are needed to give each pod its /etc/hosts");
+        return;
+    }
+    use kube::runtime::reflector::ObjectRef;
+    use shardseek_proto::v1::expert_client::ExpertClient;
+    use shardseek_proto::v1::placement_client::PlacementClient;
+    use shardseek_proto::v1::{InfoRequest, LoadRequest};
+    use shardseek_router::Placement;
+    const DSD: &str = "shardseek.io/v1alpha1/deepseekdeployments";
+
+    let model = common::tiny("fp8");
+    let model_path = model.path().to_string_lossy().to_string();
+    let root = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _runtime = rt.enter();
+    let fake = Arc::new(rt.block_on(FakeApi::start()));
+    let settings = ControllerSettings {
+        backoff_base: Duration::from_millis(200),
+        backoff_max: Duration::from_secs(5),
+        resync: Duration::from_secs(2),
+        reporter_instance: Some("e2e".into()),
+    };
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let ctx = Context::new(fake.client(), metrics.clone(), settings);
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let controller = rt.spawn(run_controller(ctx.clone(), Some(NS.into()), async move {
+        let _ = stop_rx.wait_for(|s| *s).await;
+    }));
+    let kubelet = Kubelet::new(fake.clone(), root.path());
+    let _node = NodeGuard(kubelet.clone(), Some(kubelet.clone().run()));
+
+    let api: Api<DeepSeekDeployment> = Api::namespaced(fake.client(), NS);
+    let dsd: DeepSeekDeployment = serde_json::from_value(json!({
+        "apiVersion": "shardseek.io/v1alpha1",
+        "kind": "DeepSeekDeployment",
+        "metadata": {"name": NAME, "namespace": NS},
+        "spec": {
+            "image": "ghcr.io/shardseek/shardseek:0.1.0",
+            "model": {"servedName": "tiny-moe", "path": model_path, "volume": {"hostPath": {"path": model_path}}},
+            "attention": {"replicas": 1, "maxBatchTokens": 512, "maxSeqLen": 1024},
+            "experts": {"shards": 2, "rebalanceIntervalSeconds": 10},
+            "router": {"replicas": 1}
+        }
+    }))
+    .unwrap();
+    rt.block_on(api.create(&PostParams::default(), &dsd))
+        .expect("create");
+    wait_for("the deployment to be Available", || {
+        fake.get(DSD, NS, NAME)
+            .and_then(|d| d.pointer("/status/phase").cloned())
+            == Some(json!("Available"))
+    });
+    let object = ObjectRef::<DeepSeekDeployment>::new(NAME).within(NS);
+    wait_for("the rebalancer to start", || {
+        ctx.rebalancers.is_running(&object)
+    });
+    let status_version = || {
+        fake.get(DSD, NS, NAME).and_then(|d| {
+            d.pointer("/status/placementVersion")
+                .and_then(Value::as_u64)
+        })
+    };
+    assert_eq!(status_version(), Some(1), "the initial table is version 1");
+    let router = format!(
+        "{}:8080",
+        kubelet
+            .ready_ip(&format!("{NAME}-router"))
+            .expect("a ready router")
+    );
+
+    // 1. A skewed workload (one prompt, so the same experts are chosen) until a round publishes.
+    let deadline = Instant::now() + WAIT;
+    while status_version() < Some(2) {
+        assert!(
+            Instant::now() < deadline,
+            "no placement was published; rounds {}; operator events {:?}; attention log:\n{}",
+            rounds(&metrics),
+            fake.objects("events.k8s.io/v1/events")
+                .iter()
+                .map(|e| e["note"].clone())
+                .collect::<Vec<_>>(),
+            kubelet.log_tail(&format!("{NAME}-attention"), 10)
+        );
+        let (code, body) = chat(&router, "Tell me about the sea.").expect("chat");
+        assert_eq!(code, 200, "{body}");
+    }
+    assert!(
+        metrics.rebalances.with_label_values(&["published"]).get() >= 1,
+        "the round is counted"
+    );
+    let events = fake.objects("events.k8s.io/v1/events");
+    let published = events
+        .iter()
+        .find(|e| e["reason"] == "PlacementPublished")
+        .unwrap_or_else(|| panic!("a PlacementPublished event: {events:?}"));
+    eprintln!("event: {}", published["note"]);
+
+    // 2. Without load no round publishes: the status, the kept table, every shard and the
+    //    attention pod agree on the version in force, and each shard holds its experts.
+    let ip_of = |pod: &str| {
+        kubelet
+            .pods()
+            .into_iter()
+            .find(|p| p.0 == pod && p.2)
+            .map(|p| p.1)
+    };
+    let agreement = || -> Result<(Placement, u64), String> {
+        let cm = fake
+            .get(CM, NS, &format!("{NAME}-placement"))
+            .ok_or("no placement ConfigMap")?;
+        let table = Placement::from_json(cm["data"]["placement.json"].as_str().ok_or("no key")?)
+            .map_err(|e| e.to_string())?;
+        let status = status_version().ok_or("no status version")?;
+        if status != table.version() {
+            return Err(format!("status {status}, kept table {}", table.version()));
+        }
+        rt.block_on(async {
+            for shard in 0..2 {
+                let ip = ip_of(&format!("{NAME}-experts-{shard}")).ok_or("shard not ready")?;
+                let info = ExpertClient::connect(format!("http://{ip}:50053"))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .info(InfoRequest {})
+                    .await
+                    .map_err(|e| format!("{e:?}"))?
+                    .into_inner();
+                let held: Vec<usize> = info.experts.iter().map(|&e| e as usize).collect();
+                if info.placement_version != status || held != table.experts_of(shard) {
+                    return Err(format!(
+                        "shard {shard} serves version {} with experts {held:?}; the table {status} gives it {:?}",
+                        info.placement_version,
+                        table.experts_of(shard)
+                    ));
+                }
+            }
+            let ip = ip_of(&format!("{NAME}-attention-0")).ok_or("pod not ready")?;
+            let load = PlacementClient::connect(format!("http://{ip}:50052"))
+                .await
+                .map_err(|e| e.to_string())?
+                .load(LoadRequest {})
+                .await
+                .map_err(|e| format!("{e:?}"))?
+                .into_inner();
+            if load.placement_version != status {
+                return Err(format!(
+                    "the attention pod routes with version {}, not {status}",
+                    load.placement_version
+                ));
+            }
+            Ok((table, status))
+        })
+    };
+    let mut last = Err(String::new());
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        last = agreement();
+        if last.is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (table, version) = last.expect("the processes agree with the kept table");
+    assert!(version >= 2);
+    eprintln!(
+        "placement version {version} in force after {} rounds: shard 0 holds {:?}, shard 1 {:?}",
+        rounds(&metrics),
+        table.experts_of(0),
+        table.experts_of(1)
+    );
+
+    // 3. A shard that dies comes back on the kept table, and requests succeed.
+    let shard = format!("{NAME}-experts-1");
+    let starts = kubelet.starts_of(&shard);
+    let pid = kubelet
+        .pods
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|p| p.name == shard)
+        .map(|p| p.child.id())
+        .expect("shard process");
+    signal(pid, "-KILL");
+    wait_for("the shard to restart and be ready", || {
+        kubelet.starts_of(&shard) > starts && ip_of(&shard).is_some()
+    });
+    let log = kubelet.log_tail(&shard, 200);
+    assert!(
+        log.contains("starting on the kept placement table")
+            && log.contains(&format!("\"version\":{version}")),
+        "the restarted shard did not start on version {version}:\n{log}"
+    );
+    // Without redundant slots, requests that route to the shard fail until the attention pod's
+    // transport has reconnected to it (it retries with backoff); then they succeed again.
+    wait_for("requests to succeed after the shard restart", || {
+        chat(&router, "Tell me about the sea.").is_ok_and(|(code, _)| code == 200)
+    });
+    let (again, _) = agreement().expect("the restarted shard serves the table in force");
+    assert!(again.version() >= table.version());
+
+    // 4. Removing the field stops the rounds and rolls no pod; the pods keep the table.
+    let pod_starts: Vec<(String, u32)> = kubelet
+        .pods()
+        .into_iter()
+        .map(|p| (p.0.clone(), kubelet.starts_of(&p.0)))
+        .collect();
+    rt.block_on(api.patch(
+        NAME,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"experts": {"rebalanceIntervalSeconds": null}}})),
+    ))
+    .expect("remove the interval");
+    wait_for("the rebalancer to stop", || {
+        !ctx.rebalancers.is_running(&object)
+    });
+    let counted = rounds(&metrics);
+    let kept = status_version();
+    let quiet_until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < quiet_until {
+        let (code, body) = chat(&router, "Count to ten.").expect("chat");
+        assert_eq!(code, 200, "{body}");
+    }
+    assert_eq!(
+        rounds(&metrics),
+        counted,
+        "a round ran after the field was removed"
+    );
+    assert_eq!(status_version(), kept, "the version in force stays");
+    assert!(
+        fake.get(CM, NS, &format!("{NAME}-placement")).is_some(),
+        "the kept table stays for restarted pods"
+    );
+    for (name, n) in &pod_starts {
+        assert_eq!(kubelet.starts_of(name), *n, "{name} restarted");
+    }
+
+    // 5. Deleting the object stops its rebalancer (the operator sees no reconcile for it: the
+    //    rebalancer checks the object before each round).
+    rt.block_on(api.patch(
+        NAME,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"experts": {"rebalanceIntervalSeconds": 10}}})),
+    ))
+    .expect("set the interval again");
+    wait_for("the rebalancer to start again", || {
+        ctx.rebalancers.is_running(&object)
+    });
+    rt.block_on(api.delete(NAME, &Default::default()))
+        .expect("delete");
+    wait_for("the rebalancer of the deleted object to stop", || {
+        !ctx.rebalancers.is_running(&object)
+    });
 
     drop(_node);
     let _ = stop_tx.send(true);

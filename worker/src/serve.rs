@@ -78,7 +78,13 @@ fn starting_placement(
         None => None,
     };
     match from_file {
-        Some(p) if p.shards() == shards && p.n_experts() == experts => Ok(p),
+        Some(p) if p.shards() == shards && p.n_experts() == experts => {
+            tracing::info!(
+                version = p.version(),
+                "starting on the kept placement table (--placement-file)"
+            );
+            Ok(p)
+        }
         Some(p) => Err(Error::Input(format!(
             "--placement-file: a table of {} experts on {} shards, this cluster has {experts} on {shards}",
             p.n_experts(),

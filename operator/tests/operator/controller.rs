@@ -517,3 +517,81 @@ async fn legacy_finalizer_is_removed() {
     .await;
     h.stop().await;
 }
+
+/// The placement ConfigMap a rebalancer keeps (`NAME-placement`): while it holds a table of the
+/// current shape its version is `status.placementVersion`; a new shape (more shards) deletes it
+/// before the workloads roll, so no pod starts on a table that does not fit, and the status goes
+/// back to the initial table's version 1. Without ready pods no rebalancer starts. The fake API
+/// refuses a patch whose `resourceVersion` is stale, as a real one does.
+#[tokio::test]
+async fn kept_placement_is_the_status_version_until_the_shape_changes() {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use kube::runtime::reflector::ObjectRef;
+    use shardseek_operator::builders;
+    use shardseek_router::Placement;
+
+    let h = Harness::start(Duration::from_millis(100)).await;
+    let mut dsd = example();
+    dsd.spec.experts.rebalance_interval_seconds = Some(30);
+    h.api()
+        .create(&PostParams::default(), &dsd)
+        .await
+        .expect("create");
+    let version = |h: &Harness| {
+        h.dsd().and_then(|d| {
+            d.pointer("/status/placementVersion")
+                .and_then(Value::as_i64)
+        })
+    };
+    h.until("placement version 1", |h| version(h) == Some(1))
+        .await;
+    let object = ObjectRef::<DeepSeekDeployment>::new("v3").within(NS);
+    assert!(
+        !h.ctx.rebalancers.is_running(&object),
+        "no pod is ready: no rebalancer"
+    );
+
+    // A table kept by a rebalancer (of an earlier leader): version 5.
+    let stored = h.api().get("v3").await.expect("get");
+    let initial = Placement::initial(256, 4, 2).expect("table");
+    let replicas = (0..256)
+        .map(|e| initial.replicas(e).expect("expert").to_vec())
+        .collect();
+    let table = Placement::from_assignments(5, 4, replicas).expect("table");
+    let cm = builders::placement_config_map(&stored, &table.to_json()).expect("config map");
+    let cms: Api<ConfigMap> = Api::namespaced(h.fake.client(), NS);
+    cms.create(&PostParams::default(), &cm)
+        .await
+        .expect("create the placement ConfigMap");
+    h.until("placement version 5", |h| version(h) == Some(5))
+        .await;
+
+    // Twice the shards: the kept table no longer fits and goes; the status says version 1.
+    h.api()
+        .patch(
+            "v3",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"experts": {"shards": 8}}})),
+        )
+        .await
+        .expect("reshard");
+    h.until("the kept table deleted and version 1", |h| {
+        h.fake.get(CM, NS, "v3-placement").is_none() && version(h) == Some(1)
+    })
+    .await;
+
+    let stale = h
+        .api()
+        .patch(
+            "v3",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"resourceVersion": "1"}, "spec": {"attention": {"replicas": 3}}})),
+        )
+        .await
+        .expect_err("a stale resourceVersion");
+    assert!(
+        matches!(&stale, kube::Error::Api(s) if s.code == 409),
+        "{stale:?}"
+    );
+    h.stop().await;
+}

@@ -4,7 +4,8 @@
 //! kube's `Client`, the kube-runtime `Controller` with its watchers, `finalizer()`, the events
 //! `Recorder`, and the Lease calls of leader election. What it implements:
 //! - get, list (with equality label selectors), watch (newline-delimited events resumed from a
-//!   `resourceVersion`), create, replace (optimistic concurrency on `resourceVersion`), delete
+//!   `resourceVersion`), create, replace and patch (optimistic concurrency on a
+//!   `metadata.resourceVersion` the body carries: 409 when it is not the stored one), delete
 //!   (finalizers defer it: `deletionTimestamp` is set and the object goes when the last
 //!   finalizer does);
 //! - patch: JSON patch (test/add/remove/replace), merge patch, and server-side apply modelled per
@@ -584,6 +585,44 @@ impl FakeApi {
         self.lock().log.clone()
     }
 
+    /// Creates or replaces a whole object (spec and status), as a kubelet publishes its Pods.
+    pub fn put(&self, collection: &str, namespace: &str, object: Value) {
+        let name = object["metadata"]["name"]
+            .as_str()
+            .expect("metadata.name")
+            .to_string();
+        let key = Key {
+            collection: collection.to_string(),
+            namespace: namespace.to_string(),
+            name,
+        };
+        {
+            let mut store = self.lock();
+            let old = store.objects.get(&key).cloned();
+            let (group_version, resource) = split_collection(collection);
+            store.commit(&key, old.as_ref(), object, &group_version, &resource);
+        }
+        let _ = self.notify.send(());
+    }
+
+    /// Deletes a stored object if it exists (finalizers aside), as a kubelet removes a Pod.
+    pub fn remove(&self, collection: &str, namespace: &str, name: &str) {
+        let key = Key {
+            collection: collection.to_string(),
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        };
+        {
+            let mut store = self.lock();
+            let Some(old) = store.objects.remove(&key) else {
+                return;
+            };
+            let rv = store.next_rv();
+            store.record(&key, "DELETED", old, rv);
+        }
+        let _ = self.notify.send(());
+    }
+
     /// Replaces the status of a stored object, as a workload controller would.
     pub fn set_status(&self, collection: &str, namespace: &str, name: &str, status: Value) {
         let key = Key {
@@ -864,6 +903,28 @@ fn serve(
                 .and_then(|v| v.to_str().ok())
                 .unwrap_or("");
             let existing = store.objects.get(&key(name)).cloned();
+            // A resourceVersion in the patch is a precondition, as on a real API server.
+            if let Some(sent) = patch
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+            {
+                let stored = existing
+                    .as_ref()
+                    .and_then(|o| o.pointer("/metadata/resourceVersion"))
+                    .and_then(Value::as_str);
+                if stored != Some(sent) {
+                    return (
+                        status_response(
+                            409,
+                            "Conflict",
+                            format!(
+                                "the object has been modified; resourceVersion {sent:?} is not {stored:?}"
+                            ),
+                        ),
+                        false,
+                    );
+                }
+            }
             let mut new = existing
                 .clone()
                 .unwrap_or_else(|| json!({"metadata": {"name": name}}));

@@ -471,7 +471,6 @@ fn examples_pass_and_fail_the_cel_rules() {
         "experts.redundantSlots must be a multiple of experts.shards",
         "model.volume must set exactly one of",
         "transport nccl is not wired yet",
-        "experts.rebalanceIntervalSeconds: online expert rebalancing is not supported under Kubernetes yet",
     ] {
         assert!(errors.contains(message), "expected {message:?} in {errors}");
     }
@@ -504,6 +503,18 @@ fn examples_pass_and_fail_the_cel_rules() {
     let mut ok = example("minimal.yaml");
     ok.metadata.name = Some("deepseek-v3-1".to_string());
     kube::core::cel::validate_cel(&ok).expect("deepseek-v3-1 is a valid name");
+    // Rebalancing needs shards to move experts between.
+    let mut rebalanced = example("minimal.yaml");
+    rebalanced.spec.experts.rebalance_interval_seconds = Some(60);
+    kube::core::cel::validate_cel(&rebalanced).expect("an interval with shards is valid");
+    rebalanced.spec.experts.shards = 0;
+    let errors = kube::core::cel::validate_cel(&rebalanced)
+        .expect_err("an interval without shards")
+        .to_string();
+    assert!(
+        errors.contains("experts.rebalanceIntervalSeconds needs expert shards"),
+        "{errors}"
+    );
 }
 
 /// `shardseek render` of every example at attention replicas 1 and 2: the expert-shard and router
@@ -836,15 +847,119 @@ fn dashboard_queries_only_exported_metrics() {
     ));
 }
 
-/// Online rebalancing runs under `shardseek up` only: an object asking for it (stored before the
-/// CEL rule, or on a server without CEL) is refused by the builders with the reason.
+/// The rebalancing interval is the operator's: it is accepted, rendered into no pod and no
+/// cluster config (changing it rolls nothing), and bounded below (10 s, as the schema says) and
+/// to clusters with shards for objects stored before the rules.
 #[test]
-fn rebalance_interval_is_refused_under_kubernetes() {
-    let mut dsd = as_stored(example("minimal.yaml"));
-    dsd.spec.experts.rebalance_interval_seconds = Some(600);
-    let err = builders::build(&dsd).expect_err("refused").to_string();
+fn rebalance_interval_is_the_operators_and_rolls_no_pod() {
+    let mut dsd = as_stored(example("full.yaml"));
+    assert_eq!(dsd.spec.experts.rebalance_interval_seconds, Some(300));
+    let with = builders::build(&dsd).expect("an interval builds");
+    dsd.spec.experts.rebalance_interval_seconds = None;
+    let without = builders::build(&dsd).expect("no interval builds");
+    assert_eq!(with, without, "the interval changes no owned object");
+    assert_eq!(
+        builders::cluster_config(&dsd)
+            .expect("config")
+            .experts
+            .rebalance_interval_seconds,
+        None
+    );
+    dsd.spec.experts.rebalance_interval_seconds = Some(9);
+    let err = builders::build(&dsd).expect_err("below 10 s").to_string();
+    assert!(err.contains("at least 10"), "{err}");
+    dsd.spec.experts.rebalance_interval_seconds = Some(60);
+    dsd.spec.experts.shards = 0;
+    dsd.spec.experts.redundant_slots = 0;
+    let err = builders::build(&dsd).expect_err("no shards").to_string();
+    assert!(err.contains("needs expert shards"), "{err}");
+}
+
+/// Attention pods and expert shards mount the placement ConfigMap (optional: it exists once a
+/// rebalance published a table) and are told its file; routers and clusters without shards do
+/// not. The ConfigMap the rebalancer writes is owned by the object and carries its shape; a
+/// table of another shape is not taken as the one in force.
+#[test]
+fn placement_config_map_is_mounted_optional_and_owned() {
+    let dsd = as_stored(example("full.yaml"));
+    let owned = builders::build(&dsd).expect("build");
+    let pod = |sts: &k8s_openapi::api::apps::v1::StatefulSet| {
+        sts.spec.template.spec.clone().expect("pod spec")
+    };
+    let experts = owned.experts.as_ref().expect("experts");
+    for spec in [pod(&owned.attention), pod(experts)] {
+        let volume = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "placement")
+            .expect("placement volume");
+        let source = volume.config_map.as_ref().expect("a ConfigMap volume");
+        assert_eq!(source.name, "v3-placement");
+        assert_eq!(source.optional, Some(true));
+        let container = &spec.containers[0];
+        let mount = container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "placement")
+            .expect("placement mount");
+        assert_eq!(mount.mount_path, builders::PLACEMENT_MOUNT_DIR);
+        assert_eq!(mount.read_only, Some(true));
+        let env = container
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == builders::PLACEMENT_FILE_ENV)
+            .expect("placement file env");
+        assert_eq!(
+            env.value.as_deref(),
+            Some("/etc/shardseek-placement/placement.json")
+        );
+    }
+    let router = owned.router.spec.template.spec.clone();
     assert!(
-        err.contains("experts.rebalanceIntervalSeconds") && err.contains("shardseek up"),
-        "{err}"
+        !router
+            .expect("router pod")
+            .volumes
+            .iter()
+            .flatten()
+            .any(|v| v.name == "placement"),
+        "routers route requests, not expert rows"
+    );
+    let mut no_shards = dsd.clone();
+    no_shards.spec.experts.shards = 0;
+    no_shards.spec.experts.redundant_slots = 0;
+    no_shards.spec.experts.rebalance_interval_seconds = None;
+    let owned = builders::build(&no_shards).expect("build");
+    assert!(
+        !pod(&owned.attention)
+            .volumes
+            .iter()
+            .flatten()
+            .any(|v| v.name == "placement")
+    );
+
+    let table = shardseek_router::Placement::initial(256, 4, 2).expect("table");
+    let cm = builders::placement_config_map(&dsd, &table.to_json()).expect("config map");
+    assert_eq!(cm.metadata.name.as_deref(), Some("v3-placement"));
+    let owner = &cm.metadata.owner_references.as_ref().expect("owner")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.controller),
+        ("DeepSeekDeployment", Some(true))
+    );
+    assert_eq!(
+        cm.metadata.annotations.as_ref().expect("annotations")
+            [builders::PLACEMENT_SHAPE_ANNOTATION],
+        "shards=4,redundantSlots=8,model=/models/DeepSeek-V3"
+    );
+    let kept = shardseek_operator::rebalance::kept_table(&dsd, &cm).expect("same shape");
+    assert_eq!(kept, table);
+    let mut resharded = dsd.clone();
+    resharded.spec.experts.shards = 8;
+    assert_eq!(
+        shardseek_operator::rebalance::kept_table(&resharded, &cm),
+        None,
+        "a table of 4 shards is not kept for 8"
     );
 }
