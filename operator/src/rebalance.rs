@@ -8,6 +8,8 @@
 //!   roles is ready, and is replaced whenever that set changes (scale, a pod restarted or moved),
 //!   so a publication never skips a pod that serves. A new rebalancer first brings every pod and
 //!   shard on another version back to the table in force ([`Rebalancer::bring_back`]).
+//! - **Which policy**: hierarchical (DeepSeek's EPLB by expert groups and nodes) when the shards
+//!   group into nodes by `spec.nodeName` ([`policy_shape`]), flat otherwise.
 //! - **Where the table is kept**: the ConfigMap `NAME-placement` ([`ConfigMapStore`]), applied
 //!   once every shard has prepared a new version (where `up` writes its file). Shards and
 //!   attention pods mount it (`--placement-file`), so a restarted pod comes back on the table in
@@ -53,6 +55,9 @@ pub struct Targets {
     pub shards: Vec<String>,
     /// Attention pods' gRPC addresses, by ordinal.
     pub attention: Vec<String>,
+    /// The node each shard runs on (`spec.nodeName`, empty when not set), shard id = position:
+    /// the hierarchical policy needs to know which shards share a node.
+    pub shard_nodes: Vec<String>,
     /// Every pod's identity (uid, IP, container restarts): a pod that restarted in place is a
     /// change too (it may have started on an older table).
     pub pods: Vec<String>,
@@ -64,6 +69,7 @@ pub fn ready_targets(dsd: &DeepSeekDeployment, pods: &[Pod]) -> Option<Targets> 
     let name = dsd.name_any();
     let names = builders::Names::new(&name);
     let mut pod_ids = Vec::new();
+    let mut nodes = Vec::new();
     let mut role = |role: Role, workload: &str, replicas: i32, port: u16| {
         let mut addrs = Vec::new();
         for ordinal in 0..usize::try_from(replicas).ok()? {
@@ -88,6 +94,14 @@ pub fn ready_targets(dsd: &DeepSeekDeployment, pods: &[Pod]) -> Option<Targets> 
                 .flatten()
                 .map(|c| c.restart_count)
                 .sum();
+            if role == Role::Experts {
+                nodes.push(
+                    pod.spec
+                        .as_ref()
+                        .and_then(|s| s.node_name.clone())
+                        .unwrap_or_default(),
+                );
+            }
             pod_ids.push(format!(
                 "{}/{}/{ip}/{restarts}",
                 pod.name_any(),
@@ -116,6 +130,7 @@ pub fn ready_targets(dsd: &DeepSeekDeployment, pods: &[Pod]) -> Option<Targets> 
     Some(Targets {
         shards,
         attention,
+        shard_nodes: nodes,
         pods: pod_ids,
     })
 }
@@ -355,45 +370,107 @@ impl Rebalancers {
     }
 }
 
-/// The table the rebalancer starts from: the kept one, else the initial table for the expert
-/// count an attention pod reports. Renumbered above every version a pod reports when the kept
-/// table is gone (deleted by hand), so that no process sees one version number for two tables.
+/// The table the rebalancer starts from and the policy's shape: the kept table, else the
+/// initial table for the expert count an attention pod reports. Renumbered above every version a
+/// pod reports when the kept table is gone (deleted by hand), so that no process sees one
+/// version number for two tables. The shape is hierarchical when the shards group into nodes
+/// (see [`policy_shape`]), with the model's expert groups the pods report.
 async fn starting_table(
     store: &ConfigMapStore,
     targets: &Targets,
-    shape: EplbShape,
-) -> Result<(Placement, bool), String> {
-    if let Some(kept) = store
-        .load()
-        .await
-        .map_err(|e| format!("reading the kept table: {e}"))?
-    {
-        return Ok((kept, false));
-    }
+    shards: usize,
+    redundant: usize,
+) -> Result<(Placement, bool, EplbShape), String> {
     let mut experts = None;
+    let mut groups = 1;
     let mut highest = 1;
     let mut last_error = String::from("no attention pod");
     for addr in &targets.attention {
         match shardseek_router::rebalancer::pod_load(addr).await {
-            Ok((counts, version)) => {
-                experts = Some(counts.len());
-                highest = highest.max(version);
+            Ok(r) => {
+                experts = Some(r.expert_pairs.len());
+                highest = highest.max(r.placement_version);
+                groups = groups.max(r.expert_groups as usize);
             }
             Err(e) => last_error = format!("attention pod {addr}: {e}"),
         }
     }
     let experts = experts.ok_or(last_error)?;
+    let shape = policy_shape(shards, redundant, groups, experts, &targets.shard_nodes);
+    if let Some(kept) = store
+        .load()
+        .await
+        .map_err(|e| format!("reading the kept table: {e}"))?
+    {
+        return Ok((kept, false, shape));
+    }
     let initial = Placement::initial(experts, shape.shards, shape.redundant / shape.shards)
         .map_err(|e| e.to_string())?;
     if highest == 1 {
-        return Ok((initial, false));
+        return Ok((initial, false, shape));
     }
     let replicas = (0..experts)
         .map(|e| initial.replicas(e).unwrap_or_default().to_vec())
         .collect();
     let renumbered = Placement::from_assignments(highest + 1, shape.shards, replicas)
         .map_err(|e| e.to_string())?;
-    Ok((renumbered, true))
+    Ok((renumbered, true, shape))
+}
+
+/// DeepSeek's hierarchical policy (expert groups packed onto nodes, replicas chosen within each
+/// node) when the shards group into nodes — consecutive shard ids on one node, the same number
+/// on each, at least two nodes — and the model's shape fits it; the flat (global) policy
+/// otherwise, as under `up`, whose shards share one machine.
+pub fn policy_shape(
+    shards: usize,
+    redundant: usize,
+    groups: usize,
+    experts: usize,
+    shard_nodes: &[String],
+) -> EplbShape {
+    let flat = EplbShape {
+        shards,
+        redundant,
+        groups: 1,
+        nodes: 1,
+    };
+    let nodes = node_runs(shard_nodes);
+    let hierarchical = EplbShape {
+        groups: groups.max(1),
+        nodes,
+        ..flat
+    };
+    if nodes > 1 && Rebalancer::check_shape(hierarchical, experts).is_ok() {
+        hierarchical
+    } else {
+        flat
+    }
+}
+
+/// How many nodes the shards group into: the number of runs of consecutive shards on one node
+/// when every run has the same length and no node holds two runs; 1 otherwise (or when a
+/// shard's node is not known).
+fn node_runs(shard_nodes: &[String]) -> usize {
+    if shard_nodes.is_empty() || shard_nodes.iter().any(String::is_empty) {
+        return 1;
+    }
+    let mut runs: Vec<(&str, usize)> = Vec::new();
+    for n in shard_nodes {
+        match runs.last_mut() {
+            Some((last, len)) if *last == n.as_str() => *len += 1,
+            _ => runs.push((n.as_str(), 1)),
+        }
+    }
+    let same_length = runs.iter().all(|r| r.1 == runs[0].1);
+    let distinct = runs
+        .iter()
+        .enumerate()
+        .all(|(i, r)| runs[..i].iter().all(|q| q.0 != r.0));
+    if same_length && distinct {
+        runs.len()
+    } else {
+        1
+    }
 }
 
 /// One rebalancer's life: its starting table, then a round every interval until stopped.
@@ -408,19 +485,16 @@ async fn run(
     let name = dsd.name_any();
     let namespace = dsd.namespace().unwrap_or_default();
     let reference = dsd.object_ref(&());
-    let shape = EplbShape {
-        shards: key.targets.shards.len(),
-        redundant: usize::try_from(dsd.spec.experts.redundant_slots).unwrap_or(0),
-        // One node: the shards' placement on nodes is the scheduler's, not known here, so the
-        // flat (global) policy, as under `up`.
-        groups: 1,
-        nodes: 1,
-    };
+    let shards = key.targets.shards.len();
+    let redundant = usize::try_from(dsd.spec.experts.redundant_slots).unwrap_or(0);
     let store = Arc::new(ConfigMapStore::new(env.client.clone(), Arc::clone(&dsd)));
     let interval = Duration::from_secs(key.interval);
-    let (initial, save) = loop {
-        match starting_table(&store, &key.targets, shape).await {
-            Ok(t) => break t,
+    let (initial, save, shape) = loop {
+        match starting_table(&store, &key.targets, shards, redundant).await {
+            Ok(t) => {
+                tracing::info!(object = %name, nodes = t.2.nodes, groups = t.2.groups, "expert rebalancing policy: {}", if t.2.nodes > 1 { "hierarchical" } else { "flat" });
+                break t;
+            }
             Err(e) => {
                 tracing::warn!(object = %name, error = %e, "rebalancer cannot start yet");
                 tokio::time::sleep(START_RETRY).await;
@@ -596,9 +670,67 @@ mod tests {
         let t = ready_targets(&d, &pods).expect("all ready");
         assert_eq!(t.shards, ["10.0.0.1:50053", "10.0.0.2:50053"]);
         assert_eq!(t.attention, ["[fd00::7]:50052"]);
+        assert_eq!(t.shard_nodes, ["", ""], "no node assigned yet");
         pods[0] = pod("v3-experts-1", "experts", Some("1"), "10.0.0.2", false);
         assert_eq!(ready_targets(&d, &pods), None, "a shard not ready");
         pods.remove(0);
         assert_eq!(ready_targets(&d, &pods), None, "a shard missing");
+    }
+
+    fn on(node: &str, mut p: Pod) -> Pod {
+        p.spec.get_or_insert_with(Default::default).node_name = Some(node.into());
+        p
+    }
+
+    #[test]
+    fn shards_grouped_into_nodes_get_the_hierarchical_policy() {
+        let n = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(node_runs(&n(&["a", "a", "b", "b"])), 2);
+        assert_eq!(node_runs(&n(&["a", "b", "c", "d"])), 4);
+        assert_eq!(node_runs(&n(&["a", "a", "a", "a"])), 1);
+        // Not consecutive, unequal runs, a node twice, a node unknown: flat.
+        assert_eq!(node_runs(&n(&["a", "b", "a", "b"])), 1);
+        assert_eq!(node_runs(&n(&["a", "a", "a", "b"])), 1);
+        assert_eq!(node_runs(&n(&["a", "b", "b", "a"])), 1);
+        assert_eq!(node_runs(&n(&["a", "a", "", "b"])), 1);
+        assert_eq!(node_runs(&[]), 1);
+        // 64 experts in 8 groups, 4 shards on 2 nodes: hierarchical with the model's groups.
+        let two = n(&["a", "a", "b", "b"]);
+        let s = policy_shape(4, 4, 8, 64, &two);
+        assert_eq!((s.nodes, s.groups, s.shards, s.redundant), (2, 8, 4, 4));
+        // Groups that do not divide over the nodes: the flat policy.
+        let s = policy_shape(4, 4, 3, 63, &two);
+        assert_eq!((s.nodes, s.groups), (1, 1));
+        // One node: flat.
+        let s = policy_shape(4, 4, 8, 64, &n(&["a", "a", "a", "a"]));
+        assert_eq!((s.nodes, s.groups), (1, 1));
+        // The nodes come from the shard pods' spec.nodeName, by shard id.
+        let mut d = dsd();
+        d.spec.experts.shards = 4;
+        let pods = vec![
+            on(
+                "n1",
+                pod("v3-experts-2", "experts", Some("2"), "10.0.0.3", true),
+            ),
+            on(
+                "n0",
+                pod("v3-experts-0", "experts", Some("0"), "10.0.0.1", true),
+            ),
+            on(
+                "n1",
+                pod("v3-experts-3", "experts", Some("3"), "10.0.0.4", true),
+            ),
+            on(
+                "n0",
+                pod("v3-experts-1", "experts", Some("1"), "10.0.0.2", true),
+            ),
+            on(
+                "n9",
+                pod("v3-attention-0", "attention", None, "10.0.0.8", true),
+            ),
+        ];
+        let t = ready_targets(&d, &pods).expect("all ready");
+        assert_eq!(t.shard_nodes, ["n0", "n0", "n1", "n1"]);
+        assert_eq!(node_runs(&t.shard_nodes), 2);
     }
 }

@@ -36,7 +36,7 @@ use futures::future::BoxFuture;
 use prometheus::{GaugeVec, IntCounterVec, IntGauge, Opts, Registry};
 use shardseek_proto::v1::expert_client::ExpertClient;
 use shardseek_proto::v1::placement_client::PlacementClient;
-use shardseek_proto::v1::{CommitRequest, InfoRequest, LoadRequest};
+use shardseek_proto::v1::{CommitRequest, InfoRequest, LoadReply, LoadRequest};
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
@@ -439,16 +439,17 @@ impl Rebalancer {
 }
 
 /// What attention pod `addr` answers to `Placement.Load`: its (token, expert) pair counter per
-/// expert (one per routed expert of the model) and the placement version it routes with. How a
-/// rebalancer that does not read the model (the operator) learns the table's size.
-pub async fn pod_load(addr: &str) -> std::result::Result<(Vec<u64>, u64), String> {
+/// expert (one per routed expert of the model), the placement version it routes with and the
+/// model's expert groups. How a rebalancer that does not read the model (the operator) learns
+/// the table's size and the model's shape.
+pub async fn pod_load(addr: &str) -> std::result::Result<LoadReply, String> {
     let mut c = client(addr).await?;
     let r = tokio::time::timeout(RPC_TIMEOUT, c.load(LoadRequest {}))
         .await
         .map_err(|_| format!("Load not answered within {RPC_TIMEOUT:?}"))?
         .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
         .into_inner();
-    Ok((r.expert_pairs, r.placement_version))
+    Ok(r)
 }
 
 async fn client(addr: &str) -> std::result::Result<PlacementClient<Channel>, String> {

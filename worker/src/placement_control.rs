@@ -18,11 +18,17 @@ pub const SWITCH_TIMEOUT: Duration = Duration::from_secs(20);
 /// The `Placement` service of an attention pod with expert shards.
 pub struct PodControl {
     dispatcher: Arc<Dispatcher<GrpcTransport>>,
+    /// The model's expert groups, reported with the load (the rebalancer needs the model's
+    /// shape and does not read the checkpoint).
+    expert_groups: u32,
 }
 
 impl PodControl {
-    pub fn new(dispatcher: Arc<Dispatcher<GrpcTransport>>) -> Self {
-        PodControl { dispatcher }
+    pub fn new(dispatcher: Arc<Dispatcher<GrpcTransport>>, expert_groups: usize) -> Self {
+        PodControl {
+            dispatcher,
+            expert_groups: u32::try_from(expert_groups).unwrap_or(0),
+        }
     }
 }
 
@@ -32,6 +38,7 @@ impl PlacementRpc for PodControl {
         Ok(Response::new(LoadReply {
             expert_pairs: self.dispatcher.expert_load(),
             placement_version: self.dispatcher.placement().version(),
+            expert_groups: self.expert_groups,
         }))
     }
 

@@ -251,9 +251,10 @@ pub async fn run_attention(
         )
         .map_err(|e| Error::Input(format!("dispatch: {e}")))?;
         let dispatcher = Arc::new(dispatcher);
-        control = Some(PlacementServer::new(PodControl::new(Arc::clone(
-            &dispatcher,
-        ))));
+        control = Some(PlacementServer::new(PodControl::new(
+            Arc::clone(&dispatcher),
+            model.cfg.n_group,
+        )));
         let top_k = model.cfg.num_experts_per_tok;
         model.set_experts(Arc::new(RemoteExperts::new(
             dispatcher,
