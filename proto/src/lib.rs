@@ -12,6 +12,7 @@ pub mod v1 {
 
 pub mod cluster_config;
 pub mod codec;
+pub mod frames;
 mod fingerprint;
 pub mod rows;
 

@@ -80,6 +80,9 @@ impl LoadWindow {
     }
 }
 
+/// Row bytes per message a shard's rows are split into (see [`DispatchConfig::message_bytes`]).
+pub const DEFAULT_MESSAGE_BYTES: usize = 1 << 20;
+
 /// Settings of the dispatch client.
 #[derive(Clone, Debug)]
 pub struct DispatchConfig {
@@ -87,6 +90,11 @@ pub struct DispatchConfig {
     pub wire_dtype: WireDtype,
     /// Deadline of every shard exchange.
     pub deadline: Duration,
+    /// A shard's rows go in messages of about this many row bytes (equal parts; never more
+    /// than the transport's limit): the messages of one shard pipeline — the shard decodes
+    /// and computes the first while the next is still on the wire, and this pod adds the
+    /// first reply while later ones travel — instead of each stage waiting for a whole batch.
+    pub message_bytes: usize,
 }
 
 impl Default for DispatchConfig {
@@ -94,6 +102,7 @@ impl Default for DispatchConfig {
         DispatchConfig {
             wire_dtype: WireDtype::Bf16,
             deadline: DEFAULT_DEADLINE,
+            message_bytes: DEFAULT_MESSAGE_BYTES,
         }
     }
 }
@@ -579,13 +588,18 @@ impl<T: Transport> Dispatcher<T> {
         let h = self.hidden;
         let dtype = self.config.wire_dtype;
         let row_bytes = dtype.row_bytes(h).max(1);
-        let per_message = (self.transport.max_request_bytes() / row_bytes).max(1);
-        // (group index, first row of the chunk within the group, chunk length)
+        let limit = (self.transport.max_request_bytes() / row_bytes).max(1);
+        let target = (self.config.message_bytes / row_bytes).clamp(1, limit);
+        // (group index, first row of the chunk within the group, chunk length): each group in
+        // equal parts of at most `target` rows.
         let mut chunks = Vec::new();
         for (gi, g) in groups.iter().enumerate() {
+            let n = g.tokens.len();
+            let parts = n.div_ceil(target).max(1);
+            let per = n.div_ceil(parts);
             let mut start = 0;
-            while start < g.tokens.len() {
-                let end = (start + per_message).min(g.tokens.len());
+            while start < n {
+                let end = (start + per).min(n);
                 chunks.push((gi, start, end - start));
                 start = end;
             }
@@ -595,10 +609,12 @@ impl<T: Transport> Dispatcher<T> {
         let groups_ref = &groups;
         // Each chunk's rows are encoded when its message is written, in the task that writes
         // that shard's stream, so shards encode in parallel. Replies are added in chunk (= shard)
-        // order once all have arrived: a fixed summation order keeps results bit-reproducible,
-        // which is what lets an f32 wire match the single process exactly.
-        let replies =
-            futures::future::join_all(chunks.into_iter().map(|(gi, start, len)| async move {
+        // order, each as soon as it and those before it are in (while later ones are still
+        // travelling): a fixed summation order keeps results bit-reproducible, which is what
+        // lets an f32 wire match the single process exactly.
+        let mut replies: futures::stream::FuturesOrdered<_> = chunks
+            .into_iter()
+            .map(|(gi, start, len)| async move {
                 let g = &groups_ref[gi];
                 let mut assignments = Assignments::new();
                 for i in start..start + len {
@@ -633,12 +649,12 @@ impl<T: Transport> Dispatcher<T> {
                     Err(e) => Err(e),
                 };
                 ((gi, start, len), reply)
-            }))
-            .await;
+            })
+            .collect();
         // Failed chunks become groups of their own, so a failover re-sends exactly the rows
         // whose partial sums did not arrive (a split group may have partly succeeded).
         let mut failed: Vec<(ShardGroup, Error)> = Vec::new();
-        for ((gi, start, len), reply) in replies {
+        while let Some(((gi, start, len), reply)) = futures::StreamExt::next(&mut replies).await {
             let g = &groups[gi];
             let checked = reply.and_then(|r| {
                 if r.count != len || r.width != h {

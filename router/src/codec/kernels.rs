@@ -258,11 +258,101 @@ pub fn encode_fp8_row(
         .zip(codes.chunks_mut(FP8_BLOCK))
         .zip(scales.chunks_exact_mut(4))
     {
+        #[cfg(target_arch = "x86_64")]
+        let scale = if level == Level::Avx512
+            && Level::best() == Level::Avx512
+            && src.len() == FP8_BLOCK
+            && dst.len() == FP8_BLOCK
+        {
+            // SAFETY: `Level::best` checked the CPU has AVX-512 F and BW; both slices hold a
+            // whole block (checked just above).
+            unsafe { encode_fp8_block_avx512(src.as_ptr(), dst.as_mut_ptr().cast()) }
+        } else {
+            encode_fp8_block(level, src, dst)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
         let scale = encode_fp8_block(level, src, dst);
         for (d, b) in s.iter_mut().zip(scale.to_le_bytes()) {
             d.write(b);
         }
     }
+}
+
+/// [`encode_fp8_block`] of one whole block in AVX-512 intrinsics: the compiler's vectorization
+/// of the generic loop spends most of its time on per-block set-up and masked tails; this is
+/// the same arithmetic (bit for bit: the tests compare it with the scalar reference, NaN and
+/// infinity included) over eight 16-lane vectors, with the 32→8-bit narrowing in one
+/// instruction (`vpmovdb`).
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BW; `src` must hold 128 readable `f32` and `dst` 128
+/// writable bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn encode_fp8_block_avx512(src: *const f32, dst: *mut u8) -> f32 {
+    use std::arch::x86_64::*;
+    let abs_mask = _mm512_set1_epi32(0x7FFF_FFFF);
+    let mut m = _mm512_setzero_si512();
+    for k in 0..FP8_BLOCK / 16 {
+        // SAFETY: `src` holds 128 values (the caller's contract); unaligned loads.
+        let v = unsafe { _mm512_loadu_si512(src.add(16 * k).cast()) };
+        m = _mm512_max_epu32(m, _mm512_and_si512(v, abs_mask));
+    }
+    // Max of |v| on the bit patterns, as the generic kernel (a NaN is the largest pattern).
+    let amax = f32::from_bits(_mm512_reduce_max_epu32(m));
+    let scale = if amax > 0.0 && amax.is_finite() {
+        amax / FP8_MAX
+    } else {
+        1.0
+    };
+    let inv = _mm512_set1_ps(1.0 / scale);
+    let c_sign = _mm512_set1_epi32(0x80);
+    let c_one = _mm512_set1_epi32(1);
+    let c_round = _mm512_set1_epi32(0x7FFFF);
+    let c_rebias = _mm512_set1_epi32(120 << 3);
+    let c_max_code = _mm512_set1_epi32(0x7E);
+    let c_min_normal = _mm512_set1_epi32(0x3C80_0000);
+    let c_512 = _mm512_set1_ps(512.0);
+    let c_two23 = _mm512_set1_ps(8_388_608.0);
+    let c_two23_bits = _mm512_set1_epi32(0x4B00_0000);
+    let c_inf = _mm512_set1_epi32(0x7F80_0000);
+    let c_nan_code = _mm512_set1_epi32(0x7F);
+    for k in 0..FP8_BLOCK / 16 {
+        // SAFETY: as above.
+        let x = _mm512_mul_ps(unsafe { _mm512_loadu_ps(src.add(16 * k)) }, inv);
+        let b = _mm512_castps_si512(x);
+        // The steps of `f32_to_e4m3`, lane by lane.
+        let sign = _mm512_and_si512(_mm512_srli_epi32::<24>(b), c_sign);
+        let a = _mm512_and_si512(b, abs_mask);
+        let odd = _mm512_and_si512(_mm512_srli_epi32::<20>(a), c_one);
+        let rounded =
+            _mm512_srli_epi32::<20>(_mm512_add_epi32(_mm512_add_epi32(a, c_round), odd));
+        let normal = _mm512_min_epu32(
+            _mm512_sub_epi32(_mm512_max_epu32(rounded, c_rebias), c_rebias),
+            c_max_code,
+        );
+        let scaled = _mm512_add_ps(
+            _mm512_mul_ps(
+                _mm512_castsi512_ps(_mm512_min_epu32(a, c_min_normal)),
+                c_512,
+            ),
+            c_two23,
+        );
+        let subnormal = _mm512_sub_epi32(_mm512_castps_si512(scaled), c_two23_bits);
+        let mag = _mm512_mask_blend_epi32(
+            _mm512_cmplt_epu32_mask(a, c_min_normal),
+            normal,
+            subnormal,
+        );
+        let code = _mm512_mask_blend_epi32(
+            _mm512_cmpgt_epu32_mask(a, c_inf),
+            _mm512_or_si512(sign, mag),
+            c_nan_code,
+        );
+        // SAFETY: `dst` holds 128 bytes (the caller's contract); unaligned 16-byte store.
+        unsafe { _mm_storeu_si128(dst.add(16 * k).cast(), _mm512_cvtepi32_epi8(code)) };
+    }
+    scale
 }
 
 /// Views initialised values as writable uninitialised memory, to run the kernels (which write
@@ -376,6 +466,38 @@ mod tests {
                     "{level:?}: add code {c:#04x}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn fp8_encode_agrees_at_every_level_with_nan_and_infinity() {
+        // Whole blocks (the AVX-512 path) and a short tail, blocks holding NaN or infinity
+        // (scale 1, NaN codes, saturation) among ordinary ones.
+        let mut src = probes();
+        src.truncate(src.len() / FP8_BLOCK * FP8_BLOCK + 37);
+        let n = src.len();
+        src[n - 200] = f32::NAN;
+        src[5] = f32::INFINITY;
+        let blocks = n.div_ceil(FP8_BLOCK);
+        let run = |level| {
+            let mut codes = vec![0u8; n];
+            let mut scales = vec![0u8; blocks * 4];
+            // SAFETY: the kernel writes every element it is given.
+            encode_fp8_row(level, &src, unsafe { as_uninit(&mut codes) }, unsafe {
+                as_uninit(&mut scales)
+            });
+            (codes, scales)
+        };
+        let portable = run(Level::Portable);
+        for (b, block) in src.chunks(FP8_BLOCK).enumerate() {
+            for (i, &v) in block.iter().enumerate() {
+                if v.is_nan() {
+                    assert_eq!(portable.0[b * FP8_BLOCK + i] & 0x7F, 0x7F, "NaN stays NaN");
+                }
+            }
+        }
+        for level in Level::available() {
+            assert_eq!(run(level), portable, "{level:?}");
         }
     }
 
