@@ -185,7 +185,10 @@ mod tests {
         let f = encode_frame(&m, 1 << 20).expect("fits");
         let body = m.encode_to_vec();
         assert_eq!(f[0], 0);
-        assert_eq!(u32::from_be_bytes([f[1], f[2], f[3], f[4]]) as usize, body.len());
+        assert_eq!(
+            u32::from_be_bytes([f[1], f[2], f[3], f[4]]) as usize,
+            body.len()
+        );
         assert_eq!(&f[PREFIX_BYTES..], &body[..]);
         assert_eq!(
             encode_frame(&m, 10).expect_err("over").code(),
@@ -195,7 +198,10 @@ mod tests {
 
     #[test]
     fn messages_come_out_whole_however_the_frames_are_cut() {
-        let messages: Vec<Rows> = [0usize, 2, 300, 5000, 17].iter().map(|&n| rows(n)).collect();
+        let messages: Vec<Rows> = [0usize, 2, 300, 5000, 17]
+            .iter()
+            .map(|&n| rows(n))
+            .collect();
         let mut stream = Vec::new();
         for m in &messages {
             stream.extend_from_slice(&encode_frame(m, 1 << 20).expect("fits"));
@@ -221,10 +227,17 @@ mod tests {
         let mut s = MessageSplitter::new(1 << 20);
         s.push(f.clone());
         let m = s.next_message().expect("valid").expect("whole");
-        assert_eq!(m.as_ptr(), f[PREFIX_BYTES..].as_ptr(), "a slice of the frame");
+        assert_eq!(
+            m.as_ptr(),
+            f[PREFIX_BYTES..].as_ptr(),
+            "a slice of the frame"
+        );
         let decoded: Rows = decode_message(m).expect("decodes");
         let inside = f.as_ptr_range();
-        assert!(inside.contains(&decoded.data.as_ptr()), "rows read in place");
+        assert!(
+            inside.contains(&decoded.data.as_ptr()),
+            "rows read in place"
+        );
     }
 
     #[test]

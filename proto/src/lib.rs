@@ -12,8 +12,8 @@ pub mod v1 {
 
 pub mod cluster_config;
 pub mod codec;
-pub mod frames;
 mod fingerprint;
+pub mod frames;
 pub mod rows;
 
 pub use fingerprint::{

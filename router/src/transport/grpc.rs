@@ -376,7 +376,9 @@ impl GrpcTransport {
                         }) {
                             Ok(Some(reply)) => reply,
                             Ok(None) => break,
-                            Err(status) => break 'read format!("stream broke: {}", status_text(&status)),
+                            Err(status) => {
+                                break 'read format!("stream broke: {}", status_text(&status));
+                            }
                         };
                         let waiter = pending
                             .lock()

@@ -10,7 +10,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::body::Frame;
-use tonic::codegen::Bytes;
 use shardseek_proto::frames::{MessageSplitter, decode_message, encode_frame};
 use shardseek_proto::v1::expert_server::{Expert, ExpertServer as ExpertGrpc};
 use shardseek_proto::v1::{
@@ -30,6 +29,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_stream::{Stream, StreamExt as _};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::codegen::Bytes;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -474,10 +474,7 @@ impl<C: ExpertCompute> tonic::codegen::Service<http::Request<tonic::body::Body>>
     type Error = std::convert::Infallible;
     type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
 
-    fn poll_ready(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::result::Result<(), Self::Error>> {
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), Self::Error>> {
         tonic::codegen::Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.grpc, cx)
     }
 
@@ -500,12 +497,11 @@ fn open_dispatch<C: ExpertCompute>(
     if let Some(encoding) = head.headers.get("grpc-encoding")
         && encoding != "identity"
     {
-        return Status::unimplemented(format!(
-            "message compression {encoding:?} is not supported"
-        ))
-        .into_http();
+        return Status::unimplemented(format!("message compression {encoding:?} is not supported"))
+            .into_http();
     }
-    if let Err(status) = this.check_caller(&tonic::metadata::MetadataMap::from_headers(head.headers))
+    if let Err(status) =
+        this.check_caller(&tonic::metadata::MetadataMap::from_headers(head.headers))
     {
         return status.into_http();
     }
