@@ -257,6 +257,38 @@ impl EncodedRows {
         self.row_op(i, out, true);
     }
 
+    /// Adds values `first..first + out.len()` of row `i` into `out`: the combine of one tile
+    /// of a row (see the dispatcher). `first` is a multiple of 128 (the fp8 block) unless the
+    /// range ends the row. Call [`validate`](Self::validate) first.
+    pub fn add_cols_into(&self, i: usize, first: usize, out: &mut [f32]) {
+        let (w, n) = (self.width, out.len());
+        debug_assert!(first + n <= w);
+        let level = Level::detect();
+        let at = i * w + first;
+        match self.dtype {
+            WireDtype::F32 => {
+                kernels::apply_f32(level, &self.data[at * 4..(at + n) * 4], out, true)
+            }
+            WireDtype::Bf16 => {
+                kernels::apply_bf16(level, &self.data[at * 2..(at + n) * 2], out, true);
+            }
+            WireDtype::Fp8E4m3 => {
+                debug_assert!(first.is_multiple_of(FP8_BLOCK));
+                let blocks = w.div_ceil(FP8_BLOCK);
+                let scales =
+                    &self.scales[(i * blocks + first / FP8_BLOCK) * 4..(i + 1) * blocks * 4];
+                for ((dst, q), s) in out
+                    .chunks_mut(FP8_BLOCK)
+                    .zip(self.data[at..at + n].chunks(FP8_BLOCK))
+                    .zip(scales.chunks_exact(4))
+                {
+                    let scale = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+                    kernels::apply_fp8(level, q, scale, dst, true);
+                }
+            }
+        }
+    }
+
     fn row_op(&self, i: usize, out: &mut [f32], add: bool) {
         if !add {
             // SAFETY: `load_row` stores only initialised f32 values.
@@ -758,6 +790,28 @@ mod tests {
             enc.decode_append(&mut out).expect("append");
             assert_eq!(out[..2], [9.0, 9.0]);
             assert_eq!(out[2..], one[..], "{dtype}");
+        }
+    }
+
+    #[test]
+    fn adding_a_row_tile_by_tile_equals_adding_it_whole() {
+        let width = 300; // a short last fp8 block
+        let x = rows(3, width);
+        for dtype in [WireDtype::F32, WireDtype::Bf16, WireDtype::Fp8E4m3] {
+            let enc = EncodedRows::encode(&x, width, dtype).expect("encode");
+            let start: Vec<f32> = (0..width).map(|i| i as f32 * 0.5 - 7.0).collect();
+            let mut whole = start.clone();
+            enc.add_row_into(2, &mut whole);
+            let mut tiled = start.clone();
+            for first in (0..width).step_by(FP8_BLOCK) {
+                let end = (first + FP8_BLOCK).min(width);
+                enc.add_cols_into(2, first, &mut tiled[first..end]);
+            }
+            assert_eq!(
+                tiled.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                whole.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{dtype}"
+            );
         }
     }
 
