@@ -36,11 +36,11 @@ pub enum WireDtype {
     /// Exact: the cluster agrees with the single process to rounding of the summation order.
     F32,
     /// Half the bytes of f32, relative error ≤ 2⁻⁹ per value. The default, from
-    /// `shardseek bench dispatch` (V3 shapes, 4 shards, one run, rows encoded in place): bf16
-    /// takes 40–55% less CPU per round trip than f32 at 64–256 tokens (256: 16.7 ms vs 27.2 ms),
-    /// while fp8 saves at most ~20% more (256: 13.0 ms; 64 tokens: 3.0 vs 3.1 ms, nothing) for
-    /// 16× the error bound — its per-value work (block maximum, scale, e4m3 rounding on the way
-    /// out; decode and scale on the way in) costs about what its halved bytes save.
+    /// `shardseek bench dispatch` (V3 shapes, 4 shards, one busy 2-core machine, CPU per round
+    /// trip): bf16 takes 45–32% less than f32 at 64–256 tokens (256: 14.8 ms vs 21.9 ms); fp8
+    /// takes 14–21% less than bf16 (256: 11.7 ms) for 16× the error bound, because most of
+    /// the time is the f32 work at both ends (encode from, decode to and combine into f32
+    /// rows), which the wire dtype does not change.
     #[default]
     Bf16,
     /// A quarter of the bytes, relative error ≤ 2⁻⁴ of each value plus 2⁻¹⁰ of its block's maximum.
