@@ -133,6 +133,13 @@ enum BenchCommand {
         /// Measured round trips per batch size.
         #[arg(long, default_value_t = 40)]
         iterations: usize,
+        /// Batch sizes (tokens) to measure, comma-separated.
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 16, 64, 128, 256])]
+        tokens: Vec<usize>,
+        /// Row bytes per dispatch message (a shard's rows are split into messages of about
+        /// this size).
+        #[arg(long, default_value_t = shardseek_router::dispatch::DEFAULT_MESSAGE_BYTES)]
+        message_bytes: usize,
     },
 }
 
@@ -1111,10 +1118,14 @@ fn run_bench(b: BenchCommand) -> Result<()> {
             json,
             dtype,
             iterations,
+            tokens,
+            message_bytes,
         } => {
             use shardseek_worker::expert::bench;
             let config = bench::DispatchBenchConfig {
                 iterations,
+                batches: tokens,
+                message_bytes,
                 ..bench::DispatchBenchConfig::default()
             }
             .with_dtype(&dtype)?;

@@ -13,6 +13,7 @@ pub mod v1 {
 pub mod cluster_config;
 pub mod codec;
 mod fingerprint;
+pub mod frames;
 pub mod rows;
 
 pub use fingerprint::{

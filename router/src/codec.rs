@@ -36,11 +36,11 @@ pub enum WireDtype {
     /// Exact: the cluster agrees with the single process to rounding of the summation order.
     F32,
     /// Half the bytes of f32, relative error ≤ 2⁻⁹ per value. The default, from
-    /// `shardseek bench dispatch` (V3 shapes, 4 shards, one run, rows encoded in place): bf16
-    /// takes 40–55% less CPU per round trip than f32 at 64–256 tokens (256: 16.7 ms vs 27.2 ms),
-    /// while fp8 saves at most ~20% more (256: 13.0 ms; 64 tokens: 3.0 vs 3.1 ms, nothing) for
-    /// 16× the error bound — its per-value work (block maximum, scale, e4m3 rounding on the way
-    /// out; decode and scale on the way in) costs about what its halved bytes save.
+    /// `shardseek bench dispatch` (V3 shapes, 4 shards, one busy 2-core machine, CPU per round
+    /// trip): bf16 takes 45–32% less than f32 at 64–256 tokens (256: 14.8 ms vs 21.9 ms); fp8
+    /// takes 14–21% less than bf16 (256: 11.7 ms) for 16× the error bound, because most of
+    /// the time is the f32 work at both ends (encode from, decode to and combine into f32
+    /// rows), which the wire dtype does not change.
     #[default]
     Bf16,
     /// A quarter of the bytes, relative error ≤ 2⁻⁴ of each value plus 2⁻¹⁰ of its block's maximum.
@@ -255,6 +255,38 @@ impl EncodedRows {
     /// received payload. Call [`validate`](Self::validate) first.
     pub fn add_row_into(&self, i: usize, out: &mut [f32]) {
         self.row_op(i, out, true);
+    }
+
+    /// Adds values `first..first + out.len()` of row `i` into `out`: the combine of one tile
+    /// of a row (see the dispatcher). `first` is a multiple of 128 (the fp8 block) unless the
+    /// range ends the row. Call [`validate`](Self::validate) first.
+    pub fn add_cols_into(&self, i: usize, first: usize, out: &mut [f32]) {
+        let (w, n) = (self.width, out.len());
+        debug_assert!(first + n <= w);
+        let level = Level::detect();
+        let at = i * w + first;
+        match self.dtype {
+            WireDtype::F32 => {
+                kernels::apply_f32(level, &self.data[at * 4..(at + n) * 4], out, true)
+            }
+            WireDtype::Bf16 => {
+                kernels::apply_bf16(level, &self.data[at * 2..(at + n) * 2], out, true);
+            }
+            WireDtype::Fp8E4m3 => {
+                debug_assert!(first.is_multiple_of(FP8_BLOCK));
+                let blocks = w.div_ceil(FP8_BLOCK);
+                let scales =
+                    &self.scales[(i * blocks + first / FP8_BLOCK) * 4..(i + 1) * blocks * 4];
+                for ((dst, q), s) in out
+                    .chunks_mut(FP8_BLOCK)
+                    .zip(self.data[at..at + n].chunks(FP8_BLOCK))
+                    .zip(scales.chunks_exact(4))
+                {
+                    let scale = f32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+                    kernels::apply_fp8(level, q, scale, dst, true);
+                }
+            }
+        }
     }
 
     fn row_op(&self, i: usize, out: &mut [f32], add: bool) {
@@ -758,6 +790,28 @@ mod tests {
             enc.decode_append(&mut out).expect("append");
             assert_eq!(out[..2], [9.0, 9.0]);
             assert_eq!(out[2..], one[..], "{dtype}");
+        }
+    }
+
+    #[test]
+    fn adding_a_row_tile_by_tile_equals_adding_it_whole() {
+        let width = 300; // a short last fp8 block
+        let x = rows(3, width);
+        for dtype in [WireDtype::F32, WireDtype::Bf16, WireDtype::Fp8E4m3] {
+            let enc = EncodedRows::encode(&x, width, dtype).expect("encode");
+            let start: Vec<f32> = (0..width).map(|i| i as f32 * 0.5 - 7.0).collect();
+            let mut whole = start.clone();
+            enc.add_row_into(2, &mut whole);
+            let mut tiled = start.clone();
+            for first in (0..width).step_by(FP8_BLOCK) {
+                let end = (first + FP8_BLOCK).min(width);
+                enc.add_cols_into(2, first, &mut tiled[first..end]);
+            }
+            assert_eq!(
+                tiled.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                whole.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{dtype}"
+            );
         }
     }
 

@@ -18,12 +18,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::HeaderValue;
+use http_body_util::BodyExt as _;
+use hyper::body::Frame;
+use shardseek_proto::frames::{MessageSplitter, decode_message, encode_frame};
 use shardseek_proto::v1::expert_client::ExpertClient;
 use shardseek_proto::v1::{DispatchReply, DispatchRequest, InfoRequest, ModelFingerprint};
 use shardseek_proto::{METADATA_MODEL, METADATA_SHARDS};
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 
 use super::{ShardRequest, Transport};
@@ -45,12 +51,18 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// timeout; then the next call tries again, so a restarted shard rejoins within this delay.
 pub const DEFAULT_RECONNECT_BACKOFF: Duration = Duration::from_millis(200);
 /// HTTP/2 flow-control windows: a layer's batch to one shard is a few MB, and the 64 KiB
-/// default window would cost a round trip per 64 KiB on the way.
-pub const STREAM_WINDOW_BYTES: u32 = 16 << 20;
-pub const CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
-/// Largest HTTP/2 frame either side accepts: 1 MiB frames carry a layer's rows in a few frames
-/// instead of hundreds of the default 16 KiB ones (fewer headers, fewer writes).
-pub const MAX_FRAME_BYTES: u32 = 1 << 20;
+/// default window would cost a round trip per 64 KiB on the way. The stream window holds the
+/// largest message with room, so a message is never held back waiting for a window update
+/// and goes out as one DATA frame; the connection window holds a few of them in flight.
+pub const STREAM_WINDOW_BYTES: u32 = 2 * DEFAULT_MAX_MESSAGE_BYTES as u32;
+pub const CONNECTION_WINDOW_BYTES: u32 = 8 * DEFAULT_MAX_MESSAGE_BYTES as u32;
+/// Largest HTTP/2 frame either side accepts: HTTP/2's maximum (2^24 - 1 bytes), so that a
+/// message of up to 16 MiB (256 tokens of V3 rows to one shard are 3-4 MB in bf16) is one DATA
+/// frame — one frame header, and on receipt a slice of the frame read in place instead of
+/// pieces gathered into another buffer (`shardseek_proto::frames`).
+pub const MAX_FRAME_BYTES: u32 = (1 << 24) - 1;
+/// Path of the `Expert.Dispatch` method.
+pub const DISPATCH_PATH: &str = "/shardseek.v1.Expert/Dispatch";
 /// Requests queued on one stream before senders wait: enough for every layer of two micro-batches.
 const STREAM_QUEUE: usize = 256;
 
@@ -255,7 +267,7 @@ impl GrpcTransport {
             .await
             .map_err(|_| connect_err(format!("no answer within {deadline:?}")))?
             .map_err(|e| connect_err(error_chain(&e)))?;
-        let mut client = ExpertClient::new(channel)
+        let mut client = ExpertClient::new(channel.clone())
             .max_decoding_message_size(self.config.max_message_bytes)
             .max_encoding_message_size(self.config.max_message_bytes);
 
@@ -281,25 +293,51 @@ impl GrpcTransport {
         }
 
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
-        let mut request = tonic::Request::new(ReceiverStream::new(rx));
-        let model = MetadataValue::try_from(self.expected.to_metadata())
+        let model = HeaderValue::try_from(self.expected.to_metadata())
             .map_err(|e| connect_err(format!("fingerprint is not valid metadata: {e}")))?;
-        request.metadata_mut().insert(METADATA_MODEL, model);
-        request.metadata_mut().insert(
-            METADATA_SHARDS,
-            MetadataValue::from(self.slots.len() as u64),
-        );
-        let mut inbound = tokio::time::timeout(deadline, client.dispatch(request))
+        // The stream is opened on the channel itself rather than through the generated client,
+        // so that replies are cut out of the received HTTP/2 frames in place (see
+        // `shardseek_proto::frames`); on the wire it is the same gRPC call.
+        let request = http::Request::builder()
+            .method(http::Method::POST)
+            .uri(format!("http://{addr}{DISPATCH_PATH}"))
+            .header(http::header::CONTENT_TYPE, "application/grpc")
+            .header(http::header::TE, "trailers")
+            .header(METADATA_MODEL, model)
+            .header(METADATA_SHARDS, self.slots.len())
+            .body(tonic::body::Body::new(RequestBody {
+                rx,
+                max: self.config.max_message_bytes,
+            }))
+            .map_err(|e| connect_err(format!("building the Dispatch request: {e}")))?;
+        let mut service = channel.clone();
+        let opened = async move {
+            std::future::poll_fn(|cx| tonic::codegen::Service::poll_ready(&mut service, cx))
+                .await?;
+            tonic::codegen::Service::call(&mut service, request).await
+        };
+        let response = tokio::time::timeout(deadline, opened)
             .await
             .map_err(|_| connect_err(format!("Dispatch not opened within {deadline:?}")))?
-            .map_err(|s| {
-                if s.code() == tonic::Code::FailedPrecondition {
-                    refused(s.message().to_string())
-                } else {
-                    connect_err(format!("Dispatch refused: {}", s.message()))
-                }
-            })?
-            .into_inner();
+            .map_err(|e| connect_err(format!("Dispatch failed: {}", error_chain(&e))))?;
+        if response.status() != http::StatusCode::OK {
+            return Err(connect_err(format!(
+                "Dispatch answered HTTP {}",
+                response.status()
+            )));
+        }
+        // A refusal comes as a response with no body whose headers carry the status.
+        if let Some(status) = tonic::Status::from_header_map(response.headers())
+            && status.code() != tonic::Code::Ok
+        {
+            return Err(if status.code() == tonic::Code::FailedPrecondition {
+                refused(status.message().to_string())
+            } else {
+                connect_err(format!("Dispatch refused: {}", status.message()))
+            });
+        }
+        let mut inbound = response.into_body();
+        let max_message = self.config.max_message_bytes;
 
         let pending: Pending = Arc::default();
         let alive = Arc::new(AtomicBool::new(true));
@@ -307,20 +345,49 @@ impl GrpcTransport {
             let pending = Arc::clone(&pending);
             let alive = Arc::clone(&alive);
             tokio::spawn(async move {
-                let why = loop {
-                    match inbound.message().await {
-                        Ok(Some(reply)) => {
-                            let waiter = pending
-                                .lock()
-                                .ok()
-                                .and_then(|mut m| m.remove(&reply.request_id));
-                            if let Some(w) = waiter {
-                                // The caller may have given up (deadline); nothing to do then.
-                                let _ = w.send(Ok(reply));
+                let mut split = MessageSplitter::new(max_message);
+                let why = 'read: loop {
+                    let data = match inbound.frame().await {
+                        Some(Ok(frame)) => match frame.into_data() {
+                            Ok(data) => data,
+                            Err(frame) => {
+                                let status = frame
+                                    .into_trailers()
+                                    .ok()
+                                    .and_then(|t| tonic::Status::from_header_map(&t));
+                                break match status {
+                                    Some(s) if s.code() != tonic::Code::Ok => {
+                                        format!("stream broke: {}", status_text(&s))
+                                    }
+                                    _ => "the shard closed the stream".to_string(),
+                                };
                             }
+                        },
+                        Some(Err(status)) => {
+                            break format!("stream broke: {}", status_text(&status));
                         }
-                        Ok(None) => break "the shard closed the stream".to_string(),
-                        Err(status) => break format!("stream broke: {}", status_text(&status)),
+                        None => break "the shard closed the stream".to_string(),
+                    };
+                    split.push(data);
+                    loop {
+                        let reply = match split.next_message().and_then(|m| match m {
+                            Some(m) => decode_message::<DispatchReply>(m).map(Some),
+                            None => Ok(None),
+                        }) {
+                            Ok(Some(reply)) => reply,
+                            Ok(None) => break,
+                            Err(status) => {
+                                break 'read format!("stream broke: {}", status_text(&status));
+                            }
+                        };
+                        let waiter = pending
+                            .lock()
+                            .ok()
+                            .and_then(|mut m| m.remove(&reply.request_id));
+                        if let Some(w) = waiter {
+                            // The caller may have given up (deadline); nothing to do then.
+                            let _ = w.send(Ok(reply));
+                        }
                     }
                 };
                 alive.store(false, Ordering::Release);
@@ -454,6 +521,30 @@ impl Transport for GrpcTransport {
                 layer,
                 reason: format!("no reply within the {deadline:?} deadline"),
             }),
+        }
+    }
+}
+
+/// The request body of a dispatch stream: each queued request becomes one gRPC message when
+/// the HTTP/2 connection polls for data, encoded then (rows straight into the frame buffer, in
+/// the connection's task, so each shard's stream encodes in parallel with the others).
+struct RequestBody {
+    rx: mpsc::Receiver<DispatchRequest>,
+    max: usize,
+}
+
+impl hyper::body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<Frame<Bytes>, tonic::Status>>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(m)) => Poll::Ready(Some(encode_frame(&m, self.max).map(Frame::data))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
     }
 }

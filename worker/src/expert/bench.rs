@@ -34,6 +34,8 @@ pub struct DispatchBenchConfig {
     pub dtype: WireDtype,
     /// Measured round trips per batch size (after warm-up).
     pub iterations: usize,
+    /// Row bytes per dispatch message ([`DispatchConfig::message_bytes`]).
+    pub message_bytes: usize,
 }
 
 impl Default for DispatchBenchConfig {
@@ -47,6 +49,7 @@ impl Default for DispatchBenchConfig {
             batches: vec![1, 4, 16, 64, 128, 256],
             dtype: WireDtype::Bf16,
             iterations: 40,
+            message_bytes: shardseek_router::dispatch::DEFAULT_MESSAGE_BYTES,
         }
     }
 }
@@ -83,6 +86,7 @@ pub struct DispatchBenchReport {
     pub shards: usize,
     pub dtype: String,
     pub iterations: usize,
+    pub message_bytes: usize,
     pub rows: Vec<DispatchBenchRow>,
 }
 
@@ -90,8 +94,14 @@ impl fmt::Display for DispatchBenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "dispatch + combine over loopback: hidden {}, top-{} of {} experts, {} shards (no compute), {} wire, {} iterations",
-            self.hidden, self.top_k, self.experts, self.shards, self.dtype, self.iterations
+            "dispatch + combine over loopback: hidden {}, top-{} of {} experts, {} shards (no compute), {} wire, messages of {} row bytes, {} iterations",
+            self.hidden,
+            self.top_k,
+            self.experts,
+            self.shards,
+            self.dtype,
+            self.message_bytes,
+            self.iterations
         )?;
         writeln!(
             f,
@@ -251,6 +261,7 @@ async fn run_async(cfg: &DispatchBenchConfig) -> Result<DispatchBenchReport> {
         cfg.hidden,
         DispatchConfig {
             wire_dtype: cfg.dtype,
+            message_bytes: cfg.message_bytes,
             ..DispatchConfig::default()
         },
     )?;
@@ -355,6 +366,7 @@ async fn run_async(cfg: &DispatchBenchConfig) -> Result<DispatchBenchReport> {
         shards: cfg.shards,
         dtype: cfg.dtype.to_string(),
         iterations: cfg.iterations,
+        message_bytes: cfg.message_bytes,
         rows: rows_out,
     })
 }

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use hyper::body::Frame;
+use shardseek_proto::frames::{MessageSplitter, decode_message, encode_frame};
 use shardseek_proto::v1::expert_server::{Expert, ExpertServer as ExpertGrpc};
 use shardseek_proto::v1::{
     DispatchReply, DispatchRequest, HealthReply, HealthRequest, InfoReply, InfoRequest,
@@ -18,15 +20,16 @@ use shardseek_proto::{METADATA_MODEL, METADATA_SHARDS};
 use shardseek_router::transport::Assignments;
 use shardseek_router::transport::grpc::{
     CONNECTION_WINDOW_BYTES, DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT,
-    DEFAULT_MAX_MESSAGE_BYTES, MAX_FRAME_BYTES, STREAM_WINDOW_BYTES,
+    DEFAULT_MAX_MESSAGE_BYTES, DISPATCH_PATH, MAX_FRAME_BYTES, STREAM_WINDOW_BYTES,
 };
 use shardseek_router::{EncodedRows, Error, PendingRows, Result, WireDtype};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::{Stream, StreamExt as _};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tonic::codegen::Bytes;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -159,17 +162,20 @@ impl ExpertServer {
             Arc::clone(&compute),
             Arc::clone(&placement),
         ));
-        let service = Service(Arc::new(Shared {
+        let shared = Arc::new(Shared {
             compute,
             config: Arc::new(config.clone()),
             placement,
             jobs: jobs_tx,
             stop: stop.clone(),
             streams,
-        }));
-        let grpc = ExpertGrpc::new(service)
-            .max_decoding_message_size(config.max_message_bytes)
-            .max_encoding_message_size(config.max_message_bytes);
+        });
+        let grpc = ExpertRoutes {
+            shared: Arc::clone(&shared),
+            grpc: ExpertGrpc::new(Service(shared))
+                .max_decoding_message_size(config.max_message_bytes)
+                .max_encoding_message_size(config.max_message_bytes),
+        };
         let kill_for_io = kill.clone();
         let incoming = TcpListenerStream::new(listener).map(move |conn| {
             conn.map(|io| {
@@ -343,51 +349,12 @@ impl<C: ExpertCompute> Expert for Service<C> {
         request: Request<Streaming<DispatchRequest>>,
     ) -> std::result::Result<Response<Self::DispatchStream>, Status> {
         self.check_caller(request.metadata())?;
-        let mut inbound = request.into_inner();
         let (reply_tx, reply_rx) = mpsc::channel(REPLY_QUEUE);
-        let this = Arc::clone(&self.0);
-        this.streams.fetch_add(1, Ordering::AcqRel);
-        tokio::spawn(async move {
-            loop {
-                let message = tokio::select! {
-                    _ = this.stop.cancelled() => break,
-                    m = inbound.message() => m,
-                };
-                let req = match message {
-                    Ok(Some(req)) => req,
-                    Ok(None) => break,
-                    Err(status) => {
-                        // A frame that does not decode (truncated, mis-sized, not a
-                        // DispatchRequest) ends the stream with its status: the caller learns
-                        // why instead of seeing a clean end.
-                        tracing::debug!(%status, "dispatch stream ended");
-                        let _ = reply_tx.send(Err(status)).await;
-                        break;
-                    }
-                };
-                match this.admit(req) {
-                    Ok((request_id, layer, rows, assignments, reply_dtype)) => {
-                        let job = Job {
-                            request_id,
-                            layer,
-                            rows,
-                            assignments,
-                            reply_dtype,
-                            reply: reply_tx.clone(),
-                        };
-                        if this.jobs.send(job).await.is_err() {
-                            break;
-                        }
-                    }
-                    Err(reply) => {
-                        if reply_tx.send(Ok(*reply)).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-            this.streams.fetch_sub(1, Ordering::AcqRel);
-        });
+        tokio::spawn(serve_stream(
+            Arc::clone(&self.0),
+            request.into_inner(),
+            reply_tx,
+        ));
         Ok(Response::new(ReceiverStream::new(reply_rx)))
     }
 
@@ -419,6 +386,240 @@ impl<C: ExpertCompute> Expert for Service<C> {
             serving,
             status: if serving { "serving" } else { "stopping" }.to_string(),
         }))
+    }
+}
+
+/// Reads one dispatch stream's requests and hands them to the batcher; replies (and a refusal
+/// or a decoding error, which ends the stream) go to `reply_tx`.
+async fn serve_stream<C, S>(
+    this: Arc<Shared<C>>,
+    mut inbound: S,
+    reply_tx: mpsc::Sender<std::result::Result<DispatchReply, Status>>,
+) where
+    C: ExpertCompute,
+    S: Stream<Item = std::result::Result<DispatchRequest, Status>> + Unpin,
+{
+    this.streams.fetch_add(1, Ordering::AcqRel);
+    loop {
+        let message = tokio::select! {
+            _ = this.stop.cancelled() => break,
+            m = inbound.next() => m,
+        };
+        let req = match message {
+            Some(Ok(req)) => req,
+            None => break,
+            Some(Err(status)) => {
+                // A frame that does not decode (truncated, mis-sized, not a DispatchRequest)
+                // ends the stream with its status: the caller learns why instead of seeing a
+                // clean end.
+                tracing::debug!(%status, "dispatch stream ended");
+                let _ = reply_tx.send(Err(status)).await;
+                break;
+            }
+        };
+        match this.admit(req) {
+            Ok((request_id, layer, rows, assignments, reply_dtype)) => {
+                let job = Job {
+                    request_id,
+                    layer,
+                    rows,
+                    assignments,
+                    reply_dtype,
+                    reply: reply_tx.clone(),
+                };
+                if this.jobs.send(job).await.is_err() {
+                    break;
+                }
+            }
+            Err(reply) => {
+                if reply_tx.send(Ok(*reply)).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    this.streams.fetch_sub(1, Ordering::AcqRel);
+}
+
+/// The `Expert` service as served: `Dispatch` streams are read and written here, the other
+/// methods by the generated server.
+///
+/// tonic's generated streaming path copies every received HTTP/2 DATA frame into a buffer of
+/// its own before decoding. Here requests are cut out of the received frames in place
+/// ([`MessageSplitter`]): with the transport's frame size a request is one frame, so its rows
+/// are decoded straight from where the socket read wrote them. The bytes on the wire are the
+/// same gRPC call (a generated tonic client talks to it unchanged).
+struct ExpertRoutes<C: ExpertCompute> {
+    shared: Arc<Shared<C>>,
+    grpc: ExpertGrpc<Service<C>>,
+}
+
+impl<C: ExpertCompute> Clone for ExpertRoutes<C> {
+    fn clone(&self) -> Self {
+        ExpertRoutes {
+            shared: Arc::clone(&self.shared),
+            grpc: self.grpc.clone(),
+        }
+    }
+}
+
+impl<C: ExpertCompute> tonic::server::NamedService for ExpertRoutes<C> {
+    const NAME: &'static str = <ExpertGrpc<Service<C>> as tonic::server::NamedService>::NAME;
+}
+
+impl<C: ExpertCompute> tonic::codegen::Service<http::Request<tonic::body::Body>>
+    for ExpertRoutes<C>
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = tonic::codegen::BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), Self::Error>> {
+        tonic::codegen::Service::<http::Request<tonic::body::Body>>::poll_ready(&mut self.grpc, cx)
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        if req.uri().path() == DISPATCH_PATH {
+            let response = open_dispatch(Arc::clone(&self.shared), req);
+            return Box::pin(async move { Ok(response) });
+        }
+        self.grpc.call(req)
+    }
+}
+
+/// Opens a dispatch stream: checks the caller, starts reading requests, answers with the
+/// stream of replies.
+fn open_dispatch<C: ExpertCompute>(
+    this: Arc<Shared<C>>,
+    req: http::Request<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    let (head, body) = req.into_parts();
+    if let Some(encoding) = head.headers.get("grpc-encoding")
+        && encoding != "identity"
+    {
+        return Status::unimplemented(format!("message compression {encoding:?} is not supported"))
+            .into_http();
+    }
+    if let Err(status) =
+        this.check_caller(&tonic::metadata::MetadataMap::from_headers(head.headers))
+    {
+        return status.into_http();
+    }
+    let max = this.config.max_message_bytes;
+    let (reply_tx, reply_rx) = mpsc::channel(REPLY_QUEUE);
+    let inbound = FramedRequests {
+        body,
+        split: MessageSplitter::new(max),
+        done: false,
+    };
+    tokio::spawn(serve_stream(this, inbound, reply_tx));
+    let mut response = http::Response::new(tonic::body::Body::new(ReplyBody {
+        rx: reply_rx,
+        max,
+        done: false,
+    }));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    response
+}
+
+/// The requests of a dispatch stream, cut out of the received frames in place.
+struct FramedRequests {
+    body: tonic::body::Body,
+    split: MessageSplitter,
+    done: bool,
+}
+
+impl Stream for FramedRequests {
+    type Item = std::result::Result<DispatchRequest, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        use hyper::body::Body as _;
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match this.split.next_message() {
+                Ok(Some(m)) => return Poll::Ready(Some(decode_message(m))),
+                Ok(None) => {}
+                Err(status) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(status)));
+                }
+            }
+            match Pin::new(&mut this.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(frame))) => {
+                    // Data is cut into messages; trailers (none are sent by callers) are ignored.
+                    if let Ok(data) = frame.into_data() {
+                        this.split.push(data);
+                    }
+                }
+                Poll::Ready(Some(Err(status))) => {
+                    this.done = true;
+                    return Poll::Ready(Some(Err(status)));
+                }
+                Poll::Ready(None) => {
+                    this.done = true;
+                    if !this.split.is_empty() {
+                        return Poll::Ready(Some(Err(Status::invalid_argument(
+                            "the dispatch stream ended inside a message",
+                        ))));
+                    }
+                    return Poll::Ready(None);
+                }
+            }
+        }
+    }
+}
+
+/// The replies of a dispatch stream: each encoded into its frame when the connection polls
+/// for data (rows straight into the frame buffer), then the trailers with the stream's status.
+struct ReplyBody {
+    rx: mpsc::Receiver<std::result::Result<DispatchReply, Status>>,
+    max: usize,
+    done: bool,
+}
+
+/// The trailers carrying `status` (only its code if the message cannot be a header).
+fn status_trailers(status: &Status) -> http::HeaderMap {
+    let mut trailers = http::HeaderMap::new();
+    if status.add_header(&mut trailers).is_err() {
+        trailers = http::HeaderMap::new();
+        trailers.insert(Status::GRPC_STATUS, (status.code() as i32).into());
+    }
+    trailers
+}
+
+impl hyper::body::Body for ReplyBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<std::result::Result<Frame<Bytes>, Status>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let end = match self.rx.poll_recv(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Some(Ok(reply))) => match encode_frame(&reply, self.max) {
+                Ok(frame) => return Poll::Ready(Some(Ok(Frame::data(frame)))),
+                Err(status) => status,
+            },
+            Poll::Ready(Some(Err(status))) => status,
+            Poll::Ready(None) => Status::ok(""),
+        };
+        self.done = true;
+        Poll::Ready(Some(Ok(Frame::trailers(status_trailers(&end)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
     }
 }
 

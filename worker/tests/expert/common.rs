@@ -148,6 +148,7 @@ pub fn dispatcher(
         DispatchConfig {
             wire_dtype: dtype,
             deadline,
+            ..DispatchConfig::default()
         },
     )
     .expect("placement matches transport")
