@@ -6,12 +6,15 @@
 //! compiler vectorises as it can. On AVX-512 (F + BW + VL) CPUs the FP8 decode GEMV — the
 //! memory-bound kernel of batch-1 decode — runs 512-bit: 32 codes per load become two
 //! 16-lane f32 vectors with the same shift-and-mask trick, half the instructions per weight
-//! byte of the AVX2 path; every other kernel of [`Isa::Avx512`] runs the AVX2 code.
+//! byte of the AVX2 path. FP8 and BF16 GEMMs of 3–64 rows of x (batched decode, the rows of
+//! one expert) run on f32 dot-product tiles ([`dot_rows`]): 16 codes converted the same way
+//! meet up to 6 rows of x in a 4×6 tile of 512-bit accumulators. The other kernels of
+//! [`Isa::Avx512`] run the AVX2 code.
 //!
 //! With AVX512-VBMI and AVX512-BF16 as well (Zen 4, Sapphire Rapids: [`Isa::Avx512Bf16`]),
-//! every FP8 and BF16 GEMM of up to 64 rows of x — decode GEMV, batched decode, grouped
-//! experts — runs on `vdpbf16ps` ([`avx512bf16`]; prefill sizes keep the packed f32
-//! microkernel, which measured faster there): an e4m3 code is exact in bf16, and two `vpermt2b` lookups
+//! the FP8 and BF16 GEMMs of 1–2 rows of x (decode GEMV) run on `vdpbf16ps` ([`avx512bf16`];
+//! prefill sizes keep the packed f32 microkernel, which measured faster there, and 3–64 rows
+//! the f32 dot tiles, which do one FMA where these do three bf16 products): an e4m3 code is exact in bf16, and two `vpermt2b` lookups
 //! turn 64 codes into 64 bf16 values in six instructions (the f16 route costs about 14);
 //! x is split once per call into three bf16 parts (x = hi + mid + lo + O(2⁻²⁴|x|), f32's own
 //! precision), so each product is accumulated in f32 from three exact bf16 products.
@@ -297,6 +300,76 @@ pub(crate) fn stream_rows(
     }
 }
 
+/// Rows of x from which the FP8/BF16 GEMMs of the AVX-512 levels run [`dot_rows`]
+/// (f32 dot-product tiles) instead of the streaming GEMV or the bf16 tiles, up to
+/// [`DOT_MAX_M`] (beyond it the packed microkernel). At 1–2 rows the weight stream, not the
+/// arithmetic, bounds every path and the GEMVs keep them.
+pub(crate) const DOT_MIN_M: usize = 3;
+pub(crate) const DOT_MAX_M: usize = 64;
+/// Rows of x in one group of [`dot_rows`] (the register tile's x side).
+pub(crate) const DOT_RX: usize = 6;
+
+/// Whether [`dot_rows`] computes `m` rows of x against `w` on `isa`.
+pub(crate) fn dot_serves(isa: Isa, m: usize, w: &Weight) -> bool {
+    bf16_tiles_serve(w) && dot_rows_serve_m(isa, m)
+}
+
+/// Whether [`dot_rows`] computes `m` rows of x against the FP8 and BF16 weights on `isa`.
+pub(crate) fn dot_rows_serve_m(isa: Isa, m: usize) -> bool {
+    matches!(isa, Isa::Avx512 | Isa::Avx512Bf16) && (DOT_MIN_M..=DOT_MAX_M).contains(&m)
+}
+
+/// The row groups of [`dot_rows`]: (first row, rows), at most [`DOT_RX`] rows each and as even
+/// as possible (32 = 6+6+5+5+5+5), so no tile runs with a sliver of rows.
+pub(crate) fn dot_groups(m: usize) -> impl Iterator<Item = (usize, usize)> {
+    let groups = m.div_ceil(DOT_RX);
+    (0..groups).scan(0, move |i, g| {
+        let rx = m / groups + usize::from(g < m % groups);
+        let r = (*i, rx);
+        *i += rx;
+        Some(r)
+    })
+}
+
+/// x `[m, k]` in the layout of [`dot_rows`]: per row group (at row i, offset `i·kp`, kp = k
+/// rounded up to 16), `[kp/16][rows][16]` with zero columns past k, so a tile reads each
+/// 16-column step of its rows at fixed offsets from one pointer.
+pub(crate) fn dot_prepare_x(x: &[f32], m: usize, k: usize) -> Vec<f32> {
+    let kp = k.div_ceil(16) * 16;
+    let mut out = vec![0f32; m * kp];
+    for (i0, rx) in dot_groups(m) {
+        let g = &mut out[i0 * kp..(i0 + rx) * kp];
+        for j in 0..rx {
+            let row = &x[(i0 + j) * k..(i0 + j + 1) * k];
+            for (s, ch) in row.chunks(16).enumerate() {
+                g[(s * rx + j) * 16..(s * rx + j) * 16 + ch.len()].copy_from_slice(ch);
+            }
+        }
+    }
+    out
+}
+
+/// `out[i·ld + (n−n0)] = x_i · W_n` for rows `n0..n1` of the FP8 or BF16 weight `w`, in f32
+/// ([`dot_serves`]): x as [`dot_prepare_x`] made it.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dot_rows(
+    isa: Isa,
+    xp: &[f32],
+    m: usize,
+    w: &Weight,
+    n0: usize,
+    n1: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
+    assert!(dot_serves(isa, m, w));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: dot_serves checked the ISA level and the weight kind.
+    unsafe {
+        avx512::dot_rows(xp, m, w, n0, n1, out, ld)
+    }
+}
+
 fn portable_stream_rows(
     x: &[f32],
     m: usize,
@@ -488,6 +561,270 @@ pub(crate) mod avx512 {
                 r[g] = _mm512_reduce_add_ps(tot[g]) + tail[g];
             }
             r
+        }
+    }
+
+    /// [`super::dot_rows`] on AVX-512: every weight vector (16 codes) is converted to f32 in
+    /// registers once per x group and meets the group's rows in a `RW`×`RX` tile of dot-product
+    /// accumulators (4 × 6 = 24 of the 32 zmm registers).
+    ///
+    /// # Safety
+    /// The CPU must have [`Isa::Avx512`]; `w` must be FP8 or BF16; `xp` is
+    /// [`super::dot_prepare_x`] of `m` rows of `w.cols` columns.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(super) unsafe fn dot_rows(
+        xp: &[f32],
+        m: usize,
+        w: &Weight,
+        n0: usize,
+        n1: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        let k = w.cols;
+        assert!(n1 <= w.rows && xp.len() >= m * k.div_ceil(16) * 16);
+        assert!(m == 0 || out.len() >= (m - 1) * ld + (n1 - n0));
+        unsafe {
+            match w.data {
+                WeightData::Fp8E4m3 { q, scale_inv } => {
+                    dot_rows_kind::<KIND_FP8>(xp, m, k, q, scale_inv, n0, n1, out, ld)
+                }
+                WeightData::Bf16(b) => {
+                    dot_rows_kind::<KIND_BF16>(xp, m, k, b, &[], n0, n1, out, ld)
+                }
+                _ => unreachable!("avx512::dot_rows on a weight it does not serve"),
+            }
+        }
+    }
+
+    /// Columns of x per pass of [`dot_rows`]: a group's block of x (at most 6 × 2048 f32,
+    /// 48 KiB, and its scaled copy) stays in L2 next to the task's weight rows while those
+    /// pass it (V3's 7168 columns take four passes, medium's one); a multiple of the FP8
+    /// block.
+    const DOT_KC: usize = 2048;
+    const _: () = assert!(DOT_KC.is_multiple_of(FP8_BLOCK));
+
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn dot_rows_kind<const KIND: u8>(
+        xp: &[f32],
+        m: usize,
+        k: usize,
+        q: &[u8],
+        scale_inv: &[f32],
+        n0: usize,
+        n1: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        let eb = if KIND == KIND_FP8 { 1 } else { 2 };
+        assert!(q.len() >= n1 * k * eb);
+        let kb = k.div_ceil(FP8_BLOCK);
+        let kp = k.div_ceil(16) * 16;
+        // x of one group and block times the FP8 block scale of the weight rows it meets, so
+        // the tiles multiply converted codes by x without a per-vector scale.
+        let mut xs = [0f32; DOT_RX * DOT_KC];
+        for c0 in (0..k).step_by(DOT_KC) {
+            let c1 = (c0 + DOT_KC).min(k);
+            let steps = (c1 - c0).div_ceil(16);
+            for (gi, (i, rx)) in dot_groups(m).enumerate() {
+                // Step s of the group's rows is at (s·rx + j)·16 (`dot_prepare_x`).
+                let xg = unsafe { xp.as_ptr().add(i * kp + c0 * rx) };
+                let mut n = n0;
+                while n < n1 {
+                    let seg_end = if KIND == KIND_FP8 {
+                        n1.min((n / FP8_BLOCK + 1) * FP8_BLOCK)
+                    } else {
+                        n1
+                    };
+                    let xsrc = if KIND == KIND_FP8 {
+                        let srow = &scale_inv[(n / FP8_BLOCK) * kb..];
+                        for s in 0..steps {
+                            let sv = _mm512_set1_ps(srow[(c0 + 16 * s) / FP8_BLOCK] * 256.0);
+                            for j in 0..rx {
+                                let o = (s * rx + j) * 16;
+                                unsafe {
+                                    let v = _mm512_loadu_ps(xg.add(o));
+                                    _mm512_storeu_ps(xs.as_mut_ptr().add(o), _mm512_mul_ps(v, sv));
+                                }
+                            }
+                        }
+                        xs.as_ptr()
+                    } else {
+                        xg
+                    };
+                    while n < seg_end {
+                        let rw = if n + 4 <= seg_end { 4 } else { 1 };
+                        let qn = unsafe { q.as_ptr().add((n * k + c0) * eb) };
+                        // The first group reads the weights from memory: the next row group
+                        // is prefetched into L2 on the way (later groups find them in cache).
+                        let pf = gi == 0 && n + rw < n1;
+                        macro_rules! run {
+                            ($rw:literal, $rx:literal) => {{
+                                let t = unsafe {
+                                    dot_tile::<KIND, $rw, $rx>(xsrc, steps, k - c0, qn, k * eb, pf)
+                                };
+                                for (r, tr) in t.iter().enumerate() {
+                                    for (j, v) in tr.iter().enumerate() {
+                                        let o = &mut out[(i + j) * ld + n + r - n0];
+                                        *o = if c0 == 0 { *v } else { *o + v };
+                                    }
+                                }
+                            }};
+                        }
+                        match (rw, rx) {
+                            (4, 1) => run!(4, 1),
+                            (4, 2) => run!(4, 2),
+                            (4, 3) => run!(4, 3),
+                            (4, 4) => run!(4, 4),
+                            (4, 5) => run!(4, 5),
+                            (4, _) => run!(4, 6),
+                            (_, 1) => run!(1, 1),
+                            (_, 2) => run!(1, 2),
+                            (_, 3) => run!(1, 3),
+                            (_, 4) => run!(1, 4),
+                            (_, 5) => run!(1, 5),
+                            (_, _) => run!(1, 6),
+                        }
+                        n += rw;
+                    }
+                }
+            }
+        }
+    }
+
+    /// 16 weights of kind `KIND` at `p` as f32 in vector-path units (FP8: value·2⁻⁸), those
+    /// from `left` on zero.
+    #[inline(always)]
+    unsafe fn load16w<const KIND: u8>(p: *const u8, left: usize) -> __m512 {
+        unsafe {
+            if KIND == KIND_FP8 {
+                let b = if left >= 16 {
+                    _mm_loadu_si128(p as *const __m128i)
+                } else {
+                    _mm_maskz_loadu_epi8(((1u32 << left) - 1) as u16, p as *const i8)
+                };
+                let w = _mm256_cvtepu8_epi16(b);
+                let t = _mm256_srai_epi16(_mm256_slli_epi16(w, 8), 1);
+                let h = _mm256_and_si256(t, _mm256_set1_epi16(0xBF80u16 as i16));
+                _mm512_cvtph_ps(h)
+            } else {
+                let b = if left >= 16 {
+                    _mm256_loadu_si256(p as *const __m256i)
+                } else {
+                    _mm256_maskz_loadu_epi16(((1u32 << left) - 1) as u16, p as *const i16)
+                };
+                _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16))
+            }
+        }
+    }
+
+    /// `RW` weight rows at `q` (row stride `rb` bytes) against the `RX` rows of one group of
+    /// x at `x` (`[steps][RX][16]`), `steps` 16-column steps of which `left` columns exist
+    /// (the rest read as zero weights): the dot products. `prefetch`: fetch the same columns
+    /// of the next `RW` rows into L2 on the way.
+    #[inline]
+    #[allow(clippy::needless_range_loop)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    unsafe fn dot_tile<const KIND: u8, const RW: usize, const RX: usize>(
+        x: *const f32,
+        steps: usize,
+        left: usize,
+        q: *const u8,
+        rb: usize,
+        prefetch: bool,
+    ) -> [[f32; RX]; RW] {
+        let mut acc = [[_mm512_setzero_ps(); RX]; RW];
+        // Steps with all 16 columns (four at a time, one prefetch per 64 columns and row),
+        // then at most one partial step.
+        let full = steps.min(left / 16);
+        unsafe {
+            let mut s = 0;
+            while s + 4 <= full {
+                if prefetch {
+                    let eb = if KIND == KIND_FP8 { 1 } else { 2 };
+                    for r in 0..RW {
+                        let p = q.add(r * rb + 16 * s * eb).wrapping_add(RW * rb);
+                        for line in 0..eb {
+                            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * line) as *const i8);
+                        }
+                    }
+                }
+                for u in 0..4 {
+                    dot_step::<KIND, RW, RX, false>(x, q, rb, s + u, 16, &mut acc);
+                }
+                s += 4;
+            }
+            while s < full {
+                dot_step::<KIND, RW, RX, false>(x, q, rb, s, 16, &mut acc);
+                s += 1;
+            }
+            if full < steps {
+                dot_step::<KIND, RW, RX, true>(x, q, rb, full, left - 16 * full, &mut acc);
+            }
+            let mut o = [[0f32; RX]; RW];
+            if RW == 4 {
+                for i in 0..RX {
+                    let v = hsum4(acc[0][i], acc[1][i], acc[2][i], acc[3][i]);
+                    let mut t = [0f32; 4];
+                    _mm_storeu_ps(t.as_mut_ptr(), v);
+                    for r in 0..4 {
+                        o[r][i] = t[r];
+                    }
+                }
+            } else {
+                for r in 0..RW {
+                    for i in 0..RX {
+                        o[r][i] = _mm512_reduce_add_ps(acc[r][i]);
+                    }
+                }
+            }
+            o
+        }
+    }
+
+    /// Step `s` (columns 16s..16s+16, of which `cols` exist when `MASKED`) of [`dot_tile`].
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn dot_step<const KIND: u8, const RW: usize, const RX: usize, const MASKED: bool>(
+        x: *const f32,
+        q: *const u8,
+        rb: usize,
+        s: usize,
+        cols: usize,
+        acc: &mut [[__m512; RX]; RW],
+    ) {
+        let eb = if KIND == KIND_FP8 { 1 } else { 2 };
+        unsafe {
+            let mut wv = [_mm512_setzero_ps(); RW];
+            for (r, v) in wv.iter_mut().enumerate() {
+                let p = q.add(r * rb + 16 * s * eb);
+                *v = load16w::<KIND>(p, if MASKED { cols } else { 16 });
+            }
+            let xv = x.add(16 * RX * s);
+            for i in 0..RX {
+                let x16 = _mm512_loadu_ps(xv.add(16 * i));
+                for r in 0..RW {
+                    acc[r][i] = _mm512_fmadd_ps(x16, wv[r], acc[r][i]);
+                }
+            }
+        }
+    }
+
+    /// The lane sums of four vectors, [Σa, Σb, Σc, Σd].
+    #[inline(always)]
+    unsafe fn hsum4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
+        unsafe {
+            // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], then [Σa, Σb, Σc, Σd] of the lane.
+            let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+            let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+            let s = _mm512_add_ps(
+                _mm512_shuffle_ps::<0b01_00_01_00>(ab, cd),
+                _mm512_shuffle_ps::<0b11_10_11_10>(ab, cd),
+            );
+            let h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps::<1>(s));
+            _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
         }
     }
 }

@@ -1,12 +1,17 @@
 //! y = x · Wᵀ with W in its stored dtype (dequantised inside the kernel).
 //!
-//! Three strategies:
-//! - **FP8 and BF16 on [`Isa::Avx512Bf16`]**, `m ≤ TILE_MAX_M`: x is split once into three
-//!   bf16 parts and every weight byte is read once, converted to bf16 in registers and used by
-//!   `RW`×`RX` tiles of bf16 dot products ([`crate::cpu`]); x beyond 256 KiB is cut into
-//!   L2-sized blocks. This serves decode (M = 1) and batched decode (M = 2–64): at M = 16 it
-//!   measured 4× the streaming kernel's GFLOP/s and at M = 32–64 1.5–2× the packed
-//!   microkernel's (`bench kernels`, `decode fp8 gemm (V3) M=16`).
+//! Four strategies:
+//! - **FP8 and BF16 on the AVX-512 levels, 3 ≤ `m` ≤ 64** (batched decode, the rows of one
+//!   expert): f32 dot-product tiles ([`crate::cpu::dot_rows`]). Each 16-code weight vector is
+//!   converted to f32 in registers once per group of up to 6 rows of x and meets them in a
+//!   4×6 register tile; x is laid out once per call so a tile reads it from one pointer. FP8
+//!   being exact in f32, the results are f32 dot products. Against the bf16 tiles below (three
+//!   bf16 products per multiply-add) they measured 1.2–1.6× the GFLOP/s at M = 3–32 on one
+//!   Zen 5 core (768×2048 and 2048×768, weights from memory).
+//! - **FP8 and BF16 on [`Isa::Avx512Bf16`]**, `m ≤ TILE_MAX_M` otherwise (M = 1–2): x is
+//!   split once into three bf16 parts and every weight byte is read once, converted to bf16 in
+//!   registers and used by `RW`×`RX` tiles of bf16 dot products ([`crate::cpu`]); x beyond
+//!   256 KiB is cut into L2-sized blocks.
 //! - **decode** otherwise (`m ≤ STREAM_MAX_M`): memory-bound, so each weight row is streamed
 //!   from memory once, dequantised in registers and dotted with every row of x.
 //! - **prefill** otherwise (larger `m`): compute-bound. x is packed once into 6-row panels;
@@ -25,9 +30,10 @@ use crate::wide::{NW, PACK_KC_MAX, microkernel_wide, pack_panel};
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
-/// Up to this many rows of x the bf16 tiles of [`Isa::Avx512Bf16`] serve FP8 and BF16 weights.
-/// Beyond it the packed microkernel is faster: at M = 512 the tiles measured 0.7–0.9× its
-/// GFLOP/s (`bench kernels`, prefill rows), at M = 16–64 1.5–4× the other paths.
+/// Up to this many rows of x the bf16 tiles of [`Isa::Avx512Bf16`] serve FP8 and BF16 weights
+/// (where the f32 dot tiles, [`crate::cpu::dot_rows`], do not). Beyond it the packed
+/// microkernel is faster: at M = 512 the tiles measured 0.7–0.9× its GFLOP/s (`bench kernels`,
+/// prefill rows).
 pub const TILE_MAX_M: usize = 64;
 
 /// Up to this many rows of x the streaming (decode) kernel is used: it re-reads each weight row
@@ -258,16 +264,23 @@ pub(crate) struct XOperand<'a> {
     k: usize,
     bf16: Vec<u16>,
     packed: OnceLock<Vec<f32>>,
+    /// x in the layout of [`cpu::dot_rows`] (prepared on first use).
+    dot: OnceLock<Vec<f32>>,
 }
 
 impl<'a> XOperand<'a> {
     /// `tiles`: the weights this operand meets are served by the bf16 tiles (FP8, BF16: then,
-    /// on [`Isa::Avx512Bf16`], x is prepared for them; other weights still work, through the
-    /// f32 paths).
+    /// on [`Isa::Avx512Bf16`] and for row counts the dot tiles do not take, x is prepared for
+    /// them; other weights still work, through the f32 paths).
     pub(crate) fn new(isa: Isa, x: &'a [f32], m: usize, k: usize, tiles: bool) -> Self {
         let mut bf16 = Vec::new();
         #[cfg(target_arch = "x86_64")]
-        if tiles && isa == Isa::Avx512Bf16 && m > 0 && m <= TILE_MAX_M {
+        if tiles
+            && isa == Isa::Avx512Bf16
+            && m > 0
+            && m <= TILE_MAX_M
+            && !cpu::dot_rows_serve_m(isa, m)
+        {
             bf16 = vec![0u16; cpu::avx512bf16::prepared_len(m, k)];
             // SAFETY: the ISA was detected; the length is the prepared length.
             unsafe { cpu::avx512bf16::prepare_x(x, m, k, &mut bf16) };
@@ -281,6 +294,7 @@ impl<'a> XOperand<'a> {
             k,
             bf16,
             packed: OnceLock::new(),
+            dot: OnceLock::new(),
         }
     }
 
@@ -288,6 +302,13 @@ impl<'a> XOperand<'a> {
     pub(crate) fn compute_cols(&self, w: &Weight, n0: usize, n1: usize, out: &mut [f32]) {
         debug_assert_eq!(w.cols, self.k);
         let cols = n1 - n0;
+        if cpu::dot_serves(self.isa, self.m, w) {
+            let xp = self
+                .dot
+                .get_or_init(|| cpu::dot_prepare_x(self.x, self.m, self.k));
+            cpu::dot_rows(self.isa, xp, self.m, w, n0, n1, out, cols);
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if !self.bf16.is_empty() && cpu::bf16_tiles_serve(w) {
             out.fill(0.0);
