@@ -302,12 +302,13 @@ pub(crate) fn stream_rows(
 
 /// Rows of x from which the FP8/BF16 GEMMs of the AVX-512 levels run [`dot_rows`]
 /// (f32 dot-product tiles) instead of the streaming GEMV or the bf16 tiles, up to
-/// [`DOT_MAX_M`] (beyond it the packed microkernel). At 1–2 rows the weight stream, not the
-/// arithmetic, bounds every path and the GEMVs keep them.
-pub(crate) const DOT_MIN_M: usize = 3;
+/// [`DOT_MAX_M`] (beyond it the packed microkernel).
+pub(crate) const DOT_MIN_M: usize = 2;
 pub(crate) const DOT_MAX_M: usize = 64;
 /// Rows of x in one group of [`dot_rows`] (the register tile's x side).
-pub(crate) const DOT_RX: usize = 6;
+pub(crate) const DOT_RX: usize = 8;
+/// Columns of one step of [`dot_rows`]: 64 codes, one cache line of FP8 weights.
+const DOT_STEP: usize = 64;
 
 /// Whether [`dot_rows`] computes `m` rows of x against `w` on `isa`.
 pub(crate) fn dot_serves(isa: Isa, m: usize, w: &Weight) -> bool {
@@ -320,7 +321,7 @@ pub(crate) fn dot_rows_serve_m(isa: Isa, m: usize) -> bool {
 }
 
 /// The row groups of [`dot_rows`]: (first row, rows), at most [`DOT_RX`] rows each and as even
-/// as possible (32 = 6+6+5+5+5+5), so no tile runs with a sliver of rows.
+/// as possible (20 = 7+7+6), so no tile runs with a sliver of rows.
 pub(crate) fn dot_groups(m: usize) -> impl Iterator<Item = (usize, usize)> {
     let groups = m.div_ceil(DOT_RX);
     (0..groups).scan(0, move |i, g| {
@@ -331,18 +332,38 @@ pub(crate) fn dot_groups(m: usize) -> impl Iterator<Item = (usize, usize)> {
     })
 }
 
-/// x `[m, k]` in the layout of [`dot_rows`]: per row group (at row i, offset `i·kp`, kp = k
-/// rounded up to 16), `[kp/16][rows][16]` with zero columns past k, so a tile reads each
-/// 16-column step of its rows at fixed offsets from one pointer.
-pub(crate) fn dot_prepare_x(x: &[f32], m: usize, k: usize) -> Vec<f32> {
-    let kp = k.div_ceil(16) * 16;
+/// Column of a 64-column chunk that position `p` of the chunk holds in the layout of
+/// [`dot_rows`] on `isa`: on [`Isa::Avx512Bf16`] the order in which the table conversion
+/// produces 64 FP8 codes as four f32 vectors (vector v, 128-bit lane l, element j holds
+/// column 16l + 4v + j), elsewhere the natural order.
+pub(crate) fn dot_lane_col(isa: Isa, p: usize) -> usize {
+    if isa == Isa::Avx512Bf16 {
+        let (v, l, j) = (p / 16, (p / 4) % 4, p % 4);
+        16 * l + 4 * v + j
+    } else {
+        p
+    }
+}
+
+/// x `[m, k]` in the layout of [`dot_rows`] on `isa`: per row group (at row i, offset `i·kp`,
+/// kp = k rounded up to 64), `[kp/64][rows][64]` with the columns of each chunk in
+/// [`dot_lane_col`] order and zeros past k, so a tile reads each step of its rows at fixed
+/// offsets from one pointer and in the lane order of its converted weights.
+pub(crate) fn dot_prepare_x(isa: Isa, x: &[f32], m: usize, k: usize) -> Vec<f32> {
+    let kp = k.div_ceil(DOT_STEP) * DOT_STEP;
+    let order: [usize; DOT_STEP] = std::array::from_fn(|p| dot_lane_col(isa, p));
     let mut out = vec![0f32; m * kp];
     for (i0, rx) in dot_groups(m) {
         let g = &mut out[i0 * kp..(i0 + rx) * kp];
         for j in 0..rx {
             let row = &x[(i0 + j) * k..(i0 + j + 1) * k];
-            for (s, ch) in row.chunks(16).enumerate() {
-                g[(s * rx + j) * 16..(s * rx + j) * 16 + ch.len()].copy_from_slice(ch);
+            for (s, ch) in row.chunks(DOT_STEP).enumerate() {
+                let dst = &mut g[(s * rx + j) * DOT_STEP..(s * rx + j + 1) * DOT_STEP];
+                for (d, &c) in dst.iter_mut().zip(&order) {
+                    if let Some(&v) = ch.get(c) {
+                        *d = v;
+                    }
+                }
             }
         }
     }
@@ -350,7 +371,7 @@ pub(crate) fn dot_prepare_x(x: &[f32], m: usize, k: usize) -> Vec<f32> {
 }
 
 /// `out[i·ld + (n−n0)] = x_i · W_n` for rows `n0..n1` of the FP8 or BF16 weight `w`, in f32
-/// ([`dot_serves`]): x as [`dot_prepare_x`] made it.
+/// ([`dot_serves`]): x as [`dot_prepare_x`] made it for the same `isa`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn dot_rows(
     isa: Isa,
@@ -364,9 +385,14 @@ pub(crate) fn dot_rows(
 ) {
     assert!(dot_serves(isa, m, w));
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: dot_serves checked the ISA level and the weight kind.
+    // SAFETY: dot_serves checked the ISA level (VBMI for the table conversion with
+    // Avx512Bf16) and the weight kind.
     unsafe {
-        avx512::dot_rows(xp, m, w, n0, n1, out, ld)
+        if isa == Isa::Avx512Bf16 {
+            avx512::dot_rows_perm(xp, m, w, n0, n1, out, ld)
+        } else {
+            avx512::dot_rows_f16c(xp, m, w, n0, n1, out, ld)
+        }
     }
 }
 
@@ -564,16 +590,50 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// [`super::dot_rows`] on AVX-512: every weight vector (16 codes) is converted to f32 in
-    /// registers once per x group and meets the group's rows in a `RW`×`RX` tile of dot-product
-    /// accumulators (4 × 6 = 24 of the 32 zmm registers).
+    /// [`super::dot_rows`] on AVX-512: every 64 weights of a row are converted to four f32
+    /// vectors in registers once per x group and meet the group's rows in a 2×`RX` tile of
+    /// dot-product accumulators. `PERM` (the [`Isa::Avx512Bf16`] level, which has VBMI): FP8
+    /// codes go through the two-`vpermt2b` bf16 table (ten instructions for 64 codes) in the
+    /// lane order of [`super::dot_lane_col`]; otherwise 16 at a time through F16C.
     ///
     /// # Safety
     /// The CPU must have [`Isa::Avx512`]; `w` must be FP8 or BF16; `xp` is
-    /// [`super::dot_prepare_x`] of `m` rows of `w.cols` columns.
+    /// [`super::dot_prepare_x`] of `m` rows of `w.cols` columns for the same level.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    pub(super) unsafe fn dot_rows(
+    pub(super) unsafe fn dot_rows_f16c(
+        xp: &[f32],
+        m: usize,
+        w: &Weight,
+        n0: usize,
+        n1: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        unsafe { dot_rows::<false>(xp, m, w, n0, n1, out, ld) }
+    }
+
+    /// [`dot_rows_f16c`] with the table conversion (`PERM`).
+    ///
+    /// # Safety
+    /// As [`dot_rows_f16c`], on a CPU with [`Isa::Avx512Bf16`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c")]
+    pub(super) unsafe fn dot_rows_perm(
+        xp: &[f32],
+        m: usize,
+        w: &Weight,
+        n0: usize,
+        n1: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        unsafe { dot_rows::<true>(xp, m, w, n0, n1, out, ld) }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn dot_rows<const PERM: bool>(
         xp: &[f32],
         m: usize,
         w: &Weight,
@@ -583,31 +643,31 @@ pub(crate) mod avx512 {
         ld: usize,
     ) {
         let k = w.cols;
-        assert!(n1 <= w.rows && xp.len() >= m * k.div_ceil(16) * 16);
+        assert!(n1 <= w.rows && xp.len() >= m * k.div_ceil(DOT_STEP) * DOT_STEP);
         assert!(m == 0 || out.len() >= (m - 1) * ld + (n1 - n0));
         unsafe {
             match w.data {
                 WeightData::Fp8E4m3 { q, scale_inv } => {
-                    dot_rows_kind::<KIND_FP8>(xp, m, k, q, scale_inv, n0, n1, out, ld)
+                    dot_rows_kind::<KIND_FP8, PERM>(xp, m, k, q, scale_inv, n0, n1, out, ld)
                 }
                 WeightData::Bf16(b) => {
-                    dot_rows_kind::<KIND_BF16>(xp, m, k, b, &[], n0, n1, out, ld)
+                    dot_rows_kind::<KIND_BF16, PERM>(xp, m, k, b, &[], n0, n1, out, ld)
                 }
                 _ => unreachable!("avx512::dot_rows on a weight it does not serve"),
             }
         }
     }
 
-    /// Columns of x per pass of [`dot_rows`]: a group's block of x (at most 6 × 2048 f32,
-    /// 48 KiB, and its scaled copy) stays in L2 next to the task's weight rows while those
+    /// Columns of x per pass of [`dot_rows`]: a group's block of x (at most 8 × 2048 f32,
+    /// 64 KiB, and its scaled copy) stays in L2 next to the task's weight rows while those
     /// pass it (V3's 7168 columns take four passes, medium's one); a multiple of the FP8
     /// block.
     const DOT_KC: usize = 2048;
-    const _: () = assert!(DOT_KC.is_multiple_of(FP8_BLOCK));
+    const _: () = assert!(DOT_KC.is_multiple_of(FP8_BLOCK) && FP8_BLOCK.is_multiple_of(DOT_STEP));
 
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    unsafe fn dot_rows_kind<const KIND: u8>(
+    #[inline(always)]
+    unsafe fn dot_rows_kind<const KIND: u8, const PERM: bool>(
         xp: &[f32],
         m: usize,
         k: usize,
@@ -621,15 +681,15 @@ pub(crate) mod avx512 {
         let eb = if KIND == KIND_FP8 { 1 } else { 2 };
         assert!(q.len() >= n1 * k * eb);
         let kb = k.div_ceil(FP8_BLOCK);
-        let kp = k.div_ceil(16) * 16;
-        // x of one group and block times the FP8 block scale of the weight rows it meets, so
+        let kp = k.div_ceil(DOT_STEP) * DOT_STEP;
+        // x of one group and pass times the FP8 block scale of the weight rows it meets, so
         // the tiles multiply converted codes by x without a per-vector scale.
-        let mut xs = [0f32; DOT_RX * DOT_KC];
+        let mut xs = vec![0f32; DOT_RX * DOT_KC.min(kp)];
         for c0 in (0..k).step_by(DOT_KC) {
             let c1 = (c0 + DOT_KC).min(k);
-            let steps = (c1 - c0).div_ceil(16);
+            let steps = (c1 - c0).div_ceil(DOT_STEP);
             for (gi, (i, rx)) in dot_groups(m).enumerate() {
-                // Step s of the group's rows is at (s·rx + j)·16 (`dot_prepare_x`).
+                // Step s of the group's row j is at (s·rx + j)·64 (`dot_prepare_x`).
                 let xg = unsafe { xp.as_ptr().add(i * kp + c0 * rx) };
                 let mut n = n0;
                 while n < n1 {
@@ -641,12 +701,14 @@ pub(crate) mod avx512 {
                     let xsrc = if KIND == KIND_FP8 {
                         let srow = &scale_inv[(n / FP8_BLOCK) * kb..];
                         for s in 0..steps {
-                            let sv = _mm512_set1_ps(srow[(c0 + 16 * s) / FP8_BLOCK] * 256.0);
-                            for j in 0..rx {
-                                let o = (s * rx + j) * 16;
+                            let sv = unsafe {
+                                _mm512_set1_ps(srow[(c0 + DOT_STEP * s) / FP8_BLOCK] * 256.0)
+                            };
+                            for v in 0..rx * DOT_STEP / 16 {
+                                let o = s * rx * DOT_STEP + 16 * v;
                                 unsafe {
-                                    let v = _mm512_loadu_ps(xg.add(o));
-                                    _mm512_storeu_ps(xs.as_mut_ptr().add(o), _mm512_mul_ps(v, sv));
+                                    let x16 = _mm512_loadu_ps(xg.add(o));
+                                    _mm512_storeu_ps(xs.as_mut_ptr().add(o), _mm512_mul_ps(x16, sv));
                                 }
                             }
                         }
@@ -655,7 +717,7 @@ pub(crate) mod avx512 {
                         xg
                     };
                     while n < seg_end {
-                        let rw = if n + 4 <= seg_end { 4 } else { 1 };
+                        let rw = if n + 2 <= seg_end { 2 } else { 1 };
                         let qn = unsafe { q.as_ptr().add((n * k + c0) * eb) };
                         // The first group reads the weights from memory: the next row group
                         // is prefetched into L2 on the way (later groups find them in cache).
@@ -663,7 +725,14 @@ pub(crate) mod avx512 {
                         macro_rules! run {
                             ($rw:literal, $rx:literal) => {{
                                 let t = unsafe {
-                                    dot_tile::<KIND, $rw, $rx>(xsrc, steps, k - c0, qn, k * eb, pf)
+                                    dot_tile::<KIND, PERM, $rw, $rx>(
+                                        xsrc,
+                                        steps,
+                                        k - c0,
+                                        qn,
+                                        k * eb,
+                                        pf,
+                                    )
                                 };
                                 for (r, tr) in t.iter().enumerate() {
                                     for (j, v) in tr.iter().enumerate() {
@@ -674,18 +743,22 @@ pub(crate) mod avx512 {
                             }};
                         }
                         match (rw, rx) {
-                            (4, 1) => run!(4, 1),
-                            (4, 2) => run!(4, 2),
-                            (4, 3) => run!(4, 3),
-                            (4, 4) => run!(4, 4),
-                            (4, 5) => run!(4, 5),
-                            (4, _) => run!(4, 6),
+                            (2, 1) => run!(2, 1),
+                            (2, 2) => run!(2, 2),
+                            (2, 3) => run!(2, 3),
+                            (2, 4) => run!(2, 4),
+                            (2, 5) => run!(2, 5),
+                            (2, 6) => run!(2, 6),
+                            (2, 7) => run!(2, 7),
+                            (2, _) => run!(2, 8),
                             (_, 1) => run!(1, 1),
                             (_, 2) => run!(1, 2),
                             (_, 3) => run!(1, 3),
                             (_, 4) => run!(1, 4),
                             (_, 5) => run!(1, 5),
-                            (_, _) => run!(1, 6),
+                            (_, 6) => run!(1, 6),
+                            (_, 7) => run!(1, 7),
+                            (_, _) => run!(1, 8),
                         }
                         n += rw;
                     }
@@ -694,8 +767,8 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// 16 weights of kind `KIND` at `p` as f32 in vector-path units (FP8: value·2⁻⁸), those
-    /// from `left` on zero.
+    /// 16 weights of kind `KIND` at `p` as f32 in vector-path units (FP8: value·2⁻⁸), natural
+    /// order, those from `left` on zero.
     #[inline(always)]
     unsafe fn load16w<const KIND: u8>(p: *const u8, left: usize) -> __m512 {
         unsafe {
@@ -720,14 +793,120 @@ pub(crate) mod avx512 {
         }
     }
 
+    /// Constants of the `PERM` conversion, loaded once per tile.
+    #[derive(Clone, Copy)]
+    struct PermTables {
+        th0: __m512i,
+        th1: __m512i,
+        tl0: __m512i,
+        tl1: __m512i,
+        /// `vpermt2w` indices (odd words; even words are masked to zero) that put 64 natural
+        /// BF16 values into the four vectors of [`super::dot_lane_col`] order.
+        wi: [__m512i; 4],
+    }
+
+    /// The word indices of [`PermTables::wi`].
+    const fn bf16_perm_idx() -> [[u16; 32]; 4] {
+        let mut t = [[0u16; 32]; 4];
+        let mut v = 0;
+        while v < 4 {
+            let mut e = 0;
+            while e < 16 {
+                // Lane e/4, element e%4 of vector v: column 16·(e/4) + 4v + e%4.
+                t[v][2 * e + 1] = (16 * (e / 4) + 4 * v + e % 4) as u16;
+                e += 1;
+            }
+            v += 1;
+        }
+        t
+    }
+    static BF16_PERM_IDX: [[u16; 32]; 4] = bf16_perm_idx();
+
+    #[inline(always)]
+    unsafe fn perm_tables() -> PermTables {
+        unsafe {
+            let tp = avx512bf16::TABLES.as_ptr() as *const u8;
+            let ld = |i: usize| _mm512_loadu_si512(BF16_PERM_IDX[i].as_ptr() as *const _);
+            PermTables {
+                th0: _mm512_loadu_si512(tp as *const _),
+                th1: _mm512_loadu_si512(tp.add(64) as *const _),
+                tl0: _mm512_loadu_si512(tp.add(128) as *const _),
+                tl1: _mm512_loadu_si512(tp.add(192) as *const _),
+                wi: [ld(0), ld(1), ld(2), ld(3)],
+            }
+        }
+    }
+
+    /// 64 weights of kind `KIND` at `p` (those from `left` on zero) as four f32 vectors in the
+    /// layout order of [`super::dot_lane_col`] (FP8: exact values, no 2⁻⁸ with `PERM`).
+    #[inline(always)]
+    unsafe fn load64w<const KIND: u8, const PERM: bool, const MASKED: bool>(
+        p: *const u8,
+        left: usize,
+        t: &PermTables,
+    ) -> [__m512; 4] {
+        unsafe {
+            if !PERM {
+                let eb = if KIND == KIND_FP8 { 1 } else { 2 };
+                return std::array::from_fn(|v| {
+                    let l = if MASKED { left.saturating_sub(16 * v) } else { 16 };
+                    if l == 0 {
+                        _mm512_setzero_ps()
+                    } else {
+                        load16w::<KIND>(p.add(16 * v * eb), l)
+                    }
+                });
+            }
+            if KIND == KIND_FP8 {
+                let codes = if MASKED {
+                    _mm512_maskz_loadu_epi8(u64::MAX >> (64 - left.min(64)), p as *const i8)
+                } else {
+                    _mm512_loadu_si512(p as *const _)
+                };
+                let h = _mm512_permutex2var_epi8(t.th0, codes, t.th1);
+                let h = _mm512_ternarylogic_epi32::<0xF8>(h, codes, _mm512_set1_epi8(0x80u8 as i8));
+                let l = _mm512_permutex2var_epi8(t.tl0, codes, t.tl1);
+                let (a, b) = (_mm512_unpacklo_epi8(l, h), _mm512_unpackhi_epi8(l, h));
+                let z = _mm512_setzero_si512();
+                [
+                    _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, a)),
+                    _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, a)),
+                    _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, b)),
+                    _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, b)),
+                ]
+            } else {
+                let (z0, z1) = if MASKED {
+                    let m0 = ((1u64 << left.min(32)) - 1) as u32;
+                    let m1 = ((1u64 << left.saturating_sub(32).min(32)) - 1) as u32;
+                    (
+                        _mm512_maskz_loadu_epi16(m0, p as *const i16),
+                        _mm512_maskz_loadu_epi16(m1, p.add(64) as *const i16),
+                    )
+                } else {
+                    (
+                        _mm512_loadu_si512(p as *const _),
+                        _mm512_loadu_si512(p.add(64) as *const _),
+                    )
+                };
+                std::array::from_fn(|v| {
+                    _mm512_castsi512_ps(_mm512_maskz_permutex2var_epi16(
+                        0xAAAA_AAAA,
+                        z0,
+                        t.wi[v],
+                        z1,
+                    ))
+                })
+            }
+        }
+    }
+
     /// `RW` weight rows at `q` (row stride `rb` bytes) against the `RX` rows of one group of
-    /// x at `x` (`[steps][RX][16]`), `steps` 16-column steps of which `left` columns exist
+    /// x at `x` (`[steps][RX][64]`), `steps` 64-column steps of which `left` columns exist
     /// (the rest read as zero weights): the dot products. `prefetch`: fetch the same columns
     /// of the next `RW` rows into L2 on the way.
-    #[inline]
+    #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    unsafe fn dot_tile<const KIND: u8, const RW: usize, const RX: usize>(
+    unsafe fn dot_tile<const KIND: u8, const PERM: bool, const RW: usize, const RX: usize>(
         x: *const f32,
         steps: usize,
         left: usize,
@@ -735,96 +914,71 @@ pub(crate) mod avx512 {
         rb: usize,
         prefetch: bool,
     ) -> [[f32; RX]; RW] {
-        let mut acc = [[_mm512_setzero_ps(); RX]; RW];
-        // Steps with all 16 columns (four at a time, one prefetch per 64 columns and row),
-        // then at most one partial step.
-        let full = steps.min(left / 16);
+        let mut acc = [[unsafe { _mm512_setzero_ps() }; RX]; RW];
+        // Steps with all 64 columns, then at most one partial step.
+        let full = steps.min(left / DOT_STEP);
+        // FP8 codes through F16C are value·2⁻⁸; the table gives the value.
+        let unit = if KIND == KIND_FP8 && PERM { 1.0 / 256.0 } else { 1.0 };
         unsafe {
-            let mut s = 0;
-            while s + 4 <= full {
+            let t = if PERM { perm_tables() } else { std::mem::zeroed() };
+            for s in 0..full {
                 if prefetch {
                     let eb = if KIND == KIND_FP8 { 1 } else { 2 };
                     for r in 0..RW {
-                        let p = q.add(r * rb + 16 * s * eb).wrapping_add(RW * rb);
+                        let p = q.add(r * rb + DOT_STEP * s * eb).wrapping_add(RW * rb);
                         for line in 0..eb {
                             _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * line) as *const i8);
                         }
                     }
                 }
-                for u in 0..4 {
-                    dot_step::<KIND, RW, RX, false>(x, q, rb, s + u, 16, &mut acc);
-                }
-                s += 4;
-            }
-            while s < full {
-                dot_step::<KIND, RW, RX, false>(x, q, rb, s, 16, &mut acc);
-                s += 1;
+                dot_step::<KIND, PERM, RW, RX, false>(x, q, rb, s, 0, &t, &mut acc);
             }
             if full < steps {
-                dot_step::<KIND, RW, RX, true>(x, q, rb, full, left - 16 * full, &mut acc);
+                let cols = left - DOT_STEP * full;
+                dot_step::<KIND, PERM, RW, RX, true>(x, q, rb, full, cols, &t, &mut acc);
             }
             let mut o = [[0f32; RX]; RW];
-            if RW == 4 {
+            for r in 0..RW {
                 for i in 0..RX {
-                    let v = hsum4(acc[0][i], acc[1][i], acc[2][i], acc[3][i]);
-                    let mut t = [0f32; 4];
-                    _mm_storeu_ps(t.as_mut_ptr(), v);
-                    for r in 0..4 {
-                        o[r][i] = t[r];
-                    }
-                }
-            } else {
-                for r in 0..RW {
-                    for i in 0..RX {
-                        o[r][i] = _mm512_reduce_add_ps(acc[r][i]);
-                    }
+                    o[r][i] = _mm512_reduce_add_ps(acc[r][i]) * unit;
                 }
             }
             o
         }
     }
 
-    /// Step `s` (columns 16s..16s+16, of which `cols` exist when `MASKED`) of [`dot_tile`].
+    /// Step `s` (columns 64s..64s+64, of which `cols` exist when `MASKED`) of [`dot_tile`].
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn dot_step<const KIND: u8, const RW: usize, const RX: usize, const MASKED: bool>(
+    unsafe fn dot_step<
+        const KIND: u8,
+        const PERM: bool,
+        const RW: usize,
+        const RX: usize,
+        const MASKED: bool,
+    >(
         x: *const f32,
         q: *const u8,
         rb: usize,
         s: usize,
         cols: usize,
+        t: &PermTables,
         acc: &mut [[__m512; RX]; RW],
     ) {
         let eb = if KIND == KIND_FP8 { 1 } else { 2 };
         unsafe {
-            let mut wv = [_mm512_setzero_ps(); RW];
-            for (r, v) in wv.iter_mut().enumerate() {
-                let p = q.add(r * rb + 16 * s * eb);
-                *v = load16w::<KIND>(p, if MASKED { cols } else { 16 });
-            }
-            let xv = x.add(16 * RX * s);
-            for i in 0..RX {
-                let x16 = _mm512_loadu_ps(xv.add(16 * i));
-                for r in 0..RW {
-                    acc[r][i] = _mm512_fmadd_ps(x16, wv[r], acc[r][i]);
+            let wv: [[__m512; 4]; RW] = std::array::from_fn(|r| {
+                load64w::<KIND, PERM, MASKED>(q.add(r * rb + DOT_STEP * s * eb), cols, t)
+            });
+            let xv = x.add(DOT_STEP * RX * s);
+            for v in 0..4 {
+                for i in 0..RX {
+                    let x16 = _mm512_loadu_ps(xv.add(DOT_STEP * i + 16 * v));
+                    for r in 0..RW {
+                        acc[r][i] = _mm512_fmadd_ps(x16, wv[r][v], acc[r][i]);
+                    }
                 }
             }
-        }
-    }
-
-    /// The lane sums of four vectors, [Σa, Σb, Σc, Σd].
-    #[inline(always)]
-    unsafe fn hsum4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
-        unsafe {
-            // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], then [Σa, Σb, Σc, Σd] of the lane.
-            let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-            let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-            let s = _mm512_add_ps(
-                _mm512_shuffle_ps::<0b01_00_01_00>(ab, cd),
-                _mm512_shuffle_ps::<0b11_10_11_10>(ab, cd),
-            );
-            let h = _mm256_add_ps(_mm512_castps512_ps256(s), _mm512_extractf32x8_ps::<1>(s));
-            _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
         }
     }
 }
@@ -853,7 +1007,7 @@ pub(crate) mod avx512bf16 {
         }
         t
     }
-    static TABLES: [[u8; 128]; 2] = tables();
+    pub(super) static TABLES: [[u8; 128]; 2] = tables();
 
     /// `vpermt2w` indices that put 64 bf16 weights (two vectors, natural order) into the lane
     /// order of [`prepare_x`]: A = words {0–7, 16–23, 32–39, 48–55}, B = the others.

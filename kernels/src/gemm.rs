@@ -305,7 +305,7 @@ impl<'a> XOperand<'a> {
         if cpu::dot_serves(self.isa, self.m, w) {
             let xp = self
                 .dot
-                .get_or_init(|| cpu::dot_prepare_x(self.x, self.m, self.k));
+                .get_or_init(|| cpu::dot_prepare_x(self.isa, self.x, self.m, self.k));
             cpu::dot_rows(self.isa, xp, self.m, w, n0, n1, out, cols);
             return;
         }

@@ -163,7 +163,8 @@ fn blocked_fp8_and_bf16_gemm_matches_reference() {
 
 /// The bf16 path converts every finite e4m3 code exactly, in the lane order of its prepared x:
 /// a one-hot x picks each code of a 256-column row (all codes, both signs) and must give
-/// exactly code value × scale; and 1..4 rows of x against 1..5 weight rows cover every tile.
+/// exactly code value × scale, through the GEMV (one row) and the dot tiles (two rows); and
+/// 1..4 rows of x against 1..5 weight rows cover every tile.
 #[test]
 fn fp8_codes_exact_through_every_path() {
     let codes: Vec<u8> = (0..=255u8).filter(|c| c & 0x7f != 0x7f).collect();
@@ -179,14 +180,18 @@ fn fp8_codes_exact_through_every_path() {
         },
     )
     .unwrap();
+    // One row (the GEMVs) and two (the dot tiles of the AVX-512 levels, the second row zero).
     for isa in isas() {
-        for (j, &c) in codes.iter().enumerate() {
-            let mut x = vec![0f32; k];
-            x[j] = 1.0;
-            let mut y = [f32::NAN];
-            gemm::matmul_with(isa, &x, 1, &w, Epilogue::Store, &mut y).unwrap();
-            let want = shardseek_kernels::fp8::e4m3_to_f32(c) * scale;
-            assert_eq!(y[0], want, "{isa:?} code {c:#x} at column {j}");
+        for m in [1, 2] {
+            for (j, &c) in codes.iter().enumerate() {
+                let mut x = vec![0f32; m * k];
+                x[j] = 1.0;
+                let mut y = vec![f32::NAN; m];
+                gemm::matmul_with(isa, &x, m, &w, Epilogue::Store, &mut y).unwrap();
+                let want = shardseek_kernels::fp8::e4m3_to_f32(c) * scale;
+                assert_eq!(y[0], want, "{isa:?} m={m} code {c:#x} at column {j}");
+                assert!(y[1..].iter().all(|&v| v == 0.0), "{isa:?} m={m}");
+            }
         }
     }
 }
