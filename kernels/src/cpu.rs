@@ -6,15 +6,16 @@
 //! compiler vectorises as it can. On AVX-512 (F + BW + VL) CPUs the FP8 decode GEMV — the
 //! memory-bound kernel of batch-1 decode — runs 512-bit: 32 codes per load become two
 //! 16-lane f32 vectors with the same shift-and-mask trick, half the instructions per weight
-//! byte of the AVX2 path. FP8 and BF16 GEMMs of 3–64 rows of x (batched decode, the rows of
-//! one expert) run on f32 dot-product tiles ([`dot_rows`]): 16 codes converted the same way
-//! meet up to 6 rows of x in a 4×6 tile of 512-bit accumulators. The other kernels of
+//! byte of the AVX2 path. FP8 and BF16 GEMMs of 4–64 rows of x (batched decode, the rows of
+//! one expert) run on f32 dot-product tiles ([`dot_rows`]): 64 converted weights of each of 2
+//! rows meet up to 8 rows of x in a tile of 512-bit accumulators. The other kernels of
 //! [`Isa::Avx512`] run the AVX2 code.
 //!
 //! With AVX512-VBMI and AVX512-BF16 as well (Zen 4, Sapphire Rapids: [`Isa::Avx512Bf16`]),
-//! the FP8 and BF16 GEMMs of 1–2 rows of x (decode GEMV) run on `vdpbf16ps` ([`avx512bf16`];
-//! prefill sizes keep the packed f32 microkernel, which measured faster there, and 3–64 rows
-//! the f32 dot tiles, which do one FMA where these do three bf16 products): an e4m3 code is exact in bf16, and two `vpermt2b` lookups
+//! the FP8 and BF16 GEMMs of 1–3 rows of x (decode GEMV) run on `vdpbf16ps` ([`avx512bf16`];
+//! prefill sizes keep the packed f32 microkernel, which measured faster there, and 4–64 rows
+//! the f32 dot tiles, which do one FMA where these do three bf16 products; on this level those
+//! convert FP8 through the same table): an e4m3 code is exact in bf16, and two `vpermt2b` lookups
 //! turn 64 codes into 64 bf16 values in six instructions (the f16 route costs about 14);
 //! x is split once per call into three bf16 parts (x = hi + mid + lo + O(2⁻²⁴|x|), f32's own
 //! precision), so each product is accumulated in f32 from three exact bf16 products.
@@ -303,7 +304,7 @@ pub(crate) fn stream_rows(
 /// Rows of x from which the FP8/BF16 GEMMs of the AVX-512 levels run [`dot_rows`]
 /// (f32 dot-product tiles) instead of the streaming GEMV or the bf16 tiles, up to
 /// [`DOT_MAX_M`] (beyond it the packed microkernel).
-pub(crate) const DOT_MIN_M: usize = 2;
+pub(crate) const DOT_MIN_M: usize = 4;
 pub(crate) const DOT_MAX_M: usize = 64;
 /// Rows of x in one group of [`dot_rows`] (the register tile's x side).
 pub(crate) const DOT_RX: usize = 8;
@@ -658,12 +659,19 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// Columns of x per pass of [`dot_rows`]: a group's block of x (at most 8 × 2048 f32,
-    /// 64 KiB, and its scaled copy) stays in L2 next to the task's weight rows while those
-    /// pass it (V3's 7168 columns take four passes, medium's one); a multiple of the FP8
-    /// block.
-    const DOT_KC: usize = 2048;
-    const _: () = assert!(DOT_KC.is_multiple_of(FP8_BLOCK) && FP8_BLOCK.is_multiple_of(DOT_STEP));
+    /// x per pass of [`dot_rows`], in f32 values of one group's block: the block and its
+    /// scaled copy (64 KiB together) stay in L1 while the task's weight rows pass them. A pass
+    /// is at least [`DOT_KC_MIN`] columns, rounded to the FP8 block: 512 for groups of 8 rows,
+    /// 1024 for 4, 2048 for 2 (wider passes of 8 rows measured 0.75× the GFLOP/s at K = 2048;
+    /// narrower ones of few rows cut the weight rows into short segments that stream worse).
+    const DOT_PASS_VALUES: usize = 8 << 10;
+    const DOT_KC_MIN: usize = 512;
+    /// Prefetch distances of [`dot_rows`] in weight bytes: about 0.5 and 4 µs of one core's
+    /// stream (as the bf16 tiles).
+    const DOT_NEAR: usize = 16 << 10;
+    const DOT_FAR: usize = 128 << 10;
+    const _: () =
+        assert!(DOT_KC_MIN.is_multiple_of(FP8_BLOCK) && FP8_BLOCK.is_multiple_of(DOT_STEP));
 
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
@@ -680,13 +688,49 @@ pub(crate) mod avx512 {
     ) {
         let eb = if KIND == KIND_FP8 { 1 } else { 2 };
         assert!(q.len() >= n1 * k * eb);
-        let kb = k.div_ceil(FP8_BLOCK);
         let kp = k.div_ceil(DOT_STEP) * DOT_STEP;
         // x of one group and pass times the FP8 block scale of the weight rows it meets, so
-        // the tiles multiply converted codes by x without a per-vector scale.
-        let mut xs = vec![0f32; DOT_RX * DOT_KC.min(kp)];
-        for c0 in (0..k).step_by(DOT_KC) {
-            let c1 = (c0 + DOT_KC).min(k);
+        // the tiles multiply converted codes by x without a per-vector scale: in a per-thread
+        // buffer (a fresh zeroed one per task cost as much as a small GEMV), taken out of its
+        // cell and put back, since the kernel must not run inside a closure (which would not
+        // inherit this function's target features: its intrinsics became calls).
+        let mut b = DOT_XS.with(|c| c.take());
+        let rx = m.clamp(1, DOT_RX);
+        let kc = (DOT_PASS_VALUES / rx / FP8_BLOCK * FP8_BLOCK).max(DOT_KC_MIN);
+        let len = rx * kc.min(kp);
+        if b.len() < len {
+            b.resize(len, 0.0);
+        }
+        unsafe {
+            dot_rows_passes::<KIND, PERM>(xp, m, k, q, scale_inv, n0, n1, out, ld, kc, &mut b)
+        };
+        DOT_XS.with(|c| c.replace(b));
+    }
+
+    thread_local! {
+        static DOT_XS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn dot_rows_passes<const KIND: u8, const PERM: bool>(
+        xp: &[f32],
+        m: usize,
+        k: usize,
+        q: &[u8],
+        scale_inv: &[f32],
+        n0: usize,
+        n1: usize,
+        out: &mut [f32],
+        ld: usize,
+        kc: usize,
+        xs: &mut [f32],
+    ) {
+        let eb = if KIND == KIND_FP8 { 1 } else { 2 };
+        let kb = k.div_ceil(FP8_BLOCK);
+        let kp = k.div_ceil(DOT_STEP) * DOT_STEP;
+        for c0 in (0..k).step_by(kc) {
+            let c1 = (c0 + kc).min(k);
             let steps = (c1 - c0).div_ceil(DOT_STEP);
             for (gi, (i, rx)) in dot_groups(m).enumerate() {
                 // Step s of the group's row j is at (s·rx + j)·64 (`dot_prepare_x`).
@@ -708,7 +752,10 @@ pub(crate) mod avx512 {
                                 let o = s * rx * DOT_STEP + 16 * v;
                                 unsafe {
                                     let x16 = _mm512_loadu_ps(xg.add(o));
-                                    _mm512_storeu_ps(xs.as_mut_ptr().add(o), _mm512_mul_ps(x16, sv));
+                                    _mm512_storeu_ps(
+                                        xs.as_mut_ptr().add(o),
+                                        _mm512_mul_ps(x16, sv),
+                                    );
                                 }
                             }
                         }
@@ -719,9 +766,15 @@ pub(crate) mod avx512 {
                     while n < seg_end {
                         let rw = if n + 2 <= seg_end { 2 } else { 1 };
                         let qn = unsafe { q.as_ptr().add((n * k + c0) * eb) };
-                        // The first group reads the weights from memory: the next row group
-                        // is prefetched into L2 on the way (later groups find them in cache).
-                        let pf = gi == 0 && n + rw < n1;
+                        // The first group reads the weights from memory: the same columns of
+                        // the row group at least DOT_NEAR bytes ahead are prefetched into L1
+                        // and of the one DOT_FAR ahead into L2 on the way, within the task's
+                        // rows (later groups find them in cache).
+                        let ahead = |bytes: usize| {
+                            let rows = bytes.div_ceil(rw * k * eb) * rw;
+                            (gi == 0 && n + rows < n1).then_some(rows * k * eb)
+                        };
+                        let pf = (ahead(DOT_NEAR), ahead(DOT_FAR));
                         macro_rules! run {
                             ($rw:literal, $rx:literal) => {{
                                 let t = unsafe {
@@ -826,13 +879,18 @@ pub(crate) mod avx512 {
     unsafe fn perm_tables() -> PermTables {
         unsafe {
             let tp = avx512bf16::TABLES.as_ptr() as *const u8;
-            let ld = |i: usize| _mm512_loadu_si512(BF16_PERM_IDX[i].as_ptr() as *const _);
+            let wi = &BF16_PERM_IDX;
             PermTables {
                 th0: _mm512_loadu_si512(tp as *const _),
                 th1: _mm512_loadu_si512(tp.add(64) as *const _),
                 tl0: _mm512_loadu_si512(tp.add(128) as *const _),
                 tl1: _mm512_loadu_si512(tp.add(192) as *const _),
-                wi: [ld(0), ld(1), ld(2), ld(3)],
+                wi: [
+                    _mm512_loadu_si512(wi[0].as_ptr() as *const _),
+                    _mm512_loadu_si512(wi[1].as_ptr() as *const _),
+                    _mm512_loadu_si512(wi[2].as_ptr() as *const _),
+                    _mm512_loadu_si512(wi[3].as_ptr() as *const _),
+                ],
             }
         }
     }
@@ -848,14 +906,20 @@ pub(crate) mod avx512 {
         unsafe {
             if !PERM {
                 let eb = if KIND == KIND_FP8 { 1 } else { 2 };
-                return std::array::from_fn(|v| {
-                    let l = if MASKED { left.saturating_sub(16 * v) } else { 16 };
-                    if l == 0 {
-                        _mm512_setzero_ps()
+                // (No closures here: a closure does not inherit the caller's target features,
+                // and its intrinsics would become calls.)
+                let mut o = [_mm512_setzero_ps(); 4];
+                for (v, o) in o.iter_mut().enumerate() {
+                    let l = if MASKED {
+                        left.saturating_sub(16 * v)
                     } else {
-                        load16w::<KIND>(p.add(16 * v * eb), l)
+                        16
+                    };
+                    if l > 0 {
+                        *o = load16w::<KIND>(p.add(16 * v * eb), l);
                     }
-                });
+                }
+                return o;
             }
             if KIND == KIND_FP8 {
                 let codes = if MASKED {
@@ -888,22 +952,24 @@ pub(crate) mod avx512 {
                         _mm512_loadu_si512(p.add(64) as *const _),
                     )
                 };
-                std::array::from_fn(|v| {
-                    _mm512_castsi512_ps(_mm512_maskz_permutex2var_epi16(
+                let mut o = [_mm512_setzero_ps(); 4];
+                for (v, o) in o.iter_mut().enumerate() {
+                    *o = _mm512_castsi512_ps(_mm512_maskz_permutex2var_epi16(
                         0xAAAA_AAAA,
                         z0,
                         t.wi[v],
                         z1,
-                    ))
-                })
+                    ));
+                }
+                o
             }
         }
     }
 
     /// `RW` weight rows at `q` (row stride `rb` bytes) against the `RX` rows of one group of
     /// x at `x` (`[steps][RX][64]`), `steps` 64-column steps of which `left` columns exist
-    /// (the rest read as zero weights): the dot products. `prefetch`: fetch the same columns
-    /// of the next `RW` rows into L2 on the way.
+    /// (the rest read as zero weights): the dot products. `prefetch`: byte distances at which
+    /// the same columns of later rows are fetched into L1 and L2 on the way.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
     unsafe fn dot_tile<const KIND: u8, const PERM: bool, const RW: usize, const RX: usize>(
@@ -912,22 +978,33 @@ pub(crate) mod avx512 {
         left: usize,
         q: *const u8,
         rb: usize,
-        prefetch: bool,
+        prefetch: (Option<usize>, Option<usize>),
     ) -> [[f32; RX]; RW] {
         let mut acc = [[unsafe { _mm512_setzero_ps() }; RX]; RW];
         // Steps with all 64 columns, then at most one partial step.
         let full = steps.min(left / DOT_STEP);
         // FP8 codes through F16C are value·2⁻⁸; the table gives the value.
-        let unit = if KIND == KIND_FP8 && PERM { 1.0 / 256.0 } else { 1.0 };
+        let unit = if KIND == KIND_FP8 && PERM {
+            1.0 / 256.0
+        } else {
+            1.0
+        };
         unsafe {
-            let t = if PERM { perm_tables() } else { std::mem::zeroed() };
+            let t = if PERM {
+                perm_tables()
+            } else {
+                std::mem::zeroed()
+            };
             for s in 0..full {
-                if prefetch {
-                    let eb = if KIND == KIND_FP8 { 1 } else { 2 };
-                    for r in 0..RW {
-                        let p = q.add(r * rb + DOT_STEP * s * eb).wrapping_add(RW * rb);
-                        for line in 0..eb {
-                            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(64 * line) as *const i8);
+                let eb = if KIND == KIND_FP8 { 1 } else { 2 };
+                for r in 0..RW {
+                    let p = q.add(r * rb + DOT_STEP * s * eb);
+                    for line in 0..eb {
+                        if let Some(d) = prefetch.0 {
+                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(d + 64 * line) as *const i8);
+                        }
+                        if let Some(d) = prefetch.1 {
+                            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(d + 64 * line) as *const i8);
                         }
                     }
                 }
@@ -967,9 +1044,10 @@ pub(crate) mod avx512 {
     ) {
         let eb = if KIND == KIND_FP8 { 1 } else { 2 };
         unsafe {
-            let wv: [[__m512; 4]; RW] = std::array::from_fn(|r| {
-                load64w::<KIND, PERM, MASKED>(q.add(r * rb + DOT_STEP * s * eb), cols, t)
-            });
+            let mut wv = [[_mm512_setzero_ps(); 4]; RW];
+            for (r, w) in wv.iter_mut().enumerate() {
+                *w = load64w::<KIND, PERM, MASKED>(q.add(r * rb + DOT_STEP * s * eb), cols, t);
+            }
             let xv = x.add(DOT_STEP * RX * s);
             for v in 0..4 {
                 for i in 0..RX {

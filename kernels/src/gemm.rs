@@ -1,17 +1,19 @@
 //! y = x · Wᵀ with W in its stored dtype (dequantised inside the kernel).
 //!
 //! Four strategies:
-//! - **FP8 and BF16 on the AVX-512 levels, 3 ≤ `m` ≤ 64** (batched decode, the rows of one
-//!   expert): f32 dot-product tiles ([`crate::cpu::dot_rows`]). Each 16-code weight vector is
-//!   converted to f32 in registers once per group of up to 6 rows of x and meets them in a
-//!   4×6 register tile; x is laid out once per call so a tile reads it from one pointer. FP8
-//!   being exact in f32, the results are f32 dot products. Against the bf16 tiles below (three
-//!   bf16 products per multiply-add) they measured 1.2–1.6× the GFLOP/s at M = 3–32 on one
-//!   Zen 5 core (768×2048 and 2048×768, weights from memory).
+//! - **FP8 and BF16 on the AVX-512 levels, 4 ≤ `m` ≤ 64** (batched decode, the rows of one
+//!   expert): f32 dot-product tiles ([`crate::cpu::dot_rows`]). Every 64 weights of a row are
+//!   converted to four f32 vectors in registers once per group of up to 8 rows of x and meet
+//!   them in a 2×8 register tile; x is laid out once per call so a tile reads it from one
+//!   pointer, in the lane order of the conversion. FP8 and BF16 being exact in f32, the results
+//!   are f32 dot products. Against the bf16 tiles below (three bf16 products per multiply-add)
+//!   they measured 1.35× (M = 4) to 2× (M = 32) the GFLOP/s on one Zen 5 core (768×2048 and
+//!   2048×768, weights from memory, same run).
 //! - **FP8 and BF16 on [`Isa::Avx512Bf16`]**, `m ≤ TILE_MAX_M` otherwise (M = 1–2): x is
 //!   split once into three bf16 parts and every weight byte is read once, converted to bf16 in
 //!   registers and used by `RW`×`RX` tiles of bf16 dot products ([`crate::cpu`]); x beyond
-//!   256 KiB is cut into L2-sized blocks.
+//!   256 KiB is cut into L2-sized blocks. (At M = 3 they measured faster than the dot tiles
+//!   with 2048 columns, slower with 768.)
 //! - **decode** otherwise (`m ≤ STREAM_MAX_M`): memory-bound, so each weight row is streamed
 //!   from memory once, dequantised in registers and dotted with every row of x.
 //! - **prefill** otherwise (larger `m`): compute-bound. x is packed once into 6-row panels;
