@@ -360,10 +360,20 @@ pub(crate) fn dot_prepare_x(isa: Isa, x: &[f32], m: usize, k: usize) -> Vec<f32>
             let row = &x[(i0 + j) * k..(i0 + j + 1) * k];
             for (s, ch) in row.chunks(DOT_STEP).enumerate() {
                 let dst = &mut g[(s * rx + j) * DOT_STEP..(s * rx + j + 1) * DOT_STEP];
-                for (d, &c) in dst.iter_mut().zip(&order) {
-                    if let Some(&v) = ch.get(c) {
-                        *d = v;
+                if ch.len() < DOT_STEP {
+                    for (d, &c) in dst.iter_mut().zip(&order) {
+                        if let Some(&v) = ch.get(c) {
+                            *d = v;
+                        }
                     }
+                } else if isa == Isa::Avx512Bf16 {
+                    // Runs of 4 columns stay together: a 4×4 transpose of 4-column blocks.
+                    for (p, d) in dst.chunks_exact_mut(4).enumerate() {
+                        let c = order[4 * p];
+                        d.copy_from_slice(&ch[c..c + 4]);
+                    }
+                } else {
+                    dst.copy_from_slice(ch);
                 }
             }
         }

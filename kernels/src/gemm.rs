@@ -9,7 +9,7 @@
 //!   are f32 dot products. Against the bf16 tiles below (three bf16 products per multiply-add)
 //!   they measured 1.35× (M = 4) to 2× (M = 32) the GFLOP/s on one Zen 5 core (768×2048 and
 //!   2048×768, weights from memory, same run).
-//! - **FP8 and BF16 on [`Isa::Avx512Bf16`]**, `m ≤ TILE_MAX_M` otherwise (M = 1–2): x is
+//! - **FP8 and BF16 on [`Isa::Avx512Bf16`]**, `m ≤ TILE_MAX_M` otherwise (M = 1–3): x is
 //!   split once into three bf16 parts and every weight byte is read once, converted to bf16 in
 //!   registers and used by `RW`×`RX` tiles of bf16 dot products ([`crate::cpu`]); x beyond
 //!   256 KiB is cut into L2-sized blocks. (At M = 3 they measured faster than the dot tiles
