@@ -6,14 +6,14 @@
 //! compiler vectorises as it can. On AVX-512 (F + BW + VL) CPUs the FP8 decode GEMV — the
 //! memory-bound kernel of batch-1 decode — runs 512-bit: 32 codes per load become two
 //! 16-lane f32 vectors with the same shift-and-mask trick, half the instructions per weight
-//! byte of the AVX2 path. FP8 and BF16 GEMMs of 4–64 rows of x (batched decode, the rows of
+//! byte of the AVX2 path. FP8 and BF16 GEMMs of 8–64 rows of x (batched decode, the rows of
 //! one expert) run on f32 dot-product tiles ([`dot_rows`]): 64 converted weights of each of 2
 //! rows meet up to 8 rows of x in a tile of 512-bit accumulators. The other kernels of
 //! [`Isa::Avx512`] run the AVX2 code.
 //!
 //! With AVX512-VBMI and AVX512-BF16 as well (Zen 4, Sapphire Rapids: [`Isa::Avx512Bf16`]),
-//! the FP8 and BF16 GEMMs of 1–3 rows of x (decode GEMV) run on `vdpbf16ps` ([`avx512bf16`];
-//! prefill sizes keep the packed f32 microkernel, which measured faster there, and 4–64 rows
+//! the FP8 and BF16 GEMMs of 1–7 rows of x (decode GEMV, small batches) run on `vdpbf16ps` ([`avx512bf16`];
+//! prefill sizes keep the packed f32 microkernel, which measured faster there, and 8–64 rows
 //! the f32 dot tiles, which do one FMA where these do three bf16 products; on this level those
 //! convert FP8 through the same table): an e4m3 code is exact in bf16, and two `vpermt2b` lookups
 //! turn 64 codes into 64 bf16 values in six instructions (the f16 route costs about 14);
@@ -303,9 +303,13 @@ pub(crate) fn stream_rows(
 
 /// Rows of x from which the FP8/BF16 GEMMs of the AVX-512 levels run [`dot_rows`]
 /// (f32 dot-product tiles) instead of the streaming GEMV or the bf16 tiles, up to
-/// [`DOT_MAX_M`] (beyond it the packed microkernel).
-pub(crate) const DOT_MIN_M: usize = 4;
+/// [`DOT_MAX_M`] (beyond it the packed microkernel). Below it the bf16 tiles measured as fast
+/// or faster (same run, one core, quiet machine: the dot tiles took 1.1× their time at 4 rows,
+/// 0.9–1.05× at 8, 0.7–0.85× at 16, 0.65–0.75× at 32).
+pub(crate) const DOT_MIN_M: usize = 8;
 pub(crate) const DOT_MAX_M: usize = 64;
+// Every group of DOT_MIN_M or more rows (at most DOT_RX each, as even as possible) has 4 to 8.
+const _: () = assert!(DOT_MIN_M >= DOT_RX && DOT_RX == 8);
 /// Rows of x in one group of [`dot_rows`] (the register tile's x side).
 pub(crate) const DOT_RX: usize = 8;
 /// Columns of one step of [`dot_rows`]: 64 codes, one cache line of FP8 weights.
@@ -669,13 +673,16 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// x per pass of [`dot_rows`], in f32 values of one group's block: the block and its
-    /// scaled copy (64 KiB together) stay in L1 while the task's weight rows pass them. A pass
-    /// is at least [`DOT_KC_MIN`] columns, rounded to the FP8 block: 512 for groups of 8 rows,
-    /// 1024 for 4, 2048 for 2 (wider passes of 8 rows measured 0.75× the GFLOP/s at K = 2048;
-    /// narrower ones of few rows cut the weight rows into short segments that stream worse).
-    const DOT_PASS_VALUES: usize = 8 << 10;
+    /// x per pass of [`dot_rows`], in f32 values of one group's block: the scaled copy the
+    /// tiles read (16 KiB) stays in L1 next to the weights prefetched ahead while the task's
+    /// weight rows pass it. A pass is at least [`DOT_KC_MIN`] columns, rounded to the FP8
+    /// block: 512 for groups of 8 rows, 1024 for 4, 2048 for 2; rows of at most
+    /// [`DOT_ONE_PASS`] columns take one pass. (Same run, one core, quiet machine: 4 rows ×
+    /// 2048 columns in one pass took 1.4× the time of two; 8 rows × 768 in two passes 1.2×
+    /// the time of one.)
+    const DOT_PASS_VALUES: usize = 4 << 10;
     const DOT_KC_MIN: usize = 512;
+    const DOT_ONE_PASS: usize = 1024;
     /// Prefetch distances of [`dot_rows`] in weight bytes: about 0.5 and 4 µs of one core's
     /// stream (as the bf16 tiles).
     const DOT_NEAR: usize = 16 << 10;
@@ -706,7 +713,11 @@ pub(crate) mod avx512 {
         // inherit this function's target features: its intrinsics became calls).
         let mut b = DOT_XS.with(|c| c.take());
         let rx = m.clamp(1, DOT_RX);
-        let kc = (DOT_PASS_VALUES / rx / FP8_BLOCK * FP8_BLOCK).max(DOT_KC_MIN);
+        let kc = if kp <= DOT_ONE_PASS {
+            kp
+        } else {
+            (DOT_PASS_VALUES / rx / FP8_BLOCK * FP8_BLOCK).max(DOT_KC_MIN)
+        };
         let len = rx * kc.min(kp);
         if b.len() < len {
             b.resize(len, 0.0);
@@ -805,23 +816,19 @@ pub(crate) mod avx512 {
                                 }
                             }};
                         }
+                        // Groups of at least DOT_MIN_M rows have 4 to 8 rows.
                         match (rw, rx) {
-                            (2, 1) => run!(2, 1),
-                            (2, 2) => run!(2, 2),
-                            (2, 3) => run!(2, 3),
                             (2, 4) => run!(2, 4),
                             (2, 5) => run!(2, 5),
                             (2, 6) => run!(2, 6),
                             (2, 7) => run!(2, 7),
-                            (2, _) => run!(2, 8),
-                            (_, 1) => run!(1, 1),
-                            (_, 2) => run!(1, 2),
-                            (_, 3) => run!(1, 3),
-                            (_, 4) => run!(1, 4),
-                            (_, 5) => run!(1, 5),
-                            (_, 6) => run!(1, 6),
-                            (_, 7) => run!(1, 7),
-                            (_, _) => run!(1, 8),
+                            (2, 8) => run!(2, 8),
+                            (1, 4) => run!(1, 4),
+                            (1, 5) => run!(1, 5),
+                            (1, 6) => run!(1, 6),
+                            (1, 7) => run!(1, 7),
+                            (1, 8) => run!(1, 8),
+                            _ => unreachable!("dot_rows groups of {rx} rows"),
                         }
                         n += rw;
                     }
