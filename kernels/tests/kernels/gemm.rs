@@ -163,7 +163,7 @@ fn blocked_fp8_and_bf16_gemm_matches_reference() {
 
 /// The bf16 path converts every finite e4m3 code exactly, in the lane order of its prepared x:
 /// a one-hot x picks each code of a 256-column row (all codes, both signs) and must give
-/// exactly code value × scale, through the GEMV (one row) and the dot tiles (two rows); and
+/// exactly code value × scale, through the GEMV (one row) and the dot tiles (eight rows); and
 /// 1..4 rows of x against 1..5 weight rows cover every tile.
 #[test]
 fn fp8_codes_exact_through_every_path() {
@@ -180,9 +180,9 @@ fn fp8_codes_exact_through_every_path() {
         },
     )
     .unwrap();
-    // One row (the GEMVs) and two (the dot tiles of the AVX-512 levels, the second row zero).
+    // One row (the GEMVs) and eight (the dot tiles of the AVX-512 levels, the other rows zero).
     for isa in isas() {
-        for m in [1, 2] {
+        for m in [1, 8] {
             for (j, &c) in codes.iter().enumerate() {
                 let mut x = vec![0f32; m * k];
                 x[j] = 1.0;
