@@ -6,12 +6,16 @@
 //! compiler vectorises as it can. On AVX-512 (F + BW + VL) CPUs the FP8 decode GEMV — the
 //! memory-bound kernel of batch-1 decode — runs 512-bit: 32 codes per load become two
 //! 16-lane f32 vectors with the same shift-and-mask trick, half the instructions per weight
-//! byte of the AVX2 path; every other kernel of [`Isa::Avx512`] runs the AVX2 code.
+//! byte of the AVX2 path. FP8 and BF16 GEMMs of 8–64 rows of x (batched decode, the rows of
+//! one expert) run on f32 dot-product tiles ([`dot_rows`]): 64 converted weights of each of 2
+//! rows meet up to 8 rows of x in a tile of 512-bit accumulators. The other kernels of
+//! [`Isa::Avx512`] run the AVX2 code.
 //!
 //! With AVX512-VBMI and AVX512-BF16 as well (Zen 4, Sapphire Rapids: [`Isa::Avx512Bf16`]),
-//! every FP8 and BF16 GEMM of up to 64 rows of x — decode GEMV, batched decode, grouped
-//! experts — runs on `vdpbf16ps` ([`avx512bf16`]; prefill sizes keep the packed f32
-//! microkernel, which measured faster there): an e4m3 code is exact in bf16, and two `vpermt2b` lookups
+//! the FP8 and BF16 GEMMs of 1–7 rows of x (decode GEMV, small batches) run on `vdpbf16ps` ([`avx512bf16`];
+//! prefill sizes keep the packed f32 microkernel, which measured faster there, and 8–64 rows
+//! the f32 dot tiles, which do one FMA where these do three bf16 products; on this level those
+//! convert FP8 through the same table): an e4m3 code is exact in bf16, and two `vpermt2b` lookups
 //! turn 64 codes into 64 bf16 values in six instructions (the f16 route costs about 14);
 //! x is split once per call into three bf16 parts (x = hi + mid + lo + O(2⁻²⁴|x|), f32's own
 //! precision), so each product is accumulated in f32 from three exact bf16 products.
@@ -297,6 +301,117 @@ pub(crate) fn stream_rows(
     }
 }
 
+/// Rows of x from which the FP8/BF16 GEMMs of the AVX-512 levels run [`dot_rows`]
+/// (f32 dot-product tiles) instead of the streaming GEMV or the bf16 tiles, up to
+/// [`DOT_MAX_M`] (beyond it the packed microkernel). Below it the bf16 tiles measured as fast
+/// or faster (same run, one core, quiet machine: the dot tiles took 1.1× their time at 4 rows,
+/// 0.9–1.05× at 8, 0.7–0.85× at 16, 0.65–0.75× at 32).
+pub(crate) const DOT_MIN_M: usize = 8;
+pub(crate) const DOT_MAX_M: usize = 64;
+// Every group of DOT_MIN_M or more rows (at most DOT_RX each, as even as possible) has 4 to 8.
+const _: () = assert!(DOT_MIN_M >= DOT_RX && DOT_RX == 8);
+/// Rows of x in one group of [`dot_rows`] (the register tile's x side).
+pub(crate) const DOT_RX: usize = 8;
+/// Columns of one step of [`dot_rows`]: 64 codes, one cache line of FP8 weights.
+const DOT_STEP: usize = 64;
+
+/// Whether [`dot_rows`] computes `m` rows of x against `w` on `isa`.
+pub(crate) fn dot_serves(isa: Isa, m: usize, w: &Weight) -> bool {
+    bf16_tiles_serve(w) && dot_rows_serve_m(isa, m)
+}
+
+/// Whether [`dot_rows`] computes `m` rows of x against the FP8 and BF16 weights on `isa`.
+pub(crate) fn dot_rows_serve_m(isa: Isa, m: usize) -> bool {
+    matches!(isa, Isa::Avx512 | Isa::Avx512Bf16) && (DOT_MIN_M..=DOT_MAX_M).contains(&m)
+}
+
+/// The row groups of [`dot_rows`]: (first row, rows), at most [`DOT_RX`] rows each and as even
+/// as possible (20 = 7+7+6), so no tile runs with a sliver of rows.
+pub(crate) fn dot_groups(m: usize) -> impl Iterator<Item = (usize, usize)> {
+    let groups = m.div_ceil(DOT_RX);
+    (0..groups).scan(0, move |i, g| {
+        let rx = m / groups + usize::from(g < m % groups);
+        let r = (*i, rx);
+        *i += rx;
+        Some(r)
+    })
+}
+
+/// Column of a 64-column chunk that position `p` of the chunk holds in the layout of
+/// [`dot_rows`] on `isa`: on [`Isa::Avx512Bf16`] the order in which the table conversion
+/// produces 64 FP8 codes as four f32 vectors (vector v, 128-bit lane l, element j holds
+/// column 16l + 4v + j), elsewhere the natural order.
+pub(crate) fn dot_lane_col(isa: Isa, p: usize) -> usize {
+    if isa == Isa::Avx512Bf16 {
+        let (v, l, j) = (p / 16, (p / 4) % 4, p % 4);
+        16 * l + 4 * v + j
+    } else {
+        p
+    }
+}
+
+/// x `[m, k]` in the layout of [`dot_rows`] on `isa`: per row group (at row i, offset `i·kp`,
+/// kp = k rounded up to 64), `[kp/64][rows][64]` with the columns of each chunk in
+/// [`dot_lane_col`] order and zeros past k, so a tile reads each step of its rows at fixed
+/// offsets from one pointer and in the lane order of its converted weights.
+/// The buffer comes from the calling thread's scratch list.
+pub(crate) fn dot_prepare_x(isa: Isa, x: &[f32], m: usize, k: usize) -> crate::scratch::Scratch {
+    let kp = k.div_ceil(DOT_STEP) * DOT_STEP;
+    let order: [usize; DOT_STEP] = std::array::from_fn(|p| dot_lane_col(isa, p));
+    let mut out = crate::scratch::take(m * kp);
+    for (i0, rx) in dot_groups(m) {
+        let g = &mut out[i0 * kp..(i0 + rx) * kp];
+        for j in 0..rx {
+            let row = &x[(i0 + j) * k..(i0 + j + 1) * k];
+            for (s, ch) in row.chunks(DOT_STEP).enumerate() {
+                let dst = &mut g[(s * rx + j) * DOT_STEP..(s * rx + j + 1) * DOT_STEP];
+                if ch.len() < DOT_STEP {
+                    for (d, &c) in dst.iter_mut().zip(&order) {
+                        if let Some(&v) = ch.get(c) {
+                            *d = v;
+                        }
+                    }
+                } else if isa == Isa::Avx512Bf16 {
+                    // Runs of 4 columns stay together: a 4×4 transpose of 4-column blocks.
+                    for (p, d) in dst.chunks_exact_mut(4).enumerate() {
+                        let c = order[4 * p];
+                        d.copy_from_slice(&ch[c..c + 4]);
+                    }
+                } else {
+                    dst.copy_from_slice(ch);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `out[i·ld + (n−n0)] = x_i · W_n` for rows `n0..n1` of the FP8 or BF16 weight `w`, in f32
+/// ([`dot_serves`]): x as [`dot_prepare_x`] made it for the same `isa`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dot_rows(
+    isa: Isa,
+    xp: &[f32],
+    m: usize,
+    w: &Weight,
+    n0: usize,
+    n1: usize,
+    out: &mut [f32],
+    ld: usize,
+) {
+    assert!(dot_serves(isa, m, w));
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: dot_serves checked the ISA level (VBMI for the table conversion with
+    // Avx512Bf16) and the weight kind.
+    unsafe {
+        if isa == Isa::Avx512Bf16 {
+            avx512::dot_rows_perm(xp, m, w, n0, n1, out, ld)
+        } else {
+            avx512::dot_rows_f16c(xp, m, w, n0, n1, out, ld)
+        }
+    }
+}
+
 fn portable_stream_rows(
     x: &[f32],
     m: usize,
@@ -490,6 +605,478 @@ pub(crate) mod avx512 {
             r
         }
     }
+
+    /// [`super::dot_rows`] on AVX-512: every 64 weights of a row are converted to four f32
+    /// vectors in registers once per x group and meet the group's rows in a 2×`RX` tile of
+    /// dot-product accumulators. `PERM` (the [`Isa::Avx512Bf16`] level, which has VBMI): FP8
+    /// codes go through the two-`vpermt2b` bf16 table (ten instructions for 64 codes) in the
+    /// lane order of [`super::dot_lane_col`]; otherwise 16 at a time through F16C.
+    ///
+    /// # Safety
+    /// The CPU must have [`Isa::Avx512`]; `w` must be FP8 or BF16; `xp` is
+    /// [`super::dot_prepare_x`] of `m` rows of `w.cols` columns for the same level.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub(super) unsafe fn dot_rows_f16c(
+        xp: &[f32],
+        m: usize,
+        w: &Weight,
+        n0: usize,
+        n1: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        unsafe { dot_rows::<false>(xp, m, w, n0, n1, out, ld) }
+    }
+
+    /// [`dot_rows_f16c`] with the table conversion (`PERM`).
+    ///
+    /// # Safety
+    /// As [`dot_rows_f16c`], on a CPU with [`Isa::Avx512Bf16`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c")]
+    pub(super) unsafe fn dot_rows_perm(
+        xp: &[f32],
+        m: usize,
+        w: &Weight,
+        n0: usize,
+        n1: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        unsafe { dot_rows::<true>(xp, m, w, n0, n1, out, ld) }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn dot_rows<const PERM: bool>(
+        xp: &[f32],
+        m: usize,
+        w: &Weight,
+        n0: usize,
+        n1: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        let k = w.cols;
+        assert!(n1 <= w.rows && xp.len() >= m * k.div_ceil(DOT_STEP) * DOT_STEP);
+        assert!(m == 0 || out.len() >= (m - 1) * ld + (n1 - n0));
+        unsafe {
+            match w.data {
+                WeightData::Fp8E4m3 { q, scale_inv } => {
+                    dot_rows_kind::<KIND_FP8, PERM>(xp, m, k, q, scale_inv, n0, n1, out, ld)
+                }
+                WeightData::Bf16(b) => {
+                    dot_rows_kind::<KIND_BF16, PERM>(xp, m, k, b, &[], n0, n1, out, ld)
+                }
+                _ => unreachable!("avx512::dot_rows on a weight it does not serve"),
+            }
+        }
+    }
+
+    /// x per pass of [`dot_rows`], in f32 values of one group's block: the scaled copy the
+    /// tiles read (16 KiB) stays in L1 next to the weights prefetched ahead while the task's
+    /// weight rows pass it. A pass is at least [`DOT_KC_MIN`] columns, rounded to the FP8
+    /// block: 512 for groups of 8 rows, 1024 for 4, 2048 for 2; rows of at most
+    /// [`DOT_ONE_PASS`] columns take one pass. (Same run, one core, quiet machine: 4 rows ×
+    /// 2048 columns in one pass took 1.4× the time of two; 8 rows × 768 in two passes 1.2×
+    /// the time of one.)
+    const DOT_PASS_VALUES: usize = 4 << 10;
+    const DOT_KC_MIN: usize = 512;
+    const DOT_ONE_PASS: usize = 1024;
+    /// Prefetch distances of [`dot_rows`] in weight bytes: about 0.5 and 4 µs of one core's
+    /// stream (as the bf16 tiles).
+    const DOT_NEAR: usize = 16 << 10;
+    const DOT_FAR: usize = 128 << 10;
+    const _: () =
+        assert!(DOT_KC_MIN.is_multiple_of(FP8_BLOCK) && FP8_BLOCK.is_multiple_of(DOT_STEP));
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn dot_rows_kind<const KIND: u8, const PERM: bool>(
+        xp: &[f32],
+        m: usize,
+        k: usize,
+        q: &[u8],
+        scale_inv: &[f32],
+        n0: usize,
+        n1: usize,
+        out: &mut [f32],
+        ld: usize,
+    ) {
+        let eb = if KIND == KIND_FP8 { 1 } else { 2 };
+        assert!(q.len() >= n1 * k * eb);
+        let kp = k.div_ceil(DOT_STEP) * DOT_STEP;
+        // x of one group and pass times the FP8 block scale of the weight rows it meets, so
+        // the tiles multiply converted codes by x without a per-vector scale: in a per-thread
+        // buffer (a fresh zeroed one per task cost as much as a small GEMV), taken out of its
+        // cell and put back, since the kernel must not run inside a closure (which would not
+        // inherit this function's target features: its intrinsics became calls).
+        let mut b = DOT_XS.with(|c| c.take());
+        let rx = m.clamp(1, DOT_RX);
+        let kc = if kp <= DOT_ONE_PASS {
+            kp
+        } else {
+            (DOT_PASS_VALUES / rx / FP8_BLOCK * FP8_BLOCK).max(DOT_KC_MIN)
+        };
+        let len = rx * kc.min(kp);
+        if b.len() < len {
+            b.resize(len, 0.0);
+        }
+        unsafe {
+            dot_rows_passes::<KIND, PERM>(xp, m, k, q, scale_inv, n0, n1, out, ld, kc, &mut b)
+        };
+        DOT_XS.with(|c| c.replace(b));
+    }
+
+    thread_local! {
+        static DOT_XS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    unsafe fn dot_rows_passes<const KIND: u8, const PERM: bool>(
+        xp: &[f32],
+        m: usize,
+        k: usize,
+        q: &[u8],
+        scale_inv: &[f32],
+        n0: usize,
+        n1: usize,
+        out: &mut [f32],
+        ld: usize,
+        kc: usize,
+        xs: &mut [f32],
+    ) {
+        let eb = if KIND == KIND_FP8 { 1 } else { 2 };
+        let kb = k.div_ceil(FP8_BLOCK);
+        let kp = k.div_ceil(DOT_STEP) * DOT_STEP;
+        for c0 in (0..k).step_by(kc) {
+            let c1 = (c0 + kc).min(k);
+            let steps = (c1 - c0).div_ceil(DOT_STEP);
+            for (gi, (i, rx)) in dot_groups(m).enumerate() {
+                // Step s of the group's row j is at (s·rx + j)·64 (`dot_prepare_x`).
+                let xg = unsafe { xp.as_ptr().add(i * kp + c0 * rx) };
+                let mut n = n0;
+                while n < n1 {
+                    let seg_end = if KIND == KIND_FP8 {
+                        n1.min((n / FP8_BLOCK + 1) * FP8_BLOCK)
+                    } else {
+                        n1
+                    };
+                    let xsrc = if KIND == KIND_FP8 {
+                        let srow = &scale_inv[(n / FP8_BLOCK) * kb..];
+                        for s in 0..steps {
+                            let sv = unsafe {
+                                _mm512_set1_ps(srow[(c0 + DOT_STEP * s) / FP8_BLOCK] * 256.0)
+                            };
+                            for v in 0..rx * DOT_STEP / 16 {
+                                let o = s * rx * DOT_STEP + 16 * v;
+                                unsafe {
+                                    let x16 = _mm512_loadu_ps(xg.add(o));
+                                    _mm512_storeu_ps(
+                                        xs.as_mut_ptr().add(o),
+                                        _mm512_mul_ps(x16, sv),
+                                    );
+                                }
+                            }
+                        }
+                        xs.as_ptr()
+                    } else {
+                        xg
+                    };
+                    while n < seg_end {
+                        let rw = if n + 2 <= seg_end { 2 } else { 1 };
+                        let qn = unsafe { q.as_ptr().add((n * k + c0) * eb) };
+                        // The first group reads the weights from memory: the same columns of
+                        // the row group at least DOT_NEAR bytes ahead are prefetched into L1
+                        // and of the one DOT_FAR ahead into L2 on the way, within the task's
+                        // rows (later groups find them in cache).
+                        let ahead = |bytes: usize| {
+                            let rows = bytes.div_ceil(rw * k * eb) * rw;
+                            (gi == 0 && n + rows < n1).then_some(rows * k * eb)
+                        };
+                        let pf = (ahead(DOT_NEAR), ahead(DOT_FAR));
+                        macro_rules! run {
+                            ($rw:literal, $rx:literal) => {{
+                                let t = unsafe {
+                                    dot_tile::<KIND, PERM, $rw, $rx>(
+                                        xsrc,
+                                        steps,
+                                        k - c0,
+                                        qn,
+                                        k * eb,
+                                        pf,
+                                    )
+                                };
+                                for (r, tr) in t.iter().enumerate() {
+                                    for (j, v) in tr.iter().enumerate() {
+                                        let o = &mut out[(i + j) * ld + n + r - n0];
+                                        *o = if c0 == 0 { *v } else { *o + v };
+                                    }
+                                }
+                            }};
+                        }
+                        // Groups of at least DOT_MIN_M rows have 4 to 8 rows.
+                        match (rw, rx) {
+                            (2, 4) => run!(2, 4),
+                            (2, 5) => run!(2, 5),
+                            (2, 6) => run!(2, 6),
+                            (2, 7) => run!(2, 7),
+                            (2, 8) => run!(2, 8),
+                            (1, 4) => run!(1, 4),
+                            (1, 5) => run!(1, 5),
+                            (1, 6) => run!(1, 6),
+                            (1, 7) => run!(1, 7),
+                            (1, 8) => run!(1, 8),
+                            _ => unreachable!("dot_rows groups of {rx} rows"),
+                        }
+                        n += rw;
+                    }
+                }
+            }
+        }
+    }
+
+    /// 16 weights of kind `KIND` at `p` as f32 in vector-path units (FP8: value·2⁻⁸), natural
+    /// order, those from `left` on zero.
+    #[inline(always)]
+    unsafe fn load16w<const KIND: u8>(p: *const u8, left: usize) -> __m512 {
+        unsafe {
+            if KIND == KIND_FP8 {
+                let b = if left >= 16 {
+                    _mm_loadu_si128(p as *const __m128i)
+                } else {
+                    _mm_maskz_loadu_epi8(((1u32 << left) - 1) as u16, p as *const i8)
+                };
+                let w = _mm256_cvtepu8_epi16(b);
+                let t = _mm256_srai_epi16(_mm256_slli_epi16(w, 8), 1);
+                let h = _mm256_and_si256(t, _mm256_set1_epi16(0xBF80u16 as i16));
+                _mm512_cvtph_ps(h)
+            } else {
+                let b = if left >= 16 {
+                    _mm256_loadu_si256(p as *const __m256i)
+                } else {
+                    _mm256_maskz_loadu_epi16(((1u32 << left) - 1) as u16, p as *const i16)
+                };
+                _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16))
+            }
+        }
+    }
+
+    /// Constants of the `PERM` conversion, loaded once per tile.
+    #[derive(Clone, Copy)]
+    struct PermTables {
+        th0: __m512i,
+        th1: __m512i,
+        tl0: __m512i,
+        tl1: __m512i,
+        /// `vpermt2w` indices (odd words; even words are masked to zero) that put 64 natural
+        /// BF16 values into the four vectors of [`super::dot_lane_col`] order.
+        wi: [__m512i; 4],
+    }
+
+    /// The word indices of [`PermTables::wi`].
+    const fn bf16_perm_idx() -> [[u16; 32]; 4] {
+        let mut t = [[0u16; 32]; 4];
+        let mut v = 0;
+        while v < 4 {
+            let mut e = 0;
+            while e < 16 {
+                // Lane e/4, element e%4 of vector v: column 16·(e/4) + 4v + e%4.
+                t[v][2 * e + 1] = (16 * (e / 4) + 4 * v + e % 4) as u16;
+                e += 1;
+            }
+            v += 1;
+        }
+        t
+    }
+    static BF16_PERM_IDX: [[u16; 32]; 4] = bf16_perm_idx();
+
+    #[inline(always)]
+    unsafe fn perm_tables() -> PermTables {
+        unsafe {
+            let tp = avx512bf16::TABLES.as_ptr() as *const u8;
+            let wi = &BF16_PERM_IDX;
+            PermTables {
+                th0: _mm512_loadu_si512(tp as *const _),
+                th1: _mm512_loadu_si512(tp.add(64) as *const _),
+                tl0: _mm512_loadu_si512(tp.add(128) as *const _),
+                tl1: _mm512_loadu_si512(tp.add(192) as *const _),
+                wi: [
+                    _mm512_loadu_si512(wi[0].as_ptr() as *const _),
+                    _mm512_loadu_si512(wi[1].as_ptr() as *const _),
+                    _mm512_loadu_si512(wi[2].as_ptr() as *const _),
+                    _mm512_loadu_si512(wi[3].as_ptr() as *const _),
+                ],
+            }
+        }
+    }
+
+    /// 64 weights of kind `KIND` at `p` (those from `left` on zero) as four f32 vectors in the
+    /// layout order of [`super::dot_lane_col`] (FP8: exact values, no 2⁻⁸ with `PERM`).
+    #[inline(always)]
+    unsafe fn load64w<const KIND: u8, const PERM: bool, const MASKED: bool>(
+        p: *const u8,
+        left: usize,
+        t: &PermTables,
+    ) -> [__m512; 4] {
+        unsafe {
+            if !PERM {
+                let eb = if KIND == KIND_FP8 { 1 } else { 2 };
+                // (No closures here: a closure does not inherit the caller's target features,
+                // and its intrinsics would become calls.)
+                let mut o = [_mm512_setzero_ps(); 4];
+                for (v, o) in o.iter_mut().enumerate() {
+                    let l = if MASKED {
+                        left.saturating_sub(16 * v)
+                    } else {
+                        16
+                    };
+                    if l > 0 {
+                        *o = load16w::<KIND>(p.add(16 * v * eb), l);
+                    }
+                }
+                return o;
+            }
+            if KIND == KIND_FP8 {
+                let codes = if MASKED {
+                    _mm512_maskz_loadu_epi8(u64::MAX >> (64 - left.min(64)), p as *const i8)
+                } else {
+                    _mm512_loadu_si512(p as *const _)
+                };
+                let h = _mm512_permutex2var_epi8(t.th0, codes, t.th1);
+                let h = _mm512_ternarylogic_epi32::<0xF8>(h, codes, _mm512_set1_epi8(0x80u8 as i8));
+                let l = _mm512_permutex2var_epi8(t.tl0, codes, t.tl1);
+                let (a, b) = (_mm512_unpacklo_epi8(l, h), _mm512_unpackhi_epi8(l, h));
+                let z = _mm512_setzero_si512();
+                [
+                    _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, a)),
+                    _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, a)),
+                    _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, b)),
+                    _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, b)),
+                ]
+            } else {
+                let (z0, z1) = if MASKED {
+                    let m0 = ((1u64 << left.min(32)) - 1) as u32;
+                    let m1 = ((1u64 << left.saturating_sub(32).min(32)) - 1) as u32;
+                    (
+                        _mm512_maskz_loadu_epi16(m0, p as *const i16),
+                        _mm512_maskz_loadu_epi16(m1, p.add(64) as *const i16),
+                    )
+                } else {
+                    (
+                        _mm512_loadu_si512(p as *const _),
+                        _mm512_loadu_si512(p.add(64) as *const _),
+                    )
+                };
+                let mut o = [_mm512_setzero_ps(); 4];
+                for (v, o) in o.iter_mut().enumerate() {
+                    *o = _mm512_castsi512_ps(_mm512_maskz_permutex2var_epi16(
+                        0xAAAA_AAAA,
+                        z0,
+                        t.wi[v],
+                        z1,
+                    ));
+                }
+                o
+            }
+        }
+    }
+
+    /// `RW` weight rows at `q` (row stride `rb` bytes) against the `RX` rows of one group of
+    /// x at `x` (`[steps][RX][64]`), `steps` 64-column steps of which `left` columns exist
+    /// (the rest read as zero weights): the dot products. `prefetch`: byte distances at which
+    /// the same columns of later rows are fetched into L1 and L2 on the way.
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn dot_tile<const KIND: u8, const PERM: bool, const RW: usize, const RX: usize>(
+        x: *const f32,
+        steps: usize,
+        left: usize,
+        q: *const u8,
+        rb: usize,
+        prefetch: (Option<usize>, Option<usize>),
+    ) -> [[f32; RX]; RW] {
+        let mut acc = [[unsafe { _mm512_setzero_ps() }; RX]; RW];
+        // Steps with all 64 columns, then at most one partial step.
+        let full = steps.min(left / DOT_STEP);
+        // FP8 codes through F16C are value·2⁻⁸; the table gives the value.
+        let unit = if KIND == KIND_FP8 && PERM {
+            1.0 / 256.0
+        } else {
+            1.0
+        };
+        unsafe {
+            let t = if PERM {
+                perm_tables()
+            } else {
+                std::mem::zeroed()
+            };
+            for s in 0..full {
+                let eb = if KIND == KIND_FP8 { 1 } else { 2 };
+                for r in 0..RW {
+                    let p = q.add(r * rb + DOT_STEP * s * eb);
+                    for line in 0..eb {
+                        if let Some(d) = prefetch.0 {
+                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(d + 64 * line) as *const i8);
+                        }
+                        if let Some(d) = prefetch.1 {
+                            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(d + 64 * line) as *const i8);
+                        }
+                    }
+                }
+                dot_step::<KIND, PERM, RW, RX, false>(x, q, rb, s, 0, &t, &mut acc);
+            }
+            if full < steps {
+                let cols = left - DOT_STEP * full;
+                dot_step::<KIND, PERM, RW, RX, true>(x, q, rb, full, cols, &t, &mut acc);
+            }
+            let mut o = [[0f32; RX]; RW];
+            for r in 0..RW {
+                for i in 0..RX {
+                    o[r][i] = _mm512_reduce_add_ps(acc[r][i]) * unit;
+                }
+            }
+            o
+        }
+    }
+
+    /// Step `s` (columns 64s..64s+64, of which `cols` exist when `MASKED`) of [`dot_tile`].
+    #[inline(always)]
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn dot_step<
+        const KIND: u8,
+        const PERM: bool,
+        const RW: usize,
+        const RX: usize,
+        const MASKED: bool,
+    >(
+        x: *const f32,
+        q: *const u8,
+        rb: usize,
+        s: usize,
+        cols: usize,
+        t: &PermTables,
+        acc: &mut [[__m512; RX]; RW],
+    ) {
+        let eb = if KIND == KIND_FP8 { 1 } else { 2 };
+        unsafe {
+            let mut wv = [[_mm512_setzero_ps(); 4]; RW];
+            for (r, w) in wv.iter_mut().enumerate() {
+                *w = load64w::<KIND, PERM, MASKED>(q.add(r * rb + DOT_STEP * s * eb), cols, t);
+            }
+            let xv = x.add(DOT_STEP * RX * s);
+            for v in 0..4 {
+                for i in 0..RX {
+                    let x16 = _mm512_loadu_ps(xv.add(DOT_STEP * i + 16 * v));
+                    for r in 0..RW {
+                        acc[r][i] = _mm512_fmadd_ps(x16, wv[r][v], acc[r][i]);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// FP8 and BF16 GEMMs on AVX512-BF16 dot products (module doc): x prepared once per call into
@@ -516,7 +1103,7 @@ pub(crate) mod avx512bf16 {
         }
         t
     }
-    static TABLES: [[u8; 128]; 2] = tables();
+    pub(super) static TABLES: [[u8; 128]; 2] = tables();
 
     /// `vpermt2w` indices that put 64 bf16 weights (two vectors, natural order) into the lane
     /// order of [`prepare_x`]: A = words {0–7, 16–23, 32–39, 48–55}, B = the others.

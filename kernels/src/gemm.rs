@@ -1,12 +1,18 @@
 //! y = x · Wᵀ with W in its stored dtype (dequantised inside the kernel).
 //!
-//! Three strategies:
-//! - **FP8 and BF16 on [`Isa::Avx512Bf16`]**, `m ≤ TILE_MAX_M`: x is split once into three
-//!   bf16 parts and every weight byte is read once, converted to bf16 in registers and used by
-//!   `RW`×`RX` tiles of bf16 dot products ([`crate::cpu`]); x beyond 256 KiB is cut into
-//!   L2-sized blocks. This serves decode (M = 1) and batched decode (M = 2–64): at M = 16 it
-//!   measured 4× the streaming kernel's GFLOP/s and at M = 32–64 1.5–2× the packed
-//!   microkernel's (`bench kernels`, `decode fp8 gemm (V3) M=16`).
+//! Four strategies:
+//! - **FP8 and BF16 on the AVX-512 levels, 8 ≤ `m` ≤ 64** (batched decode, the rows of one
+//!   expert): f32 dot-product tiles ([`crate::cpu::dot_rows`]). Every 64 weights of a row are
+//!   converted to four f32 vectors in registers once per group of up to 8 rows of x and meet
+//!   them in a 2×8 register tile; x is laid out once per call so a tile reads it from one
+//!   pointer, in the lane order of the conversion. FP8 and BF16 being exact in f32, the results
+//!   are f32 dot products. Against the bf16 tiles below (three bf16 products per multiply-add)
+//!   they took 0.7–0.85× the time at M = 16 and 0.65–0.75× at M = 32 on one Zen 5 core
+//!   (768×2048 and 2048×768, weights from memory, same run).
+//! - **FP8 and BF16 on [`Isa::Avx512Bf16`]**, `m ≤ TILE_MAX_M` otherwise (M = 1–7): x is
+//!   split once into three bf16 parts and every weight byte is read once, converted to bf16 in
+//!   registers and used by `RW`×`RX` tiles of bf16 dot products ([`crate::cpu`]); x beyond
+//!   256 KiB is cut into L2-sized blocks.
 //! - **decode** otherwise (`m ≤ STREAM_MAX_M`): memory-bound, so each weight row is streamed
 //!   from memory once, dequantised in registers and dotted with every row of x.
 //! - **prefill** otherwise (larger `m`): compute-bound. x is packed once into 6-row panels;
@@ -26,9 +32,10 @@ use crate::wide::{NW, PACK_KC_MAX, microkernel_wide, pack_panel};
 use std::cell::RefCell;
 use std::sync::OnceLock;
 
-/// Up to this many rows of x the bf16 tiles of [`Isa::Avx512Bf16`] serve FP8 and BF16 weights.
-/// Beyond it the packed microkernel is faster: at M = 512 the tiles measured 0.7–0.9× its
-/// GFLOP/s (`bench kernels`, prefill rows), at M = 16–64 1.5–4× the other paths.
+/// Up to this many rows of x the bf16 tiles of [`Isa::Avx512Bf16`] serve FP8 and BF16 weights
+/// (where the f32 dot tiles, [`crate::cpu::dot_rows`], do not). Beyond it the packed
+/// microkernel is faster: at M = 512 the tiles measured 0.7–0.9× its GFLOP/s (`bench kernels`,
+/// prefill rows).
 pub const TILE_MAX_M: usize = 64;
 
 /// Up to this many rows of x the streaming (decode) kernel is used: it re-reads each weight row
@@ -260,16 +267,25 @@ pub(crate) struct XOperand<'a> {
     /// On the thread's scratch list: a decode step allocates nothing here once warm.
     bf16: Scratch<u16>,
     packed: OnceLock<Vec<f32>>,
+    /// x in the layout of [`cpu::dot_rows`] (prepared here, on the caller's thread, from its
+    /// scratch list: prepared on first use inside a task, the buffer would come from one
+    /// thread's list and go back to another's, and the first thread would allocate anew).
+    dot: Scratch,
 }
 
 impl<'a> XOperand<'a> {
     /// `tiles`: the weights this operand meets are served by the bf16 tiles (FP8, BF16: then,
-    /// on [`Isa::Avx512Bf16`], x is prepared for them; other weights still work, through the
-    /// f32 paths).
+    /// on [`Isa::Avx512Bf16`] and for row counts the dot tiles do not take, x is prepared for
+    /// them; other weights still work, through the f32 paths).
     pub(crate) fn new(isa: Isa, x: &'a [f32], m: usize, k: usize, tiles: bool) -> Self {
         let mut bf16 = scratch::take(0);
         #[cfg(target_arch = "x86_64")]
-        if tiles && isa == Isa::Avx512Bf16 && m > 0 && m <= TILE_MAX_M {
+        if tiles
+            && isa == Isa::Avx512Bf16
+            && m > 0
+            && m <= TILE_MAX_M
+            && !cpu::dot_rows_serve_m(isa, m)
+        {
             bf16 = scratch::take(cpu::avx512bf16::prepared_len(m, k));
             // SAFETY: the ISA was detected; the length is the prepared length.
             unsafe { cpu::avx512bf16::prepare_x(x, m, k, &mut bf16) };
@@ -283,6 +299,11 @@ impl<'a> XOperand<'a> {
             k,
             bf16,
             packed: OnceLock::new(),
+            dot: if tiles && cpu::dot_rows_serve_m(isa, m) {
+                cpu::dot_prepare_x(isa, x, m, k)
+            } else {
+                scratch::take(0)
+            },
         }
     }
 
@@ -290,6 +311,10 @@ impl<'a> XOperand<'a> {
     pub(crate) fn compute_cols(&self, w: &Weight, n0: usize, n1: usize, out: &mut [f32]) {
         debug_assert_eq!(w.cols, self.k);
         let cols = n1 - n0;
+        if !self.dot.is_empty() && cpu::dot_serves(self.isa, self.m, w) {
+            cpu::dot_rows(self.isa, &self.dot, self.m, w, n0, n1, out, cols);
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if !self.bf16.is_empty() && cpu::bf16_tiles_serve(w) {
             out.fill(0.0);

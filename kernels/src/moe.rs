@@ -147,7 +147,14 @@ pub fn grouped_ffn_with(
         let xs = &x[r.start * hidden..r.end * hidden];
         let _ = xa[li].set(XOperand::new(isa, xs, r.len(), hidden, tiles));
     });
-    let mut h = vec![0f32; h_len];
+    // The intermediate activations, in a per-thread buffer kept across calls: a fresh one of a
+    // 32-token decode step's size (hundreds of KiB) came from mmap and page-faulted on every
+    // call. Phase 1 writes every element, so it is not cleared.
+    let mut h_buf = H_BUF.with(|c| c.take());
+    if h_buf.len() < h_len {
+        h_buf.resize(h_len, 0.0);
+    }
+    let h = &mut h_buf[..h_len];
     let hp = SyncPtr(h.as_mut_ptr());
     let tasks = group_tasks(&live, groups, |gi| {
         let (m, inter) = (groups[gi].rows.len(), experts[groups[gi].expert].gate.rows);
@@ -220,7 +227,14 @@ pub fn grouped_ffn_with(
             unsafe { write_tile(dst, hidden, m, n0, n1, tile, ep) };
         });
     });
+    H_BUF.with(|c| c.set(h_buf));
     Ok(())
+}
+
+thread_local! {
+    /// [`grouped_ffn_with`]'s intermediate buffer (taken out while a call runs, so a nested or
+    /// panicking call only costs a fresh one).
+    static H_BUF: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// (live index, n0, n1) column tasks of every live group, `cols_chunk(group)` giving the

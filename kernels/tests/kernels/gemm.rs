@@ -163,7 +163,8 @@ fn blocked_fp8_and_bf16_gemm_matches_reference() {
 
 /// The bf16 path converts every finite e4m3 code exactly, in the lane order of its prepared x:
 /// a one-hot x picks each code of a 256-column row (all codes, both signs) and must give
-/// exactly code value × scale; and 1..4 rows of x against 1..5 weight rows cover every tile.
+/// exactly code value × scale, through the GEMV (one row) and the dot tiles (eight rows); and
+/// 1..4 rows of x against 1..5 weight rows cover every tile.
 #[test]
 fn fp8_codes_exact_through_every_path() {
     let codes: Vec<u8> = (0..=255u8).filter(|c| c & 0x7f != 0x7f).collect();
@@ -179,14 +180,41 @@ fn fp8_codes_exact_through_every_path() {
         },
     )
     .unwrap();
+    // One row (the GEMVs) and eight (the dot tiles of the AVX-512 levels, the other rows zero).
     for isa in isas() {
-        for (j, &c) in codes.iter().enumerate() {
-            let mut x = vec![0f32; k];
-            x[j] = 1.0;
-            let mut y = [f32::NAN];
-            gemm::matmul_with(isa, &x, 1, &w, Epilogue::Store, &mut y).unwrap();
-            let want = shardseek_kernels::fp8::e4m3_to_f32(c) * scale;
-            assert_eq!(y[0], want, "{isa:?} code {c:#x} at column {j}");
+        for m in [1, 8] {
+            for (j, &c) in codes.iter().enumerate() {
+                let mut x = vec![0f32; m * k];
+                x[j] = 1.0;
+                let mut y = vec![f32::NAN; m];
+                gemm::matmul_with(isa, &x, m, &w, Epilogue::Store, &mut y).unwrap();
+                let want = shardseek_kernels::fp8::e4m3_to_f32(c) * scale;
+                assert_eq!(y[0], want, "{isa:?} m={m} code {c:#x} at column {j}");
+                assert!(y[1..].iter().all(|&v| v == 0.0), "{isa:?} m={m}");
+            }
+        }
+    }
+}
+
+/// The f32 dot-product tiles of the AVX-512 levels (FP8 and BF16 weights, 8–64 rows of x):
+/// every x group size (4–8 rows, as 8–17, 32 and 64 rows split), more columns than one pass
+/// takes (512–2048) with a partial last step, weight rows that cross a 128-row scale block and
+/// end in an odd row; other paths take the same shapes.
+#[test]
+fn dot_tiles_every_group_size_and_multi_pass() {
+    let mut rng = Rng::new(19);
+    let (n, k) = (133, 2 * 2048 + 77);
+    for kind in [Kind::Fp8, Kind::Bf16] {
+        let w = OwnedWeight::random(&mut rng, n, k, kind);
+        for m in (7..=17).chain([32, 64]) {
+            let x = randv(&mut rng, m * k);
+            let want = reference::matmul(&x, m, &w.view());
+            for isa in isas() {
+                let mut y = vec![f32::NAN; m * n];
+                gemm::matmul_with(isa, &x, m, &w.view(), Epilogue::Store, &mut y).unwrap();
+                let e = rel_err(&y, &want);
+                assert!(e < TOL, "{isa:?} {kind:?} m={m}: {e}");
+            }
         }
     }
 }
