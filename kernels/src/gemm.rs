@@ -278,7 +278,7 @@ impl<'a> XOperand<'a> {
     /// on [`Isa::Avx512Bf16`] and for row counts the dot tiles do not take, x is prepared for
     /// them; other weights still work, through the f32 paths).
     pub(crate) fn new(isa: Isa, x: &'a [f32], m: usize, k: usize, tiles: bool) -> Self {
-        let mut bf16 = scratch::take(0);
+        let mut bf16 = scratch::empty();
         #[cfg(target_arch = "x86_64")]
         if tiles
             && isa == Isa::Avx512Bf16
@@ -302,7 +302,7 @@ impl<'a> XOperand<'a> {
             dot: if tiles && cpu::dot_rows_serve_m(isa, m) {
                 cpu::dot_prepare_x(isa, x, m, k)
             } else {
-                scratch::take(0)
+                scratch::empty()
             },
         }
     }

@@ -13,9 +13,10 @@ use crate::cpu::{self, Isa, SyncPtr};
 use crate::error::{Result, shape};
 use crate::gemm::{Epilogue, XOperand, col_chunk, silu_mul_inplace, with_tile, write_tile};
 use crate::pool::parallel_for;
+use crate::scratch::{self, Scratch};
 use crate::weight::Weight;
+use std::cell::RefCell;
 use std::ops::Range;
-use std::sync::OnceLock;
 
 /// The three projections of one expert: gate and up `[inter, hidden]`, down `[hidden, inter]`.
 #[derive(Clone, Copy, Debug)]
@@ -87,11 +88,12 @@ pub fn grouped_ffn_with(
     {
         return Err(shape(OP, format!("row_weight {} for {rows} rows", w.len())));
     }
-    // Validate groups: in range, disjoint, expert shapes consistent.
-    let mut covered = vec![false; rows];
-    let mut h_off = Vec::with_capacity(groups.len());
+    // Validate groups: in range, disjoint, expert shapes consistent. Every list of the call is
+    // scratch (kept per thread), so a decode step allocates nothing here once warm.
+    let mut covered = scratch::take::<usize>(rows);
+    let mut h_off = scratch::take::<usize>(groups.len());
     let mut h_len = 0usize;
-    for g in groups {
+    for (gi, g) in groups.iter().enumerate() {
         let e = experts
             .get(g.expert)
             .ok_or_else(|| shape(OP, format!("expert {} of {}", g.expert, experts.len())))?;
@@ -99,13 +101,13 @@ pub fn grouped_ffn_with(
             return Err(shape(OP, format!("rows {:?} of {rows}", g.rows)));
         }
         for c in &mut covered[g.rows.clone()] {
-            if *c {
+            if *c != 0 {
                 return Err(shape(
                     OP,
                     format!("rows {:?} overlap another group", g.rows),
                 ));
             }
-            *c = true;
+            *c = 1;
         }
         let inter = e.gate.rows;
         if e.gate.cols != hidden
@@ -128,25 +130,43 @@ pub fn grouped_ffn_with(
                 ),
             ));
         }
-        h_off.push(h_len);
+        h_off[gi] = h_len;
         h_len += g.rows.len() * inter;
     }
-    let live: Vec<usize> = (0..groups.len())
-        .filter(|&i| !groups[i].rows.is_empty())
-        .collect();
+    let mut live_buf = scratch::take::<usize>(groups.len());
+    let mut n_live = 0;
+    for (i, g) in groups.iter().enumerate() {
+        if !g.rows.is_empty() {
+            live_buf[n_live] = i;
+            n_live += 1;
+        }
+    }
+    let live = &live_buf[..n_live];
     if live.is_empty() {
         return Ok(());
     }
+    let (mut xa, mut ha) = OPERANDS
+        .try_with(|o| std::mem::take(&mut *o.borrow_mut()))
+        .unwrap_or_default();
+    let mut xa: Vec<XOperand> = scratch::recycle(std::mem::take(&mut xa));
+    let mut ha: Vec<XOperand> = scratch::recycle(std::mem::take(&mut ha));
 
-    // Phase 1: h_g = SiLU(x_g·W_gateᵀ) ⊙ (x_g·W_upᵀ), tasks over (group, inter columns).
-    let xa: Vec<OnceLock<XOperand>> = live.iter().map(|_| OnceLock::new()).collect();
-    parallel_for(live.len(), |li| {
-        let r = &groups[live[li]].rows;
-        let e = &experts[groups[live[li]].expert];
+    // Phase 1: h_g = SiLU(x_g·W_gateᵀ) ⊙ (x_g·W_upᵀ), tasks over (group, inter columns). The
+    // operands are prepared here, on the calling thread, which also drops them: their scratch
+    // buffers stay on this thread's list instead of travelling from the workers' lists to it
+    // (the workers would then allocate anew; preparing x is a small part of the call).
+    xa.extend(live.iter().map(|&gi| {
+        let r = &groups[gi].rows;
+        let e = &experts[groups[gi].expert];
         let tiles = cpu::bf16_tiles_serve(&e.gate) && cpu::bf16_tiles_serve(&e.up);
-        let xs = &x[r.start * hidden..r.end * hidden];
-        let _ = xa[li].set(XOperand::new(isa, xs, r.len(), hidden, tiles));
-    });
+        XOperand::new(
+            isa,
+            &x[r.start * hidden..r.end * hidden],
+            r.len(),
+            hidden,
+            tiles,
+        )
+    }));
     // The intermediate activations, in a per-thread buffer kept across calls: a fresh one of a
     // 32-token decode step's size (hundreds of KiB) came from mmap and page-faulted on every
     // call. Phase 1 writes every element, so it is not cleared.
@@ -156,18 +176,16 @@ pub fn grouped_ffn_with(
     }
     let h = &mut h_buf[..h_len];
     let hp = SyncPtr(h.as_mut_ptr());
-    let tasks = group_tasks(&live, groups, |gi| {
+    let tasks = group_tasks(live, groups, |gi| {
         let (m, inter) = (groups[gi].rows.len(), experts[groups[gi].expert].gate.rows);
         (inter, col_chunk(m, inter, 2))
     });
-    parallel_for(tasks.len(), |t| {
-        let (li, n0, n1) = tasks[t];
+    parallel_for(tasks.len() / 3, |t| {
+        let (li, n0, n1) = (tasks[3 * t], tasks[3 * t + 1], tasks[3 * t + 2]);
         let gi = live[li];
         let e = &experts[groups[gi].expert];
         let (m, inter, cols) = (groups[gi].rows.len(), e.gate.rows, n1 - n0);
-        let a = xa[li]
-            .get()
-            .expect("every operand is prepared before phase 1");
+        let a = &xa[li];
         with_tile(2 * m * cols, |buf| {
             let (g, u) = buf.split_at_mut(m * cols);
             a.compute_cols(&e.gate, n0, n1, g);
@@ -180,33 +198,23 @@ pub fn grouped_ffn_with(
     });
 
     // Phase 2: y_g (+)= w ⊙ (h_g·W_downᵀ), tasks over (group, hidden columns).
-    let ha: Vec<OnceLock<XOperand>> = live.iter().map(|_| OnceLock::new()).collect();
-    parallel_for(live.len(), |li| {
-        let gi = live[li];
+    ha.extend(live.iter().map(|&gi| {
         let e = &experts[groups[gi].expert];
         let m = groups[gi].rows.len();
         let hs = &h[h_off[gi]..h_off[gi] + m * e.gate.rows];
-        let _ = ha[li].set(XOperand::new(
-            isa,
-            hs,
-            m,
-            e.gate.rows,
-            cpu::bf16_tiles_serve(&e.down),
-        ));
-    });
+        XOperand::new(isa, hs, m, e.gate.rows, cpu::bf16_tiles_serve(&e.down))
+    }));
     let yp = SyncPtr(y.as_mut_ptr());
-    let tasks = group_tasks(&live, groups, |gi| {
+    let tasks = group_tasks(live, groups, |gi| {
         (hidden, col_chunk(groups[gi].rows.len(), hidden, 1))
     });
-    parallel_for(tasks.len(), |t| {
-        let (li, n0, n1) = tasks[t];
+    parallel_for(tasks.len() / 3, |t| {
+        let (li, n0, n1) = (tasks[3 * t], tasks[3 * t + 1], tasks[3 * t + 2]);
         let gi = live[li];
         let r = groups[gi].rows.clone();
         let e = &experts[groups[gi].expert];
         let m = r.len();
-        let a = ha[li]
-            .get()
-            .expect("every operand is prepared before phase 2");
+        let a = &ha[li];
         with_tile(m * (n1 - n0), |tile| {
             a.compute_cols(&e.down, n0, n1, tile);
             let scale = row_weight.map(|w| &w[r.clone()]);
@@ -227,30 +235,54 @@ pub fn grouped_ffn_with(
             unsafe { write_tile(dst, hidden, m, n0, n1, tile, ep) };
         });
     });
+    // The operands (and the scratch they hold) are dropped here, on this thread; the lists keep
+    // their allocations for the next call.
+    xa.clear();
+    ha.clear();
+    let _ = OPERANDS.try_with(|o| *o.borrow_mut() = (scratch::recycle(xa), scratch::recycle(ha)));
     H_BUF.with(|c| c.set(h_buf));
     Ok(())
 }
 
+/// The two operand lists of [`grouped_ffn_with`], empty between calls (see [`scratch::recycle`]).
+type OperandLists = (Vec<XOperand<'static>>, Vec<XOperand<'static>>);
+
 thread_local! {
+    static OPERANDS: RefCell<OperandLists> = const { RefCell::new((Vec::new(), Vec::new())) };
     /// [`grouped_ffn_with`]'s intermediate buffer (taken out while a call runs, so a nested or
     /// panicking call only costs a fresh one).
     static H_BUF: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// (live index, n0, n1) column tasks of every live group, `cols_chunk(group)` giving the
-/// group's (columns, chunk); groups with more rows (longer tasks) first.
+/// (live index, n0, n1) column tasks of every live group, three values per task,
+/// `cols_chunk(group)` giving the group's (columns, chunk); groups with more rows (longer
+/// tasks) first, ties in group order.
 fn group_tasks(
     live: &[usize],
     groups: &[Group],
     cols_chunk: impl Fn(usize) -> (usize, usize),
-) -> Vec<(usize, usize, usize)> {
-    let mut order: Vec<usize> = (0..live.len()).collect();
-    order.sort_by_key(|&li| std::cmp::Reverse(groups[live[li]].rows.len()));
-    let mut tasks = Vec::new();
-    for li in order {
+) -> Scratch<usize> {
+    let mut order = scratch::take::<usize>(live.len());
+    for (i, o) in order.iter_mut().enumerate() {
+        *o = i;
+    }
+    // Unstable sort with the index as tie-break: the same order as a stable sort, without its
+    // merge buffer.
+    order.sort_unstable_by_key(|&li| (std::cmp::Reverse(groups[live[li]].rows.len()), li));
+    let count: usize = live
+        .iter()
+        .map(|&gi| {
+            let (n, chunk) = cols_chunk(gi);
+            n.div_ceil(chunk)
+        })
+        .sum();
+    let mut tasks = scratch::take::<usize>(3 * count);
+    let mut t = 0;
+    for &li in order.iter() {
         let (n, chunk) = cols_chunk(live[li]);
         for n0 in (0..n).step_by(chunk) {
-            tasks.push((li, n0, (n0 + chunk).min(n)));
+            tasks[t..t + 3].copy_from_slice(&[li, n0, (n0 + chunk).min(n)]);
+            t += 3;
         }
     }
     tasks

@@ -9,38 +9,72 @@
 //!
 //! The free list is per thread (no lock): a kernel-team task that takes a buffer gets one of
 //! its own worker's. Buffers may be taken while others are held (nesting); each is a separate
-//! allocation.
+//! allocation. A buffer may be dropped on another thread than the one that took it (an operand
+//! prepared in a task and dropped by the caller): the dropping thread keeps it, and what a
+//! thread holds beyond [`KEEP`] goes to one shared list that threads short of a fitting buffer
+//! take from, so buffers that travel one way come back instead of being freed and allocated
+//! again.
 
 use std::cell::RefCell;
 use std::ops::{Deref, DerefMut};
+use std::sync::Mutex;
 use std::thread::LocalKey;
 
-/// Element types with a free list of their own on every thread.
-pub trait Pooled: Copy + Default + 'static {
+/// Element types with a free list of their own on every thread, and one shared.
+pub trait Pooled: Copy + Default + Send + 'static {
     #[doc(hidden)]
     fn free() -> &'static LocalKey<RefCell<Vec<Vec<Self>>>>;
+    #[doc(hidden)]
+    fn shared() -> &'static Mutex<Vec<Vec<Self>>>;
 }
 
 macro_rules! pooled {
-    ($t:ty, $name:ident) => {
+    ($t:ty, $name:ident, $shared:ident) => {
         thread_local! {
             static $name: RefCell<Vec<Vec<$t>>> = const { RefCell::new(Vec::new()) };
         }
+        static $shared: Mutex<Vec<Vec<$t>>> = Mutex::new(Vec::new());
         impl Pooled for $t {
             fn free() -> &'static LocalKey<RefCell<Vec<Vec<$t>>>> {
                 &$name
+            }
+            fn shared() -> &'static Mutex<Vec<Vec<$t>>> {
+                &$shared
             }
         }
     };
 }
 
-pooled!(f32, FREE_F32);
-pooled!(usize, FREE_USIZE);
-pooled!(u16, FREE_U16);
+pooled!(f32, FREE_F32, SHARED_F32);
+pooled!(usize, FREE_USIZE, SHARED_USIZE);
+pooled!(u16, FREE_U16, SHARED_U16);
 
-/// Most buffers of one type a thread keeps: a step nests a handful; more would only hold
-/// memory.
-const KEEP: usize = 16;
+/// Most buffers of one type the shared list keeps: above the most a step holds at once (a
+/// grouped-MoE call holds one operand buffer per expert group and phase), so that buffers
+/// travelling between threads are kept, not freed and allocated again.
+const KEEP_SHARED: usize = 1024;
+
+/// Index of the smallest buffer with room for `len`, if any.
+fn best_fit<T>(list: &[Vec<T>], len: usize) -> Option<usize> {
+    list.iter()
+        .enumerate()
+        .filter(|(_, b)| b.capacity() >= len)
+        .min_by_key(|(_, b)| b.capacity())
+        .map(|(i, _)| i)
+}
+
+/// Index of the largest buffer, if any.
+fn largest<T>(list: &[Vec<T>]) -> Option<usize> {
+    list.iter()
+        .enumerate()
+        .max_by_key(|(_, b)| b.capacity())
+        .map(|(i, _)| i)
+}
+
+/// Most buffers of one type a thread keeps to itself; the rest go to the shared list. Few, so
+/// that a thread that rarely runs some operation (a rayon worker that seldom steals an MLA
+/// task) finds buffers of its sizes in the shared list instead of allocating them.
+const KEEP: usize = 4;
 
 /// A buffer from this thread's free list; back on the list when dropped.
 pub struct Scratch<T: Pooled = f32> {
@@ -54,27 +88,40 @@ pub fn take<T: Pooled>(len: usize) -> Scratch<T> {
     filled(len, T::default())
 }
 
-/// A buffer of `len` copies of `v`.
+/// A buffer of no values that holds no memory (and goes to no list when dropped): the
+/// placeholder of an operand part that is not needed.
+pub fn empty<T: Pooled>() -> Scratch<T> {
+    Scratch { buf: Vec::new() }
+}
+
+/// A buffer of `len` copies of `v`: the thread's best fit, else the shared list's, else the
+/// thread's (or the shared list's) largest buffer grown, else a new one.
 pub fn filled<T: Pooled>(len: usize, v: T) -> Scratch<T> {
-    let mut buf = T::free()
+    let local = T::free()
         .try_with(|f| {
             let mut f = f.borrow_mut();
-            let fit = f
-                .iter()
-                .enumerate()
-                .filter(|(_, b)| b.capacity() >= len)
-                .min_by_key(|(_, b)| b.capacity())
-                .map(|(i, _)| i);
-            let largest = || {
-                f.iter()
-                    .enumerate()
-                    .max_by_key(|(_, b)| b.capacity())
-                    .map(|(i, _)| i)
-            };
-            fit.or_else(largest).map(|i| f.swap_remove(i))
+            best_fit(&f, len).map(|i| f.swap_remove(i))
         })
         .ok()
-        .flatten()
+        .flatten();
+    let mut buf = local
+        .or_else(|| {
+            let mut s = T::shared().lock().unwrap_or_else(|p| p.into_inner());
+            best_fit(&s, len).map(|i| s.swap_remove(i))
+        })
+        .or_else(|| {
+            T::free()
+                .try_with(|f| {
+                    let mut f = f.borrow_mut();
+                    largest(&f).map(|i| f.swap_remove(i))
+                })
+                .ok()
+                .flatten()
+        })
+        .or_else(|| {
+            let mut s = T::shared().lock().unwrap_or_else(|p| p.into_inner());
+            largest(&s).map(|i| s.swap_remove(i))
+        })
         .unwrap_or_default();
     buf.clear();
     buf.resize(len, v);
@@ -98,13 +145,28 @@ impl<T: Pooled> DerefMut for Scratch<T> {
 impl<T: Pooled> Drop for Scratch<T> {
     fn drop(&mut self) {
         let buf = std::mem::take(&mut self.buf);
-        // try_with: a buffer dropped while the thread's locals are torn down is just freed.
-        let _ = T::free().try_with(|f| {
-            let mut f = f.borrow_mut();
-            if f.len() < KEEP {
-                f.push(buf);
+        if buf.capacity() == 0 {
+            return;
+        }
+        // try_with: a buffer dropped while the thread's locals are torn down is freed.
+        let rest = T::free()
+            .try_with(|f| {
+                let mut f = f.borrow_mut();
+                if f.len() < KEEP {
+                    f.push(buf);
+                    None
+                } else {
+                    Some(buf)
+                }
+            })
+            .ok()
+            .flatten();
+        if let Some(buf) = rest {
+            let mut s = T::shared().lock().unwrap_or_else(|p| p.into_inner());
+            if s.len() < KEEP_SHARED {
+                s.push(buf);
             }
-        });
+        }
     }
 }
 
