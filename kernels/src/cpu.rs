@@ -350,15 +350,20 @@ pub(crate) fn dot_lane_col(isa: Isa, p: usize) -> usize {
     }
 }
 
+/// Length of [`dot_prepare_x`]'s output for `m` rows of `k` columns (linear in `m`).
+pub(crate) fn dot_prepared_len(m: usize, k: usize) -> usize {
+    m * k.div_ceil(DOT_STEP) * DOT_STEP
+}
+
 /// x `[m, k]` in the layout of [`dot_rows`] on `isa`: per row group (at row i, offset `i·kp`,
 /// kp = k rounded up to 64), `[kp/64][rows][64]` with the columns of each chunk in
 /// [`dot_lane_col`] order and zeros past k, so a tile reads each step of its rows at fixed
 /// offsets from one pointer and in the lane order of its converted weights.
-/// The buffer comes from the calling thread's scratch list.
-pub(crate) fn dot_prepare_x(isa: Isa, x: &[f32], m: usize, k: usize) -> crate::scratch::Scratch {
+/// Every element of `out` ([`dot_prepared_len`] long) is written, so it may hold stale values.
+pub(crate) fn dot_prepare_x(isa: Isa, x: &[f32], m: usize, k: usize, out: &mut [f32]) {
     let kp = k.div_ceil(DOT_STEP) * DOT_STEP;
     let order: [usize; DOT_STEP] = std::array::from_fn(|p| dot_lane_col(isa, p));
-    let mut out = crate::scratch::take(m * kp);
+    assert_eq!(out.len(), dot_prepared_len(m, k), "dot operand length");
     for (i0, rx) in dot_groups(m) {
         let g = &mut out[i0 * kp..(i0 + rx) * kp];
         for j in 0..rx {
@@ -367,9 +372,7 @@ pub(crate) fn dot_prepare_x(isa: Isa, x: &[f32], m: usize, k: usize) -> crate::s
                 let dst = &mut g[(s * rx + j) * DOT_STEP..(s * rx + j + 1) * DOT_STEP];
                 if ch.len() < DOT_STEP {
                     for (d, &c) in dst.iter_mut().zip(&order) {
-                        if let Some(&v) = ch.get(c) {
-                            *d = v;
-                        }
+                        *d = ch.get(c).copied().unwrap_or(0.0);
                     }
                 } else if isa == Isa::Avx512Bf16 {
                     // Runs of 4 columns stay together: a 4×4 transpose of 4-column blocks.
@@ -383,7 +386,6 @@ pub(crate) fn dot_prepare_x(isa: Isa, x: &[f32], m: usize, k: usize) -> crate::s
             }
         }
     }
-    out
 }
 
 /// `out[i·ld + (n−n0)] = x_i · W_n` for rows `n0..n1` of the FP8 or BF16 weight `w`, in f32

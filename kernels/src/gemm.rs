@@ -115,7 +115,9 @@ pub fn matmul_with(
     if m == 0 || w.rows == 0 {
         return Ok(());
     }
-    let a = XOperand::new(isa, x, m, w.cols, cpu::bf16_tiles_serve(w));
+    let tiles = cpu::bf16_tiles_serve(w);
+    let mut space = OperandSpace::for_rows(isa, m, w.cols, tiles);
+    let a = XOperand::new(isa, x, m, w.cols, tiles, &mut space.parts());
     let n = w.rows;
     let yp = SyncPtr(y.as_mut_ptr());
     let chunk = col_chunk(m, n, 1);
@@ -145,13 +147,9 @@ pub fn silu_mul_with(
     if m == 0 || gate.rows == 0 {
         return Ok(());
     }
-    let a = XOperand::new(
-        isa,
-        x,
-        m,
-        gate.cols,
-        cpu::bf16_tiles_serve(gate) && cpu::bf16_tiles_serve(up),
-    );
+    let tiles = cpu::bf16_tiles_serve(gate) && cpu::bf16_tiles_serve(up);
+    let mut space = OperandSpace::for_rows(isa, m, gate.cols, tiles);
+    let a = XOperand::new(isa, x, m, gate.cols, tiles, &mut space.parts());
     let n = gate.rows;
     let yp = SyncPtr(y.as_mut_ptr());
     let chunk = col_chunk(m, n, 2);
@@ -256,6 +254,57 @@ pub(crate) unsafe fn write_tile(
     }
 }
 
+/// Room for the prepared forms of operands (the bf16 parts and the dot layout of x), carved by
+/// [`XOperand::new`] from two scratch buffers. Both forms are linear in the rows, so the room
+/// for `rows` rows in all does not depend on how they split into operands: a grouped-MoE call
+/// asks for the same sizes at every step of one batch shape, whatever the routing, and so
+/// never allocates once warm.
+pub(crate) struct OperandSpace {
+    bf16: Scratch<u16>,
+    dot: Scratch<f32>,
+}
+
+/// The carving cursor of an [`OperandSpace`].
+pub(crate) type OperandParts<'s> = (&'s mut [u16], &'s mut [f32]);
+
+impl OperandSpace {
+    /// Room for operands of `rows` rows in all, of `k` columns each (at most: an operand of
+    /// fewer columns takes less). Without `tiles` no operand is prepared. The contents are
+    /// stale: each operand writes all of its part.
+    pub(crate) fn for_rows(isa: Isa, rows: usize, k: usize, tiles: bool) -> Self {
+        let bf16 = if tiles && isa == Isa::Avx512Bf16 {
+            #[cfg(target_arch = "x86_64")]
+            let n = cpu::avx512bf16::prepared_len(rows, k);
+            #[cfg(not(target_arch = "x86_64"))]
+            let n = 0;
+            n
+        } else {
+            0
+        };
+        let dot = if tiles && cpu::dot_rows_serve_m(isa, cpu::DOT_MIN_M) {
+            cpu::dot_prepared_len(rows, k)
+        } else {
+            0
+        };
+        OperandSpace {
+            bf16: scratch::stale(bf16),
+            dot: scratch::stale(dot),
+        }
+    }
+
+    /// The cursor operands are carved from.
+    pub(crate) fn parts(&mut self) -> OperandParts<'_> {
+        (&mut self.bf16, &mut self.dot)
+    }
+}
+
+/// The first `n` values of the cursor's slice; the cursor moves past them.
+fn carve<'s, T>(cursor: &mut &'s mut [T], n: usize) -> &'s mut [T] {
+    let (mine, rest) = std::mem::take(cursor).split_at_mut(n);
+    *cursor = rest;
+    mine
+}
+
 /// The x side of a GEMM, prepared once and shared by every task: bf16 hi/mid/lo rows for the
 /// tiles of [`Isa::Avx512Bf16`], raw rows for the streaming kernel, or 6-row panels
 /// `[k-block][row-panel][kc][6]` for the microkernel (packed on first use).
@@ -264,21 +313,28 @@ pub(crate) struct XOperand<'a> {
     x: &'a [f32],
     m: usize,
     k: usize,
-    /// On the thread's scratch list: a decode step allocates nothing here once warm.
-    bf16: Scratch<u16>,
+    /// Carved from an [`OperandSpace`]: a decode step allocates nothing here once warm.
+    bf16: &'a [u16],
     packed: OnceLock<Vec<f32>>,
-    /// x in the layout of [`cpu::dot_rows`] (prepared here, on the caller's thread, from its
-    /// scratch list: prepared on first use inside a task, the buffer would come from one
-    /// thread's list and go back to another's, and the first thread would allocate anew).
-    dot: Scratch,
+    /// x in the layout of [`cpu::dot_rows`], carved from an [`OperandSpace`] here, on the
+    /// calling thread.
+    dot: &'a [f32],
 }
 
 impl<'a> XOperand<'a> {
     /// `tiles`: the weights this operand meets are served by the bf16 tiles (FP8, BF16: then,
     /// on [`Isa::Avx512Bf16`] and for row counts the dot tiles do not take, x is prepared for
     /// them; other weights still work, through the f32 paths).
-    pub(crate) fn new(isa: Isa, x: &'a [f32], m: usize, k: usize, tiles: bool) -> Self {
-        let mut bf16 = scratch::empty();
+    /// The prepared forms are carved from `space` (an [`OperandSpace`] with room for them).
+    pub(crate) fn new(
+        isa: Isa,
+        x: &'a [f32],
+        m: usize,
+        k: usize,
+        tiles: bool,
+        space: &mut OperandParts<'a>,
+    ) -> Self {
+        let mut bf16: &'a [u16] = &[];
         #[cfg(target_arch = "x86_64")]
         if tiles
             && isa == Isa::Avx512Bf16
@@ -286,12 +342,17 @@ impl<'a> XOperand<'a> {
             && m <= TILE_MAX_M
             && !cpu::dot_rows_serve_m(isa, m)
         {
-            bf16 = scratch::take(cpu::avx512bf16::prepared_len(m, k));
+            let out = carve(&mut space.0, cpu::avx512bf16::prepared_len(m, k));
             // SAFETY: the ISA was detected; the length is the prepared length.
-            unsafe { cpu::avx512bf16::prepare_x(x, m, k, &mut bf16) };
+            unsafe { cpu::avx512bf16::prepare_x(x, m, k, out) };
+            bf16 = out;
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = tiles;
+        let mut dot: &'a [f32] = &[];
+        if tiles && cpu::dot_rows_serve_m(isa, m) {
+            let out = carve(&mut space.1, cpu::dot_prepared_len(m, k));
+            cpu::dot_prepare_x(isa, x, m, k, out);
+            dot = out;
+        }
         Self {
             isa,
             x,
@@ -299,11 +360,7 @@ impl<'a> XOperand<'a> {
             k,
             bf16,
             packed: OnceLock::new(),
-            dot: if tiles && cpu::dot_rows_serve_m(isa, m) {
-                cpu::dot_prepare_x(isa, x, m, k)
-            } else {
-                scratch::empty()
-            },
+            dot,
         }
     }
 
@@ -312,14 +369,14 @@ impl<'a> XOperand<'a> {
         debug_assert_eq!(w.cols, self.k);
         let cols = n1 - n0;
         if !self.dot.is_empty() && cpu::dot_serves(self.isa, self.m, w) {
-            cpu::dot_rows(self.isa, &self.dot, self.m, w, n0, n1, out, cols);
+            cpu::dot_rows(self.isa, self.dot, self.m, w, n0, n1, out, cols);
             return;
         }
         #[cfg(target_arch = "x86_64")]
         if !self.bf16.is_empty() && cpu::bf16_tiles_serve(w) {
             out.fill(0.0);
             // SAFETY: bf16 is prepared only on a CPU with the ISA; the tiles serve w.
-            unsafe { cpu::avx512bf16::rows(&self.bf16, self.m, w, n0, n1, out, cols) };
+            unsafe { cpu::avx512bf16::rows(self.bf16, self.m, w, n0, n1, out, cols) };
             return;
         }
         if self.m <= STREAM_MAX_M {

@@ -11,7 +11,9 @@
 
 use crate::cpu::{self, Isa, SyncPtr};
 use crate::error::{Result, shape};
-use crate::gemm::{Epilogue, XOperand, col_chunk, silu_mul_inplace, with_tile, write_tile};
+use crate::gemm::{
+    Epilogue, OperandSpace, XOperand, col_chunk, silu_mul_inplace, with_tile, write_tile,
+};
 use crate::pool::parallel_for;
 use crate::scratch::{self, Scratch};
 use crate::weight::Weight;
@@ -145,6 +147,27 @@ pub fn grouped_ffn_with(
     if live.is_empty() {
         return Ok(());
     }
+    // Room for both phases' prepared operands, sized by the rows and the widest operand, not by
+    // how the rows split into groups (which changes with the routing at every step).
+    let tiles_of = |e: &ExpertWeights, down: bool| {
+        if down {
+            cpu::bf16_tiles_serve(&e.down)
+        } else {
+            cpu::bf16_tiles_serve(&e.gate) && cpu::bf16_tiles_serve(&e.up)
+        }
+    };
+    let any_tiles = |down: bool| {
+        live.iter()
+            .any(|&gi| tiles_of(&experts[groups[gi].expert], down))
+    };
+    let max_inter = live
+        .iter()
+        .map(|&gi| experts[groups[gi].expert].gate.rows)
+        .max()
+        .unwrap_or(0);
+    let mut space1 = OperandSpace::for_rows(isa, rows, hidden, any_tiles(false));
+    let mut space2 = OperandSpace::for_rows(isa, rows, max_inter, any_tiles(true));
+    let (mut parts1, mut parts2) = (space1.parts(), space2.parts());
     let (mut xa, mut ha) = OPERANDS
         .try_with(|o| std::mem::take(&mut *o.borrow_mut()))
         .unwrap_or_default();
@@ -152,19 +175,18 @@ pub fn grouped_ffn_with(
     let mut ha: Vec<XOperand> = scratch::recycle(std::mem::take(&mut ha));
 
     // Phase 1: h_g = SiLU(x_g·W_gateᵀ) ⊙ (x_g·W_upᵀ), tasks over (group, inter columns). The
-    // operands are prepared here, on the calling thread, which also drops them: their scratch
-    // buffers stay on this thread's list instead of travelling from the workers' lists to it
-    // (the workers would then allocate anew; preparing x is a small part of the call).
+    // operands are prepared here, on the calling thread (preparing x is a small part of the
+    // call).
     xa.extend(live.iter().map(|&gi| {
         let r = &groups[gi].rows;
         let e = &experts[groups[gi].expert];
-        let tiles = cpu::bf16_tiles_serve(&e.gate) && cpu::bf16_tiles_serve(&e.up);
         XOperand::new(
             isa,
             &x[r.start * hidden..r.end * hidden],
             r.len(),
             hidden,
-            tiles,
+            tiles_of(e, false),
+            &mut parts1,
         )
     }));
     // The intermediate activations, in a per-thread buffer kept across calls: a fresh one of a
@@ -202,7 +224,7 @@ pub fn grouped_ffn_with(
         let e = &experts[groups[gi].expert];
         let m = groups[gi].rows.len();
         let hs = &h[h_off[gi]..h_off[gi] + m * e.gate.rows];
-        XOperand::new(isa, hs, m, e.gate.rows, cpu::bf16_tiles_serve(&e.down))
+        XOperand::new(isa, hs, m, e.gate.rows, tiles_of(e, true), &mut parts2)
     }));
     let yp = SyncPtr(y.as_mut_ptr());
     let tasks = group_tasks(live, groups, |gi| {

@@ -1,11 +1,11 @@
-//! The model's hot path allocates nothing of its own once the engine's buffers have seen a
-//! step of the same shape (issue 9, item 5), and reusing those buffers gives the same logits as
-//! fresh ones.
+//! The hot path of a step allocates nothing once the engine's buffers have seen a step of the
+//! same shape (issue 9, item 5), and reusing those buffers gives the same logits as fresh ones.
 //!
-//! A counting global allocator counts the allocations of the test's thread while armed. The
-//! backend's operations and the routed experts are wrapped so that counting pauses inside
-//! them: what they allocate is theirs (kernels' task lists, grouped-MoE row buffers), and
-//! what is left is exactly the model's own code — `Model::forward_into` between those calls.
+//! A counting global allocator counts every thread's allocations while armed: the model's
+//! own code, the backend's operations and the kernel threads they run on, and the in-process
+//! experts. To count nothing but the step, the counting test runs alone in a child process
+//! (this test binary, started again with a filter). Each allocation is charged to the
+//! operation running when it was made, so a failure names where it allocated.
 
 use crate::fixtures::fixture_dir;
 use shardseek_kernels::gate::Routing;
@@ -21,20 +21,34 @@ use shardseek_worker::kv::SeqCache;
 use shardseek_worker::model::{ForwardScratch, Mlp, Model, SeqInput};
 use shardseek_worker::weights::{Linear, Store};
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::cell::Cell;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 struct Counting;
 
-thread_local! {
-    static ARMED: Cell<bool> = const { Cell::new(false) };
-    static COUNT: Cell<u64> = const { Cell::new(0) };
-}
+/// What can be charged: the model's own code (0), then each operation.
+const OPS: [&str; 12] = [
+    "model",
+    "embed",
+    "linear",
+    "linear_heads",
+    "rms_norm",
+    "rope",
+    "gather_cols",
+    "add",
+    "mla_decode",
+    "mla_prefill",
+    "mlp|moe",
+    "experts",
+];
+static ARMED: AtomicBool = AtomicBool::new(false);
+/// The operation running now (one step at a time runs in the counting process).
+static OP: AtomicUsize = AtomicUsize::new(0);
+static COUNTS: [AtomicU64; OPS.len()] = [const { AtomicU64::new(0) }; OPS.len()];
 
 fn note() {
-    // try_with: the allocator also runs while thread-locals are being torn down.
-    if ARMED.try_with(Cell::get).unwrap_or(false) {
-        let _ = COUNT.try_with(|c| c.set(c.get() + 1));
+    if ARMED.load(Ordering::Relaxed) {
+        COUNTS[OP.load(Ordering::Relaxed)].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -67,27 +81,39 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-/// Counts this thread's allocations made by `f` outside the paused regions.
-fn allocations_of<R>(f: impl FnOnce() -> R) -> (R, u64) {
-    COUNT.with(|c| c.set(0));
-    ARMED.with(|a| a.set(true));
+/// Allocations `f` made, per operation (`(name, count)` of those that allocated).
+fn allocations_of<R>(f: impl FnOnce() -> R) -> (R, Vec<(&'static str, u64)>) {
+    for c in &COUNTS {
+        c.store(0, Ordering::SeqCst);
+    }
+    ARMED.store(true, Ordering::SeqCst);
     let r = f();
-    ARMED.with(|a| a.set(false));
-    (r, COUNT.with(Cell::get))
+    ARMED.store(false, Ordering::SeqCst);
+    let counts = OPS
+        .iter()
+        .zip(&COUNTS)
+        .map(|(&n, c)| (n, c.load(Ordering::SeqCst)))
+        .filter(|&(_, c)| c > 0)
+        .collect();
+    (r, counts)
 }
 
-/// Counting is off while one lives (inside a backend operation or the experts).
-struct Paused(bool);
+/// Charges allocations to operation `OPS[i]` while it lives.
+struct Charged(usize);
 
-impl Paused {
-    fn new() -> Self {
-        Paused(ARMED.with(|a| a.replace(false)))
+impl Charged {
+    fn op(name: &str) -> Self {
+        let i = OPS
+            .iter()
+            .position(|&n| n == name)
+            .expect("a known operation");
+        Charged(OP.swap(i, Ordering::SeqCst))
     }
 }
 
-impl Drop for Paused {
+impl Drop for Charged {
     fn drop(&mut self) {
-        ARMED.with(|a| a.set(self.0));
+        OP.store(self.0, Ordering::SeqCst);
     }
 }
 
@@ -114,12 +140,12 @@ impl Backend for Outside {
     }
 
     fn embed(&self, table: &PreparedWeight, tokens: &[u32], out: &mut [f32]) -> Result<()> {
-        let _p = Paused::new();
+        let _p = Charged::op("embed");
         self.0.embed(table, tokens, out)
     }
 
     fn linear(&self, x: &[f32], m: usize, w: &PreparedWeight, y: &mut [f32]) -> Result<()> {
-        let _p = Paused::new();
+        let _p = Charged::op("linear");
         self.0.linear(x, m, w, y)
     }
 
@@ -132,12 +158,12 @@ impl Backend for Outside {
         ws: &[PreparedWeight],
         y: &mut [f32],
     ) -> Result<()> {
-        let _p = Paused::new();
+        let _p = Charged::op("linear_heads");
         self.0.linear_heads(x, rows, x_stride, x_off, ws, y)
     }
 
     fn rms_norm(&self, x: &mut [f32], stride: usize, w: &[f32], eps: f32) -> Result<()> {
-        let _p = Paused::new();
+        let _p = Charged::op("rms_norm");
         self.0.rms_norm(x, stride, w, eps)
     }
 
@@ -150,7 +176,7 @@ impl Backend for Outside {
         off: usize,
         positions: &[usize],
     ) -> Result<()> {
-        let _p = Paused::new();
+        let _p = Charged::op("rope");
         self.0.rope(rope, x, heads, stride, off, positions)
     }
 
@@ -162,12 +188,12 @@ impl Backend for Outside {
         len: usize,
         dst: &mut [f32],
     ) -> Result<()> {
-        let _p = Paused::new();
+        let _p = Charged::op("gather_cols");
         self.0.gather_cols(src, stride, off, len, dst)
     }
 
     fn add(&self, x: &mut [f32], y: &[f32]) -> Result<()> {
-        let _p = Paused::new();
+        let _p = Charged::op("add");
         self.0.add(x, y)
     }
 
@@ -181,7 +207,7 @@ impl Backend for Outside {
         scale: f32,
         out: &mut [f32],
     ) -> Result<()> {
-        let _p = Paused::new();
+        let _p = Charged::op("mla_decode");
         self.0
             .mla_decode(cache, seqs, heads, q_abs, q_pe, scale, out)
     }
@@ -197,7 +223,7 @@ impl Backend for Outside {
         scale: f32,
         out: &mut [f32],
     ) -> Result<()> {
-        let _p = Paused::new();
+        let _p = Charged::op("mla_prefill");
         self.0
             .mla_prefill(cache, seq, start, heads, q, w, scale, out)
     }
@@ -210,7 +236,7 @@ impl Backend for Outside {
         accumulate: bool,
         y: &mut [f32],
     ) -> Result<()> {
-        let _p = Paused::new();
+        let _p = Charged::op("mlp|moe");
         self.0.mlp(x, m, w, accumulate, y)
     }
 
@@ -222,7 +248,7 @@ impl Backend for Outside {
         row_weight: &[f32],
         y: &mut [f32],
     ) -> Result<()> {
-        let _p = Paused::new();
+        let _p = Charged::op("mlp|moe");
         self.0.moe(x, hidden, groups, row_weight, y)
     }
 }
@@ -232,7 +258,7 @@ struct OutsideExperts(LocalExperts);
 
 impl RoutedExperts for OutsideExperts {
     fn start(&self, layer: usize, rows: &[f32], routing: &[Routing]) -> Result<PendingExperts> {
-        let _p = Paused::new();
+        let _p = Charged::op("experts");
         self.0.start(layer, rows, routing)
     }
 
@@ -243,7 +269,7 @@ impl RoutedExperts for OutsideExperts {
         routing: &[Routing],
         shared: Option<&Mlp>,
     ) -> Result<(PendingExperts, bool)> {
-        let _p = Paused::new();
+        let _p = Charged::op("experts");
         self.0.start_with_shared(layer, rows, routing, shared)
     }
 }
@@ -276,18 +302,63 @@ fn inputs<'a>(caches: &'a mut [SeqCache], toks: &'a [Vec<u32>]) -> Vec<SeqInput<
         .collect()
 }
 
-/// After one warm-up step of each shape, decode steps and mixed (prefill chunk + decode) steps
-/// make no allocation in the model's own code.
+/// Set in the child process that runs [`steps_allocate_nothing_in_a_quiet_process`].
+const CHILD: &str = "SHARDSEEK_ALLOC_CHILD";
+
+/// Runs the counting test alone in a child process: the allocator counts every thread, so no
+/// other test may run beside it.
 #[test]
 fn forward_into_allocates_nothing_once_warm() {
+    let name = "alloc::steps_allocate_nothing_in_a_quiet_process";
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            name,
+            "--exact",
+            "--ignored",
+            "--test-threads=1",
+            "--nocapture",
+        ])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "the counting process failed:\n{text}");
+    assert!(
+        text.contains("1 passed"),
+        "the counting test did not run:\n{text}"
+    );
+}
+
+/// After warm-up steps of each shape, decode steps and mixed (prefill chunk + decode) steps
+/// make no allocation in the model's own code, and almost none on any thread: the backend's
+/// operations, the kernel threads they run on and the in-process experts take their buffers
+/// from the kernels' scratch lists. What remains is a kernel thread meeting a buffer size
+/// class for the first time (which thread runs which task changes from step to step; a team
+/// worker may win its first task of some small operation only after many steps): at most
+/// [`MAX_PER_STEP`] allocations per step on average over [`COUNTED`] steps, where a decode step
+/// made over a hundred before the scratch lists. (Runs of this test alone: 0 in 96–97% of
+/// warm steps.)
+#[test]
+#[ignore = "run alone, in its own process, by forward_into_allocates_nothing_once_warm"]
+fn steps_allocate_nothing_in_a_quiet_process() {
+    assert!(
+        std::env::var_os(CHILD).is_some(),
+        "counts every thread: run it through forward_into_allocates_nothing_once_warm"
+    );
     let model = instrumented_model();
     let v = model.cfg.vocab_size as u32;
-    let mut pool = model.new_pool(1024);
+    let mut pool = model.new_pool(4096);
     let mut sc = ForwardScratch::default();
     let mut caches = vec![SeqCache::default(); 3];
     // Prefill three prompts of different lengths in one step (the largest shape first, so the
-    // later steps fit the buffers it grew).
-    let prompts: Vec<Vec<u32>> = [(1, 40), (2, 23), (3, 17)]
+    // later steps fit the buffers it grew). The first is long enough that the 30 mixed steps'
+    // chunks stay within the block list it already has room for: a sequence's block list
+    // growing is the sequence's, not the step's.
+    let prompts: Vec<Vec<u32>> = [(1, 600), (2, 23), (3, 17)]
         .iter()
         .map(|&(s, n)| prompt(s, n, v))
         .collect();
@@ -300,22 +371,43 @@ fn forward_into_allocates_nothing_once_warm() {
         allocations_of(|| model.forward_into(&mut pool, &mut batch, &mut sc).unwrap()).1
     };
     let decode: Vec<Vec<u32>> = (0..3).map(|i| vec![(i * 11 + 5) % v]).collect();
-    step(&mut caches, &decode); // warm-up of the decode shape
-    for k in 0..3 {
-        let n = step(&mut caches, &decode);
-        assert_eq!(n, 0, "decode step {k} allocated {n} times in the model");
-    }
     // A mixed step: a 9-token chunk for the first sequence, one token for the others.
     let mixed = vec![prompt(9, 9, v), vec![7], vec![8]];
-    step(&mut caches, &mixed);
-    let n = step(&mut caches, &mixed);
-    assert_eq!(n, 0, "a mixed step allocated {n} times in the model");
-    // The counter does see the model's allocations: the convenience `forward`, whose buffers
-    // are new at every call, is counted.
+    for (what, toks) in [("decode", &decode), ("mixed", &mixed)] {
+        for _ in 0..WARM_UP {
+            step(&mut caches, toks);
+        }
+        let mut total = 0;
+        for k in 0..COUNTED {
+            let n = step(&mut caches, toks);
+            let model_own: u64 = n.iter().filter(|(op, _)| *op == "model").map(|c| c.1).sum();
+            assert_eq!(
+                model_own, 0,
+                "{what} step {k}: the model's own code allocated: {n:?}"
+            );
+            total += n.iter().map(|c| c.1).sum::<u64>();
+        }
+        assert!(
+            total <= MAX_PER_STEP * COUNTED as u64,
+            "{what} steps allocated {total} times in {COUNTED} steps"
+        );
+    }
+    // The counter does see allocations: the convenience `forward`, whose buffers are new at
+    // every call, is counted.
     let mut batch = inputs(&mut caches, &decode);
     let (_, n) = allocations_of(|| model.forward(&mut pool, &mut batch).unwrap());
-    assert!(n > 0, "forward with fresh buffers counted no allocation");
+    assert!(
+        n.iter().any(|&(op, _)| op == "model"),
+        "forward with fresh buffers counted no allocation: {n:?}"
+    );
 }
+
+/// Steps of a shape before counting.
+const WARM_UP: usize = 10;
+/// Steps of a shape counted.
+const COUNTED: usize = 20;
+/// Allocations a warm step may make on average (kernel threads' first buffers of a class).
+const MAX_PER_STEP: u64 = 2;
 
 /// Buffers reused after steps of other shapes hold stale values; the logits must not see them.
 #[test]
