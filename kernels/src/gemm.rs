@@ -116,7 +116,7 @@ pub fn matmul_with(
         return Ok(());
     }
     let tiles = cpu::bf16_tiles_serve(w);
-    let mut space = OperandSpace::for_rows(isa, m, w.cols, tiles);
+    let mut space = OperandSpace::new(XOperand::needs(isa, m, w.cols, tiles));
     let a = XOperand::new(isa, x, m, w.cols, tiles, &mut space.parts());
     let n = w.rows;
     let yp = SyncPtr(y.as_mut_ptr());
@@ -148,7 +148,7 @@ pub fn silu_mul_with(
         return Ok(());
     }
     let tiles = cpu::bf16_tiles_serve(gate) && cpu::bf16_tiles_serve(up);
-    let mut space = OperandSpace::for_rows(isa, m, gate.cols, tiles);
+    let mut space = OperandSpace::new(XOperand::needs(isa, m, gate.cols, tiles));
     let a = XOperand::new(isa, x, m, gate.cols, tiles, &mut space.parts());
     let n = gate.rows;
     let yp = SyncPtr(y.as_mut_ptr());
@@ -255,10 +255,9 @@ pub(crate) unsafe fn write_tile(
 }
 
 /// Room for the prepared forms of operands (the bf16 parts and the dot layout of x), carved by
-/// [`XOperand::new`] from two scratch buffers. Both forms are linear in the rows, so the room
-/// for `rows` rows in all does not depend on how they split into operands: a grouped-MoE call
-/// asks for the same sizes at every step of one batch shape, whatever the routing, and so
-/// never allocates once warm.
+/// [`XOperand::new`] from two scratch buffers: one pair of buffers for all the operands of a
+/// call (a grouped-MoE call has one per expert group), so that the call takes two buffers, not
+/// two per group, and their size classes change only when the total crosses a power of two.
 pub(crate) struct OperandSpace {
     bf16: Scratch<u16>,
     dot: Scratch<f32>,
@@ -268,24 +267,9 @@ pub(crate) struct OperandSpace {
 pub(crate) type OperandParts<'s> = (&'s mut [u16], &'s mut [f32]);
 
 impl OperandSpace {
-    /// Room for operands of `rows` rows in all, of `k` columns each (at most: an operand of
-    /// fewer columns takes less). Without `tiles` no operand is prepared. The contents are
-    /// stale: each operand writes all of its part.
-    pub(crate) fn for_rows(isa: Isa, rows: usize, k: usize, tiles: bool) -> Self {
-        let bf16 = if tiles && isa == Isa::Avx512Bf16 {
-            #[cfg(target_arch = "x86_64")]
-            let n = cpu::avx512bf16::prepared_len(rows, k);
-            #[cfg(not(target_arch = "x86_64"))]
-            let n = 0;
-            n
-        } else {
-            0
-        };
-        let dot = if tiles && cpu::dot_rows_serve_m(isa, cpu::DOT_MIN_M) {
-            cpu::dot_prepared_len(rows, k)
-        } else {
-            0
-        };
+    /// Room for the operands whose needs ([`XOperand::needs`]) add up to `(bf16, dot)`. The
+    /// contents are stale: each operand writes all of its part.
+    pub(crate) fn new((bf16, dot): (usize, usize)) -> Self {
         OperandSpace {
             bf16: scratch::stale(bf16),
             dot: scratch::stale(dot),
@@ -325,6 +309,27 @@ impl<'a> XOperand<'a> {
     /// `tiles`: the weights this operand meets are served by the bf16 tiles (FP8, BF16: then,
     /// on [`Isa::Avx512Bf16`] and for row counts the dot tiles do not take, x is prepared for
     /// them; other weights still work, through the f32 paths).
+    /// What [`XOperand::new`] carves from an [`OperandSpace`] for `m` rows of `k` columns:
+    /// (bf16 parts, dot layout) values.
+    pub(crate) fn needs(isa: Isa, m: usize, k: usize, tiles: bool) -> (usize, usize) {
+        let mut bf16 = 0;
+        #[cfg(target_arch = "x86_64")]
+        if tiles
+            && isa == Isa::Avx512Bf16
+            && m > 0
+            && m <= TILE_MAX_M
+            && !cpu::dot_rows_serve_m(isa, m)
+        {
+            bf16 = cpu::avx512bf16::prepared_len(m, k);
+        }
+        let dot = if tiles && cpu::dot_rows_serve_m(isa, m) {
+            cpu::dot_prepared_len(m, k)
+        } else {
+            0
+        };
+        (bf16, dot)
+    }
+
     /// The prepared forms are carved from `space` (an [`OperandSpace`] with room for them).
     pub(crate) fn new(
         isa: Isa,

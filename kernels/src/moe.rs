@@ -147,8 +147,7 @@ pub fn grouped_ffn_with(
     if live.is_empty() {
         return Ok(());
     }
-    // Room for both phases' prepared operands, sized by the rows and the widest operand, not by
-    // how the rows split into groups (which changes with the routing at every step).
+    // Room for both phases' prepared operands: one pair of buffers per phase for all groups.
     let tiles_of = |e: &ExpertWeights, down: bool| {
         if down {
             cpu::bf16_tiles_serve(&e.down)
@@ -156,17 +155,19 @@ pub fn grouped_ffn_with(
             cpu::bf16_tiles_serve(&e.gate) && cpu::bf16_tiles_serve(&e.up)
         }
     };
-    let any_tiles = |down: bool| {
-        live.iter()
-            .any(|&gi| tiles_of(&experts[groups[gi].expert], down))
+    let needs = |down: bool| {
+        live.iter().fold((0, 0), |(b, d), &gi| {
+            let e = &experts[groups[gi].expert];
+            let (m, k) = (
+                groups[gi].rows.len(),
+                if down { e.gate.rows } else { hidden },
+            );
+            let (nb, nd) = XOperand::needs(isa, m, k, tiles_of(e, down));
+            (b + nb, d + nd)
+        })
     };
-    let max_inter = live
-        .iter()
-        .map(|&gi| experts[groups[gi].expert].gate.rows)
-        .max()
-        .unwrap_or(0);
-    let mut space1 = OperandSpace::for_rows(isa, rows, hidden, any_tiles(false));
-    let mut space2 = OperandSpace::for_rows(isa, rows, max_inter, any_tiles(true));
+    let mut space1 = OperandSpace::new(needs(false));
+    let mut space2 = OperandSpace::new(needs(true));
     let (mut parts1, mut parts2) = (space1.parts(), space2.parts());
     let (mut xa, mut ha) = OPERANDS
         .try_with(|o| std::mem::take(&mut *o.borrow_mut()))
