@@ -231,20 +231,13 @@ fn up_restarts_a_killed_shard_the_affected_request_fails_and_up_serves_again() {
     lines.extend(more);
 
     // Requests succeed again once it is back.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match stream_completion(&addr, &[1, 2, 3], 8) {
-            Ok(t) => {
-                assert_eq!(t.len(), 8);
-                break;
-            }
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(e) => panic!("the restarted shard did not rejoin: {e}"),
-        }
-    }
+    completes_within_30s(
+        &addr,
+        &[1, 2, 3],
+        8,
+        "the restarted shard did not rejoin",
+        |_| {},
+    );
     let text = http_get(&metrics, "/metrics").expect("supervisor metrics");
     assert_eq!(
         sample(
@@ -324,20 +317,13 @@ fn without_redundancy_a_killed_shard_fails_only_the_requests_routed_to_it() {
         up.child.try_wait().is_ok_and(|s| s.is_none()),
         "up exited after a shard died"
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match stream_completion(&addr, &[1, 2, 3], 8) {
-            Ok(t) => {
-                assert_eq!(t.len(), 8);
-                break;
-            }
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(e) => panic!("the restarted shard did not rejoin: {e}"),
-        }
-    }
+    completes_within_30s(
+        &addr,
+        &[1, 2, 3],
+        8,
+        "the restarted shard did not rejoin",
+        |_| {},
+    );
     drop(up);
 }
 
@@ -475,23 +461,12 @@ fn a_shard_restarted_after_a_rebalance_comes_back_on_the_new_table() {
         "[supervisor] expert-1 is ready again",
         Duration::from_secs(60),
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match stream_completion(&addr, &prompt, 24) {
-            Ok(t) => {
-                assert_eq!(t.len(), 24);
-                break;
-            }
-            Err(e) if Instant::now() < deadline => {
-                assert!(
-                    !e.contains("stale placement"),
-                    "restarted on an old table: {e}"
-                );
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(e) => panic!("no success after the restart: {e}"),
-        }
-    }
+    completes_within_30s(&addr, &prompt, 24, "no success after the restart", |e| {
+        assert!(
+            !e.contains("stale placement"),
+            "restarted on an old table: {e}"
+        )
+    });
     // Several requests in a row: the restarted shard serves the new version's experts.
     for _ in 0..3 {
         stream_completion(&addr, &prompt, 24).expect("after the restart");
@@ -532,22 +507,35 @@ fn a_shard_on_an_older_table_is_brought_back_by_the_next_round() {
     }
     // The next round (which may also publish a version for the load of the failed requests).
     http_post(&metrics, "/rebalance").expect("rebalance");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match stream_completion(&addr, &prompt, 24) {
-            Ok(t) => {
-                assert_eq!(t.len(), 24);
-                break;
-            }
-            Err(e) if Instant::now() < deadline => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(e) => panic!("shard 1 was not brought back to version 2: {e}"),
-        }
-    }
+    completes_within_30s(
+        &addr,
+        &prompt,
+        24,
+        "shard 1 was not brought back to version 2",
+        |_| {},
+    );
     for _ in 0..3 {
         stream_completion(&addr, &prompt, 24).expect("after the reconcile");
     }
     drop(up);
+}
+
+/// Streams `n` tokens of `prompt` until a request succeeds, retrying for 30 s (a restarted
+/// shard rejoins within that). `on_error` sees every failed try before the retry and may
+/// assert on it; past the deadline the test fails with `what` and the last error.
+fn completes_within_30s(addr: &str, prompt: &[u32], n: usize, what: &str, on_error: impl Fn(&str)) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match stream_completion(addr, prompt, n) {
+            Ok(t) => {
+                assert_eq!(t.len(), n);
+                return;
+            }
+            Err(e) if Instant::now() < deadline => {
+                on_error(&e);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
 }

@@ -685,67 +685,137 @@ fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// The operator against the fake API server, with a kubelet running its pods as processes, on
+/// a generated tiny model. Dropping it stops the node (every pod process killed) and the
+/// controller, however the test ends.
+struct OperatorE2e {
+    model_path: String,
+    rt: tokio::runtime::Runtime,
+    fake: Arc<FakeApi>,
+    ctx: Arc<Context>,
+    metrics: Arc<Metrics>,
+    kubelet: Arc<Kubelet>,
+    node: Option<NodeGuard>,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    controller: Option<tokio::task::JoinHandle<()>>,
+    _model: tempfile::TempDir,
+    _root: tempfile::TempDir,
+}
+
+impl OperatorE2e {
+    /// None (the test skips) where mount namespaces are missing and not required.
+    fn start() -> Option<Self> {
+        if !namespaces_available() {
+            assert!(
+                std::env::var_os("SHARDSEEK_REQUIRE_NAMESPACES").is_none(),
+                "this test needs mount namespaces (root) and SHARDSEEK_REQUIRE_NAMESPACES is set"
+            );
+            eprintln!(
+                "skipped: mount namespaces (root) are needed to give each pod its /etc/hosts"
+            );
+            return None;
+        }
+        let model = common::tiny("fp8");
+        let model_path = model.path().to_string_lossy().to_string();
+        let root = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // kube's Client spawns its buffer task on the current runtime.
+        let runtime = rt.enter();
+        let fake = Arc::new(rt.block_on(FakeApi::start()));
+        let settings = ControllerSettings {
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(5),
+            resync: Duration::from_secs(2),
+            reporter_instance: Some("e2e".into()),
+        };
+        let metrics = Arc::new(Metrics::new().unwrap());
+        let ctx = Context::new(fake.client(), metrics.clone(), settings);
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let controller = rt.spawn(run_controller(ctx.clone(), Some(NS.into()), async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        }));
+        let kubelet = Kubelet::new(fake.clone(), root.path());
+        let node = NodeGuard(kubelet.clone(), Some(kubelet.clone().run()));
+        drop(runtime);
+        Some(OperatorE2e {
+            model_path,
+            rt,
+            fake,
+            ctx,
+            metrics,
+            kubelet,
+            node: Some(node),
+            stop_tx,
+            controller: Some(controller),
+            _model: model,
+            _root: root,
+        })
+    }
+
+    /// Creates the DeepSeekDeployment `NAME` of the tiny model with `experts` as its experts
+    /// spec, and waits until the operator reports it Available.
+    fn create_tiny(&self, experts: Value) {
+        let _runtime = self.rt.enter();
+        let api: Api<DeepSeekDeployment> = Api::namespaced(self.fake.client(), NS);
+        let path = &self.model_path;
+        let dsd: DeepSeekDeployment = serde_json::from_value(json!({
+            "apiVersion": "shardseek.io/v1alpha1",
+            "kind": "DeepSeekDeployment",
+            "metadata": {"name": NAME, "namespace": NS},
+            "spec": {
+                "image": "ghcr.io/shardseek/shardseek:0.1.0",
+                "model": {"servedName": "tiny-moe", "path": path, "volume": {"hostPath": {"path": path}}},
+                "attention": {"replicas": 1, "maxBatchTokens": 512, "maxSeqLen": 1024},
+                "experts": experts,
+                "router": {"replicas": 1}
+            }
+        }))
+        .unwrap();
+        self.rt
+            .block_on(api.create(&PostParams::default(), &dsd))
+            .expect("create");
+        wait_for("the deployment to be Available", || {
+            self.fake
+                .get("shardseek.io/v1alpha1/deepseekdeployments", NS, NAME)
+                .and_then(|d| d.pointer("/status/phase").cloned())
+                == Some(json!("Available"))
+        });
+    }
+}
+
+impl Drop for OperatorE2e {
+    fn drop(&mut self) {
+        drop(self.node.take());
+        let _ = self.stop_tx.send(true);
+        if let Some(controller) = self.controller.take() {
+            self.rt.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_secs(20), controller).await;
+            });
+        }
+    }
+}
+
 #[test]
 fn operator_pods_run_as_processes() {
     let _serial = serial();
-    if !namespaces_available() {
-        assert!(
-            std::env::var_os("SHARDSEEK_REQUIRE_NAMESPACES").is_none(),
-            "this test needs mount namespaces (root) and SHARDSEEK_REQUIRE_NAMESPACES is set"
-        );
-        eprintln!("skipped: mount namespaces (root) are needed to give each pod its /etc/hosts");
+    let Some(e2e) = OperatorE2e::start() else {
         return;
-    }
-    let model = common::tiny("fp8");
-    let model_path = model.path().to_string_lossy().to_string();
-    let root = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    };
+    let (rt, fake, kubelet) = (&e2e.rt, &e2e.fake, &e2e.kubelet);
     // kube's Client spawns its buffer task on the current runtime.
     let _runtime = rt.enter();
-    let fake = Arc::new(rt.block_on(FakeApi::start()));
-    let settings = ControllerSettings {
-        backoff_base: Duration::from_millis(200),
-        backoff_max: Duration::from_secs(5),
-        resync: Duration::from_secs(2),
-        reporter_instance: Some("e2e".into()),
-    };
-    let ctx = Context::new(fake.client(), Arc::new(Metrics::new().unwrap()), settings);
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let controller = rt.spawn(run_controller(ctx, Some(NS.into()), async move {
-        let _ = stop_rx.wait_for(|s| *s).await;
-    }));
-    let kubelet = Kubelet::new(fake.clone(), root.path());
-    // Stops the node (every pod process killed) however the test ends.
-    let _node = NodeGuard(kubelet.clone(), Some(kubelet.clone().run()));
 
-    // 1. Apply a DeepSeekDeployment.
+    // 1. Apply a DeepSeekDeployment; 2. pods start and the operator reports Available.
     let api: Api<DeepSeekDeployment> = Api::namespaced(fake.client(), NS);
-    let dsd: DeepSeekDeployment = serde_json::from_value(json!({
-        "apiVersion": "shardseek.io/v1alpha1",
-        "kind": "DeepSeekDeployment",
-        "metadata": {"name": NAME, "namespace": NS},
-        "spec": {
-            "image": "ghcr.io/shardseek/shardseek:0.1.0",
-            "model": {"servedName": "tiny-moe", "path": model_path, "volume": {"hostPath": {"path": model_path}}},
-            "attention": {"replicas": 1, "maxBatchTokens": 512, "maxSeqLen": 1024},
-            "experts": {"shards": 2},
-            "router": {"replicas": 1}
-        }
-    }))
-    .unwrap();
-    rt.block_on(api.create(&PostParams::default(), &dsd))
-        .expect("create");
-
-    // 2. Pods start; the operator reports Available.
+    e2e.create_tiny(json!({"shards": 2}));
     let available = || {
         fake.get("shardseek.io/v1alpha1/deepseekdeployments", NS, NAME)
             .and_then(|d| d.pointer("/status/phase").cloned())
             == Some(json!("Available"))
     };
-    wait_for("the deployment to be Available", available);
     let router = format!(
         "{}:8080",
         kubelet
@@ -857,7 +927,7 @@ fn operator_pods_run_as_processes() {
             .map(|i| k.starts_of(&format!("{NAME}-attention-{i}")))
             .sum::<u32>()
     };
-    let attention_before = attention_starts(&kubelet);
+    let attention_before = attention_starts(kubelet);
     let started = Instant::now();
     rt.block_on(api.patch(
         NAME,
@@ -872,7 +942,7 @@ fn operator_pods_run_as_processes() {
             && sts["status"]["currentRevision"] == sts["status"]["updateRevision"]
     };
     wait_for("the attention pods to roll", || {
-        attention_starts(&kubelet) >= attention_before + 2 && rolled()
+        attention_starts(kubelet) >= attention_before + 2 && rolled()
     });
     wait_for("Available after the rollout", available);
     let rollout = started.elapsed();
@@ -903,12 +973,6 @@ fn operator_pods_run_as_processes() {
             "{name} restarted by the rollout"
         );
     }
-
-    drop(_node);
-    let _ = stop_tx.send(true);
-    rt.block_on(async {
-        let _ = tokio::time::timeout(Duration::from_secs(20), controller).await;
-    });
 }
 
 /// The `shardseek_operator_rebalances_total` rounds of every outcome.
@@ -927,14 +991,9 @@ fn rounds(metrics: &Metrics) -> u64 {
 #[test]
 fn operator_rebalances_the_experts_of_running_pods() {
     let _serial = serial();
-    if !namespaces_available() {
-        assert!(
-            std::env::var_os("SHARDSEEK_REQUIRE_NAMESPACES").is_none(),
-            "this test needs mount namespaces (root) and SHARDSEEK_REQUIRE_NAMESPACES is set"
-        );
-        eprintln!("skipped: mount namespaces (root) are needed to give each pod its /etc/hosts");
+    let Some(e2e) = OperatorE2e::start() else {
         return;
-    }
+    };
     use kube::runtime::reflector::ObjectRef;
     use shardseek_proto::v1::expert_client::ExpertClient;
     use shardseek_proto::v1::placement_client::PlacementClient;
@@ -942,51 +1001,11 @@ fn operator_rebalances_the_experts_of_running_pods() {
     use shardseek_router::Placement;
     const DSD: &str = "shardseek.io/v1alpha1/deepseekdeployments";
 
-    let model = common::tiny("fp8");
-    let model_path = model.path().to_string_lossy().to_string();
-    let root = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (rt, fake, kubelet, ctx, metrics) =
+        (&e2e.rt, &e2e.fake, &e2e.kubelet, &e2e.ctx, &e2e.metrics);
     let _runtime = rt.enter();
-    let fake = Arc::new(rt.block_on(FakeApi::start()));
-    let settings = ControllerSettings {
-        backoff_base: Duration::from_millis(200),
-        backoff_max: Duration::from_secs(5),
-        resync: Duration::from_secs(2),
-        reporter_instance: Some("e2e".into()),
-    };
-    let metrics = Arc::new(Metrics::new().unwrap());
-    let ctx = Context::new(fake.client(), metrics.clone(), settings);
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let controller = rt.spawn(run_controller(ctx.clone(), Some(NS.into()), async move {
-        let _ = stop_rx.wait_for(|s| *s).await;
-    }));
-    let kubelet = Kubelet::new(fake.clone(), root.path());
-    let _node = NodeGuard(kubelet.clone(), Some(kubelet.clone().run()));
-
     let api: Api<DeepSeekDeployment> = Api::namespaced(fake.client(), NS);
-    let dsd: DeepSeekDeployment = serde_json::from_value(json!({
-        "apiVersion": "shardseek.io/v1alpha1",
-        "kind": "DeepSeekDeployment",
-        "metadata": {"name": NAME, "namespace": NS},
-        "spec": {
-            "image": "ghcr.io/shardseek/shardseek:0.1.0",
-            "model": {"servedName": "tiny-moe", "path": model_path, "volume": {"hostPath": {"path": model_path}}},
-            "attention": {"replicas": 1, "maxBatchTokens": 512, "maxSeqLen": 1024},
-            "experts": {"shards": 2, "rebalanceIntervalSeconds": 10},
-            "router": {"replicas": 1}
-        }
-    }))
-    .unwrap();
-    rt.block_on(api.create(&PostParams::default(), &dsd))
-        .expect("create");
-    wait_for("the deployment to be Available", || {
-        fake.get(DSD, NS, NAME)
-            .and_then(|d| d.pointer("/status/phase").cloned())
-            == Some(json!("Available"))
-    });
+    e2e.create_tiny(json!({"shards": 2, "rebalanceIntervalSeconds": 10}));
     let object = ObjectRef::<DeepSeekDeployment>::new(NAME).within(NS);
     wait_for("the rebalancer to start", || {
         ctx.rebalancers.is_running(&object)
@@ -1011,7 +1030,7 @@ fn operator_rebalances_the_experts_of_running_pods() {
         assert!(
             Instant::now() < deadline,
             "no placement was published; rounds {}; operator events {:?}; attention log:\n{}",
-            rounds(&metrics),
+            rounds(metrics),
             fake.objects("events.k8s.io/v1/events")
                 .iter()
                 .map(|e| e["note"].clone())
@@ -1100,7 +1119,7 @@ fn operator_rebalances_the_experts_of_running_pods() {
     assert!(version >= 2);
     eprintln!(
         "placement version {version} in force after {} rounds: shard 0 holds {:?}, shard 1 {:?}",
-        rounds(&metrics),
+        rounds(metrics),
         table.experts_of(0),
         table.experts_of(1)
     );
@@ -1149,7 +1168,7 @@ fn operator_rebalances_the_experts_of_running_pods() {
     wait_for("the rebalancer to stop", || {
         !ctx.rebalancers.is_running(&object)
     });
-    let counted = rounds(&metrics);
+    let counted = rounds(metrics);
     let kept = status_version();
     let quiet_until = Instant::now() + Duration::from_secs(12);
     while Instant::now() < quiet_until {
@@ -1157,7 +1176,7 @@ fn operator_rebalances_the_experts_of_running_pods() {
         assert_eq!(code, 200, "{body}");
     }
     assert_eq!(
-        rounds(&metrics),
+        rounds(metrics),
         counted,
         "a round ran after the field was removed"
     );
@@ -1185,12 +1204,6 @@ fn operator_rebalances_the_experts_of_running_pods() {
         .expect("delete");
     wait_for("the rebalancer of the deleted object to stop", || {
         !ctx.rebalancers.is_running(&object)
-    });
-
-    drop(_node);
-    let _ = stop_tx.send(true);
-    rt.block_on(async {
-        let _ = tokio::time::timeout(Duration::from_secs(20), controller).await;
     });
 }
 
