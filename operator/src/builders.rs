@@ -351,7 +351,9 @@ pub fn cluster_config(dsd: &DeepSeekDeployment) -> Result<ClusterConfig> {
                     KvOverflow::Refuse => cc::KvOverflow::Refuse,
                     KvOverflow::Cap => cc::KvOverflow::Cap,
                 },
+                gpu_memory_utilization: None,
             },
+            device: cc::Device::Cpu,
         },
         experts: cc::ExpertsConfig {
             shards,
@@ -366,6 +368,7 @@ pub fn cluster_config(dsd: &DeepSeekDeployment) -> Result<ClusterConfig> {
             // The operator runs the rebalancer; no worker reads the interval, so it stays out
             // of the config (and of the pods' config hashes: changing it rolls no pod).
             rebalance_interval_seconds: None,
+            device: cc::Device::Cpu,
         },
         router: cc::RouterConfig {
             http_port: cc::DEFAULT_ROUTER_HTTP_PORT,

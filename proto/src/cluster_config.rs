@@ -85,6 +85,62 @@ pub enum Transport {
     Nccl,
 }
 
+/// Where a role computes: `cpu`, or a CUDA device (`cuda` is `cuda:0`). Spelled the same in the
+/// cluster config, the CRD and the worker's `--device` flag.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Device {
+    /// The CPU kernels (AVX-512, AVX2 or portable, chosen at run time).
+    #[default]
+    Cpu,
+    /// CUDA device with this ordinal.
+    Cuda(u32),
+}
+
+impl Device {
+    /// Whether this is a GPU (the role needs an `nvidia.com/gpu` resource).
+    pub fn is_gpu(self) -> bool {
+        matches!(self, Self::Cuda(_))
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("`{s}` is not a device: use cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl Serialize for Device {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Device {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// The whole cluster as every process sees it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -141,6 +197,9 @@ pub struct AttentionConfig {
     /// The latent KV cache of each pod.
     #[serde(default)]
     pub kv_cache: KvCacheConfig,
+    /// Where attention pods compute.
+    #[serde(default)]
+    pub device: Device,
 }
 
 /// Element type of the latent KV cache.
@@ -189,7 +248,7 @@ impl KvOverflow {
 }
 
 /// The latent KV cache of an attention pod.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KvCacheConfig {
     /// Element type.
@@ -202,6 +261,11 @@ pub struct KvCacheConfig {
     /// When one `maxSeqLen` sequence does not fit.
     #[serde(default)]
     pub on_overflow: KvOverflow,
+    /// On a GPU: the fraction of the device's memory the pod may use (weights plus cache); the
+    /// cache gets what is left after the weights. Only valid with `attention.device` a GPU and
+    /// without `memoryBytes`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_memory_utilization: Option<f64>,
 }
 
 /// The expert shards.
@@ -219,6 +283,9 @@ pub struct ExpertsConfig {
     pub grpc_port: u16,
     /// Seconds between placement rebalances; `None` keeps the initial placement.
     pub rebalance_interval_seconds: Option<u32>,
+    /// Where expert shards compute.
+    #[serde(default)]
+    pub device: Device,
 }
 
 /// The router.
@@ -310,6 +377,26 @@ impl ClusterConfig {
                 ),
             );
         }
+        if let Some(u) = self.attention.kv_cache.gpu_memory_utilization {
+            if !(u > 0.0 && u <= 1.0) {
+                return invalid(
+                    "attention.kvCache.gpuMemoryUtilization",
+                    format!("{u} is not in (0, 1]"),
+                );
+            }
+            if !self.attention.device.is_gpu() {
+                return invalid(
+                    "attention.kvCache.gpuMemoryUtilization",
+                    "applies only when attention.device is a GPU".into(),
+                );
+            }
+            if self.attention.kv_cache.memory_bytes.is_some() {
+                return invalid(
+                    "attention.kvCache.gpuMemoryUtilization",
+                    "set either memoryBytes or gpuMemoryUtilization, not both".into(),
+                );
+            }
+        }
         if self.transport == Transport::Nccl {
             // Expert shards compute on CPUs and no worker opens an NCCL communicator yet:
             // refusing beats serving over gRPC while the config says NCCL.
@@ -374,6 +461,7 @@ impl ClusterConfig {
                     max_batch_tokens: 1,
                     max_seq_len: 1,
                     kv_cache: KvCacheConfig::default(),
+                    device: Device::default(),
                 };
                 // A shard learns its own id from its ordinal and listens on its port; the other
                 // shards' addresses are for attention pods.
@@ -387,12 +475,14 @@ impl ClusterConfig {
             Reader::Router => {
                 v.attention.max_batch_tokens = 1;
                 v.attention.kv_cache = KvCacheConfig::default();
+                v.attention.device = Device::default();
                 v.experts = ExpertsConfig {
                     shards: 0,
                     redundant_slots: 0,
                     addresses: Vec::new(),
                     grpc_port: 0,
                     rebalance_interval_seconds: None,
+                    device: Device::default(),
                 };
                 v.dispatch_dtype = DispatchDtype::default();
                 v.transport = Transport::default();
@@ -461,6 +551,7 @@ mod tests {
                 max_batch_tokens: 8192,
                 max_seq_len: 16384,
                 kv_cache: KvCacheConfig::default(),
+                device: Device::Cuda(0),
             },
             experts: ExpertsConfig {
                 shards: 4,
@@ -473,6 +564,7 @@ mod tests {
                 ),
                 grpc_port: DEFAULT_EXPERT_GRPC_PORT,
                 rebalance_interval_seconds: Some(600),
+                device: Device::Cpu,
             },
             router: RouterConfig {
                 http_port: DEFAULT_ROUTER_HTTP_PORT,
@@ -482,6 +574,52 @@ mod tests {
             transport: Transport::Grpc,
             metrics_port: DEFAULT_METRICS_PORT,
         }
+    }
+
+    #[test]
+    fn devices_parse_print_and_gpu_memory_utilization_is_checked() {
+        for (text, dev) in [
+            ("cpu", Device::Cpu),
+            ("cuda", Device::Cuda(0)),
+            ("cuda:3", Device::Cuda(3)),
+        ] {
+            assert_eq!(text.parse::<Device>().unwrap(), dev);
+        }
+        assert_eq!(Device::Cuda(3).to_string(), "cuda:3");
+        for bad in ["gpu", "cuda:", "cuda:x", "CPU", "cuda:-1"] {
+            let e = bad.parse::<Device>().unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+        let mut c = sample();
+        c.attention.kv_cache.gpu_memory_utilization = Some(0.9);
+        c.validate().unwrap();
+        let text = c.to_json();
+        assert!(text.contains("\"device\": \"cuda:0\""), "{text}");
+        assert_eq!(ClusterConfig::from_json(&text).unwrap(), c);
+        for (u, dev, mem, want) in [
+            (0.0, Device::Cuda(0), None, "not in (0, 1]"),
+            (1.5, Device::Cuda(0), None, "not in (0, 1]"),
+            (
+                0.9,
+                Device::Cpu,
+                None,
+                "only when attention.device is a GPU",
+            ),
+            (0.9, Device::Cuda(0), Some(1 << 30), "not both"),
+        ] {
+            let mut c = sample();
+            c.attention.device = dev;
+            c.attention.kv_cache.gpu_memory_utilization = Some(u);
+            c.attention.kv_cache.memory_bytes = mem;
+            let e = c.validate().unwrap_err().to_string();
+            assert!(
+                e.contains("attention.kvCache.gpuMemoryUtilization") && e.contains(want),
+                "{e}"
+            );
+        }
+        let bad = c.to_json().replace("\"cuda:0\"", "\"tpu\"");
+        let e = ClusterConfig::from_json(&bad).unwrap_err().to_string();
+        assert!(e.contains("tpu"), "{e}");
     }
 
     #[test]
