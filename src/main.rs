@@ -3,6 +3,7 @@
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use shardseek_kernels::sampling::SamplingParams;
+use shardseek_proto::cluster_config::Device;
 use shardseek_worker::generate::{GenerateRequest, generate};
 use shardseek_worker::model::{ExpertSelection, Model};
 use shardseek_worker::modelgen;
@@ -97,9 +98,12 @@ enum ModelCmd {
 enum BenchCommand {
     /// CPU kernels (GEMM, grouped MoE, MLA decode) against read bandwidth and FMA peak.
     Kernels {
-        /// Print one JSON object instead of the table.
+        /// Print one JSON object instead of the table (CPU only).
         #[arg(long)]
         json: bool,
+        /// cpu, or cuda[:N]: the CUDA kernels against the GPU's copy bandwidth and peaks.
+        #[arg(long, default_value = "cpu")]
+        device: Device,
     },
     /// Load-test a running server's /v1/completions (like vLLM's benchmark_serving).
     Serve(BenchServeArgs),
@@ -118,6 +122,9 @@ enum BenchCommand {
         /// Element type of the latent KV cache: f32, bf16 or fp8.
         #[arg(long, default_value = "bf16")]
         kv_cache_dtype: String,
+        /// cpu or cuda[:N].
+        #[arg(long, default_value = "cpu")]
+        device: Device,
         #[arg(long)]
         json: bool,
     },
@@ -233,6 +240,19 @@ struct WorkerArgs {
     /// one --max-seq-len sequence (at least 1 GiB), at most half of the process's memory limit.
     #[arg(long, env = "SHARDSEEK_KV_CACHE_MEMORY")]
     kv_cache_memory: Option<String>,
+    /// Where this role computes: cpu, or cuda[:N] (a build with `--features cuda` on a machine
+    /// with an NVIDIA driver and GPU).
+    #[arg(long, default_value = "cpu", env = "SHARDSEEK_DEVICE")]
+    device: Device,
+    /// Attention role on a GPU: the fraction of the device's memory for the weights plus the
+    /// latent KV cache; the cache gets what is left after the weights (instead of
+    /// --kv-cache-memory).
+    #[arg(
+        long,
+        env = "SHARDSEEK_GPU_MEMORY_UTILIZATION",
+        conflicts_with = "kv_cache_memory"
+    )]
+    gpu_memory_utilization: Option<f64>,
     /// Element type of the latent KV cache: f32 (exact), bf16, or fp8 (e4m3, per-token scale);
     /// the memory budget counts it.
     #[arg(long, default_value = "bf16", env = "SHARDSEEK_KV_CACHE_DTYPE")]
@@ -378,6 +398,13 @@ struct UpArgs {
     /// between steps. Needs expert shards.
     #[arg(long, value_name = "SECS")]
     rebalance_interval: Option<u64>,
+    /// Where the attention pods compute: cpu or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// Where the expert shards compute: cpu (e.g. beside GPU attention: the hybrid layout) or
+    /// cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    experts_device: Device,
     /// Start, answer one OpenAI chat request through the router, print it, and stop.
     #[arg(long)]
     demo: bool,
@@ -427,6 +454,9 @@ struct GenerateArgs {
     /// Print one JSON object on the last line of stdout.
     #[arg(long)]
     json: bool,
+    /// In process only: cpu or cuda[:N].
+    #[arg(long, default_value = "cpu", conflicts_with = "url")]
+    device: Device,
 }
 
 /// Where the kubelet reads a container's termination message (the pod spec's
@@ -544,7 +574,8 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         },
         (None, None) => bail!("give --prompt-tokens or --prompt"),
     };
-    let model = Model::load(&dir, ExpertSelection::All)
+    let backend = shardseek_worker::backend::for_device(a.device)?;
+    let model = Model::load_on(&dir, ExpertSelection::All, backend)
         .with_context(|| format!("loading {}", dir.display()))?;
     let req = GenerateRequest {
         prompt,
@@ -767,8 +798,10 @@ fn run_up(a: UpArgs) -> Result<()> {
             a.max_batch_tokens.to_string(),
             "--kv-cache-dtype".into(),
             a.kv_cache_dtype.clone(),
+            "--device".into(),
+            a.device.to_string(),
         ],
-        expert_args: vec![],
+        expert_args: vec!["--device".into(), a.experts_device.to_string()],
         router_args: a.api.to_args(),
         router_env: a.api.to_env(),
         served_model_name: served.clone(),
@@ -934,6 +967,11 @@ fn run_worker(mut a: WorkerArgs) -> Result<()> {
         a.kv_cache_dtype = cc.attention.kv_cache.dtype.as_str().into();
         a.kv_cache_memory = cc.attention.kv_cache.memory_bytes.map(|b| b.to_string());
         a.kv_cache_on_overflow = cc.attention.kv_cache.on_overflow.as_str().into();
+        a.gpu_memory_utilization = cc.attention.kv_cache.gpu_memory_utilization;
+        a.device = match a.role {
+            Role::Attention => cc.attention.device,
+            Role::Expert => cc.experts.device,
+        };
         a.dispatch_dtype = match cc.dispatch_dtype {
             DispatchDtype::F32 => "f32",
             DispatchDtype::Bf16 => "bf16",
@@ -1003,6 +1041,7 @@ fn run_worker(mut a: WorkerArgs) -> Result<()> {
                 wire_dtype,
                 metrics_listen: a.metrics_listen,
                 placement_file: a.placement_file,
+                device: a.device,
             };
             runtime()?.block_on(shardseek_worker::serve::run_attention(
                 acfg,
@@ -1022,6 +1061,7 @@ fn run_worker(mut a: WorkerArgs) -> Result<()> {
                 batch_window: std::time::Duration::from_micros(a.batch_window_us),
                 metrics_listen: a.metrics_listen,
                 placement_file: a.placement_file,
+                device: a.device,
             };
             runtime()?.block_on(shardseek_worker::serve::run_expert(ecfg, shutdown_signal()))?;
         }
@@ -1046,11 +1086,12 @@ fn size_kv_cache(
         .parse()
         .map_err(|e| anyhow::anyhow!("--kv-cache-on-overflow {e}"))?;
     let block_bytes = kv_sizing::block_bytes(cfg, dtype);
-    let budget = match &a.kv_cache_memory {
-        Some(text) => {
+    let budget = match (&a.kv_cache_memory, a.gpu_memory_utilization) {
+        (Some(text), _) => {
             kv_sizing::parse_bytes(text).map_err(|e| anyhow::anyhow!("--kv-cache-memory {e}"))?
         }
-        None => kv_sizing::auto_budget(block_bytes, max_seq_len, kv_sizing::memory_limit()),
+        (None, Some(util)) => gpu_kv_budget(a, util)?,
+        (None, None) => kv_sizing::auto_budget(block_bytes, max_seq_len, kv_sizing::memory_limit()),
     };
     let kv = kv_sizing::size(block_bytes, budget, max_seq_len, on_overflow)?;
     if let Some(asked) = kv.capped_from {
@@ -1071,6 +1112,36 @@ fn size_kv_cache(
     Ok(kv)
 }
 
+/// The KV cache budget under `--gpu-memory-utilization`: that fraction of the device's memory,
+/// less the weights this pod uploads (every tensor of the checkpoint except, with expert shards,
+/// the routed experts).
+fn gpu_kv_budget(a: &WorkerArgs, util: f64) -> Result<u64> {
+    let Device::Cuda(n) = a.device else {
+        bail!("--gpu-memory-utilization {util}: applies only with --device cuda[:N]");
+    };
+    if !(util > 0.0 && util <= 1.0) {
+        bail!("--gpu-memory-utilization {util}: must be in (0, 1]");
+    }
+    let total = shardseek_worker::backend::device_memory(a.device)
+        .with_context(|| format!("--device cuda:{n}"))?;
+    let dir = a.model.as_ref().context("--model is required")?;
+    let weights =
+        shardseek_worker::weights::Store::open(dir)?.resident_bytes(!a.experts.is_empty());
+    let usable = (total as f64 * util) as u64;
+    let budget = usable.checked_sub(weights as u64).with_context(|| {
+        format!(
+            "--gpu-memory-utilization {util}: {usable} bytes of cuda:{n} do not hold the {weights} bytes of weights"
+        )
+    })?;
+    tracing::info!(
+        device_bytes = total,
+        weight_bytes = weights,
+        kv_cache_bytes = budget,
+        "KV cache sized from --gpu-memory-utilization"
+    );
+    Ok(budget)
+}
+
 fn run_bench(b: BenchCommand) -> Result<()> {
     match b {
         BenchCommand::Serve(a) => return run_bench_serve(a),
@@ -1080,12 +1151,15 @@ fn run_bench(b: BenchCommand) -> Result<()> {
             decode,
             batch,
             kv_cache_dtype,
+            device,
             json,
         } => {
             let kv: shardseek_worker::kv::KvDtype = kv_cache_dtype
                 .parse()
                 .with_context(|| format!("--kv-cache-dtype {kv_cache_dtype}"))?;
-            let r = shardseek_worker::speed::measure(&model, prompt_len, decode, &batch, kv)?;
+            let backend = shardseek_worker::backend::for_device(device)?;
+            let r =
+                shardseek_worker::speed::measure(&model, prompt_len, decode, &batch, kv, backend)?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -1136,7 +1210,15 @@ fn run_bench(b: BenchCommand) -> Result<()> {
                 print!("{report}");
             }
         }
-        BenchCommand::Kernels { json } => {
+        BenchCommand::Kernels {
+            json: false,
+            device: Device::Cuda(n),
+        } => bench_cuda_kernels(n as usize)?,
+        BenchCommand::Kernels {
+            json: true,
+            device: Device::Cuda(_),
+        } => bail!("bench kernels --device cuda prints a table only; drop --json"),
+        BenchCommand::Kernels { json, .. } => {
             let report = shardseek_kernels::bench::run(|line| {
                 if !json {
                     eprintln!("{line}");
@@ -1150,6 +1232,23 @@ fn run_bench(b: BenchCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `bench kernels --device cuda[:N]`.
+#[cfg(feature = "cuda")]
+fn bench_cuda_kernels(ordinal: usize) -> Result<()> {
+    let dev = shardseek_kernels::cuda::CudaBackend::new(ordinal)
+        .with_context(|| format!("--device cuda:{ordinal}"))?;
+    let report = shardseek_kernels::cuda::bench::run(&dev, |line| eprintln!("{line}"))?;
+    print!("{}", report.table());
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn bench_cuda_kernels(ordinal: usize) -> Result<()> {
+    bail!(
+        "--device cuda:{ordinal}: this binary was built without CUDA support (cargo build --features cuda)"
+    )
 }
 
 fn run_bench_serve(a: BenchServeArgs) -> Result<()> {

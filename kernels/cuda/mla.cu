@@ -1,5 +1,5 @@
-// MLA decode over a paged latent cache, absorbed form. Cache: [blocks][64][R + P] (f32 or
-// bf16). Query row (sequence b, head h): q_abs [R], q_pe [P]; score_t = scale * (q_abs.c_t +
+// MLA decode over a paged latent cache, absorbed form. Cache: [blocks][64][R + P] (f32, bf16,
+// or e4m3 codes with one f32 scale per token, value = code * scale). Query row (sequence b, head h): q_abs [R], q_pe [P]; score_t = scale * (q_abs.c_t +
 // q_pe.kpe_t); out = sum_t softmax(score)_t c_t, [R]. One thread block per (head, sequence)
 // with an online softmax over 64-token pages; latent dims spread over the threads.
 
@@ -13,10 +13,15 @@ template <>
 __device__ __forceinline__ float ld<float>(const float* p, long long i) { return p[i]; }
 template <>
 __device__ __forceinline__ float ld<u16>(const u16* p, long long i) { return bf16_to_f32(p[i]); }
+template <>
+__device__ __forceinline__ float ld<u8>(const u8* p, long long i) { return e4m3_to_f32(p[i]); }
 
+// Query row b reads page-table row b * table_stride: a prefill chunk passes stride 0 (every
+// row attends over the same sequence) with per-row causal lengths.
 template <typename T>
-__device__ void mla_decode_impl(const T* __restrict__ cache, const int* __restrict__ page_table,
-                                int max_pages, const int* __restrict__ seq_lens,
+__device__ void mla_decode_impl(const T* __restrict__ cache, const float* __restrict__ tok_scale,
+                                const int* __restrict__ page_table, int table_stride,
+                                const int* __restrict__ seq_lens,
                                 const float* __restrict__ q_abs, const float* __restrict__ q_pe,
                                 float* __restrict__ out, int heads, int R, int P, float scale) {
     __shared__ float q[MLA_MAX_R + 128];
@@ -34,15 +39,16 @@ __device__ void mla_decode_impl(const T* __restrict__ cache, const int* __restri
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
     for (int t0 = 0; t0 < len; t0 += MLA_BLOCK) {
         int tp = min(MLA_BLOCK, len - t0);
-        long long base = (long long)page_table[(long long)b * max_pages + t0 / MLA_BLOCK] *
-                         MLA_BLOCK * E;
+        long long page = page_table[(long long)b * table_stride + t0 / MLA_BLOCK];
+        long long base = page * MLA_BLOCK * E;
+        const float* ts = tok_scale ? tok_scale + page * MLA_BLOCK : nullptr;
         // Scores: one warp per token.
         for (int t = warp; t < tp; t += nw) {
             const T* c = cache + base + (long long)t * E;
             float s = 0.0f;
             for (int i = lane; i < E; i += 32) s += q[i] * ld<T>(c, i);
             s = warp_sum(s);
-            if (lane == 0) p_tok[t] = s;
+            if (lane == 0) p_tok[t] = ts ? s * ts[t] : s;
         }
         __syncthreads();
         float pm = NEG_INF;
@@ -54,6 +60,7 @@ __device__ void mla_decode_impl(const T* __restrict__ cache, const int* __restri
         for (int t = 0; t < tp; ++t) {
             float p = __expf(p_tok[t] - m_new);
             l_run += p;
+            if (ts) p *= ts[t];
             const T* c = cache + base + (long long)t * E;
             for (int j = 0; j < 4; ++j) {
                 int i = threadIdx.x + j * blockDim.x;
@@ -71,19 +78,20 @@ __device__ void mla_decode_impl(const T* __restrict__ cache, const int* __restri
     }
 }
 
-// grid: (heads, batch), block: 256. page_table: [batch][max_pages].
-extern "C" __global__ void mla_decode_f32(const float* cache, const int* page_table,
-                                          int max_pages, const int* seq_lens,
-                                          const float* q_abs, const float* q_pe, float* out,
-                                          int heads, int R, int P, float scale) {
-    mla_decode_impl<float>(cache, page_table, max_pages, seq_lens, q_abs, q_pe, out, heads, R,
-                           P, scale);
+// grid: (heads, batch), block: 256. page_table: [batch][table_stride] (or one shared row).
+#define MLA_ARGS(T)                                                                           \
+    const T *cache, const float *tok_scale, const int *page_table, int table_stride,         \
+        const int *seq_lens, const float *q_abs, const float *q_pe, float *out, int heads,  \
+        int R, int P, float scale
+extern "C" __global__ void mla_decode_f32(MLA_ARGS(float)) {
+    mla_decode_impl<float>(cache, nullptr, page_table, table_stride, seq_lens, q_abs, q_pe, out,
+                           heads, R, P, scale);
 }
-
-extern "C" __global__ void mla_decode_bf16(const u16* cache, const int* page_table,
-                                           int max_pages, const int* seq_lens,
-                                           const float* q_abs, const float* q_pe, float* out,
-                                           int heads, int R, int P, float scale) {
-    mla_decode_impl<u16>(cache, page_table, max_pages, seq_lens, q_abs, q_pe, out, heads, R, P,
-                         scale);
+extern "C" __global__ void mla_decode_bf16(MLA_ARGS(u16)) {
+    mla_decode_impl<u16>(cache, nullptr, page_table, table_stride, seq_lens, q_abs, q_pe, out,
+                         heads, R, P, scale);
+}
+extern "C" __global__ void mla_decode_fp8(MLA_ARGS(u8)) {
+    mla_decode_impl<u8>(cache, tok_scale, page_table, table_stride, seq_lens, q_abs, q_pe, out,
+                        heads, R, P, scale);
 }

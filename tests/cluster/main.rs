@@ -573,3 +573,76 @@ fn uneven_redundant_experts_are_refused() {
         assert!(err.contains("--redundant-experts"), "{err}");
     }
 }
+
+/// `--device cuda` on a machine without a usable GPU (or a build without the `cuda` feature)
+/// fails at start with an error naming the flag, never a panic; misplaced GPU-only flags and
+/// unknown devices are refused the same way.
+#[test]
+fn cuda_without_a_gpu_is_a_clear_startup_error() {
+    let m = tiny("fp8");
+    let model = m.path().to_str().unwrap().to_string();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "generate",
+                "--model",
+                &model,
+                "--prompt-tokens",
+                "1,2",
+                "--device",
+                "cuda",
+            ],
+            "--device cuda:0",
+        ),
+        (
+            vec![
+                "worker",
+                "--role",
+                "attention",
+                "--model",
+                &model,
+                "--device",
+                "cuda:1",
+            ],
+            "--device cuda:1",
+        ),
+        (
+            vec![
+                "worker",
+                "--role",
+                "attention",
+                "--model",
+                &model,
+                "--gpu-memory-utilization",
+                "0.9",
+            ],
+            "--gpu-memory-utilization",
+        ),
+        (
+            vec!["bench", "kernels", "--device", "cuda"],
+            "--device cuda:0",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                &model,
+                "--prompt-tokens",
+                "1",
+                "--device",
+                "tpu",
+            ],
+            "tpu",
+        ),
+    ];
+    for (args, want) in cases {
+        let out = std::process::Command::new(bin())
+            .args(&args)
+            .output()
+            .expect("run shardseek");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}

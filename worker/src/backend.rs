@@ -31,6 +31,7 @@ use shardseek_kernels::pool::parallel_for;
 use shardseek_kernels::rope::Rope;
 use shardseek_kernels::scratch;
 use shardseek_kernels::weight::{FP8_BLOCK, Weight, WeightData};
+pub use shardseek_proto::cluster_config::Device;
 use std::cell::RefCell;
 use std::sync::{Arc, Mutex};
 
@@ -40,6 +41,9 @@ pub struct PreparedWeight {
     pub rows: usize,
     pub cols: usize,
     stored: Stored,
+    /// The backend's own copy (a device backend's uploaded matrix), which only that backend
+    /// reads; the host form above stays available (mapped, so it costs no memory until read).
+    pub(crate) device: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 impl std::fmt::Debug for PreparedWeight {
@@ -50,7 +54,16 @@ impl std::fmt::Debug for PreparedWeight {
             (Stored::Owned(_), WeightData::Fp8E4m3 { .. }) => "owned fp8",
             (Stored::Owned(_), _) => "owned",
         };
-        write!(f, "PreparedWeight[{}, {}] ({kind})", self.rows, self.cols)
+        let dev = if self.device.is_some() {
+            " + device copy"
+        } else {
+            ""
+        };
+        write!(
+            f,
+            "PreparedWeight[{}, {}] ({kind}{dev})",
+            self.rows, self.cols
+        )
     }
 }
 
@@ -124,6 +137,20 @@ impl PreparedWeight {
         }
     }
 
+    /// A checkpoint matrix read in place from the mapping.
+    pub(crate) fn mapped(store: &Arc<Store>, w: &Linear) -> Self {
+        PreparedWeight {
+            rows: w.rows,
+            cols: w.cols,
+            stored: Stored::Mapped {
+                store: store.clone(),
+                linear: w.clone(),
+                row0: 0,
+            },
+            device: None,
+        }
+    }
+
     /// Bytes the kernels read to use this matrix once (weights plus scales).
     pub fn stored_bytes(&self) -> usize {
         self.view().stored_bytes()
@@ -131,7 +158,7 @@ impl PreparedWeight {
 
     /// Rows `row0..row0+rows`: a view when the stored layout allows (FP8 needs the start on a
     /// scale block), otherwise an exact f32 copy.
-    fn rows_of(&self, row0: usize, rows: usize) -> PreparedWeight {
+    pub(crate) fn rows_of(&self, row0: usize, rows: usize) -> PreparedWeight {
         let w = self.view();
         let aligned =
             !matches!(w.data, WeightData::Fp8E4m3 { .. }) || row0.is_multiple_of(FP8_BLOCK);
@@ -153,6 +180,7 @@ impl PreparedWeight {
                     linear: linear.clone(),
                     row0: base + row0,
                 },
+                device: None,
             };
         }
         let mut bytes = Vec::with_capacity(rows * self.cols * 4);
@@ -165,13 +193,14 @@ impl PreparedWeight {
             rows,
             cols: self.cols,
             stored: Stored::Owned(Owned::F32(bytes)),
+            device: None,
         }
     }
 
     /// The transpose of rows `row0..row0+rows` (`[cols, rows]`), in the stored dtype when
     /// exact: 16-bit values are moved as they are; FP8 codes move with their block scales when
     /// `row0` starts a scale block; anything else becomes exact f32.
-    fn transposed_rows(&self, row0: usize, rows: usize) -> PreparedWeight {
+    pub(crate) fn transposed_rows(&self, row0: usize, rows: usize) -> PreparedWeight {
         let w = self.view();
         let k = self.cols;
         let move16 = |b: &[u8]| {
@@ -223,6 +252,7 @@ impl PreparedWeight {
             rows: k,
             cols: rows,
             stored: Stored::Owned(owned),
+            device: None,
         }
     }
 }
@@ -364,6 +394,20 @@ pub trait Backend: Send + Sync {
         out: &mut [f32],
     ) -> Result<()>;
 
+    /// The entries of positions `start..start + n` of a sequence (pages `pages`) were just
+    /// written to `cache` (by the KV pool, on the host). A backend that computes attention
+    /// elsewhere copies them to its own mirror of the cache; the CPU reads the host cache.
+    fn latent_written(
+        &self,
+        cache: &LatentCache,
+        pages: &[u32],
+        start: usize,
+        n: usize,
+    ) -> Result<()> {
+        let _ = (cache, pages, start, n);
+        Ok(())
+    }
+
     /// `y (+)= down(SiLU(gate·x) ⊙ up·x)` for `m` rows (dense layer, shared expert).
     fn mlp(
         &self,
@@ -385,6 +429,33 @@ pub trait Backend: Send + Sync {
         row_weight: &[f32],
         y: &mut [f32],
     ) -> Result<()>;
+}
+
+/// The backend for `device`: the CPU kernels, or a CUDA device (a build with the `cuda`
+/// feature and a GPU). Fails with a clear error, never a panic, when the device is missing.
+pub fn for_device(device: Device) -> Result<Arc<dyn Backend>> {
+    match device {
+        Device::Cpu => Ok(CpuBackend::shared()),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => Ok(Arc::new(crate::cuda::CudaBackend::new(n as usize)?)),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => Err(Error::Device(format!(
+            "--device cuda:{n}: this binary was built without CUDA support (cargo build --features cuda)"
+        ))),
+    }
+}
+
+/// Total memory of a GPU `device` in bytes (for `--gpu-memory-utilization`).
+pub fn device_memory(device: Device) -> Result<usize> {
+    match device {
+        Device::Cpu => Err(Error::Device("cpu has no device memory to size".into())),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(n) => Ok(shardseek_kernels::cuda::device_memory(n as usize)?.1),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(n) => Err(Error::Device(format!(
+            "--device cuda:{n}: this binary was built without CUDA support (cargo build --features cuda)"
+        ))),
+    }
 }
 
 /// The CPU backend: every operation is a `shardseek_kernels` kernel on the one thread pool.
@@ -442,15 +513,7 @@ impl Backend for CpuBackend {
     fn prepare(&self, store: &Arc<Store>, w: &Linear) -> Result<PreparedWeight> {
         // The kernels read the mapping in place: map its pages now, not on the first step.
         w.prefault(store);
-        Ok(PreparedWeight {
-            rows: w.rows,
-            cols: w.cols,
-            stored: Stored::Mapped {
-                store: store.clone(),
-                linear: w.clone(),
-                row0: 0,
-            },
-        })
+        Ok(PreparedWeight::mapped(store, w))
     }
 
     fn prepare_kv_b(

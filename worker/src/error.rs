@@ -47,6 +47,9 @@ pub enum Error {
         expected: String,
         actual: String,
     },
+    /// The requested compute device cannot be used.
+    #[error("device: {0}")]
+    Device(String),
     #[error(transparent)]
     Kernel(#[from] shardseek_kernels::Error),
 }

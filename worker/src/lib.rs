@@ -10,6 +10,8 @@
 pub mod attention;
 pub mod backend;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod expert;

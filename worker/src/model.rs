@@ -284,16 +284,26 @@ pub struct Model {
 impl Model {
     /// Loads config, tensors and (per `sel`) the routed experts from a checkpoint directory.
     pub fn load(dir: &Path, sel: ExpertSelection) -> Result<Self> {
+        Self::load_on(dir, sel, CpuBackend::shared())
+    }
+
+    /// [`Model::load`] with every weight prepared for, and every layer run on, `backend`.
+    pub fn load_on(dir: &Path, sel: ExpertSelection, backend: Arc<dyn Backend>) -> Result<Self> {
         let cfg = ModelConfig::from_dir(dir)?;
         let store = Store::open(dir)?;
         let experts: Arc<dyn RoutedExperts> = match sel {
             ExpertSelection::All => {
                 let all: Vec<usize> = (0..cfg.n_routed_experts).collect();
-                Arc::new(LocalExperts::load(&cfg, store.clone(), &all)?)
+                Arc::new(LocalExperts::load_on(
+                    &cfg,
+                    store.clone(),
+                    &all,
+                    backend.clone(),
+                )?)
             }
             ExpertSelection::Remote => Arc::new(crate::experts::NoExperts),
         };
-        Self::from_store(cfg, store, experts)
+        Self::with_backend(cfg, store, experts, backend)
     }
 
     /// A model over an opened store on the CPU backend.
@@ -801,6 +811,7 @@ impl Model {
         for (s, &p0) in batch.iter().zip(starts) {
             let n = s.tokens.len();
             pool.write_tokens(l, s.cache, p0, &kv[r0 * ld..(r0 + n) * ld])?;
+            be.latent_written(&pool.latent_cache(l)?, s.cache.blocks(), p0, n)?;
             r0 += n;
         }
         // Attention over the paged cache into o [t, heads, v]: runs of one-token sequences

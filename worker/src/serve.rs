@@ -45,6 +45,8 @@ pub struct AttentionConfig {
     /// The placement table in force, kept by a rebalancer; when the file exists the pod starts
     /// on it instead of the initial table.
     pub placement_file: Option<PathBuf>,
+    /// Where the pod computes (its model and, without shards, its routed experts).
+    pub device: crate::backend::Device,
 }
 
 /// Configuration of an expert shard.
@@ -62,6 +64,8 @@ pub struct ExpertRoleConfig {
     /// The placement table in force, kept by a rebalancer; when the file exists the shard
     /// starts on it (its version and experts) instead of the initial table.
     pub placement_file: Option<PathBuf>,
+    /// Where the shard computes its experts.
+    pub device: crate::backend::Device,
 }
 
 /// The table a process starts on: the rebalancer's file when there is one, else the initial
@@ -118,7 +122,8 @@ pub async fn run_expert(
     )?;
     let held = placement.experts_of(cfg.shard);
     let store = Store::open(&cfg.model)?;
-    let experts = LocalExperts::load(&mcfg, store.clone(), &held)?;
+    let backend = crate::backend::for_device(cfg.device)?;
+    let experts = LocalExperts::load_on(&mcfg, store.clone(), &held, backend)?;
     tracing::info!(
         shard = cfg.shard,
         experts = held.len(),
@@ -212,9 +217,12 @@ pub async fn run_attention(
     } else {
         ExpertSelection::Remote
     };
-    let mut model = tokio::task::spawn_blocking(move || Model::load(&model_dir, sel))
-        .await
-        .map_err(|e| Error::Input(format!("model loading task failed: {e}")))??;
+    let device = cfg.device;
+    let mut model = tokio::task::spawn_blocking(move || {
+        Model::load_on(&model_dir, sel, crate::backend::for_device(device)?)
+    })
+    .await
+    .map_err(|e| Error::Input(format!("model loading task failed: {e}")))??;
     model.set_overlap(cfg.overlap.clone());
     let metrics = Arc::new(WorkerMetrics::new());
     let mut control = None;

@@ -63,6 +63,7 @@ pub fn measure(
     decode: usize,
     batches: &[usize],
     kv_dtype: KvDtype,
+    backend: std::sync::Arc<dyn crate::backend::Backend>,
 ) -> Result<ModelSpeed> {
     if prompt_len == 0 || batches.contains(&0) {
         return Err(Error::Input(
@@ -73,7 +74,7 @@ pub fn measure(
     // there (the serving comparison `bench serve` against this is only fair that way).
     crate::expert::tune_allocator();
     let t0 = Instant::now();
-    let model = Model::load(dir, ExpertSelection::All)?;
+    let model = Model::load_on(dir, ExpertSelection::All, backend)?;
     let load_seconds = t0.elapsed().as_secs_f64();
     let load_peak_rss_bytes = peak_rss_bytes();
     let mut out = Vec::with_capacity(batches.len());

@@ -164,6 +164,16 @@ impl Store {
         self.tensors.keys().map(String::as_str)
     }
 
+    /// Bytes of the tensors a process holds: all of them, or without the routed experts
+    /// (`.mlp.experts.`) when `remote_experts` (an attention pod with expert shards).
+    pub fn resident_bytes(&self, remote_experts: bool) -> usize {
+        self.tensors
+            .iter()
+            .filter(|(name, _)| !(remote_experts && name.contains(".mlp.experts.")))
+            .map(|(_, t)| t.end - t.start)
+            .sum()
+    }
+
     /// Total bytes of the mapped shards.
     pub fn file_bytes(&self) -> usize {
         self.files.iter().map(|f| f.1.len()).sum()

@@ -10,20 +10,32 @@ use std::path::PathBuf;
 /// f32 activations against an f64 reference: the fixtures' README calls 2e-3 generous.
 const TOL: f64 = 2e-3;
 
+/// `testdata/fixtures/NAME`, or `$SHARDSEEK_FIXTURES/NAME` where the tests run away from the
+/// source tree (the prebuilt binaries of `scripts/gpu-check.sh`).
 pub fn fixture_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../testdata/fixtures")
-        .join(name)
+    match std::env::var_os("SHARDSEEK_FIXTURES") {
+        Some(d) => PathBuf::from(d).join(name),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../testdata/fixtures")
+            .join(name),
+    }
 }
 
 fn check_fixture(name: &str) {
+    let model = Model::load(&fixture_dir(name), ExpertSelection::All).expect("load fixture");
+    check_fixture_model(name, &model);
+}
+
+/// Greedy steps, log-probs, top-5 and echoed prompt log-probs of `model` (loaded from fixture
+/// `name` on any backend) against the fixture's `expected.json`, within [`TOL`].
+pub fn check_fixture_model(name: &str, model: &Model) {
     let dir = fixture_dir(name);
-    let model = Model::load(&dir, ExpertSelection::All).expect("load fixture");
     let expected: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let cases = expected["cases"].as_array().unwrap();
     assert!(!cases.is_empty());
     let mut compared = 0;
+    let mut worst = 0f64;
     for (ci, case) in cases.iter().enumerate() {
         let prompt: Vec<u32> = case["prompt"]
             .as_array()
@@ -42,12 +54,13 @@ fn check_fixture(name: &str) {
             ignore_eos: true,
             kv_dtype: KvDtype::F32,
         };
-        let out = generate(&model, &req).expect("generate");
+        let out = generate(model, &req).expect("generate");
         let echo = case["echo_logprobs"].as_array().unwrap();
         let ours = out.prompt_logprobs.as_ref().unwrap();
         assert!(echo[0].is_null() && ours[0].is_none());
         for (i, (e, o)) in echo.iter().zip(ours).enumerate().skip(1) {
             let (e, o) = (e.as_f64().unwrap(), o.unwrap() as f64);
+            worst = worst.max((e - o).abs());
             assert!(
                 (e - o).abs() < TOL,
                 "{name} case {ci} echo {i}: ours {o} reference {e}"
@@ -67,6 +80,7 @@ fn check_fixture(name: &str) {
                 break;
             }
             let o = out.logprobs[si] as f64;
+            worst = worst.max((o - lp).abs());
             assert!(
                 (o - lp).abs() < TOL,
                 "{name} case {ci} step {si}: logprob {o} vs {lp}"
@@ -86,6 +100,10 @@ fn check_fixture(name: &str) {
         }
     }
     assert!(compared > 20, "{name}: only {compared} values compared");
+    eprintln!(
+        "{name} on {}: {compared} log-probs compared, largest |difference| {worst:.2e} (tolerance {TOL:e})",
+        model.backend().name()
+    );
 }
 
 #[test]

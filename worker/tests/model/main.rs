@@ -4,6 +4,8 @@
 mod alloc;
 mod bad_input;
 mod consistency;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod engine;
 mod fixtures;
 mod kv_dtype;
