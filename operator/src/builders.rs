@@ -21,6 +21,7 @@ use k8s_openapi::api::core::v1::{
     ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{CustomResource, Resource, ResourceExt};
@@ -313,6 +314,18 @@ pub fn cluster_config(dsd: &DeepSeekDeployment) -> Result<ClusterConfig> {
             ));
         }
     }
+    // Spelled as the CRD's CEL rule allows; objects stored before it are refused here.
+    let device = |field: &str, text: &str| {
+        text.parse::<cc::Device>()
+            .map_err(|e| Error::InvalidSpec(format!("{field}: {e}")))
+    };
+    let attention_device = device("attention.device", &spec.attention.device)?;
+    let experts_device = device("experts.device", &spec.experts.device)?;
+    if shards == 0 && experts_device != attention_device {
+        return Err(Error::InvalidSpec(format!(
+            "experts.device ({experts_device}) must equal attention.device ({attention_device}) when experts.shards is 0: the experts then run inside the attention pods, on attention.device"
+        )));
+    }
     let config = ClusterConfig {
         name: name.clone(),
         namespace: Some(namespace.clone()),
@@ -351,9 +364,9 @@ pub fn cluster_config(dsd: &DeepSeekDeployment) -> Result<ClusterConfig> {
                     KvOverflow::Refuse => cc::KvOverflow::Refuse,
                     KvOverflow::Cap => cc::KvOverflow::Cap,
                 },
-                gpu_memory_utilization: None,
+                gpu_memory_utilization: spec.attention.kv_cache.gpu_memory_utilization,
             },
-            device: cc::Device::Cpu,
+            device: attention_device,
         },
         experts: cc::ExpertsConfig {
             shards,
@@ -368,7 +381,7 @@ pub fn cluster_config(dsd: &DeepSeekDeployment) -> Result<ClusterConfig> {
             // The operator runs the rebalancer; no worker reads the interval, so it stays out
             // of the config (and of the pods' config hashes: changing it rolls no pod).
             rebalance_interval_seconds: None,
-            device: cc::Device::Cpu,
+            device: experts_device,
         },
         router: cc::RouterConfig {
             http_port: cc::DEFAULT_ROUTER_HTTP_PORT,
@@ -468,7 +481,11 @@ pub fn build(dsd: &DeepSeekDeployment) -> Result<OwnedObjects> {
         &names,
         Role::Attention,
         dsd.spec.attention.replicas,
-        dsd.spec.attention.resources.clone(),
+        role_resources(
+            dsd.spec.attention.resources.clone(),
+            config.attention.device,
+            Role::Attention,
+        )?,
         attention_ports,
         &role_hash(cc::Reader::Attention),
     )?;
@@ -487,7 +504,11 @@ pub fn build(dsd: &DeepSeekDeployment) -> Result<OwnedObjects> {
             &names,
             Role::Experts,
             dsd.spec.experts.shards,
-            dsd.spec.experts.resources.clone(),
+            role_resources(
+                dsd.spec.experts.resources.clone(),
+                config.experts.device,
+                Role::Experts,
+            )?,
             ports,
             &role_hash(cc::Reader::Expert),
         )?;
@@ -808,8 +829,9 @@ fn pod_template(
     config_hash: &str,
 ) -> Result<PodTemplateSpec> {
     let spec = &dsd.spec;
-    // Attention pods and expert shards carry the accelerators; routers do not.
-    let gpu_role = role != Role::Router;
+    // `spec.scheduling` places the workers (attention pods and expert shards), which may carry
+    // accelerators; routers never do.
+    let worker_role = role != Role::Router;
     let mut labels = labels(&owner.name, Some(role));
     labels.extend(selector_labels(&owner.name, role));
     env.splice(
@@ -881,14 +903,14 @@ fn pod_template(
             init_containers: model_pull_container(dsd, role).map(|c| vec![c]),
             containers: vec![container],
             volumes: Some(volumes),
-            node_selector: (gpu_role && !spec.scheduling.node_selector.is_empty())
+            node_selector: (worker_role && !spec.scheduling.node_selector.is_empty())
                 .then(|| spec.scheduling.node_selector.clone()),
-            tolerations: (gpu_role && !spec.scheduling.tolerations.is_empty())
+            tolerations: (worker_role && !spec.scheduling.tolerations.is_empty())
                 .then(|| spec.scheduling.tolerations.clone()),
-            affinity: if gpu_role {
+            affinity: if worker_role {
                 spec.scheduling.affinity.clone()
             } else {
-                Some(router_affinity())
+                Some(prefer_nodes_without_gpu())
             },
             priority_class_name: spec.scheduling.priority_class_name.clone(),
             image_pull_secrets: (!spec.image_pull_secrets.is_empty()).then(|| {
@@ -929,8 +951,10 @@ fn pod_template(
 pub const GPU_NODE_LABEL: &str = "nvidia.com/gpu.present";
 
 /// Routers by default prefer nodes without a GPU (preferred, so a cluster of GPU nodes only
-/// still schedules them).
-fn router_affinity() -> Affinity {
+/// still schedules them). Workers on the CPU do not: that would change, and so roll, the pods
+/// of every existing CPU deployment; a hybrid deployment places its CPU shards with
+/// `experts.podTemplate.nodeSelector` (see `crds/examples/full.yaml`).
+fn prefer_nodes_without_gpu() -> Affinity {
     Affinity {
         node_affinity: Some(NodeAffinity {
             preferred_during_scheduling_ignored_during_execution: Some(vec![
@@ -950,6 +974,66 @@ fn router_affinity() -> Affinity {
         }),
         ..Affinity::default()
     }
+}
+
+/// The extended resource of one NVIDIA GPU, offered by NVIDIA's device plugin.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+
+/// A worker role's resources with the GPUs its device needs (see the CRD's `experts.device`):
+/// none for `cpu`, where asking for one is refused (it would be held and never used); for
+/// `cuda:N` the count the user set in limits or requests, or else `N + 1` (the device plugin
+/// numbers a pod's GPUs from 0), written to both limits and requests because Kubernetes
+/// requires an extended resource's request to equal its limit.
+fn role_resources(
+    resources: Option<ResourceRequirements>,
+    device: cc::Device,
+    role: Role,
+) -> Result<Option<ResourceRequirements>> {
+    let field = role.spec_field();
+    let key = GPU_RESOURCE.to_string();
+    let user = |map: &Option<BTreeMap<String, Quantity>>| {
+        map.as_ref().and_then(|m| m.get(&key)).map(|q| q.0.clone())
+    };
+    let (limit, request) = resources
+        .as_ref()
+        .map(|r| (user(&r.limits), user(&r.requests)))
+        .unwrap_or_default();
+    let cc::Device::Cuda(ordinal) = device else {
+        if limit.is_some() || request.is_some() {
+            return Err(Error::InvalidSpec(format!(
+                "{field}.resources asks for {GPU_RESOURCE} but {field}.device is cpu: set {field}.device to cuda, or drop the GPU"
+            )));
+        }
+        return Ok(resources);
+    };
+    let needed = u64::from(ordinal) + 1;
+    let count = match (&limit, &request) {
+        (Some(l), Some(r)) if l != r => {
+            return Err(Error::InvalidSpec(format!(
+                "{field}.resources: the {GPU_RESOURCE} request ({r}) must equal its limit ({l}), as Kubernetes requires for extended resources"
+            )));
+        }
+        (Some(n), _) | (None, Some(n)) => {
+            let count: u64 = n.trim().parse().map_err(|_| {
+                Error::InvalidSpec(format!(
+                    "{field}.resources: {GPU_RESOURCE} `{n}` is not a whole number of GPUs"
+                ))
+            })?;
+            if count < needed {
+                return Err(Error::InvalidSpec(format!(
+                    "{field}.device is {device} but {field}.resources gives the pod {count} {GPU_RESOURCE}: the device plugin numbers a pod's GPUs from cuda:0, so {device} needs at least {needed}"
+                )));
+            }
+            n.clone()
+        }
+        (None, None) => needed.to_string(),
+    };
+    let mut resources = resources.unwrap_or_default();
+    for map in [&mut resources.limits, &mut resources.requests] {
+        map.get_or_insert_with(BTreeMap::new)
+            .insert(key.clone(), Quantity(count.clone()));
+    }
+    Ok(Some(resources))
 }
 
 /// RFC 7386 JSON merge patch: `patch`'s fields replace `target`'s, objects merge recursively,

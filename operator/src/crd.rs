@@ -5,7 +5,8 @@
 //! Validation lives in the schema where the API server can enforce it: `minimum` bounds for
 //! counts, enums for closed sets, and `x-kubernetes-validations` CEL rules for relations between
 //! fields (expert slots divisible by shards, exactly one model volume source or hub source, no NCCL until it is
-//! wired, a name short enough for the owned objects' names). The tests evaluate those same CEL
+//! wired, a name short enough for the owned objects' names, devices spelt as the workers spell
+//! them and GPU resources only for roles on a GPU). The tests evaluate those same CEL
 //! rules client-side with kube-cel against `crds/examples/`.
 
 use std::collections::BTreeMap;
@@ -79,7 +80,8 @@ pub const MAX_NAME_LEN: usize = 40;
     validation = Rule::new("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be a DNS-1035 label (lowercase letters, digits and '-', starting with a letter, ending with a letter or digit, no '.'): it prefixes the owned Services' names")
 )]
 #[x_kube(
-    validation = Rule::new("self.transport != 'nccl'").message("transport nccl is not wired yet (expert shards exchange rows over gRPC only); use grpc")
+    validation = Rule::new("self.transport != 'nccl'").message("transport nccl is not wired yet (expert shards exchange rows over gRPC only); use grpc"),
+    validation = Rule::new("self.experts.shards > 0 || self.experts.device == self.attention.device").message("experts.device must equal attention.device when experts.shards is 0: the experts then run inside the attention pods, on attention.device")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct DeepSeekDeploymentSpec {
@@ -244,12 +246,25 @@ pub struct ModelVolume {
 /// The attention pods: each holds the attention weights and the KV cache of its requests.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    validation = Rule::new("!has(self.kvCache) || !has(self.kvCache.gpuMemoryUtilization) || self.device.startsWith('cuda')").message("attention.kvCache.gpuMemoryUtilization applies only when attention.device is cuda or cuda:N (on the CPU, kvCache.memory sizes the cache)"),
+    validation = Rule::new("!has(self.kvCache) || !has(self.kvCache.gpuMemoryUtilization) || !has(self.kvCache.memory)").message("attention.kvCache.gpuMemoryUtilization and attention.kvCache.memory both size the cache: set one, not both"),
+    validation = Rule::new(GPU_ONLY_ON_A_GPU_DEVICE).message("attention.resources asks for nvidia.com/gpu but attention.device is cpu: set attention.device to cuda, or drop the GPU (the pod would hold a GPU it never uses)")
+)]
 pub struct AttentionSpec {
     /// Number of attention pods (the scale subresource moves this).
     #[serde(default = "one")]
     #[schemars(range(min = 1))]
     pub replicas: i32,
-    /// CPU, memory and accelerators of each attention pod.
+    /// Where each attention pod computes (attention, dense layers, the KV cache; and the experts
+    /// when `experts.shards` is 0): `cpu` (default), `cuda` or `cuda:N`. See `experts.device` for
+    /// the GPU resource a GPU implies.
+    #[serde(default = "default_device")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new(DEVICE_RULE).message("attention.device must be cpu, cuda or cuda:N (N: the GPU's ordinal among the pod's GPUs)"))]
+    pub device: String,
+    /// CPU, memory and accelerators of each attention pod. With a GPU `device` the operator adds
+    /// `nvidia.com/gpu` to the limits and requests (see `experts.device`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// Most tokens in one forward step of one pod (prefill chunks plus decode tokens).
@@ -277,9 +292,17 @@ pub struct KvCacheSpec {
     #[serde(default)]
     pub dtype: KvCacheDtype,
     /// Memory for the cache (a quantity such as `40Gi`). Unset: room for one `maxSeqLen`
-    /// sequence (at least 1 GiB), at most half of the pod's memory limit.
+    /// sequence (at least 1 GiB), at most half of the pod's memory limit; on a GPU see
+    /// `gpuMemoryUtilization`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<Quantity>,
+    /// On a GPU (`attention.device` cuda): the fraction of the device's memory the pod may use
+    /// for weights and cache together, in (0, 1] (vLLM's `--gpu-memory-utilization`); the
+    /// cache gets what is left after the weights. Not with `memory`, which gives the cache's
+    /// size directly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1), extend("exclusiveMinimum" = true))]
+    pub gpu_memory_utilization: Option<f64>,
     /// What a pod does when one `maxSeqLen` sequence does not fit: `refuse` to start, with the
     /// numbers in its termination message (and so in the Degraded condition), or `cap` the
     /// length to what fits and warn.
@@ -315,6 +338,7 @@ impl Default for AttentionSpec {
     fn default() -> Self {
         Self {
             replicas: 1,
+            device: default_device(),
             resources: None,
             max_batch_tokens: default_max_batch_tokens(),
             max_seq_len: default_max_seq_len(),
@@ -327,6 +351,18 @@ impl Default for AttentionSpec {
 fn one() -> i32 {
     1
 }
+
+/// Where a role computes when the spec does not say: the CPU kernels, which every node has.
+fn default_device() -> String {
+    "cpu".to_string()
+}
+
+/// The spellings of a device: `cpu`, `cuda` (= `cuda:0`) or `cuda:N`, as the cluster config and
+/// the worker's `--device` flag spell them (`shardseek_proto::cluster_config::Device`).
+const DEVICE_RULE: &str = "self.matches('^(cpu|cuda(:[0-9]+)?)$')";
+
+/// A CPU role asks for no GPU: `nvidia.com/gpu` in its resources would be held and never used.
+const GPU_ONLY_ON_A_GPU_DEVICE: &str = "self.device != 'cpu' || !has(self.resources) || !((has(self.resources.limits) && 'nvidia.com/gpu' in self.resources.limits) || (has(self.resources.requests) && 'nvidia.com/gpu' in self.resources.requests))";
 
 /// 8192 tokens per step: large enough to keep expert GEMMs efficient (hundreds of rows per
 /// expert on average at top-8 of 256), small enough to bound a step's latency for decode.
@@ -344,7 +380,8 @@ fn default_max_seq_len() -> i32 {
 #[serde(rename_all = "camelCase")]
 #[x_kube(
     validation = Rule::new("self.shards == 0 ? self.redundantSlots == 0 : self.redundantSlots % self.shards == 0").message("experts.redundantSlots must be a multiple of experts.shards (and 0 when shards is 0)"),
-    validation = Rule::new("!has(self.rebalanceIntervalSeconds) || self.shards > 0").message("experts.rebalanceIntervalSeconds needs expert shards (experts.shards 1 or more): with 0 shards the experts run inside the attention pods and there is nothing to rebalance")
+    validation = Rule::new("!has(self.rebalanceIntervalSeconds) || self.shards > 0").message("experts.rebalanceIntervalSeconds needs expert shards (experts.shards 1 or more): with 0 shards the experts run inside the attention pods and there is nothing to rebalance"),
+    validation = Rule::new(GPU_ONLY_ON_A_GPU_DEVICE).message("experts.resources asks for nvidia.com/gpu but experts.device is cpu: set experts.device to cuda, or drop the GPU (the pod would hold a GPU it never uses)")
 )]
 pub struct ExpertsSpec {
     /// Number of expert shards; 0 keeps the experts inside the attention pods.
@@ -355,7 +392,25 @@ pub struct ExpertsSpec {
     #[serde(default)]
     #[schemars(range(min = 0))]
     pub redundant_slots: i32,
-    /// CPU, memory and accelerators of each expert shard.
+    /// Where each expert shard computes: `cpu` (default), `cuda` (= `cuda:0`) or `cuda:N`. The
+    /// roles choose independently: attention pods on GPUs with expert shards on CPU-only nodes
+    /// with large memory (a hybrid) works with the same dispatch, since a shard does not care
+    /// where the attention runs. With 0 shards the experts run inside the attention pods, on
+    /// `attention.device`, and this must equal it.
+    ///
+    /// A role on a GPU gets `nvidia.com/gpu` in its container's limits and requests (Kubernetes
+    /// requires both equal for an extended resource, and schedules the pod onto a node whose
+    /// device plugin offers it): `N + 1` for `cuda:N`, since the device plugin shows a pod its
+    /// GPUs as ordinals `0..count`. A count the role's `resources` already sets (limits or
+    /// requests) is kept, and must be at least `N + 1`. A role on the CPU gets no GPU, and
+    /// asking for one is refused (it would be held and never used). Place CPU shards on
+    /// CPU-only nodes with `experts.podTemplate.nodeSelector`.
+    #[serde(default = "default_device")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = Rule::new(DEVICE_RULE).message("experts.device must be cpu, cuda or cuda:N (N: the GPU's ordinal among the pod's GPUs)"))]
+    pub device: String,
+    /// CPU, memory and accelerators of each expert shard. With a GPU `device` the operator adds
+    /// `nvidia.com/gpu` (see `device`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// Seconds between expert-placement rebalances (online EPLB, at least 10). The operator
@@ -377,6 +432,7 @@ impl Default for ExpertsSpec {
         Self {
             shards: 1,
             redundant_slots: 0,
+            device: default_device(),
             resources: None,
             rebalance_interval_seconds: None,
             pod_template: PodTemplateOverrides::default(),

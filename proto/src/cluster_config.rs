@@ -101,6 +101,12 @@ impl Device {
     pub fn is_gpu(self) -> bool {
         matches!(self, Self::Cuda(_))
     }
+
+    /// Whether this is the CPU, the default (a serde `skip_serializing_if` predicate, hence the
+    /// reference).
+    pub fn is_cpu(&self) -> bool {
+        *self == Self::Cpu
+    }
 }
 
 impl std::fmt::Display for Device {
@@ -197,8 +203,10 @@ pub struct AttentionConfig {
     /// The latent KV cache of each pod.
     #[serde(default)]
     pub kv_cache: KvCacheConfig,
-    /// Where attention pods compute.
-    #[serde(default)]
+    /// Where attention pods compute. Left out of the file when `cpu`, so a CPU cluster's config text,
+    /// and so its pods' config hashes, stay what they were before devices existed (upgrading
+    /// the operator rolls no pod).
+    #[serde(default, skip_serializing_if = "Device::is_cpu")]
     pub device: Device,
 }
 
@@ -283,8 +291,10 @@ pub struct ExpertsConfig {
     pub grpc_port: u16,
     /// Seconds between placement rebalances; `None` keeps the initial placement.
     pub rebalance_interval_seconds: Option<u32>,
-    /// Where expert shards compute.
-    #[serde(default)]
+    /// Where expert shards compute. Left out of the file when `cpu`, so a CPU cluster's config text,
+    /// and so its pods' config hashes, stay what they were before devices existed (upgrading
+    /// the operator rolls no pod).
+    #[serde(default, skip_serializing_if = "Device::is_cpu")]
     pub device: Device,
 }
 
@@ -444,6 +454,12 @@ impl ClusterConfig {
         match reader {
             Reader::Attention => {
                 v.model.served_name = String::new();
+                // With shards, the experts' device is theirs alone (a shard does not care where
+                // the attention runs, nor the reverse); with none, the attention pods run the
+                // experts themselves.
+                if v.experts.shards > 0 {
+                    v.experts.device = Device::default();
+                }
                 v.attention.service = String::new();
                 v.attention.addresses = Vec::new();
                 v.router = RouterConfig {
@@ -717,6 +733,29 @@ mod tests {
             [true, true, false]
         );
         assert_eq!(changed(&|c| c.router.http_port = 1), [false, false, true]);
+        assert_eq!(
+            changed(&|c| c.attention.device = Device::Cpu),
+            [true, false, false]
+        );
+        assert_eq!(
+            changed(&|c| c.attention.kv_cache.gpu_memory_utilization = Some(0.8)),
+            [true, false, false]
+        );
+        assert_eq!(
+            changed(&|c| c.experts.device = Device::Cuda(0)),
+            [false, true, false]
+        );
+        // Without shards the attention pods run the experts: their device is the pods' own.
+        let mut cpu = sample();
+        cpu.experts.shards = 0;
+        cpu.experts.redundant_slots = 0;
+        cpu.experts.addresses.clear();
+        let mut gpu = cpu.clone();
+        gpu.experts.device = Device::Cuda(0);
+        assert_ne!(
+            cpu.view_of(Reader::Attention),
+            gpu.view_of(Reader::Attention)
+        );
         assert_eq!(changed(&|c| c.metrics_port = 1), [true, true, true]);
     }
 

@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde_json::Value;
 use shardseek_operator::builders;
 use shardseek_operator::crd::{self, DeepSeekDeployment};
@@ -42,6 +43,21 @@ fn golden(path: &Path, actual: &str) {
             actual.lines().nth(line)
         );
     }
+}
+
+/// The `nvidia.com/gpu` of a container's (limits, requests).
+fn gpus(
+    resources: &Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+) -> (Option<String>, Option<String>) {
+    let get = |map: &Option<std::collections::BTreeMap<String, Quantity>>| {
+        map.as_ref()
+            .and_then(|m| m.get(builders::GPU_RESOURCE))
+            .map(|q| q.0.clone())
+    };
+    resources
+        .as_ref()
+        .map(|r| (get(&r.limits), get(&r.requests)))
+        .unwrap_or_default()
 }
 
 fn example(name: &str) -> DeepSeekDeployment {
@@ -121,16 +137,18 @@ fn builders_carry_the_spec_into_pods() {
             .map(|f| f.field_path.as_str()),
         Some("metadata.labels['apps.kubernetes.io/pod-index']")
     );
-    let gpu = &container
-        .resources
-        .as_ref()
-        .expect("resources")
-        .limits
-        .as_ref()
-        .expect("limits")["nvidia.com/gpu"];
-    assert_eq!(gpu.0, "8");
+    // The shards are on the CPU (a hybrid deployment): no GPU, their own node type.
+    assert_eq!(gpus(&container.resources), (None, None));
+    let selector = pod.node_selector.as_ref().expect("node selector");
+    assert_eq!(selector["node.kubernetes.io/instance-type"], "r7i.48xlarge");
+    assert_eq!(selector["topology.kubernetes.io/zone"], "us-east-1a");
+    let attention_pod = owned.attention.spec.template.spec.as_ref().expect("pod");
     assert_eq!(
-        pod.node_selector.as_ref().expect("node selector")["node.kubernetes.io/instance-type"],
+        gpus(&attention_pod.containers[0].resources),
+        (Some("1".into()), Some("1".into()))
+    );
+    assert_eq!(
+        attention_pod.node_selector.as_ref().expect("node selector")["node.kubernetes.io/instance-type"],
         "p5.48xlarge"
     );
     assert_eq!(
@@ -471,13 +489,15 @@ fn examples_pass_and_fail_the_cel_rules() {
         "experts.redundantSlots must be a multiple of experts.shards",
         "model.volume must set exactly one of",
         "transport nccl is not wired yet",
+        "attention.device must be cpu, cuda or cuda:N",
     ] {
         assert!(errors.contains(message), "expected {message:?} in {errors}");
     }
-    // Each rule alone: fixing the other two leaves exactly one error.
+    // Each rule alone: fixing the other three leaves exactly one error.
     let mut one = invalid.clone();
     one.spec.model.volume.as_mut().expect("volume").host_path = None;
     one.spec.transport = crd::Transport::Grpc;
+    one.spec.attention.device = "cuda".into();
     let errors = kube::core::cel::validate_cel(&one)
         .expect_err("slots rule")
         .to_string();
@@ -931,6 +951,8 @@ fn placement_config_map_is_mounted_optional_and_owned() {
     no_shards.spec.experts.shards = 0;
     no_shards.spec.experts.redundant_slots = 0;
     no_shards.spec.experts.rebalance_interval_seconds = None;
+    // The experts then run in the attention pods, on their GPU.
+    no_shards.spec.experts.device = no_shards.spec.attention.device.clone();
     let owned = builders::build(&no_shards).expect("build");
     assert!(
         !pod(&owned.attention)
@@ -962,4 +984,356 @@ fn placement_config_map_is_mounted_optional_and_owned() {
         None,
         "a table of 4 shards is not kept for 8"
     );
+}
+
+fn pod_of(
+    template: &k8s_openapi::api::core::v1::PodTemplateSpec,
+) -> &k8s_openapi::api::core::v1::PodSpec {
+    template.spec.as_ref().expect("pod spec")
+}
+
+/// A hybrid deployment (attention on a GPU, expert shards on the CPU): `nvidia.com/gpu` only in
+/// the attention pods, in both limits and requests (Kubernetes requires an extended resource's
+/// request to equal its limit); the device and the GPU memory fraction only in the attention
+/// view of cluster.json; routers still prefer nodes without a GPU.
+#[test]
+fn devices_put_gpus_only_on_roles_on_a_gpu() {
+    let mut dsd = as_stored(example("full.yaml"));
+    // Without a count in the resources the operator asks for the GPU itself.
+    dsd.spec.attention.resources = None;
+    let owned = builders::build(&dsd).expect("build");
+    let attention = pod_of(&owned.attention.spec.template);
+    let experts = pod_of(&owned.experts.as_ref().expect("experts").spec.template);
+    let router = pod_of(&owned.router.spec.template);
+    assert_eq!(
+        gpus(&attention.containers[0].resources),
+        (Some("1".into()), Some("1".into()))
+    );
+    assert_eq!(gpus(&experts.containers[0].resources), (None, None));
+    assert_eq!(gpus(&router.containers[0].resources), (None, None));
+    let prefers_no_gpu = |pod: &k8s_openapi::api::core::v1::PodSpec| {
+        serde_json::to_string(&pod.affinity)
+            .unwrap()
+            .contains(builders::GPU_NODE_LABEL)
+    };
+    assert!(prefers_no_gpu(router), "{:?}", router.affinity);
+
+    let text = &owned.config_map.data.as_ref().expect("data")["cluster.json"];
+    let config = shardseek_proto::cluster_config::ClusterConfig::from_json(text).unwrap();
+    use shardseek_proto::cluster_config::{Device, Reader};
+    assert_eq!(config.attention.device, Device::Cuda(0));
+    assert_eq!(config.experts.device, Device::Cpu);
+    assert_eq!(config.attention.kv_cache.gpu_memory_utilization, Some(0.9));
+    let view = |r| config.view_of(r).to_json();
+    let attention_view = view(Reader::Attention);
+    assert!(
+        attention_view.contains("\"device\": \"cuda:0\"")
+            && attention_view.contains("\"gpuMemoryUtilization\": 0.9"),
+        "{attention_view}"
+    );
+    for reader in [Reader::Expert, Reader::Router] {
+        let text = view(reader);
+        assert!(
+            !text.contains("cuda") && !text.contains("gpuMemoryUtilization"),
+            "{reader:?}: {text}"
+        );
+    }
+
+    // cuda:N needs GPUs 0..=N in the pod: N + 1 unless the user says, and never fewer.
+    let mut second = dsd.clone();
+    second.spec.attention.device = "cuda:1".into();
+    let owned = builders::build(&second).expect("build");
+    assert_eq!(
+        gpus(&pod_of(&owned.attention.spec.template).containers[0].resources),
+        (Some("2".into()), Some("2".into()))
+    );
+    let with_limits = |limits: &[(&str, &str)], requests: &[(&str, &str)]| {
+        let map = |items: &[(&str, &str)]| {
+            (!items.is_empty()).then(|| {
+                items
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), Quantity(v.to_string())))
+                    .collect()
+            })
+        };
+        Some(k8s_openapi::api::core::v1::ResourceRequirements {
+            limits: map(limits),
+            requests: map(requests),
+            ..Default::default()
+        })
+    };
+    // The user's count is kept (a whole node's GPUs, say), and copied to the requests.
+    let mut eight = dsd.clone();
+    eight.spec.attention.resources =
+        with_limits(&[("nvidia.com/gpu", "8"), ("memory", "1Gi")], &[]);
+    let owned = builders::build(&eight).expect("build");
+    let resources = &pod_of(&owned.attention.spec.template).containers[0].resources;
+    assert_eq!(gpus(resources), (Some("8".into()), Some("8".into())));
+    assert_eq!(
+        resources.as_ref().unwrap().limits.as_ref().unwrap()["memory"].0,
+        "1Gi"
+    );
+    // A count in the requests alone becomes the limit too.
+    eight.spec.attention.resources = with_limits(&[], &[("nvidia.com/gpu", "4")]);
+    let owned = builders::build(&eight).expect("build");
+    assert_eq!(
+        gpus(&pod_of(&owned.attention.spec.template).containers[0].resources),
+        (Some("4".into()), Some("4".into()))
+    );
+    for (device, limits, requests, want) in [
+        (
+            "cuda:1",
+            vec![("nvidia.com/gpu", "1")],
+            vec![],
+            "needs at least 2",
+        ),
+        (
+            "cuda",
+            vec![("nvidia.com/gpu", "0")],
+            vec![],
+            "needs at least 1",
+        ),
+        (
+            "cuda",
+            vec![("nvidia.com/gpu", "2")],
+            vec![("nvidia.com/gpu", "1")],
+            "must equal its limit",
+        ),
+        (
+            "cuda",
+            vec![("nvidia.com/gpu", "1.5")],
+            vec![],
+            "not a whole number",
+        ),
+        (
+            "cpu",
+            vec![("nvidia.com/gpu", "1")],
+            vec![],
+            "attention.device is cpu",
+        ),
+    ] {
+        let mut bad = dsd.clone();
+        bad.spec.attention.device = device.into();
+        bad.spec.attention.kv_cache.gpu_memory_utilization = None;
+        bad.spec.attention.resources = with_limits(&limits, &requests);
+        let err = builders::build(&bad).expect_err(want).to_string();
+        assert!(
+            err.contains(want) && err.contains("attention."),
+            "{device} {limits:?} {requests:?}: {err}"
+        );
+    }
+
+    // An all-CPU deployment asks for no GPU anywhere, and its cluster.json is the one from
+    // before devices existed (the defaults are left out), so upgrading rolls none of its pods.
+    let owned = builders::build(&as_stored(example("minimal.yaml"))).expect("build");
+    let text = &owned.config_map.data.as_ref().expect("data")["cluster.json"];
+    assert!(!text.contains("device") && !text.contains("gpu"), "{text}");
+    for template in [
+        &owned.attention.spec.template,
+        &owned.experts.as_ref().unwrap().spec.template,
+    ] {
+        let pod = pod_of(template);
+        assert_eq!(gpus(&pod.containers[0].resources), (None, None));
+    }
+}
+
+/// The CRD's rules for devices and the GPU memory fraction, each with a message naming the
+/// field; the builders refuse the same for objects stored before the rules.
+#[test]
+fn device_rules_name_the_field() {
+    let errors_of = |dsd: &DeepSeekDeployment| {
+        kube::core::cel::validate_cel(dsd)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let full = example("full.yaml");
+    for good in ["cpu", "cuda", "cuda:0", "cuda:7"] {
+        let mut dsd = full.clone();
+        dsd.spec.experts.device = good.into();
+        assert_eq!(errors_of(&dsd), "", "{good}");
+        builders::build(&as_stored(dsd)).unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+    for bad in [
+        "gpu", "CUDA", "cuda:", "cuda:x", "cuda:-1", "cuda0", "rocm", "",
+    ] {
+        for role in ["attention", "experts"] {
+            let mut dsd = full.clone();
+            if role == "attention" {
+                dsd.spec.attention.device = bad.into();
+            } else {
+                dsd.spec.experts.device = bad.into();
+            }
+            let errors = errors_of(&dsd);
+            assert!(
+                errors.contains(&format!("{role}.device must be cpu, cuda or cuda:N")),
+                "{role}.device {bad:?}: {errors}"
+            );
+            let err = builders::build(&as_stored(dsd)).expect_err(bad).to_string();
+            assert!(err.contains(&format!("{role}.device")), "{err}");
+        }
+    }
+
+    let mut on_cpu = full.clone();
+    on_cpu.spec.attention.device = "cpu".into();
+    on_cpu.spec.attention.resources = None;
+    assert!(
+        errors_of(&on_cpu).contains(
+            "attention.kvCache.gpuMemoryUtilization applies only when attention.device is cuda"
+        ),
+        "{}",
+        errors_of(&on_cpu)
+    );
+    let err = builders::build(&as_stored(on_cpu)).unwrap_err().to_string();
+    assert!(
+        err.contains("attention.kvCache.gpuMemoryUtilization") && err.contains("GPU"),
+        "{err}"
+    );
+    let mut both = full.clone();
+    both.spec.attention.kv_cache.memory = Some(Quantity("64Gi".into()));
+    assert!(
+        errors_of(&both).contains(
+            "attention.kvCache.gpuMemoryUtilization and attention.kvCache.memory both size"
+        ),
+        "{}",
+        errors_of(&both)
+    );
+    let err = builders::build(&as_stored(both)).unwrap_err().to_string();
+    assert!(err.contains("not both"), "{err}");
+    // The range is the schema's (the API server enforces it); the builders check it too.
+    let crd = serde_json::to_value(crd::crd()).unwrap();
+    let field = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["attention"]["properties"]["kvCache"]["properties"]["gpuMemoryUtilization"];
+    assert_eq!(
+        (
+            &field["minimum"],
+            &field["exclusiveMinimum"],
+            &field["maximum"]
+        ),
+        (
+            &serde_json::json!(0.0),
+            &serde_json::json!(true),
+            &serde_json::json!(1.0)
+        ),
+        "{field}"
+    );
+    for out in [0.0, 1.5, -0.1] {
+        let mut dsd = full.clone();
+        dsd.spec.attention.kv_cache.gpu_memory_utilization = Some(out);
+        let err = builders::build(&as_stored(dsd)).unwrap_err().to_string();
+        assert!(
+            err.contains("attention.kvCache.gpuMemoryUtilization") && err.contains("(0, 1]"),
+            "{out}: {err}"
+        );
+    }
+
+    // A CPU role asking for a GPU would hold it unused.
+    let mut hoarding = full.clone();
+    hoarding.spec.experts.resources = hoarding.spec.attention.resources.clone();
+    assert!(
+        errors_of(&hoarding)
+            .contains("experts.resources asks for nvidia.com/gpu but experts.device is cpu"),
+        "{}",
+        errors_of(&hoarding)
+    );
+    let mut in_requests = full.clone();
+    in_requests.spec.experts.resources = Some(k8s_openapi::api::core::v1::ResourceRequirements {
+        requests: Some([("nvidia.com/gpu".to_string(), Quantity("1".into()))].into()),
+        ..Default::default()
+    });
+    assert!(errors_of(&in_requests).contains("experts.resources asks for nvidia.com/gpu"));
+    let mut attention_on_cpu = full.clone();
+    attention_on_cpu.spec.attention.device = "cpu".into();
+    attention_on_cpu
+        .spec
+        .attention
+        .kv_cache
+        .gpu_memory_utilization = None;
+    assert!(
+        errors_of(&attention_on_cpu)
+            .contains("attention.resources asks for nvidia.com/gpu but attention.device is cpu"),
+        "{}",
+        errors_of(&attention_on_cpu)
+    );
+
+    // Without shards the experts run in the attention pods, on their device.
+    let mut no_shards = full.clone();
+    no_shards.spec.experts.shards = 0;
+    no_shards.spec.experts.redundant_slots = 0;
+    no_shards.spec.experts.rebalance_interval_seconds = None;
+    assert!(
+        errors_of(&no_shards).contains("experts.device must equal attention.device"),
+        "{}",
+        errors_of(&no_shards)
+    );
+    let err = builders::build(&as_stored(no_shards.clone()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("experts.device (cpu) must equal attention.device (cuda:0)"),
+        "{err}"
+    );
+    no_shards.spec.experts.device = "cuda".into();
+    assert_eq!(errors_of(&no_shards), "");
+    builders::build(&as_stored(no_shards)).expect("same device without shards");
+}
+
+/// Each role's device is in only that role's config hash: moving the shards to GPUs rolls the
+/// shards alone, moving the attention pods rolls them alone.
+#[test]
+fn changing_a_roles_device_rolls_only_that_role() {
+    let base = as_stored(example("full.yaml"));
+    let before = builders::build(&base).expect("build");
+    let hash = |template: &k8s_openapi::api::core::v1::PodTemplateSpec| {
+        template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()[builders::CONFIG_HASH_ANNOTATION]
+            .clone()
+    };
+    let experts = |o: &builders::OwnedObjects| o.experts.as_ref().unwrap().spec.template.clone();
+
+    let mut shards_on_gpu = base.clone();
+    shards_on_gpu.spec.experts.device = "cuda".into();
+    let after = builders::build(&shards_on_gpu).expect("build");
+    assert_ne!(hash(&experts(&before)), hash(&experts(&after)));
+    assert_eq!(
+        gpus(&pod_of(&experts(&after)).containers[0].resources),
+        (Some("1".into()), Some("1".into()))
+    );
+    assert_eq!(
+        before.attention.spec.template,
+        after.attention.spec.template
+    );
+    assert_eq!(before.router.spec.template, after.router.spec.template);
+
+    let mut attention_on_cpu = base.clone();
+    attention_on_cpu.spec.attention.device = "cpu".into();
+    attention_on_cpu
+        .spec
+        .attention
+        .kv_cache
+        .gpu_memory_utilization = None;
+    attention_on_cpu.spec.attention.resources = None;
+    let after = builders::build(&attention_on_cpu).expect("build");
+    assert_ne!(
+        hash(&before.attention.spec.template),
+        hash(&after.attention.spec.template)
+    );
+    assert_eq!(experts(&before), experts(&after));
+    assert_eq!(before.router.spec.template, after.router.spec.template);
+
+    // The GPU memory fraction is the attention pods' alone too.
+    let mut fraction = base.clone();
+    fraction.spec.attention.kv_cache.gpu_memory_utilization = Some(0.8);
+    let after = builders::build(&fraction).expect("build");
+    assert_ne!(
+        hash(&before.attention.spec.template),
+        hash(&after.attention.spec.template)
+    );
+    assert_eq!(experts(&before), experts(&after));
+    assert_eq!(before.router.spec.template, after.router.spec.template);
 }
