@@ -318,24 +318,30 @@ pub fn run(dev: &CudaBackend, mut progress: impl FnMut(&str)) -> Result<CudaRepo
         let qa = randf(dev, b * heads * r, 41)?;
         let qp = randf(dev, b * heads * p, 42)?;
         let mut out = dev.zeros::<f32>(b * heads * r)?;
-        let ms = best_ms(dev, 3, |_| {
-            dev.mla_attend(
-                &dc, &table, stride, &lens, b, heads, &qa, &qp, 0.1, &mut out,
-            )
-        })?;
         let bytes = (b * ctx * (r + p) * 2) as f64;
-        push(
-            &mut rows,
-            CudaRow {
-                name: "MLA decode (bf16 cache)".into(),
-                shape: format!("batch {b} × {ctx} tokens, {heads} heads, {r}+{p}"),
-                ms,
-                bytes,
-                flops: 2.0 * (b * heads * ctx * (2 * r + p)) as f64,
-                against: "bandwidth",
-                fraction: bytes / (ms * 1e-3) / 1e9 / copy_gbps,
-            },
-        );
+        let mut kernels = vec![(false, "f32 FMA")];
+        if dev.mla_uses_mma(&dc) {
+            kernels.push((true, "tensor cores"));
+        }
+        for (mma, label) in kernels {
+            let ms = best_ms(dev, 3, |_| {
+                dev.mla_attend_with(
+                    mma, &dc, &table, stride, &lens, b, heads, &qa, &qp, 0.1, &mut out,
+                )
+            })?;
+            push(
+                &mut rows,
+                CudaRow {
+                    name: format!("MLA decode bf16 cache ({label})"),
+                    shape: format!("batch {b} × {ctx} tokens, {heads} heads, {r}+{p}"),
+                    ms,
+                    bytes,
+                    flops: 2.0 * (b * heads * ctx * (2 * r + p)) as f64,
+                    against: "bandwidth",
+                    fraction: bytes / (ms * 1e-3) / 1e9 / copy_gbps,
+                },
+            );
+        }
     }
     Ok(CudaReport {
         device: format!(

@@ -19,6 +19,7 @@ pub(super) struct Inner {
     stream: Arc<CudaStream>,
     funcs: HashMap<&'static str, CudaFunction>,
     cc: (i32, i32),
+    sms: usize,
 }
 
 fn drv(op: &'static str) -> impl Fn(cudarc::driver::DriverError) -> Error {
@@ -236,12 +237,19 @@ impl CudaBackend {
                 funcs.insert(*f, module.load_function(f).map_err(drv("load_function"))?);
             }
         }
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(drv("attribute"))?
+            .max(1) as usize;
         Ok(Self {
             inner: Inner {
                 ctx,
                 stream,
                 funcs,
                 cc,
+                sms,
             },
         })
     }
@@ -670,12 +678,58 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Whether [`Self::mla_attend`] runs a cache of this shape on the tensor-core kernel: a
+    /// bf16 cache with rank % 32 == 0, (rank + rope) % 16 == 0, rank + rope ≤ 576, on sm_80+.
+    pub fn mla_uses_mma(&self, cache: &DeviceCache) -> bool {
+        let (r, p) = (cache.rank, cache.rope);
+        cache.dtype == 1
+            && r > 0
+            && r.is_multiple_of(32)
+            && (r + p).is_multiple_of(16)
+            && r + p <= 576
+            && self.inner.cc >= (8, 0)
+    }
+
     /// Absorbed MLA attention on the device: query row i (heads `[i][h]` of `q_abs` [rows,
     /// heads, rank] and `q_pe` [rows, heads, rope]) attends over the first `lens[i]` tokens of
-    /// page-table row `i · table_stride` of `table`; `out` is `[rows, heads, rank]`.
+    /// page-table row `i · table_stride` of `table`; `out` is `[rows, heads, rank]`. A bf16
+    /// cache of a supported shape runs on tensor cores (bf16 queries and probabilities, f32
+    /// accumulation: its own tolerance); anything else on the f32 kernel.
     #[allow(clippy::too_many_arguments)]
     pub fn mla_attend(
         &self,
+        cache: &DeviceCache,
+        table: &CudaSlice<i32>,
+        table_stride: usize,
+        lens: &CudaSlice<i32>,
+        rows: usize,
+        heads: usize,
+        q_abs: &CudaSlice<f32>,
+        q_pe: &CudaSlice<f32>,
+        scale: f32,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let mma = self.mla_uses_mma(cache);
+        self.mla_attend_with(
+            mma,
+            cache,
+            table,
+            table_stride,
+            lens,
+            rows,
+            heads,
+            q_abs,
+            q_pe,
+            scale,
+            out,
+        )
+    }
+
+    /// [`Self::mla_attend`] on the kernel chosen by `mma` (tests and benchmarks compare both).
+    #[allow(clippy::too_many_arguments)]
+    pub fn mla_attend_with(
+        &self,
+        mma: bool,
         cache: &DeviceCache,
         table: &CudaSlice<i32>,
         table_stride: usize,
@@ -705,6 +759,60 @@ impl CudaBackend {
         if rows == 0 || heads == 0 {
             return Ok(());
         }
+        let (st, hi, ri, pi) = (
+            i32_of(OP, table_stride)?,
+            i32_of(OP, heads)?,
+            i32_of(OP, r)?,
+            i32_of(OP, p)?,
+        );
+        let s = &self.inner.stream;
+        if mma {
+            if !self.mla_uses_mma(cache) {
+                return Err(Error::Unsupported {
+                    op: OP,
+                    detail: format!("tensor-core MLA for a cache of rank {r} + rope {p}"),
+                });
+            }
+            // Splits of each row's tokens so that the grid fills the device twice over.
+            let groups = heads.div_ceil(16);
+            let splits = (2 * self.inner.sms).div_ceil(groups * rows).clamp(1, 16);
+            let po = self.zeros::<f32>(rows * splits * heads * r)?;
+            let pm = self.zeros::<f32>(rows * splits * heads)?;
+            let pl = self.zeros::<f32>(rows * splits * heads)?;
+            let f = self.f("mla_decode_mma_bf16")?;
+            let mut b = s.launch_builder(f);
+            b.arg(&cache.data)
+                .arg(table)
+                .arg(&st)
+                .arg(lens)
+                .arg(q_abs)
+                .arg(q_pe);
+            b.arg(&po)
+                .arg(&pm)
+                .arg(&pl)
+                .arg(&hi)
+                .arg(&ri)
+                .arg(&pi)
+                .arg(&scale);
+            let grid = (groups as u32, u32_of(OP, rows)?, splits as u32);
+            // SAFETY: matches mla.cu's mla_decode_mma_bf16; po/pm/pl hold rows × splits × heads
+            // entries; the shape constraints were checked by mla_uses_mma.
+            unsafe { b.launch(cfg(grid, 128)) }.map_err(drv("mla_decode_mma"))?;
+            let sp = splits as i32;
+            let f = self.f("mla_combine_splits")?;
+            let mut b = s.launch_builder(f);
+            b.arg(&po)
+                .arg(&pm)
+                .arg(&pl)
+                .arg(&sp)
+                .arg(out)
+                .arg(&hi)
+                .arg(&ri);
+            // SAFETY: matches mla.cu's mla_combine_splits.
+            unsafe { b.launch(cfg((hi as u32, u32_of(OP, rows)?, 1), 128)) }
+                .map_err(drv("mla_combine_splits"))?;
+            return Ok(());
+        }
         let name = match cache.dtype {
             0 => "mla_decode_f32",
             1 => "mla_decode_bf16",
@@ -715,14 +823,8 @@ impl CudaBackend {
         } else {
             0u64
         };
-        let (st, hi, ri, pi) = (
-            i32_of(OP, table_stride)?,
-            i32_of(OP, heads)?,
-            i32_of(OP, r)?,
-            i32_of(OP, p)?,
-        );
         let f = self.f(name)?;
-        let mut b = self.inner.stream.launch_builder(f);
+        let mut b = s.launch_builder(f);
         b.arg(&cache.data).arg(&ts).arg(table).arg(&st).arg(lens);
         b.arg(q_abs)
             .arg(q_pe)
@@ -960,10 +1062,13 @@ impl CudaBackend {
         self.dtoh(&dy, y)
     }
 
-    /// MLA decode as [`crate::mla::mla_decode`], uploading the cache for this call; returns
-    /// `[batch, heads, kv_lora_rank]`.
+    /// MLA decode as [`crate::mla::mla_decode`], uploading the cache for this call, on the
+    /// tensor-core kernel if `mma` (bf16 caches) or the f32 one; returns `[batch, heads,
+    /// kv_lora_rank]`.
+    #[allow(clippy::too_many_arguments)]
     pub fn mla_decode(
         &self,
+        mma: bool,
         cache: &LatentCache,
         seqs: &[SeqPages],
         heads: usize,
@@ -981,8 +1086,8 @@ impl CudaBackend {
         let (table, stride, lens) = self.seq_tables(seqs, dev.blocks)?;
         let (qa, qp) = (self.htod(q_abs)?, self.htod(q_pe)?);
         let mut out = self.zeros::<f32>(b * heads * r)?;
-        self.mla_attend(
-            &dev, &table, stride, &lens, b, heads, &qa, &qp, scale, &mut out,
+        self.mla_attend_with(
+            mma, &dev, &table, stride, &lens, b, heads, &qa, &qp, scale, &mut out,
         )?;
         self.down(&out, b * heads * r)
     }

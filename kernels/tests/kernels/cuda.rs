@@ -6,6 +6,8 @@
 //! Bounds (relative L2 error against the CPU, f64-accumulated reference):
 //! - f32 activations (GEMV, f32 tiles, grouped FFN, MLA over f32/bf16/fp8 caches, norms): 1e-5,
 //!   the same values summed in another order;
+//! - tensor-core MLA over a bf16 cache: 1e-2 ([`MMA_BOUND`]); queries and softmax
+//!   probabilities are rounded to bf16 (2^-9 relative each) before the products, as FlashMLA does;
 //! - FP8-activation tensor-core GEMM: 1e-4 against a reference that quantises the activations
 //!   the same way (per row, per 128 columns, amax / 448), and 0.06 against unquantised f32
 //!   activations (e4m3 keeps 3 mantissa bits: 2^-4 relative per value, averaging down in sums).
@@ -52,6 +54,9 @@ mod gpu {
     use shardseek_kernels::rope::Rope;
     use shardseek_kernels::sampling::{Rng, argmax};
     use shardseek_kernels::{gemm, norm, softmax};
+
+    /// Tensor-core MLA: bf16 queries and probabilities (see the module's bounds).
+    const MMA_BOUND: f64 = 1e-2;
 
     /// Prints the measured error next to its bound (gpu-check.sh's log shows every comparison).
     fn check(what: &str, err: f64, bound: f64) {
@@ -359,12 +364,24 @@ mod gpu {
             let cache = LatentCache::new(data, r, p).unwrap();
             let mut want = vec![0f32; qa.len()];
             mla::mla_decode(&cache, &seqs, heads, &qa, &qp, 0.3, &mut want).unwrap();
-            let got = g.mla_decode(&cache, &seqs, heads, &qa, &qp, 0.3).unwrap();
+            let got = g
+                .mla_decode(false, &cache, &seqs, heads, &qa, &qp, 0.3)
+                .unwrap();
             check(
-                &format!("mla decode {name} cache"),
+                &format!("mla decode {name} cache (f32 kernel)"),
                 rel_err(&got, &want),
                 1e-5,
             );
+            if name == "bf16" {
+                let got = g
+                    .mla_decode(true, &cache, &seqs, heads, &qa, &qp, 0.3)
+                    .unwrap();
+                check(
+                    "mla decode bf16 cache (tensor cores)",
+                    rel_err(&got, &want),
+                    MMA_BOUND,
+                );
+            }
         }
         // A prefill chunk: rows share one page-table row (stride 0), each causal up to itself.
         let cache = LatentCache::new(CacheData::F32(&vals), r, p).unwrap();

@@ -4,8 +4,11 @@
 //!
 //! Bounds:
 //! - exact f32 activations (the default): the fixtures at the CPU's tolerance (2e-3 against
-//!   HF's f64), and every logit within 1e-3 × the largest |logit| of the CPU's, for every
-//!   KV-cache dtype (the device mirror holds the host cache's bytes);
+//!   HF's f64), and every logit within 1e-3 × the largest |logit| of the CPU's for the f32 and
+//!   fp8 KV caches (the device mirror holds the host cache's bytes; same f32 arithmetic);
+//! - the bf16 KV cache, whose MLA runs on tensor cores with bf16 queries and probabilities (as
+//!   FlashMLA does): every logit within 1e-2 × the largest |logit| of the CPU's over the same
+//!   bf16 cache;
 //! - FP8 activations in prefill GEMMs (`SHARDSEEK_CUDA_PREFILL_GEMM=fp8`, DeepSeek-V3's
 //!   recipe): median |Δ log-prob| ≤ 0.4 nats over the prompt (the fp8 KV cache's bound), greedy
 //!   tokens equal wherever the CPU's top-2 margin exceeds 2 nats.
