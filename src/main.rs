@@ -125,6 +125,9 @@ enum BenchCommand {
         /// cpu or cuda[:N].
         #[arg(long, default_value = "cpu")]
         device: Device,
+        /// The output projection's dtype: checkpoint or fp8.
+        #[arg(long, default_value = "checkpoint")]
+        lm_head_dtype: String,
         #[arg(long)]
         json: bool,
     },
@@ -240,6 +243,11 @@ struct WorkerArgs {
     /// one --max-seq-len sequence (at least 1 GiB), at most half of the process's memory limit.
     #[arg(long, env = "SHARDSEEK_KV_CACHE_MEMORY")]
     kv_cache_memory: Option<String>,
+    /// Attention role: the output projection's dtype: `checkpoint` (as stored; BF16 in
+    /// DeepSeek's FP8 checkpoints) or `fp8` (e4m3 with 128×128 block scales, quantised at load:
+    /// half the bytes per decode step for it, at e4m3's precision).
+    #[arg(long, default_value = "checkpoint", env = "SHARDSEEK_LM_HEAD_DTYPE")]
+    lm_head_dtype: String,
     /// Where this role computes: cpu, or cuda[:N] (a build with `--features cuda` on a machine
     /// with an NVIDIA driver and GPU).
     #[arg(long, default_value = "cpu", env = "SHARDSEEK_DEVICE")]
@@ -401,6 +409,9 @@ struct UpArgs {
     /// Where the attention pods compute: cpu or cuda[:N].
     #[arg(long, default_value = "cpu")]
     device: Device,
+    /// The output projection's dtype in the attention pods: checkpoint or fp8.
+    #[arg(long, default_value = "checkpoint")]
+    lm_head_dtype: String,
     /// Where the expert shards compute: cpu (e.g. beside GPU attention: the hybrid layout) or
     /// cuda[:N].
     #[arg(long, default_value = "cpu")]
@@ -457,6 +468,9 @@ struct GenerateArgs {
     /// In process only: cpu or cuda[:N].
     #[arg(long, default_value = "cpu", conflicts_with = "url")]
     device: Device,
+    /// In process only: the output projection's dtype, checkpoint or fp8.
+    #[arg(long, default_value = "checkpoint", conflicts_with = "url")]
+    lm_head_dtype: String,
 }
 
 /// Where the kubelet reads a container's termination message (the pod spec's
@@ -574,9 +588,14 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         },
         (None, None) => bail!("give --prompt-tokens or --prompt"),
     };
+    let lm_head: shardseek_worker::model::LmHeadDtype = a
+        .lm_head_dtype
+        .parse()
+        .with_context(|| format!("--lm-head-dtype {}", a.lm_head_dtype))?;
     let backend = shardseek_worker::backend::for_device(a.device)?;
-    let model = Model::load_on(&dir, ExpertSelection::All, backend)
+    let mut model = Model::load_on(&dir, ExpertSelection::All, backend)
         .with_context(|| format!("loading {}", dir.display()))?;
+    lm_head.apply(&mut model)?;
     let req = GenerateRequest {
         prompt,
         max_tokens: a.max_tokens,
@@ -800,6 +819,8 @@ fn run_up(a: UpArgs) -> Result<()> {
             a.kv_cache_dtype.clone(),
             "--device".into(),
             a.device.to_string(),
+            "--lm-head-dtype".into(),
+            a.lm_head_dtype.clone(),
         ],
         expert_args: vec!["--device".into(), a.experts_device.to_string()],
         router_args: a.api.to_args(),
@@ -1042,6 +1063,10 @@ fn run_worker(mut a: WorkerArgs) -> Result<()> {
                 metrics_listen: a.metrics_listen,
                 placement_file: a.placement_file,
                 device: a.device,
+                lm_head_dtype: a
+                    .lm_head_dtype
+                    .parse()
+                    .with_context(|| format!("--lm-head-dtype {}", a.lm_head_dtype))?,
             };
             runtime()?.block_on(shardseek_worker::serve::run_attention(
                 acfg,
@@ -1152,22 +1177,28 @@ fn run_bench(b: BenchCommand) -> Result<()> {
             batch,
             kv_cache_dtype,
             device,
+            lm_head_dtype,
             json,
         } => {
+            let lm_head: shardseek_worker::model::LmHeadDtype = lm_head_dtype
+                .parse()
+                .with_context(|| format!("--lm-head-dtype {lm_head_dtype}"))?;
             let kv: shardseek_worker::kv::KvDtype = kv_cache_dtype
                 .parse()
                 .with_context(|| format!("--kv-cache-dtype {kv_cache_dtype}"))?;
             let backend = shardseek_worker::backend::for_device(device)?;
-            let r =
-                shardseek_worker::speed::measure(&model, prompt_len, decode, &batch, kv, backend)?;
+            let r = shardseek_worker::speed::measure(
+                &model, prompt_len, decode, &batch, kv, backend, lm_head,
+            )?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "{}: {}, {} KV cache; load {:.1}s (peak RSS {:.0} MB of {:.0} MB files); prompt {} tokens, decode {} tokens per sequence",
+                    "{}: {}, {} KV cache, lm_head {}; load {:.1}s (peak RSS {:.0} MB of {:.0} MB files); prompt {} tokens, decode {} tokens per sequence",
                     model.display(),
                     r.backend,
                     r.kv_cache_dtype,
+                    r.lm_head_dtype,
                     r.load_seconds,
                     r.load_peak_rss_bytes as f64 / 1e6,
                     r.checkpoint_bytes as f64 / 1e6,

@@ -88,6 +88,65 @@ pub fn e4m3_to_bf16(code: u8) -> u16 {
     (E4M3_TABLE[code as usize].to_bits() >> 16) as u16
 }
 
+/// [`f32_to_e4m3`] without branches on the value (both the normal and the subnormal result
+/// are computed and one is selected), so that loops over whole matrices vectorize; the same
+/// codes for every input (tests compare the two).
+#[inline]
+pub fn f32_to_e4m3_fast(v: f32) -> u8 {
+    let b = v.to_bits();
+    let sign = (b >> 24) & 0x80;
+    let a = b & 0x7FFF_FFFF;
+    // Normal range: round the mantissa to 3 bits (ties to even), rebias 127 → 7, saturate.
+    let rounded = (a + 0x7FFFF + ((a >> 20) & 1)) >> 20;
+    let normal = rounded.saturating_sub(120 << 3).min(0x7E);
+    // Subnormal range: |v|·2^9 rounded to an integer (ties to even) by adding 2^23.
+    let scaled = f32::from_bits(a.min(0x3C80_0000)) * 512.0 + 8_388_608.0;
+    let subnormal = scaled.to_bits() - 0x4B00_0000;
+    let mag = if a < 0x3C80_0000 { subnormal } else { normal };
+    (if a > 0x7F80_0000 { 0x7F } else { sign | mag }) as u8
+}
+
+/// Quantises a `[rows, cols]` matrix (any stored dtype) to DeepSeek-V3's FP8 layout: e4m3
+/// codes with one scale per 128×128 block, scale = the block's largest |value| / 448, so the
+/// block's largest value is exact and the rest carry e4m3's 3-bit mantissa (2^-4 relative).
+/// Returns (codes `[rows, cols]`, scales `[ceil(rows/128), ceil(cols/128)]`).
+pub fn quantize_blocks(w: &crate::weight::Weight) -> (Vec<u8>, Vec<f32>) {
+    use crate::weight::FP8_BLOCK;
+    use rayon::prelude::*;
+    let (rows, cols) = (w.rows, w.cols);
+    let kb = cols.div_ceil(FP8_BLOCK);
+    let mut codes = vec![0u8; rows * cols];
+    let mut scales = vec![0f32; rows.div_ceil(FP8_BLOCK) * kb];
+    codes
+        .par_chunks_mut(FP8_BLOCK * cols.max(1))
+        .zip(scales.par_chunks_mut(kb.max(1)))
+        .enumerate()
+        .for_each(|(br, (out, sc))| {
+            let r0 = br * FP8_BLOCK;
+            let n = out.len() / cols.max(1);
+            let mut vals = vec![0f32; n * cols];
+            for (i, row) in vals.chunks_exact_mut(cols).enumerate() {
+                w.dequant_row_into(r0 + i, 0, row);
+            }
+            for (b, s) in sc.iter_mut().enumerate() {
+                let c0 = b * FP8_BLOCK;
+                let c1 = (c0 + FP8_BLOCK).min(cols);
+                let amax = vals
+                    .chunks_exact(cols)
+                    .flat_map(|row| row[c0..c1].iter())
+                    .fold(0f32, |m, v| m.max(v.abs()));
+                *s = if amax > 0.0 { amax / 448.0 } else { 1.0 };
+                let inv = *s;
+                for (row, orow) in vals.chunks_exact(cols).zip(out.chunks_exact_mut(cols)) {
+                    for (o, v) in orow[c0..c1].iter_mut().zip(&row[c0..c1]) {
+                        *o = f32_to_e4m3_fast(v / inv);
+                    }
+                }
+            }
+        });
+    (codes, scales)
+}
+
 /// bf16 bits → nearest e4m3 code (round to nearest even, saturating).
 #[inline]
 pub fn bf16_to_e4m3(bits: u16) -> u8 {

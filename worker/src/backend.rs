@@ -156,6 +156,23 @@ impl PreparedWeight {
         self.view().stored_bytes()
     }
 
+    /// This matrix quantised to FP8 e4m3 with 128×128 block scales (DeepSeek-V3's layout; see
+    /// `kernels::fp8::quantize_blocks`), as an owned host matrix with no device copy: pass it
+    /// to [`Backend::adopt`]. An FP8 matrix is returned as it is.
+    pub fn to_fp8_blocks(&self) -> PreparedWeight {
+        let w = self.view();
+        if matches!(w.data, WeightData::Fp8E4m3 { .. }) {
+            return self.clone();
+        }
+        let (q, scale_inv) = shardseek_kernels::fp8::quantize_blocks(&w);
+        PreparedWeight {
+            rows: self.rows,
+            cols: self.cols,
+            stored: Stored::Owned(Owned::Fp8 { q, scale_inv }),
+            device: None,
+        }
+    }
+
     /// Rows `row0..row0+rows`: a view when the stored layout allows (FP8 needs the start on a
     /// scale block), otherwise an exact f32 copy.
     pub(crate) fn rows_of(&self, row0: usize, rows: usize) -> PreparedWeight {
@@ -305,6 +322,12 @@ pub trait Backend: Send + Sync {
 
     /// Prepares a checkpoint matrix for this backend (once, at load).
     fn prepare(&self, store: &Arc<Store>, w: &Linear) -> Result<PreparedWeight>;
+
+    /// Takes a matrix built at load (e.g. [`PreparedWeight::to_fp8_blocks`]) into this
+    /// backend: a device backend uploads it; the CPU uses it as it is.
+    fn adopt(&self, w: PreparedWeight) -> Result<PreparedWeight> {
+        Ok(w)
+    }
 
     /// Splits MLA's `kv_b` (`[heads·(nope+v), rank]`) into per-head W_UKᵀ and W_UV.
     fn prepare_kv_b(

@@ -208,6 +208,12 @@ impl Backend for CudaBackend {
         self.upload(PreparedWeight::mapped(store, w))
     }
 
+    fn adopt(&self, w: PreparedWeight) -> Result<PreparedWeight> {
+        let mut w = w;
+        w.device = None;
+        self.upload(w)
+    }
+
     fn prepare_kv_b(
         &self,
         kv_b: PreparedWeight,

@@ -94,6 +94,47 @@ pub enum ExpertSelection {
     Remote,
 }
 
+/// The dtype of the output projection (lm_head): `--lm-head-dtype`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LmHeadDtype {
+    /// As stored in the checkpoint (BF16 in DeepSeek's FP8 releases): exact.
+    #[default]
+    Checkpoint,
+    /// FP8 e4m3 with 128×128 block scales ([`Model::quantize_lm_head_fp8`]).
+    Fp8,
+}
+
+impl std::str::FromStr for LmHeadDtype {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "checkpoint" => Ok(Self::Checkpoint),
+            "fp8" => Ok(Self::Fp8),
+            _ => Err(Error::Input(format!(
+                "lm-head dtype `{s}`: use checkpoint or fp8"
+            ))),
+        }
+    }
+}
+
+impl LmHeadDtype {
+    /// Applies the choice to a loaded model.
+    pub fn apply(self, model: &mut Model) -> Result<()> {
+        match self {
+            Self::Checkpoint => Ok(()),
+            Self::Fp8 => model.quantize_lm_head_fp8(),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Checkpoint => "checkpoint",
+            Self::Fp8 => "fp8",
+        }
+    }
+}
+
 /// One sequence's part of a forward step: new tokens appended to its cache.
 pub struct SeqInput<'a> {
     pub tokens: &'a [u32],
@@ -462,6 +503,16 @@ impl Model {
     /// Replaces the routed-expert backend (e.g. the dispatch client of an attention pod).
     pub fn set_experts(&mut self, experts: Arc<dyn RoutedExperts>) {
         self.experts = experts;
+    }
+
+    /// Quantises the output projection (lm_head, BF16 in DeepSeek's FP8 checkpoints) to FP8
+    /// with 128×128 block scales, as every other projection of those checkpoints is: decode
+    /// reads half the bytes for it (a quarter of a small model's bytes per token), at e4m3's
+    /// precision for the logits (see `worker/tests/model/kv_dtype.rs` for its tolerance).
+    /// `--lm-head-dtype fp8`; the default keeps the checkpoint's dtype.
+    pub fn quantize_lm_head_fp8(&mut self) -> Result<()> {
+        self.lm_head = self.backend.adopt(self.lm_head.to_fp8_blocks())?;
+        Ok(())
     }
 
     /// The latent cache's shape for this model in `dtype`.

@@ -47,6 +47,8 @@ pub struct AttentionConfig {
     pub placement_file: Option<PathBuf>,
     /// Where the pod computes (its model and, without shards, its routed experts).
     pub device: crate::backend::Device,
+    /// The output projection's dtype (`--lm-head-dtype`).
+    pub lm_head_dtype: crate::model::LmHeadDtype,
 }
 
 /// Configuration of an expert shard.
@@ -217,9 +219,11 @@ pub async fn run_attention(
     } else {
         ExpertSelection::Remote
     };
-    let device = cfg.device;
+    let (device, lm_head) = (cfg.device, cfg.lm_head_dtype);
     let mut model = tokio::task::spawn_blocking(move || {
-        Model::load_on(&model_dir, sel, crate::backend::for_device(device)?)
+        let mut m = Model::load_on(&model_dir, sel, crate::backend::for_device(device)?)?;
+        lm_head.apply(&mut m)?;
+        Ok::<_, Error>(m)
     })
     .await
     .map_err(|e| Error::Input(format!("model loading task failed: {e}")))??;

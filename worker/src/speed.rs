@@ -35,6 +35,8 @@ pub struct ModelSpeed {
     pub checkpoint_bytes: u64,
     pub backend: String,
     pub kv_cache_dtype: String,
+    /// `checkpoint` or `fp8` (`--lm-head-dtype`).
+    pub lm_head_dtype: String,
     pub prompt_tokens: usize,
     pub decode_tokens: usize,
     pub batches: Vec<BatchSpeed>,
@@ -64,6 +66,7 @@ pub fn measure(
     batches: &[usize],
     kv_dtype: KvDtype,
     backend: std::sync::Arc<dyn crate::backend::Backend>,
+    lm_head: crate::model::LmHeadDtype,
 ) -> Result<ModelSpeed> {
     if prompt_len == 0 || batches.contains(&0) {
         return Err(Error::Input(
@@ -74,7 +77,8 @@ pub fn measure(
     // there (the serving comparison `bench serve` against this is only fair that way).
     crate::expert::tune_allocator();
     let t0 = Instant::now();
-    let model = Model::load_on(dir, ExpertSelection::All, backend)?;
+    let mut model = Model::load_on(dir, ExpertSelection::All, backend)?;
+    lm_head.apply(&mut model)?;
     let load_seconds = t0.elapsed().as_secs_f64();
     let load_peak_rss_bytes = peak_rss_bytes();
     let mut out = Vec::with_capacity(batches.len());
@@ -87,6 +91,7 @@ pub fn measure(
         checkpoint_bytes: model.store.file_bytes() as u64,
         backend: model.backend().name(),
         kv_cache_dtype: kv_dtype.name().into(),
+        lm_head_dtype: lm_head.name().into(),
         prompt_tokens: prompt_len,
         decode_tokens: decode,
         batches: out,

@@ -125,3 +125,77 @@ fn vector_decoders_are_exact() {
         }
     }
 }
+
+/// The branch-free encoder gives the same code as the reference encoder: every midpoint and its
+/// neighbours, every code's value, and a sweep of random magnitudes over the whole range.
+#[test]
+fn fast_encoder_matches_the_reference() {
+    use shardseek_kernels::fp8::f32_to_e4m3_fast;
+    let mut vals: Vec<f32> = Vec::new();
+    for c in 0..=0x7eu8 {
+        let a = e4m3_to_f32(c);
+        let b = e4m3_to_f32(c + 1);
+        vals.extend([
+            a,
+            (a + b) / 2.0,
+            (a + b) / 2.0 * (1.0 - 1e-6),
+            (a + b) / 2.0 * (1.0 + 1e-6),
+        ]);
+    }
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for _ in 0..200_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // Magnitudes from 2^-12 to 2^10.
+        let e = (x % 22) as i32 - 12;
+        let m = 1.0 + (x >> 40) as f32 / (1u64 << 24) as f32;
+        vals.push(m * 2f32.powi(e));
+    }
+    vals.extend([0.0, 1e-9, 447.9, 448.0, 464.0, 480.0, 1e6, f32::INFINITY]);
+    for v in vals {
+        for s in [v, -v] {
+            assert_eq!(f32_to_e4m3_fast(s), f32_to_e4m3(s), "{s:e}");
+        }
+    }
+}
+
+/// Block quantisation: the block maximum is exact, every value is within half an e4m3 step
+/// (2^-4 relative, or 2^-10 of the block scale for the smallest values) of the original, and the
+/// scales have DeepSeek's [ceil(rows/128), ceil(cols/128)] layout, at odd shapes.
+#[test]
+fn quantize_blocks_keeps_values_within_an_e4m3_step() {
+    use shardseek_kernels::fp8::quantize_blocks;
+    use shardseek_kernels::{Weight, WeightData};
+    let (rows, cols) = (300, 200);
+    let mut x = 7u64;
+    let vals: Vec<f32> = (0..rows * cols)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect();
+    let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let w = Weight::new(rows, cols, WeightData::F32(&bytes)).unwrap();
+    let (codes, scales) = quantize_blocks(&w);
+    assert_eq!(scales.len(), 3 * 2);
+    let q = Weight::new(
+        rows,
+        cols,
+        WeightData::Fp8E4m3 {
+            q: &codes,
+            scale_inv: &scales,
+        },
+    )
+    .unwrap();
+    for r in 0..rows {
+        for c in 0..cols {
+            let (v, got) = (vals[r * cols + c], q.get(r, c));
+            let s = scales[(r / 128) * 2 + c / 128];
+            let tol = (v.abs() / 16.0).max(s / 1024.0) * 1.0001;
+            assert!((got - v).abs() <= tol, "({r}, {c}): {got} vs {v}");
+        }
+    }
+}

@@ -1,4 +1,5 @@
-//! The bf16 and fp8 latent caches against the exact f32 cache on the same model.
+//! The bf16 and fp8 latent caches against the exact f32 cache on the same model, and the FP8
+//! lm_head (`--lm-head-dtype fp8`) against the checkpoint's BF16 one.
 //!
 //! Stated tolerances, per cache dtype, on the prompt log-probs of a 150-token prompt (echo)
 //! and on 12 greedy tokens:
@@ -6,6 +7,9 @@
 //!   tokens equal unless the f32 run's best two are within 0.2 nats (a near-tie).
 //! - **fp8** (e4m3, one scale per token): median ≤ 0.4 nats, ≥ 80% of positions within 1 nat;
 //!   greedy tokens equal unless the f32 margin is within 2 nats.
+//!
+//! - **lm_head fp8** (e4m3, 128×128 block scales, like the checkpoint's other projections):
+//!   the fp8 cache's bound class (median ≤ 0.4 nats, ≥ 80% within 1 nat, ties within 2 nats).
 //!
 //! Why percentiles and not a maximum: a few positions move by whole nats because a tiny
 //! change of the hidden state flips a top-k expert choice of the router (a discontinuity of
@@ -106,5 +110,19 @@ fn bf16_and_fp8_caches_track_the_f32_cache() {
             mb > 0.0,
             "the bf16 cache was not used (results identical to f32)"
         );
+    }
+}
+
+#[test]
+fn fp8_lm_head_tracks_the_checkpoint_lm_head() {
+    let prompt: Vec<u32> = (0..150).map(|i| (i * 37 % 380 + 3) as u32).collect();
+    for name in ["open-bf16", "open-fp8"] {
+        let mut model = Model::load(&fixture_dir(name), ExpertSelection::All).unwrap();
+        let exact = run(&model, &prompt, KvDtype::F32);
+        model.quantize_lm_head_fp8().unwrap();
+        let got = run(&model, &prompt, KvDtype::F32);
+        let m = compare(&exact, &got, &FP8, "lm_head fp8");
+        eprintln!("{name}: lm_head fp8: median |Δ log-prob| {m:.2e}");
+        assert!(m > 0.0, "the FP8 lm_head was not used (results identical)");
     }
 }
