@@ -6,12 +6,18 @@
 //!   (`status.podIP`, the Ready condition, the StatefulSet's pod-index label = shard id), on the
 //!   gRPC ports of the cluster config. A rebalancer starts only once every desired pod of both
 //!   roles is ready, and is replaced whenever that set changes (scale, a pod restarted or moved),
-//!   so a publication never skips a pod that serves. A new rebalancer first brings every pod and
-//!   shard on another version back to the table in force ([`Rebalancer::bring_back`]).
+//!   so a publication never skips a pod that serves. A new rebalancer first finishes a
+//!   publication the ConfigMap records as under way and brings every pod and shard on another
+//!   version back to the table in force ([`Rebalancer::bring_back`]).
+//! - **What it keeps**: nothing the cluster does not hold. The load no finished round used is
+//!   kept by the attention pods (`Load`/`ConsumeLoad`), the table in force — and during a
+//!   publication the one it switches from — by the ConfigMap; so replacing a rebalancer (a pod
+//!   changed) or losing the leader loses no load and leaves no publication half-done for good.
 //! - **Which policy**: hierarchical (DeepSeek's EPLB by expert groups and nodes) when the shards
 //!   group into nodes by `spec.nodeName` ([`policy_shape`]), flat otherwise.
 //! - **Where the table is kept**: the ConfigMap `NAME-placement` ([`ConfigMapStore`]), applied
-//!   once every shard has prepared a new version (where `up` writes its file). Shards and
+//!   once every shard has prepared a new version (with the table it switches from) and again once
+//!   every pod routes with it (alone), where `up` writes its file. Shards and
 //!   attention pods mount it (`--placement-file`), so a restarted pod comes back on the table in
 //!   force. It is owned by the `DeepSeekDeployment` and annotated with the shape it was computed
 //!   for; the reconcile deletes a table of another shape before applying the workloads.
@@ -371,7 +377,8 @@ impl Rebalancers {
     }
 }
 
-/// The table the rebalancer starts from and the policy's shape: the kept table, else the
+/// The table the rebalancer starts from and the policy's shape: the kept record (with the table
+/// a publication under way switches from, which the rebalancer then finishes), else the
 /// initial table for the expert count an attention pod reports. Renumbered above every version a
 /// pod reports when the kept table is gone (deleted by hand), so that no process sees one
 /// version number for two tables. The shape is hierarchical when the shards group into nodes
