@@ -346,6 +346,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn kept_record_keeps_the_table_a_publication_switches_from() {
+        let v1 = Placement::initial(8, 2, 1).expect("valid");
+        let v2 = Placement::from_assignments(2, 2, (0..8).map(|e| vec![(e + 1) % 2]).collect())
+            .expect("valid");
+        let under_way = KeptTable {
+            current: v2.clone(),
+            previous: Some(v1.clone()),
+        };
+        let text = under_way.to_json();
+        assert_eq!(KeptTable::from_json(&text).expect("reads"), under_way);
+        // A reader of the table alone (an older release) sees the table in force.
+        assert_eq!(Placement::from_json(&text).expect("reads"), v2);
+        // A settled record is a plain table, and a plain table is a settled record.
+        assert_eq!(KeptTable::settled(v2.clone()).to_json(), v2.to_json());
+        assert_eq!(
+            KeptTable::from_json(&v1.to_json()).expect("reads"),
+            KeptTable::settled(v1.clone())
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("placement.json");
+        assert_eq!(KeptTable::read_file(&path).expect("absent"), None);
+        under_way.write_file(&path).expect("writes");
+        assert_eq!(KeptTable::read_file(&path).expect("reads"), Some(under_way));
+        // The previous table must be older and of the same shape.
+        let backwards = KeptTable {
+            current: v1,
+            previous: Some(v2),
+        };
+        let e = KeptTable::from_json(&backwards.to_json()).expect_err("newer previous");
+        assert!(e.to_string().contains("must be older"), "{e}");
+    }
+
+    #[test]
     fn initial_is_pure_and_balanced() {
         for (n, s) in [(256, 4), (256, 1), (16, 3), (10, 10), (257, 8)] {
             let a = Placement::initial(n, s, 0).expect("valid");
