@@ -8,8 +8,9 @@
 //! of shard `s + ⌊S/2⌋ (mod S)`, so a replica never lives on its primary's shard and a dead
 //! shard's experts can fail over to a live one. Rebalancing (EPLB, [`crate::rebalancer`])
 //! publishes later tables with higher versions: built by [`Placement::from_assignments`], sent
-//! as [`PlacementTable`]s, and kept in a file ([`Placement::write_file`]) from which a restarted
-//! process starts, so that it comes back on the table in force rather than on version 1.
+//! as [`PlacementTable`]s, and kept in a file ([`KeptTable::write_file`]: the table in force, and
+//! during a publication the table it switches from) from which a restarted process starts, so
+//! that it comes back on the table in force rather than on version 1.
 
 use shardseek_proto::v1::PlacementTable;
 
