@@ -437,7 +437,7 @@ async fn check_kept_placement(
     if dsd.spec.experts.shards > 0
         && let Some(table) = rebalance::kept_table(dsd, &cm)
     {
-        return Ok(Some(table.version()));
+        return Ok(Some(table.current.version()));
     }
     ctx.rebalancers
         .stop(&ObjectRef::from_obj(dsd), &ctx.metrics);

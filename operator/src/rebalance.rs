@@ -6,12 +6,18 @@
 //!   (`status.podIP`, the Ready condition, the StatefulSet's pod-index label = shard id), on the
 //!   gRPC ports of the cluster config. A rebalancer starts only once every desired pod of both
 //!   roles is ready, and is replaced whenever that set changes (scale, a pod restarted or moved),
-//!   so a publication never skips a pod that serves. A new rebalancer first brings every pod and
-//!   shard on another version back to the table in force ([`Rebalancer::bring_back`]).
+//!   so a publication never skips a pod that serves. A new rebalancer first finishes a
+//!   publication the ConfigMap records as under way and brings every pod and shard on another
+//!   version back to the table in force ([`Rebalancer::bring_back`]).
+//! - **What it keeps**: nothing the cluster does not hold. The load no finished round used is
+//!   kept by the attention pods (`Load`/`ConsumeLoad`), the table in force — and during a
+//!   publication the one it switches from — by the ConfigMap; so replacing a rebalancer (a pod
+//!   changed) or losing the leader loses no load and leaves no publication half-done for good.
 //! - **Which policy**: hierarchical (DeepSeek's EPLB by expert groups and nodes) when the shards
 //!   group into nodes by `spec.nodeName` ([`policy_shape`]), flat otherwise.
 //! - **Where the table is kept**: the ConfigMap `NAME-placement` ([`ConfigMapStore`]), applied
-//!   once every shard has prepared a new version (where `up` writes its file). Shards and
+//!   once every shard has prepared a new version (with the table it switches from) and again once
+//!   every pod routes with it (alone), where `up` writes its file. Shards and
 //!   attention pods mount it (`--placement-file`), so a restarted pod comes back on the table in
 //!   force. It is owned by the `DeepSeekDeployment` and annotated with the shape it was computed
 //!   for; the reconcile deletes a table of another shape before applying the workloads.
@@ -34,11 +40,11 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource, ResourceExt};
 use shardseek_proto::cluster_config as cc;
-use shardseek_router::Placement;
 use shardseek_router::eplb::EplbShape;
 use shardseek_router::rebalancer::{
     Outcome, PlacementStore, RebalanceReport, Rebalancer, RebalancerConfig,
 };
+use shardseek_router::{KeptTable, Placement};
 
 use crate::builders::{self, COMPONENT_LABEL, POD_INDEX_LABEL, Role};
 use crate::controller::FIELD_MANAGER;
@@ -147,8 +153,9 @@ fn pod_ordinal(pod: &Pod, workload: &str) -> Option<usize> {
         .ok()
 }
 
-/// The table kept in a placement ConfigMap, if it was computed for `dsd`'s current shape.
-pub fn kept_table(dsd: &DeepSeekDeployment, config_map: &ConfigMap) -> Option<Placement> {
+/// The record kept in a placement ConfigMap (the table in force, and the table a publication
+/// under way switches from), if it was computed for `dsd`'s current shape.
+pub fn kept_table(dsd: &DeepSeekDeployment, config_map: &ConfigMap) -> Option<KeptTable> {
     let shape = config_map
         .annotations()
         .get(builders::PLACEMENT_SHAPE_ANNOTATION)?;
@@ -156,8 +163,8 @@ pub fn kept_table(dsd: &DeepSeekDeployment, config_map: &ConfigMap) -> Option<Pl
         return None;
     }
     let text = config_map.data.as_ref()?.get(builders::PLACEMENT_KEY)?;
-    let table = Placement::from_json(text).ok()?;
-    (i32::try_from(table.shards()).ok() == Some(dsd.spec.experts.shards)).then_some(table)
+    let kept = KeptTable::from_json(text).ok()?;
+    (i32::try_from(kept.current.shards()).ok() == Some(dsd.spec.experts.shards)).then_some(kept)
 }
 
 /// The rebalancer's [`PlacementStore`] under Kubernetes: server-side applies the ConfigMap
@@ -188,8 +195,8 @@ impl ConfigMapStore {
         }
     }
 
-    /// Reads the kept table, if there is one of the current shape.
-    pub async fn load(&self) -> kube::Result<Option<Placement>> {
+    /// Reads the kept record, if there is one of the current shape.
+    pub async fn load(&self) -> kube::Result<Option<KeptTable>> {
         let name = builders::Names::new(&self.dsd.name_any()).placement;
         Ok(self
             .api
@@ -200,16 +207,16 @@ impl ConfigMapStore {
 }
 
 impl PlacementStore for ConfigMapStore {
-    fn save<'a>(&'a self, placement: &'a Placement) -> BoxFuture<'a, shardseek_router::Result<()>> {
+    fn save<'a>(&'a self, kept: &'a KeptTable) -> BoxFuture<'a, shardseek_router::Result<()>> {
         Box::pin(async move {
             let failed = |why: String| {
                 shardseek_router::Error::Placement(format!(
                     "keeping version {} in ConfigMap {}: {why}",
-                    placement.version(),
+                    kept.current.version(),
                     builders::Names::new(&self.dsd.name_any()).placement
                 ))
             };
-            let cm = builders::placement_config_map(&self.dsd, &placement.to_json())
+            let cm = builders::placement_config_map(&self.dsd, &kept.to_json())
                 .map_err(|e| failed(e.to_string()))?;
             let name = cm.metadata.name.clone().unwrap_or_default();
             self.api
@@ -370,7 +377,8 @@ impl Rebalancers {
     }
 }
 
-/// The table the rebalancer starts from and the policy's shape: the kept table, else the
+/// The table the rebalancer starts from and the policy's shape: the kept record (with the table
+/// a publication under way switches from, which the rebalancer then finishes), else the
 /// initial table for the expert count an attention pod reports. Renumbered above every version a
 /// pod reports when the kept table is gone (deleted by hand), so that no process sees one
 /// version number for two tables. The shape is hierarchical when the shards group into nodes
@@ -380,7 +388,7 @@ async fn starting_table(
     targets: &Targets,
     shards: usize,
     redundant: usize,
-) -> Result<(Placement, bool, EplbShape), String> {
+) -> Result<(KeptTable, bool, EplbShape), String> {
     let mut experts = None;
     let mut groups = 1;
     let mut highest = 1;
@@ -407,14 +415,14 @@ async fn starting_table(
     let initial = Placement::initial(experts, shape.shards, shape.redundant / shape.shards)
         .map_err(|e| e.to_string())?;
     if highest == 1 {
-        return Ok((initial, false, shape));
+        return Ok((KeptTable::settled(initial), false, shape));
     }
     let replicas = (0..experts)
         .map(|e| initial.replicas(e).unwrap_or_default().to_vec())
         .collect();
     let renumbered = Placement::from_assignments(highest + 1, shape.shards, replicas)
         .map_err(|e| e.to_string())?;
-    Ok((renumbered, true, shape))
+    Ok((KeptTable::settled(renumbered), true, shape))
 }
 
 /// DeepSeek's hierarchical policy (expert groups packed onto nodes, replicas chosen within each
@@ -525,7 +533,7 @@ async fn run(
     if save && let Err(e) = store.save(&initial).await {
         tracing::warn!(object = %name, error = %e, "could not keep the starting table");
     }
-    version.store(initial.version(), Ordering::Relaxed);
+    version.store(initial.current.version(), Ordering::Relaxed);
     if let Err(e) = rebalancer.bring_back().await {
         tracing::warn!(object = %name, error = %e, "bringing pods to the table in force failed");
     }

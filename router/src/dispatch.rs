@@ -158,12 +158,32 @@ pub struct Dispatcher<T: Transport> {
     active: tokio::sync::watch::Sender<u64>,
     /// Per expert: (token, expert) pairs dispatched since start (the load EPLB balances).
     expert_pairs: Vec<AtomicU64>,
+    /// Per expert: the part of `expert_pairs` a finished rebalance round used
+    /// ([`consume_load`](Self::consume_load)). Kept here, in the pod that counts, not in the
+    /// rebalancer: one that restarts (operator failover, a new set of pods) still reads every
+    /// pair no round has used.
+    consumed_pairs: Vec<AtomicU64>,
+    /// Names this dispatcher's counters (see [`load_epoch`](Self::load_epoch)).
+    load_epoch: u64,
     hidden: usize,
     config: DispatchConfig,
     /// Per shard: (token, expert) pairs sent and not yet answered (the replica-choice load).
     in_flight: Vec<AtomicUsize>,
     /// Per shard: pairs sent over the last [`LOAD_WINDOW`] (the imbalance figure).
     window: Mutex<LoadWindow>,
+}
+
+/// A value unlikely to repeat across the restarts of a pod: the start time in nanoseconds mixed
+/// with the process id and a per-process counter.
+fn new_load_epoch() -> u64 {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    (nanos ^ (u64::from(std::process::id()) << 32))
+        .wrapping_add(seq.wrapping_mul(0x9E37_79B9_7F4A_7C15))
 }
 
 /// Holds a chunk's pairs in [`Dispatcher::in_flight`] until its reply (or failure) is in.
@@ -198,6 +218,9 @@ impl<T: Transport> Dispatcher<T> {
         let expert_pairs = (0..placement.n_experts())
             .map(|_| AtomicU64::new(0))
             .collect();
+        let consumed_pairs = (0..placement.n_experts())
+            .map(|_| AtomicU64::new(0))
+            .collect();
         let (active, _) = tokio::sync::watch::channel(placement.version());
         Ok(Dispatcher {
             transport,
@@ -208,6 +231,8 @@ impl<T: Transport> Dispatcher<T> {
             }),
             active,
             expert_pairs,
+            consumed_pairs,
+            load_epoch: new_load_epoch(),
             hidden,
             config,
             in_flight,
@@ -239,12 +264,57 @@ impl<T: Transport> Dispatcher<T> {
     }
 
     /// (token, expert) pairs dispatched per expert since this dispatcher started, summed over
-    /// layers: the load the rebalancer reads (it takes differences between reads).
+    /// layers (never reset: `shardseek_expert_tokens_total` counts the same pairs).
     pub fn expert_load(&self) -> Vec<u64> {
         self.expert_pairs
             .iter()
             .map(|c| c.load(Ordering::Relaxed))
             .collect()
+    }
+
+    /// The part of [`expert_load`](Self::expert_load) finished rebalance rounds used; the
+    /// difference is the load no round has used yet.
+    pub fn consumed_load(&self) -> Vec<u64> {
+        self.consumed_pairs
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Names these counters: differs between two dispatchers (a pod that restarted), so a
+    /// rebalancer cannot consume counts that another incarnation of the pod reported.
+    pub fn load_epoch(&self) -> u64 {
+        self.load_epoch
+    }
+
+    /// A rebalance round that read `counts` (an [`expert_load`](Self::expert_load)) under
+    /// `epoch` finished: those pairs are used. Each counter only moves forward and never past
+    /// what was counted, so a repeated or late call (two rebalancers, a retry) changes nothing.
+    /// Another epoch (counts of a pod that restarted since) or a list of another length is
+    /// refused.
+    pub fn consume_load(&self, epoch: u64, counts: &[u64]) -> Result<()> {
+        if epoch != self.load_epoch {
+            return Err(Error::Input(format!(
+                "load epoch {epoch} was read from counters that are gone (these are epoch {})",
+                self.load_epoch
+            )));
+        }
+        if counts.len() != self.expert_pairs.len() {
+            return Err(Error::Input(format!(
+                "load of {} experts consumed, this model has {}",
+                counts.len(),
+                self.expert_pairs.len()
+            )));
+        }
+        for ((c, total), &n) in self
+            .consumed_pairs
+            .iter()
+            .zip(&self.expert_pairs)
+            .zip(counts)
+        {
+            c.fetch_max(n.min(total.load(Ordering::Relaxed)), Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// (token, expert) pairs this pod sent to each shard over the last [`LOAD_WINDOW`].

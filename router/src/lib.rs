@@ -22,7 +22,7 @@ pub mod transport;
 
 pub use codec::{EncodedRows, PendingRows, WireDtype};
 pub use dispatch::{DispatchConfig, Dispatched, Dispatcher, Routes, ShardFailure};
-pub use placement::Placement;
+pub use placement::{KeptTable, Placement};
 pub use transport::{Assignments, ShardRequest, Transport};
 
 /// Errors of the router crate. Dispatch failures name the shard (id and address) and the layer,

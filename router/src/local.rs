@@ -281,7 +281,11 @@ impl LocalCluster {
                         path: dir.join("placement.json"),
                     })),
                 };
-                let rb = Rebalancer::new(config, initial, &supervisor.registry())?;
+                let rb = Rebalancer::new(
+                    config,
+                    crate::placement::KeptTable::settled(initial),
+                    &supervisor.registry(),
+                )?;
                 Some(Arc::new(RebalancerHandle::spawn(rb)))
             }
             _ => None,

@@ -8,8 +8,9 @@
 //! of shard `s + ⌊S/2⌋ (mod S)`, so a replica never lives on its primary's shard and a dead
 //! shard's experts can fail over to a live one. Rebalancing (EPLB, [`crate::rebalancer`])
 //! publishes later tables with higher versions: built by [`Placement::from_assignments`], sent
-//! as [`PlacementTable`]s, and kept in a file ([`Placement::write_file`]) from which a restarted
-//! process starts, so that it comes back on the table in force rather than on version 1.
+//! as [`PlacementTable`]s, and kept in a file ([`KeptTable::write_file`]: the table in force, and
+//! during a publication the table it switches from) from which a restarted process starts, so
+//! that it comes back on the table in force rather than on version 1.
 
 use shardseek_proto::v1::PlacementTable;
 
@@ -163,6 +164,7 @@ impl Placement {
             version: self.version,
             shards: self.shards,
             replicas: self.replicas.clone(),
+            previous: None,
         };
         // A struct of integers and vectors always serialises.
         serde_json::to_string(&file).unwrap_or_default()
@@ -212,6 +214,111 @@ struct PlacementFile {
     version: u64,
     shards: usize,
     replicas: Vec<Vec<usize>>,
+    /// Present while a publication switches from this older table (see [`KeptTable`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    previous: Option<PreviousTable>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PreviousTable {
+    version: u64,
+    replicas: Vec<Vec<usize>>,
+}
+
+/// What a rebalancer keeps for processes that start later (the placement file of `up`, the
+/// `NAME-placement` ConfigMap under Kubernetes): the table in force and, while a publication
+/// is under way (every shard prepared it, not every pod is known to route with it yet), the
+/// table it switches from. A shard that starts then accepts both versions, so neither the pods
+/// that switched nor those that have not are refused; a pod starts on the new one. The
+/// rebalancer rewrites it without `previous` once every pod routes with the new table and every
+/// shard committed it. A process of an older release reads the same file as the table in force.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeptTable {
+    pub current: Placement,
+    /// The table a publication under way switches from (same shape, older version).
+    pub previous: Option<Placement>,
+}
+
+impl KeptTable {
+    /// A table in force with no publication under way.
+    pub fn settled(current: Placement) -> Self {
+        KeptTable {
+            current,
+            previous: None,
+        }
+    }
+
+    /// The JSON text kept (the table in force in [`Placement::to_json`]'s form, plus
+    /// `previous` while switching).
+    pub fn to_json(&self) -> String {
+        let file = PlacementFile {
+            version: self.current.version,
+            shards: self.current.shards,
+            replicas: self.current.replicas.clone(),
+            previous: self.previous.as_ref().map(|p| PreviousTable {
+                version: p.version,
+                replicas: p.replicas.clone(),
+            }),
+        };
+        serde_json::to_string(&file).unwrap_or_default()
+    }
+
+    /// Reads [`to_json`](Self::to_json)'s text (or a plain table's), checking both tables.
+    pub fn from_json(text: &str) -> Result<Self> {
+        let file: PlacementFile = serde_json::from_str(text)
+            .map_err(|e| Error::Placement(format!("not a placement table: {e}")))?;
+        Self::from_file(file)
+    }
+
+    fn from_file(file: PlacementFile) -> Result<Self> {
+        let current = Placement::from_assignments(file.version, file.shards, file.replicas)?;
+        let previous = match file.previous {
+            None => None,
+            Some(p) => {
+                let p = Placement::from_assignments(p.version, file.shards, p.replicas)?;
+                if p.version >= current.version || p.n_experts() != current.n_experts() {
+                    return Err(Error::Placement(format!(
+                        "kept table version {}: the previous table (version {}, {} experts) \
+                         must be older and of the same shape",
+                        current.version,
+                        p.version,
+                        p.n_experts()
+                    )));
+                }
+                Some(p)
+            }
+        };
+        Ok(KeptTable { current, previous })
+    }
+
+    /// Writes the record to `path` atomically, as [`Placement::write_file`] does.
+    pub fn write_file(&self, path: &std::path::Path) -> Result<()> {
+        let io = |source| Error::Io {
+            op: format!("writing the placement file {}", path.display()),
+            source,
+        };
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, self.to_json()).map_err(io)?;
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+
+    /// Reads a record written by [`write_file`](Self::write_file) (or [`Placement::write_file`]);
+    /// `None` when the file does not exist.
+    pub fn read_file(path: &std::path::Path) -> Result<Option<Self>> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(Error::Io {
+                    op: format!("reading the placement file {}", path.display()),
+                    source,
+                });
+            }
+        };
+        let file: PlacementFile = serde_json::from_str(&text)
+            .map_err(|e| Error::Placement(format!("placement file {}: {e}", path.display())))?;
+        Self::from_file(file).map(Some)
+    }
 }
 
 /// Shard `s`'s contiguous primary range `[lo, hi)`.
@@ -238,6 +345,39 @@ fn primary_shard(e: usize, n: usize, shards: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kept_record_keeps_the_table_a_publication_switches_from() {
+        let v1 = Placement::initial(8, 2, 1).expect("valid");
+        let v2 = Placement::from_assignments(2, 2, (0..8).map(|e| vec![(e + 1) % 2]).collect())
+            .expect("valid");
+        let under_way = KeptTable {
+            current: v2.clone(),
+            previous: Some(v1.clone()),
+        };
+        let text = under_way.to_json();
+        assert_eq!(KeptTable::from_json(&text).expect("reads"), under_way);
+        // A reader of the table alone (an older release) sees the table in force.
+        assert_eq!(Placement::from_json(&text).expect("reads"), v2);
+        // A settled record is a plain table, and a plain table is a settled record.
+        assert_eq!(KeptTable::settled(v2.clone()).to_json(), v2.to_json());
+        assert_eq!(
+            KeptTable::from_json(&v1.to_json()).expect("reads"),
+            KeptTable::settled(v1.clone())
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("placement.json");
+        assert_eq!(KeptTable::read_file(&path).expect("absent"), None);
+        under_way.write_file(&path).expect("writes");
+        assert_eq!(KeptTable::read_file(&path).expect("reads"), Some(under_way));
+        // The previous table must be older and of the same shape.
+        let backwards = KeptTable {
+            current: v1,
+            previous: Some(v2),
+        };
+        let e = KeptTable::from_json(&backwards.to_json()).expect_err("newer previous");
+        assert!(e.to_string().contains("must be older"), "{e}");
+    }
 
     #[test]
     fn initial_is_pure_and_balanced() {

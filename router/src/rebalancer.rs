@@ -1,32 +1,39 @@
 //! Online EPLB: the component that keeps the expert placement balanced while the cluster serves
-//! (DESIGN.md §4). `shardseek up --rebalance-interval SECS` runs one in its supervisor process.
+//! (DESIGN.md §4). `shardseek up --rebalance-interval SECS` runs one in its supervisor process;
+//! the operator runs one per `DeepSeekDeployment` that asks for it.
 //!
 //! Every interval it
-//! 1. reads, from every attention pod (`Placement.Load`), the (token, expert) pairs it has
-//!    dispatched per expert, and keeps the difference since its previous read: the load of the
-//!    last interval, summed over pods and layers;
-//! 2. computes a table for that load with [`eplb::rebalance`] and keeps the one in force when the
+//! 1. reads, from every attention pod (`Placement.Load`), the (token, expert) pairs no finished
+//!    round has used yet, summed over pods and layers. **The pods keep that window, not the
+//!    rebalancer**: a pod counts every pair and also how many a finished round used; a round
+//!    that finishes (published, or kept the table in force) tells each pod which counts it read
+//!    (`ConsumeLoad`), and a failed round tells nothing, so its load is read again. A rebalancer
+//!    that restarts (the operator fails over or replaces it when its pods change) therefore
+//!    reads everything counted since the last finished round: it keeps no state of its own that
+//!    the cluster does not also hold (the load in the pods, the table in the [`PlacementStore`]);
+//! 2. first finishes a publication under way and brings every process on another version back
+//!    to the table in force ([`converge`](Rebalancer::bring_back));
+//! 3. computes a table for the load with [`eplb::rebalance`] and keeps the one in force when the
 //!    new one is the same table or would lower the predicted imbalance by less than
 //!    [`MIN_GAIN`] (moving experts for nothing only churns);
-//! 3. publishes a new version in three phases, each to every process at once:
+//! 4. publishes a new version:
 //!    **Prepare** on every shard (it maps the experts it gains and accepts the new version while
-//!    still serving the old one), then **Switch** on every attention pod (answered once the pod's
-//!    steps route with the new table: pods switch between steps, never inside one), then
-//!    **Commit** on every shard (it drops the experts it lost and refuses the old version, which
-//!    no pod uses any more). A shard that cannot prepare or a pod that refuses to switch aborts
-//!    the publication before anything is dropped; the next interval tries again with a higher
+//!    still serving the old one); the store then records "version V in force, switching from
+//!    the old one" (the point of no return: from here the publication is finished, never
+//!    undone); every shard is checked to accept V (one that restarted on the old record is
+//!    prepared again); **Switch** on every attention pod (answered once the pod's steps route
+//!    with V: pods switch between steps, never inside one), and every pod is checked to route
+//!    with V — one that was restarting is waited for and switched; only then **Commit** on every
+//!    shard (it drops the experts it lost and refuses the old version, which no pod uses any
+//!    more), and the store records V alone. A shard that cannot prepare aborts the publication
+//!    before anything is recorded or dropped; the next interval tries again with a higher
 //!    version. No request fails and none waits for more than the step boundary it switches at.
 //!
-//! The table in force is also kept by a [`PlacementStore`] once every shard has prepared it: a
-//! process that restarts reads it and comes back on the current table instead of version 1.
-//! Under `up` the store is a file ([`FileStore`], see [`Placement::write_file`]) that every child
-//! is given with `--placement-file`; under Kubernetes the operator keeps it in a ConfigMap that
-//! the pods mount. A process that restarted while a publication was under way may have read the
-//! older file: every round therefore first brings back to the table in force each shard whose
-//! `Expert.Info` reports another version (Prepare + Commit) and each pod whose `Load` does
-//! (Switch).
+//! Processes that start while a publication is under way read the store: a shard accepts both
+//! the old version and V (so neither the pods that switched nor those that have not are
+//! refused), a pod routes with V. One that read the store before the record changed is found by
+//! the checks above, which run after the record changed, before anything is committed.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,12 +43,12 @@ use futures::future::BoxFuture;
 use prometheus::{GaugeVec, IntCounterVec, IntGauge, Opts, Registry};
 use shardseek_proto::v1::expert_client::ExpertClient;
 use shardseek_proto::v1::placement_client::PlacementClient;
-use shardseek_proto::v1::{CommitRequest, InfoRequest, LoadReply, LoadRequest};
+use shardseek_proto::v1::{CommitRequest, ConsumeRequest, InfoRequest, LoadReply, LoadRequest};
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::eplb::{self, EplbShape};
-use crate::placement::Placement;
+use crate::placement::{KeptTable, Placement};
 use crate::{Error, Result};
 
 /// Deadline of one control call. Prepare maps a shard's gained experts (mmap: fast, but a
@@ -50,6 +57,13 @@ use crate::{Error, Result};
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 /// Connecting to a pod on loopback or the cluster network takes milliseconds.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// While a publication is under way, how long a process that cannot be reached (it is
+/// restarting) is waited for before the round gives up; the publication stays under way (shards
+/// keep serving both versions) and the next round finishes it. A restarted pod loads its model
+/// before it answers.
+pub const CONVERGE_WAIT: Duration = Duration::from_secs(30);
+/// Between two tries to reach a restarting process.
+const RETRY_EVERY: Duration = Duration::from_millis(200);
 /// Smallest predicted drop of the imbalance ratio worth publishing a new table for.
 pub const MIN_GAIN: f64 = 0.01;
 
@@ -62,18 +76,17 @@ pub struct RebalancerConfig {
     pub attention: Vec<String>,
     pub shape: EplbShape,
     pub interval: Duration,
-    /// Where the table in force is kept for restarted processes; `None` keeps it nowhere (a
-    /// restarted process then comes back on version 1 and the next round brings it back).
+    /// Where the table in force is kept for processes that start later; `None` keeps it
+    /// nowhere (a restarted process then comes back on version 1 and the next round brings it
+    /// back).
     pub store: Option<Arc<dyn PlacementStore>>,
 }
 
-/// Where a rebalancer keeps the table in force for processes that start later. Written once
-/// every shard has prepared a new version, before any pod switches to it: a process that starts
-/// from then on may read either version, and every round brings the ones on another version
-/// back to the table in force.
+/// Where a rebalancer keeps the table in force (and, during a publication, the table it
+/// switches from) for processes that start later and for a rebalancer that restarts.
 pub trait PlacementStore: Send + Sync + std::fmt::Debug {
-    /// Keeps `placement`, replacing the table kept before.
-    fn save<'a>(&'a self, placement: &'a Placement) -> BoxFuture<'a, Result<()>>;
+    /// Keeps `kept`, replacing what was kept before.
+    fn save<'a>(&'a self, kept: &'a KeptTable) -> BoxFuture<'a, Result<()>>;
 }
 
 /// The placement file of `shardseek up` (its children's `--placement-file`).
@@ -83,8 +96,8 @@ pub struct FileStore {
 }
 
 impl PlacementStore for FileStore {
-    fn save<'a>(&'a self, placement: &'a Placement) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move { placement.write_file(&self.path) })
+    fn save<'a>(&'a self, kept: &'a KeptTable) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move { kept.write_file(&self.path) })
     }
 }
 
@@ -96,7 +109,7 @@ pub enum Outcome {
     Published,
     /// The computed table is the one in force, or not better by [`MIN_GAIN`].
     Unchanged,
-    /// No pod dispatched anything since the last read.
+    /// No pod dispatched anything no round has used.
     NoLoad,
 }
 
@@ -121,20 +134,29 @@ pub struct RebalanceReport {
     /// load under the table in force before, and under the computed table.
     pub before: f64,
     pub after: f64,
-    /// The observed load per expert ((token, expert) pairs over the interval).
+    /// The observed load per expert ((token, expert) pairs no earlier round used).
     pub load: Vec<f64>,
 }
 
-/// The rebalancer's state: the table in force and the pods' last load counters.
+/// One pod's answer to `Load`.
+struct PodLoad {
+    addr: String,
+    reply: LoadReply,
+}
+
+/// The rebalancer: the table in force and, during a publication, the one it switches from —
+/// both also in the store, so a rebalancer that restarts resumes from there.
 pub struct Rebalancer {
     config: RebalancerConfig,
     current: Placement,
-    /// The version the next publication uses: above every version ever offered, published or
-    /// not, so a shard never sees one version number for two tables.
+    /// The table a publication under way switches from: set once every shard prepared
+    /// `current` and the store recorded it, cleared once every pod routes with `current` and
+    /// the shards committed it.
+    previous: Option<Placement>,
+    /// The version the next publication uses: above every version this rebalancer offered. (A
+    /// restarted one may offer again a version whose Prepare an earlier one aborted: no pod
+    /// ever routed with that table, and a shard's Prepare replaces it.)
     next_version: u64,
-    last_counts: HashMap<String, Vec<u64>>,
-    /// The placement version each pod reported in its last `Load`.
-    pod_versions: HashMap<String, u64>,
     version_gauge: IntGauge,
     rebalances: IntCounterVec,
     predicted: GaugeVec,
@@ -154,9 +176,11 @@ impl Rebalancer {
         eplb::rebalance(&vec![1.0; experts], shape, 2).map(|_| ())
     }
 
-    /// A rebalancer starting from `initial` (the table every process serves now); its metrics
-    /// go to `registry`.
-    pub fn new(config: RebalancerConfig, initial: Placement, registry: &Registry) -> Result<Self> {
+    /// A rebalancer starting from `kept` (what the store keeps, or the initial table every
+    /// process serves now); its metrics go to `registry`. A kept publication under way is
+    /// finished by [`bring_back`](Self::bring_back) or the first round.
+    pub fn new(config: RebalancerConfig, kept: KeptTable, registry: &Registry) -> Result<Self> {
+        let initial = &kept.current;
         Self::check_shape(config.shape, initial.n_experts())?;
         if config.shards.len() != config.shape.shards || initial.shards() != config.shape.shards {
             return Err(Error::Placement(format!(
@@ -182,7 +206,7 @@ impl Rebalancer {
         let predicted = GaugeVec::new(
             Opts::new(
                 "shardseek_rebalance_imbalance_ratio",
-                "Busiest shard over mean shard for the last interval's expert load, under the table in force then (placement=\"before\") and the table computed for it (\"after\")",
+                "Busiest shard over mean shard for the last round's expert load, under the table in force then (placement=\"before\") and the table computed for it (\"after\")",
             ),
             &["placement"],
         )
@@ -200,9 +224,8 @@ impl Rebalancer {
         Ok(Rebalancer {
             next_version: initial.version() + 1,
             config,
-            current: initial,
-            last_counts: HashMap::new(),
-            pod_versions: HashMap::new(),
+            current: kept.current,
+            previous: kept.previous,
             version_gauge,
             rebalances,
             predicted,
@@ -214,18 +237,23 @@ impl Rebalancer {
         &self.current
     }
 
-    /// Reads every pod's counters (the baseline of the first round's load) and brings every
-    /// process on another version back to the table in force, without computing a new table:
-    /// what a rebalancer that starts while the cluster already serves does first (the operator
-    /// starts one whenever the pods it balances change), so a pod that started on an older
-    /// table does not wait a whole interval to be switched.
-    pub async fn bring_back(&mut self) -> Result<()> {
-        self.gather_load().await?;
-        self.reconcile().await;
-        Ok(())
+    /// Whether a publication is under way (recorded, not yet committed everywhere).
+    pub fn publishing(&self) -> bool {
+        self.previous.is_some()
     }
 
-    /// One round: read the load, compute, publish when it pays.
+    /// Finishes a publication under way and brings every process on another version back to
+    /// the table in force, without reading load or computing a table: what a rebalancer that
+    /// starts while the cluster already serves does first (the operator starts one whenever
+    /// the pods it balances change), so a pod that started on an older table does not wait a
+    /// whole interval to be switched.
+    pub async fn bring_back(&mut self) -> Result<()> {
+        let r = self.converge().await;
+        self.version_gauge.set(self.current.version() as i64);
+        r
+    }
+
+    /// One round: read the load, finish what is under way, compute, publish when it pays.
     pub async fn rebalance_once(&mut self) -> Result<RebalanceReport> {
         let result = self.round().await;
         let label = match &result {
@@ -240,8 +268,28 @@ impl Rebalancer {
     }
 
     async fn round(&mut self) -> Result<RebalanceReport> {
-        let load = self.gather_load().await?;
-        self.reconcile().await;
+        let reads = self.read_load().await?;
+        if let Err(e) = self.converge().await {
+            if self.previous.is_some() {
+                // Publishing on top of an unfinished publication could commit a version a pod
+                // that was not reached still routes with.
+                return Err(e);
+            }
+            tracing::warn!(error = %e, "a process is not on the table in force; the next round retries");
+        }
+        let experts = self.current.n_experts();
+        let mut load = vec![0.0; experts];
+        for r in &reads {
+            for (e, (&n, &used)) in r
+                .reply
+                .expert_pairs
+                .iter()
+                .zip(r.reply.consumed_pairs.iter().chain(std::iter::repeat(&0)))
+                .enumerate()
+            {
+                load[e] += n.saturating_sub(used) as f64;
+            }
+        }
         let before = eplb::imbalance(&self.current, &load);
         let mut report = RebalanceReport {
             outcome: Outcome::NoLoad,
@@ -263,10 +311,20 @@ impl Rebalancer {
         if next.same_table(&self.current) || before - report.after < MIN_GAIN {
             report.outcome = Outcome::Unchanged;
             report.after = before;
+            self.consume(&reads).await;
             return Ok(report);
         }
         self.next_version += 1;
         self.publish(next).await?;
+        // The new table is in force from here (recorded, pods may route with it): the load that
+        // chose it is used, whether or not the rest of the publication finishes in this round.
+        self.consume(&reads).await;
+        self.converge().await.map_err(|e| {
+            Error::Placement(format!(
+                "version {version} is in force but its publication is not finished ({e}); \
+                 shards serve both versions until a later round finishes it"
+            ))
+        })?;
         report.outcome = Outcome::Published;
         report.version = version;
         tracing::info!(
@@ -278,120 +336,171 @@ impl Rebalancer {
         Ok(report)
     }
 
-    /// The load of every pod since the previous read, summed per expert. A pod that cannot be
-    /// reached is left out (it is restarting; its counters start again from zero).
-    async fn gather_load(&mut self) -> Result<Vec<f64>> {
+    /// Every reachable pod's `Load`. A pod that cannot be reached is left out (it is
+    /// restarting; what it counted died with it, what it counts next is read later).
+    async fn read_load(&self) -> Result<Vec<PodLoad>> {
         let experts = self.current.n_experts();
         let replies =
-            futures::future::join_all(self.config.attention.iter().map(|addr| async move {
-                let mut c = client(addr).await?;
-                let r = tokio::time::timeout(RPC_TIMEOUT, c.load(LoadRequest {}))
-                    .await
-                    .map_err(|_| format!("Load not answered within {RPC_TIMEOUT:?}"))?
-                    .map_err(|s| s.message().to_string())?;
-                let r = r.into_inner();
-                Ok::<_, String>((r.expert_pairs, r.placement_version))
-            }))
-            .await;
-        let mut load = vec![0.0; experts];
+            futures::future::join_all(self.config.attention.iter().map(|addr| pod_load(addr)))
+                .await;
+        let mut out = Vec::new();
         for (addr, reply) in self.config.attention.iter().zip(replies) {
-            let counts = match reply {
-                Ok((c, version)) if c.len() == experts => {
-                    self.pod_versions.insert(addr.clone(), version);
-                    c
-                }
-                Ok((c, _)) => {
+            match reply {
+                Ok(r) if r.expert_pairs.len() == experts => out.push(PodLoad {
+                    addr: addr.clone(),
+                    reply: r,
+                }),
+                Ok(r) => {
                     return Err(Error::Placement(format!(
                         "attention pod {addr} reports load for {} experts, the model has {experts}",
-                        c.len()
+                        r.expert_pairs.len()
                     )));
                 }
-                Err(e) => {
-                    tracing::warn!(pod = %addr, error = %e, "no expert load from this pod");
-                    continue;
-                }
-            };
-            let last = self.last_counts.get(addr);
-            // Counters only grow; one that shrank belongs to a restarted pod: all of it is new.
-            let restarted = last.is_some_and(|l| l.iter().zip(&counts).any(|(a, b)| b < a));
-            for (e, &n) in counts.iter().enumerate() {
-                let old = match last {
-                    Some(l) if !restarted => l[e],
-                    _ => 0,
-                };
-                load[e] += n.saturating_sub(old) as f64;
+                Err(e) => tracing::warn!(pod = %addr, error = %e, "no expert load from this pod"),
             }
-            self.last_counts.insert(addr.clone(), counts);
         }
-        Ok(load)
+        Ok(out)
     }
 
-    /// Brings back to the table in force every shard that serves another version (it restarted
-    /// on an older file) and every pod whose last `Load` reported another version. Failures are
-    /// only logged: the next round tries again.
-    async fn reconcile(&mut self) {
+    /// Tells every pod read in this round that the counts it reported are used. A pod that
+    /// misses it (it restarted: its counters are new; or it cannot be reached) keeps them
+    /// unused: the next round reads them again.
+    async fn consume(&self, reads: &[PodLoad]) {
+        let done = futures::future::join_all(reads.iter().map(|r| async move {
+            let mut c = client(&r.addr).await?;
+            call(c.consume_load(ConsumeRequest {
+                expert_pairs: r.reply.expert_pairs.clone(),
+                load_epoch: r.reply.load_epoch,
+            }))
+            .await
+        }))
+        .await;
+        for (r, d) in reads.iter().zip(done) {
+            if let Err(e) = d {
+                tracing::warn!(pod = %r.addr, error = %e, "the pod keeps this round's load unused");
+            }
+        }
+    }
+
+    /// Brings every process to the table in force: every shard accepts it (Prepare where one
+    /// does not), then every pod routes with it (Switch), then — only once every pod is known
+    /// to — every shard serving another version too commits it, and a publication under way is
+    /// recorded as finished. While one is under way a process that cannot be reached is waited
+    /// for (up to [`CONVERGE_WAIT`]: it is restarting and may have read the older record);
+    /// otherwise it is skipped. `Err` names what is not done; nothing is undone.
+    async fn converge(&mut self) -> Result<()> {
+        let wait = self.previous.is_some();
         let version = self.current.version();
         let table = self.current.to_proto();
-        for addr in &self.config.shards {
-            let info = async {
-                let channel = Endpoint::from_shared(format!("http://{addr}"))
-                    .map_err(|e| e.to_string())?
-                    .connect_timeout(CONNECT_TIMEOUT)
-                    .connect()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                tokio::time::timeout(RPC_TIMEOUT, ExpertClient::new(channel).info(InfoRequest {}))
-                    .await
-                    .map_err(|_| "Info not answered".to_string())?
-                    .map_err(|s| s.message().to_string())
-            };
-            let Ok(info) = info.await else { continue };
-            if info.into_inner().placement_version == version {
-                continue;
+        // 1. Shards.
+        let shards = futures::future::join_all(self.config.shards.iter().map(|addr| {
+            let table = table.clone();
+            async move {
+                let channel = connect(addr, wait).await?;
+                let mut accepted = shard_versions(channel.clone()).await?;
+                if !accepted.contains(&version) {
+                    let mut c = PlacementClient::new(channel.clone());
+                    call(c.prepare(table)).await?;
+                    tracing::info!(shard = %addr, version, "shard prepared the table in force");
+                    accepted = shard_versions(channel).await?;
+                }
+                Ok::<_, String>(accepted)
             }
-            let fixed = async {
-                let mut c = client(addr).await?;
-                call(c.prepare(table.clone())).await?;
-                call(c.commit(CommitRequest { version })).await
-            };
-            match fixed.await {
-                Ok(()) => {
-                    tracing::info!(shard = %addr, version, "shard brought to the table in force")
-                }
-                Err(e) => {
-                    tracing::warn!(shard = %addr, version, error = %e, "shard on another table")
-                }
+        }))
+        .await;
+        let mut problems = Vec::new();
+        let mut accepted = Vec::new();
+        for (addr, r) in self.config.shards.iter().zip(shards) {
+            match r {
+                Ok(a) if a.contains(&version) => accepted.push((addr, a)),
+                Ok(a) => problems.push(format!("shard {addr} accepts versions {a:?}")),
+                Err(e) => problems.push(format!("shard {addr}: {e}")),
             }
         }
-        for addr in &self.config.attention {
-            if self.pod_versions.get(addr).is_none_or(|&v| v == version) {
-                continue;
+        if wait && !problems.is_empty() {
+            // A pod must not route with a version a shard refuses.
+            return Err(Error::Placement(format!(
+                "version {version} not accepted everywhere: {}",
+                problems.join("; ")
+            )));
+        }
+        // 2. Pods.
+        let pods = futures::future::join_all(self.config.attention.iter().map(|addr| {
+            let table = table.clone();
+            async move {
+                let channel = connect(addr, wait).await?;
+                let mut c = PlacementClient::new(channel);
+                let routes = tokio::time::timeout(RPC_TIMEOUT, c.load(LoadRequest {}))
+                    .await
+                    .map_err(|_| format!("Load not answered within {RPC_TIMEOUT:?}"))?
+                    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                    .into_inner()
+                    .placement_version;
+                if routes == version {
+                    return Ok(());
+                }
+                let ack = tokio::time::timeout(RPC_TIMEOUT, c.switch(table))
+                    .await
+                    .map_err(|_| format!("Switch not answered within {RPC_TIMEOUT:?}"))?
+                    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                    .into_inner();
+                if ack.placement_version != version {
+                    return Err(format!("routes with version {} after Switch", ack.placement_version));
+                }
+                tracing::info!(pod = %addr, from = routes, version, "attention pod switched to the table in force");
+                Ok(())
             }
-            let fixed = async {
-                let mut c = client(addr).await?;
-                call(c.switch(table.clone())).await
-            };
-            match fixed.await {
-                Ok(()) => {
-                    self.pod_versions.insert(addr.clone(), version);
-                    tracing::info!(pod = %addr, version, "attention pod brought to the table in force");
-                }
-                Err(e) => {
-                    tracing::warn!(pod = %addr, version, error = %e, "attention pod on another table")
-                }
+        }))
+        .await;
+        for (addr, r) in self.config.attention.iter().zip(pods) {
+            if let Err(e) = r {
+                problems.push(format!("attention pod {addr}: {e}"));
             }
         }
+        if !problems.is_empty() {
+            // Nothing is committed while a pod may still route with another version.
+            return Err(Error::Placement(format!(
+                "not every process is on version {version}: {}",
+                problems.join("; ")
+            )));
+        }
+        // 3. Commit where a shard still serves another version.
+        let committed = futures::future::join_all(
+            accepted
+                .iter()
+                .filter(|(_, a)| a.as_slice() != [version])
+                .map(|(addr, _)| async move {
+                    let mut c = client(addr).await?;
+                    call(c.commit(CommitRequest { version }))
+                        .await
+                        .map_err(|e| format!("shard {addr}: Commit: {e}"))
+                }),
+        )
+        .await;
+        let failed: Vec<String> = committed.into_iter().filter_map(|r| r.err()).collect();
+        if self.previous.is_some() {
+            // Every pod routes with `version`: whatever a shard that missed Commit still
+            // serves is harmless, and a process that starts from here needs only this table.
+            if let Some(store) = &self.config.store {
+                store
+                    .save(&KeptTable::settled(self.current.clone()))
+                    .await?;
+            }
+            self.previous = None;
+            tracing::info!(version, "publication finished");
+        }
+        if !failed.is_empty() {
+            tracing::warn!(version, errors = ?failed, "commit failed; a later round retries");
+        }
+        Ok(())
     }
 
-    /// Prepare on every shard, Switch on every pod, Commit on every shard.
+    /// Prepare on every shard, then record the new table in force (switching from the old):
+    /// the point after which the publication is finished, never undone ([`converge`] switches
+    /// the pods and commits). `Err` only before that point: nothing was recorded or dropped.
     async fn publish(&mut self, next: Placement) -> Result<()> {
         let version = next.version();
         let table = next.to_proto();
-        let failed = |what: &str, addr: &str, why: String| {
-            Error::Placement(format!(
-                "publishing version {version}: {what} {addr} failed: {why}"
-            ))
-        };
         let prepared = futures::future::join_all(self.config.shards.iter().map(|addr| {
             let table = table.clone();
             async move {
@@ -401,40 +510,55 @@ impl Rebalancer {
         }))
         .await;
         for (addr, r) in self.config.shards.iter().zip(prepared) {
-            r.map_err(|why| failed("Prepare on shard", addr, why))?;
+            r.map_err(|why| {
+                Error::Placement(format!(
+                    "publishing version {version}: Prepare on shard {addr} failed: {why}"
+                ))
+            })?;
         }
+        let kept = KeptTable {
+            current: next,
+            previous: Some(self.current.clone()),
+        };
         if let Some(store) = &self.config.store {
-            store.save(&next).await?;
+            store.save(&kept).await?;
         }
-        let switched = futures::future::join_all(self.config.attention.iter().map(|addr| {
-            let table = table.clone();
-            async move {
-                // A pod that cannot be reached is down: it restarts on the file's table.
-                let Ok(mut c) = client(addr).await else {
-                    return Ok(());
-                };
-                call(c.switch(table)).await
-            }
-        }))
-        .await;
-        for (addr, r) in self.config.attention.iter().zip(switched) {
-            r.map_err(|why| failed("Switch on attention pod", addr, why))?;
-        }
-        // Every pod routes with the new table now: it is in force, whatever Commit says (a shard
-        // that misses it keeps serving both versions, which is harmless).
-        self.current = next;
-        let committed =
-            futures::future::join_all(self.config.shards.iter().map(|addr| async move {
-                let mut c = client(addr).await?;
-                call(c.commit(CommitRequest { version })).await
-            }))
-            .await;
-        for (addr, r) in self.config.shards.iter().zip(committed) {
-            if let Err(why) = r {
-                tracing::warn!(shard = %addr, version, error = %why, "commit failed");
-            }
-        }
+        self.current = kept.current;
+        self.previous = kept.previous;
         Ok(())
+    }
+}
+
+/// The versions a shard accepts (`Expert.Info`); from a shard that does not list them, the
+/// newest.
+async fn shard_versions(channel: Channel) -> std::result::Result<Vec<u64>, String> {
+    let info = tokio::time::timeout(RPC_TIMEOUT, ExpertClient::new(channel).info(InfoRequest {}))
+        .await
+        .map_err(|_| format!("Info not answered within {RPC_TIMEOUT:?}"))?
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    Ok(if info.accepted_versions.is_empty() {
+        vec![info.placement_version]
+    } else {
+        info.accepted_versions
+    })
+}
+
+/// A channel to `addr`; with `wait`, connection failures are retried for [`CONVERGE_WAIT`]
+/// (the process is restarting).
+async fn connect(addr: &str, wait: bool) -> std::result::Result<Channel, String> {
+    let deadline = tokio::time::Instant::now() + CONVERGE_WAIT;
+    loop {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| format!("bad address {addr}: {e}"))?
+            .connect_timeout(CONNECT_TIMEOUT);
+        match endpoint.connect().await {
+            Ok(c) => return Ok(c),
+            Err(e) if !wait || tokio::time::Instant::now() >= deadline => {
+                return Err(format!("connecting: {e}"));
+            }
+            Err(_) => tokio::time::sleep(RETRY_EVERY).await,
+        }
     }
 }
 
@@ -453,14 +577,7 @@ pub async fn pod_load(addr: &str) -> std::result::Result<LoadReply, String> {
 }
 
 async fn client(addr: &str) -> std::result::Result<PlacementClient<Channel>, String> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|e| format!("bad address {addr}: {e}"))?
-        .connect_timeout(CONNECT_TIMEOUT);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|e| format!("connecting: {e}"))?;
-    Ok(PlacementClient::new(channel))
+    Ok(PlacementClient::new(connect(addr, false).await?))
 }
 
 async fn call<T>(

@@ -998,7 +998,7 @@ fn operator_rebalances_the_experts_of_running_pods() {
     use shardseek_proto::v1::expert_client::ExpertClient;
     use shardseek_proto::v1::placement_client::PlacementClient;
     use shardseek_proto::v1::{InfoRequest, LoadRequest};
-    use shardseek_router::Placement;
+    use shardseek_router::{KeptTable, Placement};
     const DSD: &str = "shardseek.io/v1alpha1/deepseekdeployments";
 
     let (rt, fake, kubelet, ctx, metrics) =
@@ -1064,8 +1064,16 @@ fn operator_rebalances_the_experts_of_running_pods() {
         let cm = fake
             .get(CM, NS, &format!("{NAME}-placement"))
             .ok_or("no placement ConfigMap")?;
-        let table = Placement::from_json(cm["data"]["placement.json"].as_str().ok_or("no key")?)
+        let kept = KeptTable::from_json(cm["data"]["placement.json"].as_str().ok_or("no key")?)
             .map_err(|e| e.to_string())?;
+        if let Some(p) = &kept.previous {
+            return Err(format!(
+                "the publication of version {} (from {}) is still under way",
+                kept.current.version(),
+                p.version()
+            ));
+        }
+        let table = kept.current;
         let status = status_version().ok_or("no status version")?;
         if status != table.version() {
             return Err(format!("status {status}, kept table {}", table.version()));
@@ -1081,7 +1089,7 @@ fn operator_rebalances_the_experts_of_running_pods() {
                     .map_err(|e| format!("{e:?}"))?
                     .into_inner();
                 let held: Vec<usize> = info.experts.iter().map(|&e| e as usize).collect();
-                if info.placement_version != status || held != table.experts_of(shard) {
+                if info.accepted_versions != [status] || held != table.experts_of(shard) {
                     return Err(format!(
                         "shard {shard} serves version {} with experts {held:?}; the table {status} gives it {:?}",
                         info.placement_version,
@@ -1124,7 +1132,31 @@ fn operator_rebalances_the_experts_of_running_pods() {
         table.experts_of(1)
     );
 
-    // 3. A shard that dies comes back on the kept table, and requests succeed.
+    // 3. A shard that dies comes back on the kept table, and requests succeed. The load counted
+    //    just before is not lost with the rebalancer the restart replaces: the attention pod
+    //    keeps it until a finished round (the new rebalancer's) has used it.
+    for _ in 0..3 {
+        let (code, body) = chat(&router, "Tell me about the sea.").expect("chat");
+        assert_eq!(code, 200, "{body}");
+    }
+    let unused = || -> Result<u64, String> {
+        let ip = ip_of(&format!("{NAME}-attention-0")).ok_or("pod not ready")?;
+        rt.block_on(async {
+            let load = PlacementClient::connect(format!("http://{ip}:50052"))
+                .await
+                .map_err(|e| e.to_string())?
+                .load(LoadRequest {})
+                .await
+                .map_err(|e| format!("{e:?}"))?
+                .into_inner();
+            Ok(load
+                .expert_pairs
+                .iter()
+                .zip(&load.consumed_pairs)
+                .map(|(n, used)| n - used)
+                .sum())
+        })
+    };
     let shard = format!("{NAME}-experts-1");
     let starts = kubelet.starts_of(&shard);
     let pid = kubelet
@@ -1150,8 +1182,19 @@ fn operator_rebalances_the_experts_of_running_pods() {
     wait_for("requests to succeed after the shard restart", || {
         chat(&router, "Tell me about the sea.").is_ok_and(|(code, _)| code == 200)
     });
-    let (again, _) = agreement().expect("the restarted shard serves the table in force");
+    // (A round may be publishing a version for the load above: agreement is retried.)
+    let deadline = Instant::now() + WAIT;
+    let mut last = agreement();
+    while last.is_err() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        last = agreement();
+    }
+    let (again, _) = last.expect("the restarted shard serves the table in force");
     assert!(again.version() >= table.version());
+    wait_for(
+        "the replacing rebalancer to use the load counted before the restart",
+        || unused().is_ok_and(|n| n == 0),
+    );
 
     // 4. Removing the field stops the rounds and rolls no pod; the pods keep the table.
     let pod_starts: Vec<(String, u32)> = kubelet

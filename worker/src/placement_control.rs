@@ -1,12 +1,16 @@
 //! An attention pod's side of the placement control plane (proto `shardseek.v1.Placement`,
 //! driven by `shardseek_router::rebalancer`): it reports the expert load its dispatch client
-//! observed (`Load`) and switches to a new placement table between two steps (`Switch`).
+//! observed and how much of it finished rounds used (`Load`, `ConsumeLoad`: the pod keeps the
+//! window, so a restarted rebalancer loses none) and switches to a new placement table between
+//! two steps (`Switch`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use shardseek_proto::v1::placement_server::Placement as PlacementRpc;
-use shardseek_proto::v1::{CommitRequest, LoadReply, LoadRequest, PlacementAck, PlacementTable};
+use shardseek_proto::v1::{
+    CommitRequest, ConsumeRequest, LoadReply, LoadRequest, PlacementAck, PlacementTable,
+};
 use shardseek_router::transport::grpc::GrpcTransport;
 use shardseek_router::{Dispatcher, Placement};
 use tonic::{Request, Response, Status};
@@ -35,10 +39,29 @@ impl PodControl {
 #[tonic::async_trait]
 impl PlacementRpc for PodControl {
     async fn load(&self, _request: Request<LoadRequest>) -> Result<Response<LoadReply>, Status> {
+        // Consumed first: a round that finishes between the two reads then shows as less
+        // consumed, never as more consumed than counted.
+        let consumed_pairs = self.dispatcher.consumed_load();
         Ok(Response::new(LoadReply {
             expert_pairs: self.dispatcher.expert_load(),
             placement_version: self.dispatcher.placement().version(),
             expert_groups: self.expert_groups,
+            consumed_pairs,
+            load_epoch: self.dispatcher.load_epoch(),
+        }))
+    }
+
+    async fn consume_load(
+        &self,
+        request: Request<ConsumeRequest>,
+    ) -> Result<Response<PlacementAck>, Status> {
+        let r = request.get_ref();
+        self.dispatcher
+            .consume_load(r.load_epoch, &r.expert_pairs)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        Ok(Response::new(PlacementAck {
+            placement_version: self.dispatcher.placement().version(),
+            experts: Vec::new(),
         }))
     }
 

@@ -16,7 +16,7 @@ use axum::routing::get;
 use shardseek_proto::v1::attention_server::AttentionServer;
 use shardseek_proto::v1::placement_server::PlacementServer;
 use shardseek_router::transport::grpc::{GrpcConfig, GrpcTransport};
-use shardseek_router::{DispatchConfig, Dispatcher, Placement, WireDtype};
+use shardseek_router::{DispatchConfig, Dispatcher, KeptTable, Placement, WireDtype};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -70,35 +70,51 @@ pub struct ExpertRoleConfig {
     pub device: crate::backend::Device,
 }
 
-/// The table a process starts on: the rebalancer's file when there is one, else the initial
-/// table every process derives alike.
+/// The table a process starts on: the rebalancer's record when there is one (with the table a
+/// publication under way switches from), else the initial table every process derives alike.
 fn starting_placement(
     file: Option<&std::path::Path>,
     experts: usize,
     shards: usize,
     redundant_slots: usize,
-) -> Result<Placement> {
+) -> Result<KeptTable> {
     let from_file = match file {
-        Some(path) => Placement::read_file(path)
+        Some(path) => KeptTable::read_file(path)
             .map_err(|e| Error::Input(format!("--placement-file: {e}")))?,
         None => None,
     };
     match from_file {
-        Some(p) if p.shards() == shards && p.n_experts() == experts => {
+        Some(k) if k.current.shards() == shards && k.current.n_experts() == experts => {
             tracing::info!(
-                version = p.version(),
+                version = k.current.version(),
+                switching_from = k.previous.as_ref().map(Placement::version),
                 "starting on the kept placement table (--placement-file)"
             );
-            Ok(p)
+            Ok(k)
         }
-        Some(p) => Err(Error::Input(format!(
+        Some(k) => Err(Error::Input(format!(
             "--placement-file: a table of {} experts on {} shards, this cluster has {experts} on {shards}",
-            p.n_experts(),
-            p.shards()
+            k.current.n_experts(),
+            k.current.shards()
         ))),
         None => Placement::initial(experts, shards, redundant_slots)
+            .map(KeptTable::settled)
             .map_err(|e| Error::Input(format!("placement: {e}"))),
     }
+}
+
+/// The versions shard `shard` accepts when it starts on `kept`, each with its experts in that
+/// version's table: the table in force, and while a publication is under way the one it
+/// switches from too (pods that have not switched yet still route with it). The shard holds
+/// the union.
+pub fn shard_start_versions(kept: &KeptTable, shard: usize) -> Vec<(u64, Vec<usize>)> {
+    let mut out: Vec<(u64, Vec<usize>)> = kept
+        .previous
+        .iter()
+        .map(|p| (p.version(), p.experts_of(shard)))
+        .collect();
+    out.push((kept.current.version(), kept.current.experts_of(shard)));
+    out
 }
 
 /// Runs an expert shard until `shutdown`: loads only the experts placement gives it and serves
@@ -122,7 +138,10 @@ pub async fn run_expert(
         cfg.shards,
         cfg.redundant_slots,
     )?;
-    let held = placement.experts_of(cfg.shard);
+    let versions = shard_start_versions(&placement, cfg.shard);
+    let mut held: Vec<usize> = versions.iter().flat_map(|v| v.1.iter().copied()).collect();
+    held.sort_unstable();
+    held.dedup();
     let store = Store::open(&cfg.model)?;
     let backend = crate::backend::for_device(cfg.device)?;
     let experts = LocalExperts::load_on(&mcfg, store.clone(), &held, backend)?;
@@ -137,7 +156,8 @@ pub async fn run_expert(
     let metrics = Arc::new(WorkerMetrics::new());
     let mut scfg = ExpertServerConfig::new(cfg.shard, cfg.shards, fingerprint);
     scfg.addr = cfg.listen;
-    scfg.placement_version = placement.version();
+    scfg.placement_version = placement.current.version();
+    scfg.accepted = versions;
     scfg.batch_window = cfg.batch_window;
     let compute = ShardCompute::new(experts, mcfg.clone(), store, metrics.clone());
     let server = ExpertServer::start(Arc::new(compute), scfg)
@@ -252,9 +272,11 @@ pub async fn run_attention(
         // A shard that dies is masked; this brings it back once it serves again. The task ends
         // when the transport is dropped.
         transport.spawn_rejoin(shardseek_router::transport::grpc::DEFAULT_RECONNECT_BACKOFF);
+        // A pod routes with the table in force; shards accept it (and, while a publication is
+        // under way, the one it switches from).
         let dispatcher = Dispatcher::new(
             transport,
-            placement,
+            placement.current,
             model.cfg.hidden_size,
             DispatchConfig {
                 wire_dtype: cfg.wire_dtype,

@@ -976,7 +976,23 @@ fn placement_config_map_is_mounted_optional_and_owned() {
         "shards=4,redundantSlots=8,model=/models/DeepSeek-V3"
     );
     let kept = shardseek_operator::rebalance::kept_table(&dsd, &cm).expect("same shape");
-    assert_eq!(kept, table);
+    assert_eq!(kept, shardseek_router::KeptTable::settled(table.clone()));
+    // A publication under way keeps the table it switches from beside the new one.
+    let next = shardseek_router::Placement::from_assignments(
+        2,
+        4,
+        (0..256).map(|e| vec![(e + 1) % 4]).collect(),
+    )
+    .expect("next table");
+    let switching = shardseek_router::KeptTable {
+        current: next,
+        previous: Some(table),
+    };
+    let cm2 = builders::placement_config_map(&dsd, &switching.to_json()).expect("config map");
+    assert_eq!(
+        shardseek_operator::rebalance::kept_table(&dsd, &cm2),
+        Some(switching)
+    );
     let mut resharded = dsd.clone();
     resharded.spec.experts.shards = 8;
     assert_eq!(

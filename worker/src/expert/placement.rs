@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use shardseek_proto::v1::placement_server::Placement as PlacementRpc;
-use shardseek_proto::v1::{CommitRequest, LoadReply, LoadRequest, PlacementAck, PlacementTable};
+use shardseek_proto::v1::{
+    CommitRequest, ConsumeRequest, LoadReply, LoadRequest, PlacementAck, PlacementTable,
+};
 use shardseek_router::Placement;
 use tonic::{Request, Response, Status};
 
@@ -53,8 +55,20 @@ impl ShardPlacement {
     /// Shard `shard` of `shards`, serving version `version` with `held` of the model's
     /// `experts` routed experts.
     pub fn new(shard: usize, shards: usize, experts: usize, version: u64, held: &[usize]) -> Self {
+        Self::with_versions(shard, shards, experts, &[(version, held.to_vec())])
+    }
+
+    /// Shard `shard` of `shards` accepting each of `versions`, with its experts in that
+    /// version's table (a shard that starts while a publication is under way accepts the
+    /// version it switches from and the new one).
+    pub fn with_versions(
+        shard: usize,
+        shards: usize,
+        experts: usize,
+        versions: &[(u64, Vec<usize>)],
+    ) -> Self {
         let mut state = ShardState {
-            accepted: BTreeMap::from([(version, held.to_vec())]),
+            accepted: versions.iter().cloned().collect(),
             held: vec![false; experts],
         };
         state.rebuild_held();
@@ -112,6 +126,11 @@ impl ShardPlacement {
             .unwrap_or(0)
     }
 
+    /// Every version accepted, ascending.
+    pub fn accepted_versions(&self) -> Vec<u64> {
+        self.read().accepted.keys().copied().collect()
+    }
+
     /// The experts held, ascending.
     pub fn held(&self) -> Vec<usize> {
         self.read().held_list()
@@ -156,6 +175,15 @@ impl<C: ExpertCompute> ShardControl<C> {
 #[tonic::async_trait]
 impl<C: ExpertCompute> PlacementRpc for ShardControl<C> {
     async fn load(&self, _request: Request<LoadRequest>) -> Result<Response<LoadReply>, Status> {
+        Err(Status::unimplemented(
+            "this is an expert shard; expert load is read from attention pods",
+        ))
+    }
+
+    async fn consume_load(
+        &self,
+        _request: Request<ConsumeRequest>,
+    ) -> Result<Response<PlacementAck>, Status> {
         Err(Status::unimplemented(
             "this is an expert shard; expert load is read from attention pods",
         ))

@@ -57,6 +57,12 @@ pub struct ExpertServerConfig {
     pub shard_count: usize,
     pub fingerprint: ModelFingerprint,
     pub placement_version: u64,
+    /// Versions accepted from the start, each with this shard's experts in its table; empty:
+    /// `placement_version` alone, with every expert the compute holds. Two while a publication
+    /// is under way (the placement file records the table it switches from until it commits):
+    /// a shard that restarts mid-publication then refuses neither the pods that switched nor
+    /// those that have not. The compute holds the union.
+    pub accepted: Vec<(u64, Vec<usize>)>,
     pub batch_window: Duration,
     pub max_batch_rows: usize,
     pub max_message_bytes: usize,
@@ -73,6 +79,7 @@ impl ExpertServerConfig {
             shard_count,
             fingerprint,
             placement_version: 1,
+            accepted: Vec::new(),
             batch_window: DEFAULT_BATCH_WINDOW,
             max_batch_rows: DEFAULT_MAX_BATCH_ROWS,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
@@ -151,12 +158,16 @@ impl ExpertServer {
             config.max_batch_rows,
             Arc::clone(&streams),
         ));
-        let placement = Arc::new(ShardPlacement::new(
+        let accepted = if config.accepted.is_empty() {
+            vec![(config.placement_version, compute.experts())]
+        } else {
+            config.accepted.clone()
+        };
+        let placement = Arc::new(ShardPlacement::with_versions(
             config.shard_id,
             config.shard_count,
             config.fingerprint.n_routed_experts as usize,
-            config.placement_version,
-            &compute.experts(),
+            &accepted,
         ));
         let control = PlacementServer::new(ShardControl::new(
             Arc::clone(&compute),
@@ -374,6 +385,7 @@ impl<C: ExpertCompute> Expert for Service<C> {
                 .map(|e| e as u32)
                 .collect(),
             max_message_bytes: self.config.max_message_bytes as u64,
+            accepted_versions: self.placement.accepted_versions(),
         }))
     }
 

@@ -4,6 +4,7 @@
 
 mod common;
 mod faults;
+mod rebalance;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
