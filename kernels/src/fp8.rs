@@ -89,8 +89,11 @@ pub fn e4m3_to_bf16(code: u8) -> u16 {
 }
 
 /// [`f32_to_e4m3`] without branches on the value (both the normal and the subnormal result
-/// are computed and one is selected), so that loops over whole matrices vectorize; the same
-/// codes for every input (tests compare the two).
+/// are computed and one is selected), so that loops over whole matrices and dispatch rows
+/// vectorize; the same codes for every input (tests compare the two). In the normal range the
+/// 23-bit mantissa is rounded to 3 bits (half to even; a carry moves into the exponent), the
+/// exponent rebiased from 127 to 7 and the result saturated at 0x7E = 448 (infinity too); in
+/// the subnormal range |v|·2^9 is rounded by adding 2^23, and 8 lands on the first normal code.
 #[inline]
 pub fn f32_to_e4m3_fast(v: f32) -> u8 {
     let b = v.to_bits();

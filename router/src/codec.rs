@@ -559,26 +559,9 @@ pub fn bf16_bits_to_f32(b: u16) -> f32 {
 }
 
 /// f32 → e4m3fn code, round to nearest even, saturating to ±448 (e4m3fn has no infinity);
-/// NaN becomes the NaN code 0x7F. Written without data-dependent branches (both the normal and
-/// the subnormal result are computed, then one is selected) so that loops over rows vectorize.
-#[inline]
-pub fn f32_to_e4m3(v: f32) -> u8 {
-    let b = v.to_bits();
-    let sign = (b >> 24) & 0x80;
-    let a = b & 0x7FFF_FFFF;
-    // Normal range (|v| ≥ 2^-6): round the 23-bit mantissa to 3 bits (half to even; a carry
-    // moves into the exponent), rebias the exponent from 127 to 7 (subtract 120 from the
-    // exponent field), and saturate at 0x7E = 448 — which also maps infinity to 448.
-    let rounded = (a + 0x7FFFF + ((a >> 20) & 1)) >> 20;
-    let normal = rounded.saturating_sub(120 << 3).min(0x7E);
-    // Subnormal range: |v|·2^9 rounded half-to-even by adding 2^23 (the float addition rounds
-    // to an integer); 8 lands on the first normal code, as it should.
-    let scaled = f32::from_bits(a.min(0x3C80_0000)) * 512.0 + 8_388_608.0;
-    let subnormal = scaled.to_bits() - 0x4B00_0000;
-    let mag = if a < 0x3C80_0000 { subnormal } else { normal };
-    let code = if a > 0x7F80_0000 { 0x7F } else { sign | mag };
-    code as u8
-}
+/// NaN becomes the NaN code 0x7F. The kernels crate's branch-free encoder (loops over rows
+/// vectorize), the same one the FP8 weight quantiser uses.
+pub use shardseek_kernels::fp8::f32_to_e4m3_fast as f32_to_e4m3;
 
 /// e4m3fn code → f32 (exact).
 #[inline]

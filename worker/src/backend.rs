@@ -492,8 +492,79 @@ impl CpuBackend {
     }
 }
 
-fn input_err(op: &str, detail: String) -> Error {
+pub(crate) fn input_err(op: &str, detail: String) -> Error {
     Error::Input(format!("{op}: {detail}"))
+}
+
+/// Checks the operands of [`Backend::linear_heads`]; returns (heads, y's row stride).
+pub(crate) fn heads_shape(
+    x: &[f32],
+    rows: usize,
+    x_stride: usize,
+    x_off: usize,
+    ws: &[PreparedWeight],
+    y: &[f32],
+) -> Result<(usize, usize)> {
+    let heads = ws.len();
+    let y_stride: usize = ws.iter().map(|w| w.rows).sum();
+    if x.len() != rows * heads * x_stride
+        || y.len() != rows * y_stride
+        || ws.iter().any(|w| x_off + w.cols > x_stride)
+    {
+        return Err(input_err(
+            "linear_heads",
+            format!(
+                "x {}, y {} for {rows} rows × {heads} heads",
+                x.len(),
+                y.len()
+            ),
+        ));
+    }
+    Ok((heads, y_stride))
+}
+
+/// The dimensions of an [`Backend::mla_prefill`] call, checked.
+pub(crate) struct PrefillShape {
+    /// qk_nope_head_dim (W_UKᵀ's columns).
+    pub nope: usize,
+    /// v_head_dim (W_UV's rows).
+    pub v: usize,
+    /// nope + rope: one head's query width.
+    pub qk: usize,
+    /// Query rows in the chunk.
+    pub chunk: usize,
+}
+
+pub(crate) fn prefill_shape(
+    cache: &LatentCache,
+    heads: usize,
+    q: &[f32],
+    w: &MlaWeights,
+) -> Result<PrefillShape> {
+    let (nope, v) = match (w.w_uk_t.first(), w.w_uv.first()) {
+        (Some(uk), Some(uv)) if w.w_uk_t.len() == heads && w.w_uv.len() == heads => {
+            (uk.cols, uv.rows)
+        }
+        _ => {
+            return Err(input_err(
+                "mla_prefill",
+                format!("MLA weights of {} heads for {heads}", w.w_uk_t.len()),
+            ));
+        }
+    };
+    let qk = nope + cache.rope_dim;
+    if heads == 0 || !q.len().is_multiple_of(heads * qk) {
+        return Err(input_err(
+            "mla_prefill",
+            format!("q {} for {heads} heads of {qk}", q.len()),
+        ));
+    }
+    Ok(PrefillShape {
+        nope,
+        v,
+        qk,
+        chunk: q.len() / (heads * qk),
+    })
 }
 
 /// The output of [`Backend::linear_heads`], shared by the heads' tasks, each writing only its
@@ -597,21 +668,7 @@ impl Backend for CpuBackend {
         ws: &[PreparedWeight],
         y: &mut [f32],
     ) -> Result<()> {
-        let heads = ws.len();
-        let y_stride: usize = ws.iter().map(|w| w.rows).sum();
-        if x.len() != rows * heads * x_stride
-            || y.len() != rows * y_stride
-            || ws.iter().any(|w| x_off + w.cols > x_stride)
-        {
-            return Err(input_err(
-                "linear_heads",
-                format!(
-                    "x {}, y {} for {rows} rows × {heads} heads",
-                    x.len(),
-                    y.len()
-                ),
-            ));
-        }
+        let (heads, y_stride) = heads_shape(x, rows, x_stride, x_off, ws, y)?;
         // One task per head on the kernel team (each head's matmul runs inside its task, on
         // that worker's scratch buffers); each head writes its own columns of `y`.
         let failed: Mutex<Option<Error>> = Mutex::new(None);
@@ -747,25 +804,7 @@ impl Backend for CpuBackend {
         out: &mut [f32],
     ) -> Result<()> {
         let (r, rope) = (cache.kv_lora_rank, cache.rope_dim);
-        let (nope, v) = match (w.w_uk_t.first(), w.w_uv.first()) {
-            (Some(uk), Some(uv)) if w.w_uk_t.len() == heads && w.w_uv.len() == heads => {
-                (uk.cols, uv.rows)
-            }
-            _ => {
-                return Err(input_err(
-                    "mla_prefill",
-                    format!("MLA weights of {} heads for {heads}", w.w_uk_t.len()),
-                ));
-            }
-        };
-        let qk = nope + rope;
-        if heads == 0 || !q.len().is_multiple_of(heads * qk) {
-            return Err(input_err(
-                "mla_prefill",
-                format!("q {} for {heads} heads of {qk}", q.len()),
-            ));
-        }
-        let chunk = q.len() / (heads * qk);
+        let PrefillShape { nope, v, qk, chunk } = prefill_shape(cache, heads, q, w)?;
         if prefer_expanded(chunk, start, heads, r, nope, rope, v) {
             return Ok(mla_prefill_expanded(
                 cache,

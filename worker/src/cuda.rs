@@ -13,7 +13,10 @@
 //! keeps the model unforked; device-resident activations are the next step (named in the
 //! closing note), and `bench kernels --device cuda` measures the kernels on device buffers.
 
-use crate::backend::{Backend, CpuBackend, MlaWeights, MlpWeights, MoeGroup, PreparedWeight};
+use crate::backend::{
+    Backend, CpuBackend, MlaWeights, MlpWeights, MoeGroup, PrefillShape, PreparedWeight,
+    heads_shape, input_err, prefill_shape,
+};
 use crate::error::{Error, Result};
 use crate::weights::{Linear, Store};
 use shardseek_kernels::cuda::{
@@ -55,10 +58,6 @@ fn key(cache: &LatentCache) -> (usize, usize) {
         CacheData::Bf16(d) => (d.as_ptr() as usize, d.len()),
         CacheData::Fp8 { q, .. } => (q.as_ptr() as usize, q.len()),
     }
-}
-
-fn input_err(op: &str, detail: String) -> Error {
-    Error::Input(format!("{op}: {detail}"))
 }
 
 impl CudaBackend {
@@ -153,6 +152,33 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// The device mirror of `cache` (marked as just used), and whether it was created now
+    /// (contents undefined); the least recently used mirror goes when [`MAX_MIRRORS`] are held.
+    fn mirror<'m>(
+        &self,
+        m: &'m mut Mirrors,
+        cache: &LatentCache,
+    ) -> Result<(&'m mut DeviceCache, bool)> {
+        m.tick += 1;
+        let (k, tick) = (key(cache), m.tick);
+        let fresh = !m.map.get(&k).is_some_and(|(d, _)| d.matches(cache));
+        if fresh {
+            let d = self.dev.new_cache(cache)?;
+            if m.map.len() >= MAX_MIRRORS
+                && let Some(old) = m.map.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| *k)
+            {
+                m.map.remove(&old);
+            }
+            m.map.insert(k, (d, tick));
+        }
+        let entry = m
+            .map
+            .get_mut(&k)
+            .ok_or_else(|| Error::Device("latent-cache mirror missing".into()))?;
+        entry.1 = tick;
+        Ok((&mut entry.0, fresh))
+    }
+
     /// Runs `f` on the device mirror of `cache`, creating it (and copying the pages `seqs`
     /// read) if this cache was never written through [`Backend::latent_written`].
     fn with_mirror<T>(
@@ -162,32 +188,14 @@ impl CudaBackend {
         f: impl FnOnce(&DeviceCache) -> Result<T>,
     ) -> Result<T> {
         let mut m = self.mirrors.lock().unwrap_or_else(|p| p.into_inner());
-        m.tick += 1;
-        let tick = m.tick;
-        let k = key(cache);
-        if !m.map.get(&k).is_some_and(|(d, _)| d.matches(cache)) {
-            let mut d = self.dev.new_cache(cache)?;
+        let (dc, fresh) = self.mirror(&mut m, cache)?;
+        if fresh {
             for s in seqs {
-                self.dev.cache_write(&mut d, cache, s.pages, 0, s.len)?;
+                self.dev.cache_write(dc, cache, s.pages, 0, s.len)?;
             }
-            insert_mirror(&mut m, k, d, tick);
         }
-        let entry = m
-            .map
-            .get_mut(&k)
-            .ok_or_else(|| Error::Device("mirror".into()))?;
-        entry.1 = tick;
-        f(&entry.0)
+        f(dc)
     }
-}
-
-fn insert_mirror(m: &mut Mirrors, k: (usize, usize), d: DeviceCache, tick: u64) {
-    if m.map.len() >= MAX_MIRRORS
-        && let Some(old) = m.map.iter().min_by_key(|(_, (_, t))| *t).map(|(k, _)| *k)
-    {
-        m.map.remove(&old);
-    }
-    m.map.insert(k, (d, tick));
 }
 
 impl Backend for CudaBackend {
@@ -276,21 +284,7 @@ impl Backend for CudaBackend {
         ws: &[PreparedWeight],
         y: &mut [f32],
     ) -> Result<()> {
-        let heads = ws.len();
-        let y_stride: usize = ws.iter().map(|w| w.rows).sum();
-        if x.len() != rows * heads * x_stride
-            || y.len() != rows * y_stride
-            || ws.iter().any(|w| x_off + w.cols > x_stride)
-        {
-            return Err(input_err(
-                "linear_heads",
-                format!(
-                    "x {}, y {} for {rows} rows × {heads} heads",
-                    x.len(),
-                    y.len()
-                ),
-            ));
-        }
+        let (heads, y_stride) = heads_shape(x, rows, x_stride, x_off, ws, y)?;
         let dx = self.dev.htod(x)?;
         let mut dy = self.dev.zeros::<f32>(y.len())?;
         self.heads_dev(&dx, rows, heads, x_stride, x_off, ws, &mut dy, y_stride)?;
@@ -336,19 +330,8 @@ impl Backend for CudaBackend {
         n: usize,
     ) -> Result<()> {
         let mut m = self.mirrors.lock().unwrap_or_else(|p| p.into_inner());
-        m.tick += 1;
-        let tick = m.tick;
-        let k = key(cache);
-        if !m.map.get(&k).is_some_and(|(d, _)| d.matches(cache)) {
-            let d = self.dev.new_cache(cache)?;
-            insert_mirror(&mut m, k, d, tick);
-        }
-        let entry = m
-            .map
-            .get_mut(&k)
-            .ok_or_else(|| Error::Device("mirror".into()))?;
-        entry.1 = tick;
-        Ok(self.dev.cache_write(&mut entry.0, cache, pages, start, n)?)
+        let (dc, _) = self.mirror(&mut m, cache)?;
+        Ok(self.dev.cache_write(dc, cache, pages, start, n)?)
     }
 
     fn mla_decode(
@@ -394,25 +377,7 @@ impl Backend for CudaBackend {
         out: &mut [f32],
     ) -> Result<()> {
         let (r, rope) = (cache.kv_lora_rank, cache.rope_dim);
-        let (nope, v) = match (w.w_uk_t.first(), w.w_uv.first()) {
-            (Some(uk), Some(uv)) if w.w_uk_t.len() == heads && w.w_uv.len() == heads => {
-                (uk.cols, uv.rows)
-            }
-            _ => {
-                return Err(input_err(
-                    "mla_prefill",
-                    format!("MLA weights of {} heads for {heads}", w.w_uk_t.len()),
-                ));
-            }
-        };
-        let qk = nope + rope;
-        if heads == 0 || !q.len().is_multiple_of(heads * qk) {
-            return Err(input_err(
-                "mla_prefill",
-                format!("q {} for {heads} heads of {qk}", q.len()),
-            ));
-        }
-        let chunk = q.len() / (heads * qk);
+        let PrefillShape { nope, v, qk, chunk } = prefill_shape(cache, heads, q, w)?;
         if out.len() != chunk * heads * v || start + chunk != seq.len {
             return Err(input_err(
                 "mla_prefill",
