@@ -756,6 +756,7 @@ pub(crate) mod avx512 {
         for c0 in (0..k).step_by(kc) {
             let c1 = (c0 + kc).min(k);
             let steps = (c1 - c0).div_ceil(DOT_STEP);
+            let groups = m.div_ceil(DOT_RX);
             for (gi, (i, rx)) in dot_groups(m).enumerate() {
                 // Step s of the group's row j is at (s·rx + j)·64 (`dot_prepare_x`).
                 let xg = unsafe { xp.as_ptr().add(i * kp + c0 * rx) };
@@ -790,15 +791,10 @@ pub(crate) mod avx512 {
                     while n < seg_end {
                         let rw = if n + 2 <= seg_end { 2 } else { 1 };
                         let qn = unsafe { q.as_ptr().add((n * k + c0) * eb) };
-                        // The first group reads the weights from memory: the same columns of
-                        // the row group at least DOT_NEAR bytes ahead are prefetched into L1
-                        // and of the one DOT_FAR ahead into L2 on the way, within the task's
-                        // rows (later groups find them in cache).
-                        let ahead = |bytes: usize| {
-                            let rows = bytes.div_ceil(rw * k * eb) * rw;
-                            (gi == 0 && n + rows < n1).then_some(rows * k * eb)
-                        };
-                        let pf = (ahead(DOT_NEAR), ahead(DOT_FAR));
+                        let pf = (
+                            dot_ahead(DOT_NEAR, rw, eb, k, c0, c1, n0, n, n1, gi + 1 == groups),
+                            dot_ahead(DOT_FAR, rw, eb, k, c0, c1, n0, n, n1, gi + 1 == groups),
+                        );
                         macro_rules! run {
                             ($rw:literal, $rx:literal) => {{
                                 let t = unsafe {
@@ -837,6 +833,43 @@ pub(crate) mod avx512 {
                     }
                 }
             }
+        }
+    }
+
+    /// Where [`dot_rows`] prefetches `bytes` of its weight stream ahead of row `n` of a pass
+    /// over columns `c0..c1` of the task's rows `n0..n1` (`rw` rows at a time, `eb` bytes a
+    /// weight, `k` columns a row): a byte offset from the row's pass start, or `None`. The
+    /// stream is what the tile reads, `c1 − c0` columns a row, not whole rows (a distance in
+    /// whole rows of 7168 columns put the prefetches 3 KiB ahead in a 768-column pass, and the
+    /// tiles waited on memory for a third of the time, `perf annotate`). Past the task's last
+    /// row the stream goes on with the first rows of the next pass, whose weights the last row
+    /// group reads from memory next; the earlier groups' next reads (the same pass, the next
+    /// row group) are in cache.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn dot_ahead(
+        bytes: usize,
+        rw: usize,
+        eb: usize,
+        k: usize,
+        c0: usize,
+        c1: usize,
+        n0: usize,
+        n: usize,
+        n1: usize,
+        last_group: bool,
+    ) -> Option<isize> {
+        let row_bytes = (c1 - c0) * eb;
+        let rows = bytes.div_ceil(rw * row_bytes) * rw;
+        let (t, task) = (n - n0 + rows, n1 - n0);
+        let rb = (k * eb) as isize;
+        if t < task {
+            Some(rows as isize * rb)
+        } else if last_group && c1 < k && t - task < task {
+            let row = (n0 + t - task) as isize;
+            Some((row - n as isize) * rb + ((c1 - c0) * eb) as isize)
+        } else {
+            None
         }
     }
 
@@ -988,8 +1021,8 @@ pub(crate) mod avx512 {
 
     /// `RW` weight rows at `q` (row stride `rb` bytes) against the `RX` rows of one group of
     /// x at `x` (`[steps][RX][64]`), `steps` 64-column steps of which `left` columns exist
-    /// (the rest read as zero weights): the dot products. `prefetch`: byte distances at which
-    /// the same columns of later rows are fetched into L1 and L2 on the way.
+    /// (the rest read as zero weights): the dot products. `prefetch`: byte offsets ([`dot_ahead`])
+    /// at which the weights read later are fetched into L1 and L2 on the way.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
     unsafe fn dot_tile<const KIND: u8, const PERM: bool, const RW: usize, const RX: usize>(
@@ -998,7 +1031,7 @@ pub(crate) mod avx512 {
         left: usize,
         q: *const u8,
         rb: usize,
-        prefetch: (Option<usize>, Option<usize>),
+        prefetch: (Option<isize>, Option<isize>),
     ) -> [[f32; RX]; RW] {
         let mut acc = [[unsafe { _mm512_setzero_ps() }; RX]; RW];
         // Steps with all 64 columns, then at most one partial step.
@@ -1020,11 +1053,12 @@ pub(crate) mod avx512 {
                 for r in 0..RW {
                     let p = q.add(r * rb + DOT_STEP * s * eb);
                     for line in 0..eb {
+                        let l = 64 * line as isize;
                         if let Some(d) = prefetch.0 {
-                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(d + 64 * line) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_offset(d + l) as *const i8);
                         }
                         if let Some(d) = prefetch.1 {
-                            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(d + 64 * line) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_offset(d + l) as *const i8);
                         }
                     }
                 }
@@ -1034,11 +1068,65 @@ pub(crate) mod avx512 {
                 let cols = left - DOT_STEP * full;
                 dot_step::<KIND, PERM, RW, RX, true>(x, q, rb, full, cols, &t, &mut acc);
             }
+            sums(&acc, unit)
+        }
+    }
+
+    /// The 16 lane sums of `v`, in order, as one vector: four levels of shuffles and adds
+    /// (15 adds, 30 shuffles) where a reduction per vector takes 16 × 8 instructions, about a
+    /// tenth of a tile's time at 8 steps (`perf annotate`, 32 rows of x).
+    #[inline(always)]
+    pub(super) unsafe fn hsum16(v: &[__m512; 16]) -> __m512 {
+        // (Loops and a macro, no closures: a closure does not inherit the caller's target
+        // features.)
+        unsafe {
+            let mut x = [_mm512_setzero_ps(); 8];
+            for j in 0..8 {
+                let (a, b) = (v[2 * j], v[2 * j + 1]);
+                x[j] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+            }
+            let mut y = [_mm512_setzero_ps(); 4];
+            for j in 0..4 {
+                let (a, b) = (_mm512_castps_pd(x[2 * j]), _mm512_castps_pd(x[2 * j + 1]));
+                y[j] = _mm512_add_ps(
+                    _mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                    _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)),
+                );
+            }
+            // 128-bit lanes 0+1 and 2+3 of a, then of b.
+            macro_rules! lanes {
+                ($a:expr, $b:expr) => {
+                    _mm512_add_ps(
+                        _mm512_shuffle_f32x4::<0b10_00_10_00>($a, $b),
+                        _mm512_shuffle_f32x4::<0b11_01_11_01>($a, $b),
+                    )
+                };
+            }
+            let (z0, z1) = (lanes!(y[0], y[1]), lanes!(y[2], y[3]));
+            lanes!(z0, z1)
+        }
+    }
+
+    /// The lane sums of a tile's accumulators times `unit` ([`hsum16`]; at most 16 of them).
+    #[inline(always)]
+    pub(super) unsafe fn sums<const RW: usize, const RX: usize>(
+        acc: &[[__m512; RX]; RW],
+        unit: f32,
+    ) -> [[f32; RX]; RW] {
+        const { assert!(RW * RX <= 16) };
+        unsafe {
+            let mut v = [_mm512_setzero_ps(); 16];
+            for (r, row) in acc.iter().enumerate() {
+                v[r * RX..(r + 1) * RX].copy_from_slice(row);
+            }
+            let mut lanes = [0f32; 16];
+            _mm512_storeu_ps(
+                lanes.as_mut_ptr(),
+                _mm512_mul_ps(hsum16(&v), _mm512_set1_ps(unit)),
+            );
             let mut o = [[0f32; RX]; RW];
-            for r in 0..RW {
-                for i in 0..RX {
-                    o[r][i] = _mm512_reduce_add_ps(acc[r][i]) * unit;
-                }
+            for (r, row) in o.iter_mut().enumerate() {
+                row.copy_from_slice(&lanes[r * RX..(r + 1) * RX]);
             }
             o
         }
@@ -1203,6 +1291,21 @@ pub(crate) mod avx512bf16 {
         }
     }
 
+    /// Accumulators per (weight row, x row) pair of a tile with `pairs` pairs: each 64-column
+    /// chunk adds six dependent `vdpbf16ps` (three parts, two halves) to a pair's sum, and
+    /// with one accumulator a tile of 4×1 (the decode GEMV) waited on their latency (about 6
+    /// cycles, two issued a cycle: 12 chains keep the unit busy). The six products are dealt
+    /// round-robin over the pair's chains, which are added once per 128 columns.
+    const fn chains(pairs: usize) -> usize {
+        if pairs >= 12 {
+            1
+        } else if pairs >= 6 {
+            2
+        } else {
+            3
+        }
+    }
+
     /// `RW` weight rows of kind `KIND` (at `q`, `k` columns each; FP8: in one 128-row scale
     /// block, scales at `srow`) against `RX` prepared x rows (at `xp`, stride `xs` words),
     /// columns `c0..c1` (`c0` on a 128-column block); `rows_left` rows of the task start at
@@ -1245,10 +1348,11 @@ pub(crate) mod avx512bf16 {
             };
             let (near, far) = (ahead(NEAR_BYTES), ahead(FAR_BYTES));
             let mut tot = [[_mm512_setzero_ps(); RX]; RW];
+            let chains = chains(RW * RX);
             let mut c = c0;
             while c < c1 {
                 let bend = (c + FP8_BLOCK).min(c1);
-                let mut acc = [[_mm512_setzero_ps(); RX]; RW];
+                let mut acc = [[[_mm512_setzero_ps(); 3]; RX]; RW];
                 while c < bend {
                     let mut wa = [std::mem::transmute::<__m512, __m512bh>(_mm512_setzero_ps()); RW];
                     let mut wb = wa;
@@ -1301,36 +1405,40 @@ pub(crate) mod avx512bf16 {
                         };
                         for part in 0..3 {
                             let (xa, xb) = (ld(2 * part), ld(2 * part + 1));
+                            let (ja, jb) = ((2 * part) % chains, (2 * part + 1) % chains);
                             for r in 0..RW {
-                                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xa, wa[r]);
-                                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xb, wb[r]);
+                                acc[r][i][ja] = _mm512_dpbf16_ps(acc[r][i][ja], xa, wa[r]);
+                                acc[r][i][jb] = _mm512_dpbf16_ps(acc[r][i][jb], xb, wb[r]);
                             }
                         }
                     }
                     c += CHUNK;
                 }
+                let mut sum = [[_mm512_setzero_ps(); RX]; RW];
+                for r in 0..RW {
+                    for i in 0..RX {
+                        sum[r][i] = acc[r][i][0];
+                        for j in 1..chains {
+                            sum[r][i] = _mm512_add_ps(sum[r][i], acc[r][i][j]);
+                        }
+                    }
+                }
                 if KIND == KIND_FP8 {
                     let sv = _mm512_set1_ps(*srow.add((bend - 1) / FP8_BLOCK));
                     for r in 0..RW {
                         for i in 0..RX {
-                            tot[r][i] = _mm512_fmadd_ps(acc[r][i], sv, tot[r][i]);
+                            tot[r][i] = _mm512_fmadd_ps(sum[r][i], sv, tot[r][i]);
                         }
                     }
                 } else {
                     for r in 0..RW {
                         for i in 0..RX {
-                            tot[r][i] = _mm512_add_ps(acc[r][i], tot[r][i]);
+                            tot[r][i] = _mm512_add_ps(sum[r][i], tot[r][i]);
                         }
                     }
                 }
             }
-            let mut o = [[0f32; RX]; RW];
-            for r in 0..RW {
-                for i in 0..RX {
-                    o[r][i] = _mm512_reduce_add_ps(tot[r][i]);
-                }
-            }
-            o
+            super::avx512::sums(&tot, 1.0)
         }
     }
 
