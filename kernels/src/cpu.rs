@@ -1362,8 +1362,9 @@ pub(crate) mod avx512bf16 {
             // least NEAR_BYTES ahead into L1, the first at least FAR_BYTES ahead into L2 (one
             // core's demand misses alone reach about half of what its share of the memory
             // bandwidth allows; the two hints measured +15% on a Zen 4 core), never past the
-            // task's rows.
-            let group = RW * rb;
+            // task's rows. The distance counts the bytes the tiles stream, `c1 − c0` columns a
+            // row (x cut into column blocks reads a block of every row, not whole rows).
+            let group = RW * (c1 - c0) * eb;
             let ahead = |bytes: usize| {
                 let rows = bytes.div_ceil(group) * RW;
                 (rows < rows_left).then_some(rows * rb)
