@@ -6,14 +6,14 @@
 //! compiler vectorises as it can. On AVX-512 (F + BW + VL) CPUs the FP8 decode GEMV — the
 //! memory-bound kernel of batch-1 decode — runs 512-bit: 32 codes per load become two
 //! 16-lane f32 vectors with the same shift-and-mask trick, half the instructions per weight
-//! byte of the AVX2 path. FP8 and BF16 GEMMs of 8–64 rows of x (batched decode, the rows of
+//! byte of the AVX2 path. FP8 and BF16 GEMMs of 3–64 rows of x (batched decode, the rows of
 //! one expert) run on f32 dot-product tiles ([`dot_rows`]): 64 converted weights of each of 2
 //! rows meet up to 10 rows of x in a tile of 512-bit accumulators. The other kernels of
 //! [`Isa::Avx512`] run the AVX2 code.
 //!
 //! With AVX512-VBMI and AVX512-BF16 as well (Zen 4, Sapphire Rapids: [`Isa::Avx512Bf16`]),
-//! the FP8 and BF16 GEMMs of 1–7 rows of x (decode GEMV, small batches) run on `vdpbf16ps` ([`avx512bf16`];
-//! prefill sizes keep the packed f32 microkernel, which measured faster there, and 8–64 rows
+//! the FP8 and BF16 GEMMs of 1–2 rows of x (decode GEMV, small batches) run on `vdpbf16ps` ([`avx512bf16`];
+//! prefill sizes keep the packed f32 microkernel, which measured faster there, and 3–64 rows
 //! the f32 dot tiles, which do one FMA where these do three bf16 products; on this level those
 //! convert FP8 through the same table): an e4m3 code is exact in bf16, and two `vpermt2b` lookups
 //! turn 64 codes into 64 bf16 values in six instructions (the f16 route costs about 14);
@@ -303,14 +303,18 @@ pub(crate) fn stream_rows(
 
 /// Rows of x from which the FP8/BF16 GEMMs of the AVX-512 levels run [`dot_rows`]
 /// (f32 dot-product tiles) instead of the streaming GEMV or the bf16 tiles, up to
-/// [`DOT_MAX_M`] (beyond it the packed microkernel). Below it the bf16 tiles measured as fast
-/// or faster (same run, one core, quiet machine: the dot tiles took 1.1× their time at 4 rows,
-/// 0.9–1.05× at 8, 0.7–0.85× at 16, 0.65–0.75× at 32).
-pub(crate) const DOT_MIN_M: usize = 8;
+/// [`DOT_MAX_M`] (beyond it the packed microkernel). Below it the bf16 tiles, or the streaming
+/// GEMV without AVX512-BF16, are faster: same run, one core, busy machine, an expert of
+/// 7168×2048 FP8 weights with its tiles' prefetch and sums as they are now, the dot tiles took
+/// 1.05× the bf16 tiles' time at 2 rows and 0.85× at 3, and 0.6× the streaming GEMV's at 3
+/// rows on [`Isa::Avx512`]. (At 16 and 32 rows they took 0.7–0.85× and 0.65–0.75× the bf16
+/// tiles' time in an earlier run.)
+pub(crate) const DOT_MIN_M: usize = 3;
 pub(crate) const DOT_MAX_M: usize = 64;
-// Every group of DOT_MIN_M or more rows (at most DOT_RX each, as even as possible) has 4 to
-// 10: m rows make ⌈m/10⌉ groups of at least m/⌈m/10⌉ ≥ 10m/(m+9) ≥ 80/17 rows.
-const _: () = assert!(DOT_MIN_M == 8 && DOT_RX == 10);
+// Every group of DOT_MIN_M or more rows (at most DOT_RX each, as even as possible) has 3 to
+// 10: fewer than 11 rows make one group, and m ≥ 11 rows ⌈m/10⌉ groups of at least
+// m/⌈m/10⌉ ≥ 10m/(m+9) > 5 rows.
+const _: () = assert!(DOT_MIN_M == 3 && DOT_RX == 10);
 /// Rows of x in one group of [`dot_rows`] (the register tile's x side). 10, not 8: the ten
 /// rows of one expert then convert each weight once, not twice (two groups of 5), which took
 /// 0.95× the time (same run, one core: 7168×2048 FP8, 10 rows).
@@ -818,13 +822,15 @@ pub(crate) mod avx512 {
                                 }
                             }};
                         }
-                        // Groups of at least DOT_MIN_M rows have 4 to 10 rows.
+                        // Groups of at least DOT_MIN_M rows have 3 to 10 rows.
                         match (rw, rx) {
+                            (2, 3) => run!(2, 3),
                             (2, 4) => run!(2, 4),
                             (2, 5) => run!(2, 5),
                             (2, 6) => run!(2, 6),
                             (2, 7) => run!(2, 7),
                             (2, 8) => run!(2, 8),
+                            (1, 3) => run!(1, 3),
                             (1, 4) => run!(1, 4),
                             (1, 5) => run!(1, 5),
                             (1, 6) => run!(1, 6),
