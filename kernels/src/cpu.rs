@@ -8,7 +8,7 @@
 //! 16-lane f32 vectors with the same shift-and-mask trick, half the instructions per weight
 //! byte of the AVX2 path. FP8 and BF16 GEMMs of 3–64 rows of x (batched decode, the rows of
 //! one expert) run on f32 dot-product tiles ([`dot_rows`]): 64 converted weights of each of 2
-//! rows meet up to 10 rows of x in a tile of 512-bit accumulators. The other kernels of
+//! rows meet up to 8 rows of x in a tile of 512-bit accumulators. The other kernels of
 //! [`Isa::Avx512`] run the AVX2 code.
 //!
 //! With AVX512-VBMI and AVX512-BF16 as well (Zen 4, Sapphire Rapids: [`Isa::Avx512Bf16`]),
@@ -312,13 +312,13 @@ pub(crate) fn stream_rows(
 pub(crate) const DOT_MIN_M: usize = 3;
 pub(crate) const DOT_MAX_M: usize = 64;
 // Every group of DOT_MIN_M or more rows (at most DOT_RX each, as even as possible) has 3 to
-// 10: fewer than 11 rows make one group, and m ≥ 11 rows ⌈m/10⌉ groups of at least
-// m/⌈m/10⌉ ≥ 10m/(m+9) > 5 rows.
-const _: () = assert!(DOT_MIN_M == 3 && DOT_RX == 10);
-/// Rows of x in one group of [`dot_rows`] (the register tile's x side). 10, not 8: the ten
-/// rows of one expert then convert each weight once, not twice (two groups of 5), which took
-/// 0.95× the time (same run, one core: 7168×2048 FP8, 10 rows).
-pub(crate) const DOT_RX: usize = 10;
+// 8: fewer than 9 rows make one group, and m ≥ 9 rows ⌈m/8⌉ groups of at least
+// m/⌈m/8⌉ ≥ 8m/(m+7) > 4 rows.
+const _: () = assert!(DOT_MIN_M == 3 && DOT_RX == 8);
+/// Rows of x in one group of [`dot_rows`] (the register tile's x side). (10, converting the
+/// weights of a 10-row expert once instead of twice, measured 0.95× to 1.03× the time of 8:
+/// no gain worth the larger tiles.)
+pub(crate) const DOT_RX: usize = 8;
 /// Columns of one step of [`dot_rows`]: 64 codes, one cache line of FP8 weights.
 const DOT_STEP: usize = 64;
 
@@ -684,7 +684,7 @@ pub(crate) mod avx512 {
     }
 
     /// x per pass of [`dot_rows`], in f32 values of one group's block: the scaled copy the
-    /// tiles read (16–20 KiB) stays in L1 next to the weights prefetched ahead while the task's
+    /// tiles read (16 KiB) stays in L1 next to the weights prefetched ahead while the task's
     /// weight rows pass it. A pass is at least [`DOT_KC_MIN`] columns, rounded to the FP8
     /// block: 512 for groups of 8 rows, 1024 for 4, 2048 for 2; rows of at most
     /// [`DOT_ONE_PASS`] columns take one pass. (Same run, one core, quiet machine: 4 rows ×
@@ -822,7 +822,7 @@ pub(crate) mod avx512 {
                                 }
                             }};
                         }
-                        // Groups of at least DOT_MIN_M rows have 3 to 10 rows.
+                        // Groups of at least DOT_MIN_M rows have 3 to 8 rows.
                         match (rw, rx) {
                             (2, 3) => run!(2, 3),
                             (2, 4) => run!(2, 4),
@@ -836,10 +836,6 @@ pub(crate) mod avx512 {
                             (1, 6) => run!(1, 6),
                             (1, 7) => run!(1, 7),
                             (1, 8) => run!(1, 8),
-                            (2, 9) => run!(2, 9),
-                            (2, 10) => run!(2, 10),
-                            (1, 9) => run!(1, 9),
-                            (1, 10) => run!(1, 10),
                             _ => unreachable!("dot_rows groups of {rx} rows"),
                         }
                         n += rw;
@@ -1120,14 +1116,14 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// The lane sums of a tile's accumulators times `unit` ([`hsum16`] by 16 for more than 4
-    /// of them; at most 32).
+    /// The lane sums of a tile's accumulators times `unit` ([`hsum16`] for more than 4 of
+    /// them; at most 16).
     #[inline(always)]
     pub(super) unsafe fn sums<const RW: usize, const RX: usize>(
         acc: &[[__m512; RX]; RW],
         unit: f32,
     ) -> [[f32; RX]; RW] {
-        const { assert!(RW * RX <= 32) };
+        const { assert!(RW * RX <= 16) };
         unsafe {
             if RW * RX <= 4 {
                 // Fewer instructions one vector at a time (8 each against the tree's 45).
@@ -1139,19 +1135,15 @@ pub(crate) mod avx512 {
                 }
                 return o;
             }
-            let mut v = [_mm512_setzero_ps(); 32];
+            let mut v = [_mm512_setzero_ps(); 16];
             for (r, row) in acc.iter().enumerate() {
                 v[r * RX..(r + 1) * RX].copy_from_slice(row);
             }
-            let mut lanes = [0f32; 32];
-            for h in 0..(RW * RX).div_ceil(16) {
-                let mut part = [_mm512_setzero_ps(); 16];
-                part.copy_from_slice(&v[16 * h..16 * h + 16]);
-                _mm512_storeu_ps(
-                    lanes.as_mut_ptr().add(16 * h),
-                    _mm512_mul_ps(hsum16(&part), _mm512_set1_ps(unit)),
-                );
-            }
+            let mut lanes = [0f32; 16];
+            _mm512_storeu_ps(
+                lanes.as_mut_ptr(),
+                _mm512_mul_ps(hsum16(&v), _mm512_set1_ps(unit)),
+            );
             let mut o = [[0f32; RX]; RW];
             for (r, row) in o.iter_mut().enumerate() {
                 row.copy_from_slice(&lanes[r * RX..(r + 1) * RX]);
