@@ -306,8 +306,8 @@ pub(crate) fn stream_rows(
 /// [`DOT_MAX_M`] (beyond it the packed microkernel). Below it the bf16 tiles, or the streaming
 /// GEMV without AVX512-BF16, are faster: same run, one core, busy machine, an expert of
 /// 7168×2048 FP8 weights with its tiles' prefetch and sums as they are now, the dot tiles took
-/// 1.05× the bf16 tiles' time at 2 rows and 0.85× at 3, and 0.6× the streaming GEMV's at 3
-/// rows on [`Isa::Avx512`]. (At 16 and 32 rows they took 0.7–0.85× and 0.65–0.75× the bf16
+/// 1.05× the bf16 tiles' time at 2 rows and 0.85× at 3 (best wall time; their CPU time per
+/// call was within 3% at both), and 0.6× the streaming GEMV's at 3 rows on [`Isa::Avx512`]. (At 16 and 32 rows they took 0.7–0.85× and 0.65–0.75× the bf16
 /// tiles' time in an earlier run.)
 pub(crate) const DOT_MIN_M: usize = 3;
 pub(crate) const DOT_MAX_M: usize = 64;
@@ -1318,7 +1318,8 @@ pub(crate) mod avx512bf16 {
     /// Accumulators per (weight row, x row) pair of a tile with `pairs` pairs: each 64-column
     /// chunk adds six dependent `vdpbf16ps` (three parts, two halves) to a pair's sum, and
     /// with one accumulator a tile of 4×1 (the decode GEMV) waited on their latency (about 6
-    /// cycles, two issued a cycle: 12 chains keep the unit busy). The six products are dealt
+    /// cycles, two issued a cycle: 12 chains keep the unit busy; three chains took 0.9× the
+    /// CPU time of one on a 768×2048 FP8 GEMV from L3, one core). The six products are dealt
     /// round-robin over the pair's chains, which are added once per 128 columns.
     const fn chains(pairs: usize) -> usize {
         if pairs >= 12 {
