@@ -181,12 +181,7 @@ pub fn silu_mul_inplace(g: &mut [f32], u: &[f32]) {
 /// `weights` is how many matrices one task reads per column (2 for gate+up).
 pub(crate) fn col_chunk(m: usize, n: usize, weights: usize) -> usize {
     let threads = crate::pool::threads();
-    // Decode shapes stream their weights from memory: 8 tasks a thread, not 4, finish more
-    // evenly (the last task is the idle tail of the other threads). Against 4, a 768×2048 or
-    // 2048×768 FP8 GEMV took 0.75–0.95× the time on two threads (same run, alternating, three
-    // rounds); the grouped-MoE rows of `bench kernels` were unchanged.
-    let per_thread = if m <= STREAM_MAX_M { 8 } else { 4 };
-    let want = n.div_ceil(per_thread * threads);
+    let want = n.div_ceil(4 * threads);
     let cap = if m <= STREAM_MAX_M {
         // Streaming: ~64 KiB of weights per task amortises scheduling.
         (1024 / weights).max(16)
