@@ -6,14 +6,14 @@
 //! compiler vectorises as it can. On AVX-512 (F + BW + VL) CPUs the FP8 decode GEMV — the
 //! memory-bound kernel of batch-1 decode — runs 512-bit: 32 codes per load become two
 //! 16-lane f32 vectors with the same shift-and-mask trick, half the instructions per weight
-//! byte of the AVX2 path. FP8 and BF16 GEMMs of 8–64 rows of x (batched decode, the rows of
+//! byte of the AVX2 path. FP8 and BF16 GEMMs of 3–64 rows of x (batched decode, the rows of
 //! one expert) run on f32 dot-product tiles ([`dot_rows`]): 64 converted weights of each of 2
 //! rows meet up to 8 rows of x in a tile of 512-bit accumulators. The other kernels of
 //! [`Isa::Avx512`] run the AVX2 code.
 //!
 //! With AVX512-VBMI and AVX512-BF16 as well (Zen 4, Sapphire Rapids: [`Isa::Avx512Bf16`]),
-//! the FP8 and BF16 GEMMs of 1–7 rows of x (decode GEMV, small batches) run on `vdpbf16ps` ([`avx512bf16`];
-//! prefill sizes keep the packed f32 microkernel, which measured faster there, and 8–64 rows
+//! the FP8 and BF16 GEMMs of 1–2 rows of x (decode GEMV, small batches) run on `vdpbf16ps` ([`avx512bf16`];
+//! prefill sizes keep the packed f32 microkernel, which measured faster there, and 3–64 rows
 //! the f32 dot tiles, which do one FMA where these do three bf16 products; on this level those
 //! convert FP8 through the same table): an e4m3 code is exact in bf16, and two `vpermt2b` lookups
 //! turn 64 codes into 64 bf16 values in six instructions (the f16 route costs about 14);
@@ -303,14 +303,21 @@ pub(crate) fn stream_rows(
 
 /// Rows of x from which the FP8/BF16 GEMMs of the AVX-512 levels run [`dot_rows`]
 /// (f32 dot-product tiles) instead of the streaming GEMV or the bf16 tiles, up to
-/// [`DOT_MAX_M`] (beyond it the packed microkernel). Below it the bf16 tiles measured as fast
-/// or faster (same run, one core, quiet machine: the dot tiles took 1.1× their time at 4 rows,
-/// 0.9–1.05× at 8, 0.7–0.85× at 16, 0.65–0.75× at 32).
-pub(crate) const DOT_MIN_M: usize = 8;
+/// [`DOT_MAX_M`] (beyond it the packed microkernel). Below it the bf16 tiles, or the streaming
+/// GEMV without AVX512-BF16, are faster: same run, one core, busy machine, an expert of
+/// 7168×2048 FP8 weights with its tiles' prefetch and sums as they are now, the dot tiles took
+/// 1.05× the bf16 tiles' time at 2 rows and 0.85× at 3 (best wall time; their CPU time per
+/// call was within 3% at both), and 0.6× the streaming GEMV's at 3 rows on [`Isa::Avx512`]. (At 16 and 32 rows they took 0.7–0.85× and 0.65–0.75× the bf16
+/// tiles' time in an earlier run.)
+pub(crate) const DOT_MIN_M: usize = 3;
 pub(crate) const DOT_MAX_M: usize = 64;
-// Every group of DOT_MIN_M or more rows (at most DOT_RX each, as even as possible) has 4 to 8.
-const _: () = assert!(DOT_MIN_M >= DOT_RX && DOT_RX == 8);
-/// Rows of x in one group of [`dot_rows`] (the register tile's x side).
+// Every group of DOT_MIN_M or more rows (at most DOT_RX each, as even as possible) has 3 to
+// 8: fewer than 9 rows make one group, and m ≥ 9 rows ⌈m/8⌉ groups of at least
+// m/⌈m/8⌉ ≥ 8m/(m+7) > 4 rows.
+const _: () = assert!(DOT_MIN_M == 3 && DOT_RX == 8);
+/// Rows of x in one group of [`dot_rows`] (the register tile's x side). (10, converting the
+/// weights of a 10-row expert once instead of twice, measured 0.95× to 1.03× the time of 8:
+/// no gain worth the larger tiles.)
 pub(crate) const DOT_RX: usize = 8;
 /// Columns of one step of [`dot_rows`]: 64 codes, one cache line of FP8 weights.
 const DOT_STEP: usize = 64;
@@ -756,6 +763,7 @@ pub(crate) mod avx512 {
         for c0 in (0..k).step_by(kc) {
             let c1 = (c0 + kc).min(k);
             let steps = (c1 - c0).div_ceil(DOT_STEP);
+            let groups = m.div_ceil(DOT_RX);
             for (gi, (i, rx)) in dot_groups(m).enumerate() {
                 // Step s of the group's row j is at (s·rx + j)·64 (`dot_prepare_x`).
                 let xg = unsafe { xp.as_ptr().add(i * kp + c0 * rx) };
@@ -790,15 +798,10 @@ pub(crate) mod avx512 {
                     while n < seg_end {
                         let rw = if n + 2 <= seg_end { 2 } else { 1 };
                         let qn = unsafe { q.as_ptr().add((n * k + c0) * eb) };
-                        // The first group reads the weights from memory: the same columns of
-                        // the row group at least DOT_NEAR bytes ahead are prefetched into L1
-                        // and of the one DOT_FAR ahead into L2 on the way, within the task's
-                        // rows (later groups find them in cache).
-                        let ahead = |bytes: usize| {
-                            let rows = bytes.div_ceil(rw * k * eb) * rw;
-                            (gi == 0 && n + rows < n1).then_some(rows * k * eb)
-                        };
-                        let pf = (ahead(DOT_NEAR), ahead(DOT_FAR));
+                        let pf = (
+                            dot_ahead(DOT_NEAR, rw, eb, k, c0, c1, n0, n, n1, gi + 1 == groups),
+                            dot_ahead(DOT_FAR, rw, eb, k, c0, c1, n0, n, n1, gi + 1 == groups),
+                        );
                         macro_rules! run {
                             ($rw:literal, $rx:literal) => {{
                                 let t = unsafe {
@@ -819,13 +822,15 @@ pub(crate) mod avx512 {
                                 }
                             }};
                         }
-                        // Groups of at least DOT_MIN_M rows have 4 to 8 rows.
+                        // Groups of at least DOT_MIN_M rows have 3 to 8 rows.
                         match (rw, rx) {
+                            (2, 3) => run!(2, 3),
                             (2, 4) => run!(2, 4),
                             (2, 5) => run!(2, 5),
                             (2, 6) => run!(2, 6),
                             (2, 7) => run!(2, 7),
                             (2, 8) => run!(2, 8),
+                            (1, 3) => run!(1, 3),
                             (1, 4) => run!(1, 4),
                             (1, 5) => run!(1, 5),
                             (1, 6) => run!(1, 6),
@@ -837,6 +842,43 @@ pub(crate) mod avx512 {
                     }
                 }
             }
+        }
+    }
+
+    /// Where [`dot_rows`] prefetches `bytes` of its weight stream ahead of row `n` of a pass
+    /// over columns `c0..c1` of the task's rows `n0..n1` (`rw` rows at a time, `eb` bytes a
+    /// weight, `k` columns a row): a byte offset from the row's pass start, or `None`. The
+    /// stream is what the tile reads, `c1 − c0` columns a row, not whole rows (a distance in
+    /// whole rows of 7168 columns put the prefetches 3 KiB ahead in a 768-column pass, and the
+    /// tiles waited on memory for a third of the time, `perf annotate`). Past the task's last
+    /// row the stream goes on with the first rows of the next pass, whose weights the last row
+    /// group reads from memory next; the earlier groups' next reads (the same pass, the next
+    /// row group) are in cache.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn dot_ahead(
+        bytes: usize,
+        rw: usize,
+        eb: usize,
+        k: usize,
+        c0: usize,
+        c1: usize,
+        n0: usize,
+        n: usize,
+        n1: usize,
+        last_group: bool,
+    ) -> Option<isize> {
+        let row_bytes = (c1 - c0) * eb;
+        let rows = bytes.div_ceil(rw * row_bytes) * rw;
+        let (t, task) = (n - n0 + rows, n1 - n0);
+        let rb = (k * eb) as isize;
+        if t < task {
+            Some(rows as isize * rb)
+        } else if last_group && c1 < k && t - task < task {
+            let row = (n0 + t - task) as isize;
+            Some((row - n as isize) * rb + ((c1 - c0) * eb) as isize)
+        } else {
+            None
         }
     }
 
@@ -988,8 +1030,8 @@ pub(crate) mod avx512 {
 
     /// `RW` weight rows at `q` (row stride `rb` bytes) against the `RX` rows of one group of
     /// x at `x` (`[steps][RX][64]`), `steps` 64-column steps of which `left` columns exist
-    /// (the rest read as zero weights): the dot products. `prefetch`: byte distances at which
-    /// the same columns of later rows are fetched into L1 and L2 on the way.
+    /// (the rest read as zero weights): the dot products. `prefetch`: byte offsets ([`dot_ahead`])
+    /// at which the weights read later are fetched into L1 and L2 on the way.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
     unsafe fn dot_tile<const KIND: u8, const PERM: bool, const RW: usize, const RX: usize>(
@@ -998,7 +1040,7 @@ pub(crate) mod avx512 {
         left: usize,
         q: *const u8,
         rb: usize,
-        prefetch: (Option<usize>, Option<usize>),
+        prefetch: (Option<isize>, Option<isize>),
     ) -> [[f32; RX]; RW] {
         let mut acc = [[unsafe { _mm512_setzero_ps() }; RX]; RW];
         // Steps with all 64 columns, then at most one partial step.
@@ -1020,11 +1062,12 @@ pub(crate) mod avx512 {
                 for r in 0..RW {
                     let p = q.add(r * rb + DOT_STEP * s * eb);
                     for line in 0..eb {
+                        let l = 64 * line as isize;
                         if let Some(d) = prefetch.0 {
-                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(d + 64 * line) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_offset(d + l) as *const i8);
                         }
                         if let Some(d) = prefetch.1 {
-                            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(d + 64 * line) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T1>(p.wrapping_offset(d + l) as *const i8);
                         }
                     }
                 }
@@ -1034,11 +1077,76 @@ pub(crate) mod avx512 {
                 let cols = left - DOT_STEP * full;
                 dot_step::<KIND, PERM, RW, RX, true>(x, q, rb, full, cols, &t, &mut acc);
             }
-            let mut o = [[0f32; RX]; RW];
-            for r in 0..RW {
-                for i in 0..RX {
-                    o[r][i] = _mm512_reduce_add_ps(acc[r][i]) * unit;
+            sums(&acc, unit)
+        }
+    }
+
+    /// The 16 lane sums of `v`, in order, as one vector: four levels of shuffles and adds
+    /// (15 adds, 30 shuffles) where a reduction per vector takes 16 × 8 instructions, about a
+    /// tenth of a tile's time at 8 steps (`perf annotate`, 32 rows of x).
+    #[inline(always)]
+    pub(super) unsafe fn hsum16(v: &[__m512; 16]) -> __m512 {
+        // (Loops and a macro, no closures: a closure does not inherit the caller's target
+        // features.)
+        unsafe {
+            let mut x = [_mm512_setzero_ps(); 8];
+            for j in 0..8 {
+                let (a, b) = (v[2 * j], v[2 * j + 1]);
+                x[j] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+            }
+            let mut y = [_mm512_setzero_ps(); 4];
+            for j in 0..4 {
+                let (a, b) = (_mm512_castps_pd(x[2 * j]), _mm512_castps_pd(x[2 * j + 1]));
+                y[j] = _mm512_add_ps(
+                    _mm512_castpd_ps(_mm512_unpacklo_pd(a, b)),
+                    _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)),
+                );
+            }
+            // 128-bit lanes 0+1 and 2+3 of a, then of b.
+            macro_rules! lanes {
+                ($a:expr, $b:expr) => {
+                    _mm512_add_ps(
+                        _mm512_shuffle_f32x4::<0b10_00_10_00>($a, $b),
+                        _mm512_shuffle_f32x4::<0b11_01_11_01>($a, $b),
+                    )
+                };
+            }
+            let (z0, z1) = (lanes!(y[0], y[1]), lanes!(y[2], y[3]));
+            lanes!(z0, z1)
+        }
+    }
+
+    /// The lane sums of a tile's accumulators times `unit` ([`hsum16`] for more than 4 of
+    /// them; at most 16).
+    #[inline(always)]
+    pub(super) unsafe fn sums<const RW: usize, const RX: usize>(
+        acc: &[[__m512; RX]; RW],
+        unit: f32,
+    ) -> [[f32; RX]; RW] {
+        const { assert!(RW * RX <= 16) };
+        unsafe {
+            if RW * RX <= 4 {
+                // Fewer instructions one vector at a time (8 each against the tree's 45).
+                let mut o = [[0f32; RX]; RW];
+                for r in 0..RW {
+                    for i in 0..RX {
+                        o[r][i] = _mm512_reduce_add_ps(acc[r][i]) * unit;
+                    }
                 }
+                return o;
+            }
+            let mut v = [_mm512_setzero_ps(); 16];
+            for (r, row) in acc.iter().enumerate() {
+                v[r * RX..(r + 1) * RX].copy_from_slice(row);
+            }
+            let mut lanes = [0f32; 16];
+            _mm512_storeu_ps(
+                lanes.as_mut_ptr(),
+                _mm512_mul_ps(hsum16(&v), _mm512_set1_ps(unit)),
+            );
+            let mut o = [[0f32; RX]; RW];
+            for (r, row) in o.iter_mut().enumerate() {
+                row.copy_from_slice(&lanes[r * RX..(r + 1) * RX]);
             }
             o
         }
@@ -1133,9 +1241,13 @@ pub(crate) mod avx512bf16 {
     const WHOLE_X_BYTES: usize = 256 << 10;
     const KCB: usize = 4 * FP8_BLOCK;
     /// Distances of the L1 and L2 prefetches, in weight bytes (rounded up to whole row
-    /// groups): about 0.5 and 4 µs of one core's stream.
-    const NEAR_BYTES: usize = 16 << 10;
-    const FAR_BYTES: usize = 128 << 10;
+    /// groups): about 0.3 and 2.5 µs of one core's stream. Prefetches stop at the task's last
+    /// row, so the shorter distances leave less of each task (96 to 256 rows at the medium
+    /// shapes) to the hardware prefetchers alone: against 16 and 128 KiB a decode GEMV of
+    /// 768×2048 or 2048×768 FP8 weights from memory took 0.88–0.9× the CPU time (one core,
+    /// same run, alternating, four rounds), a 7168-column expert the same.
+    const NEAR_BYTES: usize = 8 << 10;
+    const FAR_BYTES: usize = 64 << 10;
 
     /// Length in u16 of `m` prepared rows of `k` columns.
     pub(crate) fn prepared_len(m: usize, k: usize) -> usize {
@@ -1203,6 +1315,22 @@ pub(crate) mod avx512bf16 {
         }
     }
 
+    /// Accumulators per (weight row, x row) pair of a tile with `pairs` pairs: each 64-column
+    /// chunk adds six dependent `vdpbf16ps` (three parts, two halves) to a pair's sum, and
+    /// with one accumulator a tile of 4×1 (the decode GEMV) waited on their latency (about 6
+    /// cycles, two issued a cycle: 12 chains keep the unit busy; three chains took 0.9× the
+    /// CPU time of one on a 768×2048 FP8 GEMV from L3, one core). The six products are dealt
+    /// round-robin over the pair's chains, which are added once per 128 columns.
+    const fn chains(pairs: usize) -> usize {
+        if pairs >= 12 {
+            1
+        } else if pairs >= 6 {
+            2
+        } else {
+            3
+        }
+    }
+
     /// `RW` weight rows of kind `KIND` (at `q`, `k` columns each; FP8: in one 128-row scale
     /// block, scales at `srow`) against `RX` prepared x rows (at `xp`, stride `xs` words),
     /// columns `c0..c1` (`c0` on a 128-column block); `rows_left` rows of the task start at
@@ -1237,18 +1365,20 @@ pub(crate) mod avx512bf16 {
             // least NEAR_BYTES ahead into L1, the first at least FAR_BYTES ahead into L2 (one
             // core's demand misses alone reach about half of what its share of the memory
             // bandwidth allows; the two hints measured +15% on a Zen 4 core), never past the
-            // task's rows.
-            let group = RW * rb;
+            // task's rows. The distance counts the bytes the tiles stream, `c1 − c0` columns a
+            // row (x cut into column blocks reads a block of every row, not whole rows).
+            let group = RW * (c1 - c0) * eb;
             let ahead = |bytes: usize| {
                 let rows = bytes.div_ceil(group) * RW;
                 (rows < rows_left).then_some(rows * rb)
             };
             let (near, far) = (ahead(NEAR_BYTES), ahead(FAR_BYTES));
             let mut tot = [[_mm512_setzero_ps(); RX]; RW];
+            let chains = chains(RW * RX);
             let mut c = c0;
             while c < c1 {
                 let bend = (c + FP8_BLOCK).min(c1);
-                let mut acc = [[_mm512_setzero_ps(); RX]; RW];
+                let mut acc = [[[_mm512_setzero_ps(); 3]; RX]; RW];
                 while c < bend {
                     let mut wa = [std::mem::transmute::<__m512, __m512bh>(_mm512_setzero_ps()); RW];
                     let mut wb = wa;
@@ -1301,36 +1431,40 @@ pub(crate) mod avx512bf16 {
                         };
                         for part in 0..3 {
                             let (xa, xb) = (ld(2 * part), ld(2 * part + 1));
+                            let (ja, jb) = ((2 * part) % chains, (2 * part + 1) % chains);
                             for r in 0..RW {
-                                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xa, wa[r]);
-                                acc[r][i] = _mm512_dpbf16_ps(acc[r][i], xb, wb[r]);
+                                acc[r][i][ja] = _mm512_dpbf16_ps(acc[r][i][ja], xa, wa[r]);
+                                acc[r][i][jb] = _mm512_dpbf16_ps(acc[r][i][jb], xb, wb[r]);
                             }
                         }
                     }
                     c += CHUNK;
                 }
+                let mut sum = [[_mm512_setzero_ps(); RX]; RW];
+                for r in 0..RW {
+                    for i in 0..RX {
+                        sum[r][i] = acc[r][i][0];
+                        for j in 1..chains {
+                            sum[r][i] = _mm512_add_ps(sum[r][i], acc[r][i][j]);
+                        }
+                    }
+                }
                 if KIND == KIND_FP8 {
                     let sv = _mm512_set1_ps(*srow.add((bend - 1) / FP8_BLOCK));
                     for r in 0..RW {
                         for i in 0..RX {
-                            tot[r][i] = _mm512_fmadd_ps(acc[r][i], sv, tot[r][i]);
+                            tot[r][i] = _mm512_fmadd_ps(sum[r][i], sv, tot[r][i]);
                         }
                     }
                 } else {
                     for r in 0..RW {
                         for i in 0..RX {
-                            tot[r][i] = _mm512_add_ps(acc[r][i], tot[r][i]);
+                            tot[r][i] = _mm512_add_ps(sum[r][i], tot[r][i]);
                         }
                     }
                 }
             }
-            let mut o = [[0f32; RX]; RW];
-            for r in 0..RW {
-                for i in 0..RX {
-                    o[r][i] = _mm512_reduce_add_ps(tot[r][i]);
-                }
-            }
-            o
+            super::avx512::sums(&tot, 1.0)
         }
     }
 

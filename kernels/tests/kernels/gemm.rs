@@ -114,7 +114,8 @@ fn shape_errors_are_reported() {
 
 /// The decode (streaming) GEMV of every path this CPU runs — the AVX-512 FP8 path included —
 /// at odd shapes: columns that end mid-vector and mid-block, 1–5 rows of x (groups of 4 and
-/// their remainders), a column range that does not start at row 0.
+/// their remainders; from 3 rows on the AVX-512 levels run the dot tiles), a column range that
+/// does not start at row 0.
 #[test]
 fn decode_gemv_every_path_odd_shapes() {
     let mut rng = Rng::new(77);
