@@ -211,6 +211,10 @@ impl AttentionPool {
     }
 }
 
+/// tonic's prefix for a status it made from a failed HTTP/2 connection or stream (a reset, a
+/// connection closed under the call), as opposed to a status the pod sent.
+const H2_FAILURE: &str = "h2 protocol error";
+
 fn map_status(s: &Status) -> BackendError {
     match s.code() {
         tonic::Code::InvalidArgument => BackendError::Invalid(s.message().to_string()),
@@ -218,6 +222,12 @@ fn map_status(s: &Status) -> BackendError {
         // Cancelled: the pod's connection went away under the call (a pod shutting down
         // refuses new streams with GOAWAY); before the first event that is retried elsewhere.
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+            BackendError::Unavailable(s.message().to_string())
+        }
+        // The transport failed (a pod's connection reset or closed while it shut down during a
+        // rollout): tonic reports that as Internal or Unknown, but it is the pod that is gone,
+        // not the request that is bad, so it is retried elsewhere like Unavailable.
+        tonic::Code::Internal | tonic::Code::Unknown if s.message().starts_with(H2_FAILURE) => {
             BackendError::Unavailable(s.message().to_string())
         }
         _ => BackendError::Internal(s.message().to_string()),
@@ -762,6 +772,29 @@ pub async fn run(
 #[cfg(test)]
 mod discovery_tests {
     use super::*;
+
+    #[test]
+    fn transport_failures_are_retryable_and_pod_errors_are_not() {
+        for s in [
+            Status::unavailable("pod draining"),
+            Status::cancelled("connection closed"),
+            Status::internal("h2 protocol error: http2 error"),
+            Status::unknown("h2 protocol error: connection reset"),
+        ] {
+            assert!(
+                matches!(map_status(&s), BackendError::Unavailable(_)),
+                "{s:?}"
+            );
+        }
+        assert!(matches!(
+            map_status(&Status::internal("generation failed: expert shard 1")),
+            BackendError::Internal(_)
+        ));
+        assert!(matches!(
+            map_status(&Status::invalid_argument("prompt too long")),
+            BackendError::Invalid(_)
+        ));
+    }
 
     #[tokio::test]
     async fn members_follow_the_discovered_addresses() {
