@@ -180,30 +180,15 @@ impl Placement {
     /// Writes the table to `path` atomically (a temporary file renamed over it), so a process
     /// starting at any moment reads a whole table.
     pub fn write_file(&self, path: &std::path::Path) -> Result<()> {
-        let io = |source| Error::Io {
-            op: format!("writing the placement file {}", path.display()),
-            source,
-        };
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, self.to_json()).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        write_atomically(path, &self.to_json())
     }
 
     /// Reads a table written by [`write_file`](Self::write_file); `None` when the file does not
     /// exist (no rebalance has published one yet).
     pub fn read_file(path: &std::path::Path) -> Result<Option<Self>> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(Error::Io {
-                    op: format!("reading the placement file {}", path.display()),
-                    source,
-                });
-            }
+        let Some(file) = read_placement_file(path)? else {
+            return Ok(None);
         };
-        let file: PlacementFile = serde_json::from_str(&text)
-            .map_err(|e| Error::Placement(format!("placement file {}: {e}", path.display())))?;
         Self::from_assignments(file.version, file.shards, file.replicas).map(Some)
     }
 }
@@ -293,32 +278,46 @@ impl KeptTable {
 
     /// Writes the record to `path` atomically, as [`Placement::write_file`] does.
     pub fn write_file(&self, path: &std::path::Path) -> Result<()> {
-        let io = |source| Error::Io {
-            op: format!("writing the placement file {}", path.display()),
-            source,
-        };
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, self.to_json()).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        write_atomically(path, &self.to_json())
     }
 
     /// Reads a record written by [`write_file`](Self::write_file) (or [`Placement::write_file`]);
     /// `None` when the file does not exist.
     pub fn read_file(path: &std::path::Path) -> Result<Option<Self>> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(Error::Io {
-                    op: format!("reading the placement file {}", path.display()),
-                    source,
-                });
-            }
+        let Some(file) = read_placement_file(path)? else {
+            return Ok(None);
         };
-        let file: PlacementFile = serde_json::from_str(&text)
-            .map_err(|e| Error::Placement(format!("placement file {}: {e}", path.display())))?;
         Self::from_file(file).map(Some)
     }
+}
+
+/// Writes `text` to `path` atomically (a temporary file renamed over it), so a process starting
+/// at any moment reads a whole file.
+fn write_atomically(path: &std::path::Path, text: &str) -> Result<()> {
+    let io = |source| Error::Io {
+        op: format!("writing the placement file {}", path.display()),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// The parsed placement file at `path`; `None` when it does not exist.
+fn read_placement_file(path: &std::path::Path) -> Result<Option<PlacementFile>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(Error::Io {
+                op: format!("reading the placement file {}", path.display()),
+                source,
+            });
+        }
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::Placement(format!("placement file {}: {e}", path.display())))
 }
 
 /// Shard `s`'s contiguous primary range `[lo, hi)`.
