@@ -51,7 +51,7 @@ t bench-kernels.txt timeout 150 "$B/bin/shardseek" bench kernels --device cuda
 
 step "5. bench model and the hybrid cluster (attention on the GPU, experts on the CPU)"
 m=/tmp/shardseek-small
-t gen.log timeout 60 "$B/bin/shardseek" model gen --preset small --out "$m"
+t gen.log timeout 240 "$B/bin/shardseek" model gen --preset small --out "$m"
 t bench-model.txt timeout 90 "$B/bin/shardseek" bench model --model "$m" --device cuda --batch 1,8 --prompt-len 256 --decode 16
 t hybrid.txt timeout 90 "$B/bin/shardseek" up --model "$m" --device cuda --experts-device cpu --expert-shards 2 --port 0 --demo
 

@@ -82,6 +82,8 @@ __device__ void gemv_impl(const float* __restrict__ x, long long ldx, const u8* 
     long long kb = (K + FP8_BLOCK - 1) / FP8_BLOCK;
     const float* srow = KIND == 0 ? scale_inv + (n / FP8_BLOCK) * kb : nullptr;
     const u8* wr = w + n * (long long)K * ES;
+    // x rows start 16-byte aligned (k0 is a multiple of 4 below): float4 loads.
+    const bool xv = (ldx % 4 == 0) && (((unsigned long long)xb & 15ull) == 0);
     if (((long long)K * ES) % 16 == 0) {
         // Every row starts 16-byte aligned: whole 16-byte chunks, GEMV_UNROLL in flight.
         long long chunks = (long long)K / V;
@@ -105,8 +107,18 @@ __device__ void gemv_impl(const float* __restrict__ x, long long ldx, const u8* 
                     if (i < mr) {
                         const float* xr = xb + i * ldx + k0;
                         float p = 0.0f;
+                        if (xv) {
+                            // 16-byte loads of x: a quarter of the load instructions.
 #pragma unroll
-                        for (int j = 0; j < V; ++j) p += xr[j] * wv[j];
+                            for (int j = 0; j < V; j += 4) {
+                                float4 q = __ldg((const float4*)(xr + j));
+                                p += q.x * wv[j] + q.y * wv[j + 1] + q.z * wv[j + 2] +
+                                     q.w * wv[j + 3];
+                            }
+                        } else {
+#pragma unroll
+                            for (int j = 0; j < V; ++j) p += xr[j] * wv[j];
+                        }
                         acc[i] += p * s;
                     }
                 }

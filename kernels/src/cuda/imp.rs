@@ -50,7 +50,13 @@ const FUNCS: &[(&str, &[&str])] = &[
     ),
     (
         "mla",
-        &["mla_decode_f32", "mla_decode_bf16", "mla_decode_fp8"],
+        &[
+            "mla_decode_f32",
+            "mla_decode_bf16",
+            "mla_decode_fp8",
+            "mla_decode_mma_bf16",
+            "mla_combine_splits",
+        ],
     ),
     ("moe", &["grouped_gate_up", "grouped_down"]),
     ("norm", &["rms_norm"]),
