@@ -107,10 +107,13 @@ fn cuda_equals_cpu_on_generated_models() {
                 let d = x.iter().zip(y).fold(0f32, |m, (p, q)| m.max((p - q).abs())) / scale;
                 worst = worst.max(d);
             }
+            // The module's bounds: the bf16 cache's MLA runs on tensor cores (bf16 queries and
+            // probabilities), the others on the f32 kernel.
+            let bound = if kv == KvDtype::Bf16 { 1e-2 } else { 1e-3 };
             eprintln!(
-                "tiny {dtype:?}, {kv:?} cache: cuda vs cpu logits, worst {worst:.2e} of max |logit|"
+                "tiny {dtype:?}, {kv:?} cache: cuda vs cpu logits, worst {worst:.2e} of max |logit| (bound {bound:e})"
             );
-            assert!(worst <= 1e-3, "{dtype:?} {kv:?}: {worst}");
+            assert!(worst <= bound, "{dtype:?} {kv:?}: {worst}");
         }
     }
 }
