@@ -4,6 +4,7 @@
 use crate::backend::{Backend, CpuBackend, MoeGroup};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
+use crate::expert::BatchRows;
 use crate::model::{Mlp, load_mlp};
 use crate::weights::Store;
 use shardseek_kernels::gate::Routing;
@@ -256,26 +257,15 @@ impl LocalExperts {
     pub fn combine(
         &self,
         layer: usize,
-        rows: &[f32],
+        rows: &BatchRows<'_>,
         assign: &[Vec<(usize, f32)>],
-    ) -> Result<Vec<f32>> {
-        self.combine_with_shared(layer, rows, assign, None)
-    }
-
-    /// [`LocalExperts::combine`], plus `shared` over every row with weight 1 in the same
-    /// grouped pass (the single-process MoE layer).
-    pub fn combine_with_shared(
-        &self,
-        layer: usize,
-        rows: &[f32],
-        assign: &[Vec<(usize, f32)>],
-        shared: Option<&Mlp>,
     ) -> Result<Vec<f32>> {
         let h = self.hidden;
-        if rows.len() != assign.len() * h {
+        if rows.len() != assign.len() || rows.width() != h {
             return Err(Error::Input(format!(
-                "{} values for {} rows of hidden {h}",
+                "{} rows of width {} for {} assignments of hidden {h}",
                 rows.len(),
+                rows.width(),
                 assign.len()
             )));
         }
@@ -284,7 +274,7 @@ impl LocalExperts {
         self.combine_pairs(
             layer,
             li,
-            rows,
+            &|r, out| rows.row_into(r, out),
             |pairs| {
                 pairs.extend(
                     assign
@@ -294,7 +284,7 @@ impl LocalExperts {
                 )
             },
             m,
-            shared,
+            None,
         )
     }
 
@@ -306,7 +296,7 @@ impl LocalExperts {
         &self,
         layer: usize,
         li: usize,
-        rows: &[f32],
+        rows: RowLoader<'_>,
         fill: impl FnOnce(&mut Vec<(usize, usize, f32)>),
         m: usize,
         shared: Option<&Mlp>,
@@ -326,7 +316,7 @@ impl LocalExperts {
         &'w self,
         layer: usize,
         li: usize,
-        rows: &[f32],
+        rows: RowLoader<'_>,
         fill: impl FnOnce(&mut Vec<(usize, usize, f32)>),
         m: usize,
         shared: Option<&'w Mlp>,
@@ -353,7 +343,7 @@ impl LocalExperts {
                     "row {r} of an assignment for {m} rows"
                 )));
             }
-            xs[k * h..(k + 1) * h].copy_from_slice(&rows[r * h..(r + 1) * h]);
+            rows(r, &mut xs[k * h..(k + 1) * h]);
             weight.push(w);
             match groups.last_mut() {
                 Some(g) if pairs[g.rows.start].0 == e => g.rows.end = k + 1,
@@ -373,7 +363,9 @@ impl LocalExperts {
             }
         }
         if let Some(mlp) = shared {
-            xs[n * h..].copy_from_slice(rows);
+            for (r, x) in xs[n * h..].chunks_exact_mut(h).enumerate() {
+                rows(r, x);
+            }
             weight.resize(n + m, 1.0);
             groups.push(MoeGroup {
                 mlp,
@@ -390,7 +382,7 @@ impl LocalExperts {
             .flatten()
             .unwrap_or_default();
         out.clear();
-        out.resize(rows.len(), 0.0);
+        out.resize(m * h, 0.0);
         let sorted_rows = pairs.iter().map(|p| p.1).chain(0..extra);
         for (k, r) in sorted_rows.enumerate() {
             self.backend
@@ -399,6 +391,10 @@ impl LocalExperts {
         Ok(out)
     }
 }
+
+/// Writes input row `r` of a grouped pass into the slice given (`hidden` values): a copy from
+/// the in-process rows, or a decode from the received wire bytes on a shard.
+type RowLoader<'a> = &'a dyn Fn(usize, &mut [f32]);
 
 /// The per-call lists of [`LocalExperts`]' grouped pass, kept per thread between calls (the
 /// groups borrow one call's weights: between calls the list is empty under another lifetime).
@@ -450,7 +446,8 @@ impl RoutedExperts for LocalExperts {
                     .map(move |(&e, &w)| (e, r, w))
             }))
         };
-        let out = self.combine_pairs(layer, li, rows, fill, routing.len(), shared)?;
+        let load = |r: usize, out: &mut [f32]| out.copy_from_slice(&rows[r * h..(r + 1) * h]);
+        let out = self.combine_pairs(layer, li, &load, fill, routing.len(), shared)?;
         Ok((PendingExperts::Ready(out), shared.is_some()))
     }
 }

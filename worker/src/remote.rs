@@ -4,7 +4,7 @@
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::expert::{ComputeError, ExpertCompute, RowExperts};
+use crate::expert::{BatchRows, ComputeError, ExpertCompute, RowExperts};
 use crate::experts::{LocalExperts, PendingExperts, RoutedExperts, RowFailure};
 use crate::metrics::WorkerMetrics;
 use crate::weights::Store;
@@ -192,7 +192,7 @@ impl ExpertCompute for ShardCompute {
     fn compute(
         &self,
         layer: usize,
-        rows: &[f32],
+        rows: &BatchRows<'_>,
         assignments: &[RowExperts],
     ) -> Result<Vec<f32>, ComputeError> {
         let mut counts: std::collections::BTreeMap<usize, u64> = Default::default();

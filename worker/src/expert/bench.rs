@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::server::{ExpertServer, ExpertServerConfig};
-use super::{ComputeError, ExpertCompute, RowExperts};
+use super::{BatchRows, ComputeError, ExpertCompute, RowExperts};
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -157,10 +157,10 @@ impl ExpertCompute for NoCompute {
     fn compute(
         &self,
         _layer: usize,
-        rows: &[f32],
+        rows: &BatchRows<'_>,
         _assignments: &[RowExperts],
     ) -> std::result::Result<Vec<f32>, ComputeError> {
-        Ok(vec![0.0; rows.len()])
+        Ok(vec![0.0; rows.len() * self.hidden])
     }
 }
 

@@ -15,6 +15,7 @@ mod server;
 
 pub use placement::{ShardControl, ShardPlacement};
 pub use server::{ExpertServer, ExpertServerConfig, RunningExpertServer};
+use shardseek_router::EncodedRows;
 
 /// Keeps freed memory in the process instead of returning it to the kernel (glibc malloc).
 ///
@@ -30,6 +31,86 @@ pub fn tune_allocator() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
         libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+    }
+}
+
+/// A batch's rows as they arrived, still in their wire dtype: the encoded blocks of one or more
+/// requests, one after the other.
+///
+/// The shard does not decode a batch before computing it. A compute decodes each row where it
+/// needs it — the grouped experts decode every (token, expert) pair's row straight into that
+/// expert's input block, which they had to fill anyway — so the whole batch never exists in
+/// f32 (four times the bf16 bytes, written once and read once for nothing).
+pub struct BatchRows<'a> {
+    parts: Vec<&'a EncodedRows>,
+    /// `ends[i]`: rows in `parts[..=i]`.
+    ends: Vec<usize>,
+    width: usize,
+}
+
+impl<'a> BatchRows<'a> {
+    /// The rows of `parts`, in order; every part must be well formed and `width` wide.
+    pub fn new(
+        parts: impl IntoIterator<Item = &'a EncodedRows>,
+        width: usize,
+    ) -> shardseek_router::Result<Self> {
+        let mut rows = BatchRows {
+            parts: Vec::new(),
+            ends: Vec::new(),
+            width,
+        };
+        let mut total = 0;
+        for p in parts {
+            p.validate()?;
+            if p.width != width {
+                return Err(shardseek_router::Error::Input(format!(
+                    "rows of width {} in a batch of width {width}",
+                    p.width
+                )));
+            }
+            total += p.count;
+            rows.parts.push(p);
+            rows.ends.push(total);
+        }
+        Ok(rows)
+    }
+
+    /// Rows in the batch.
+    pub fn len(&self) -> usize {
+        self.ends.last().copied().unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Values per row.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Decodes row `i` into `out` (`width` values, all written), read in place from the
+    /// received bytes.
+    ///
+    /// # Panics
+    /// If `i >= self.len()` or `out.len() != self.width()`.
+    pub fn row_into(&self, i: usize, out: &mut [f32]) {
+        assert!(
+            i < self.len() && out.len() == self.width,
+            "row {i} out of range"
+        );
+        let part = self.ends.partition_point(|&end| end <= i);
+        let first = if part == 0 { 0 } else { self.ends[part - 1] };
+        self.parts[part].row_into(i - first, out);
+    }
+
+    /// Every row decoded, `[len, width]` (for computes that want the whole block).
+    pub fn decode(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.len() * self.width];
+        for (i, row) in out.chunks_exact_mut(self.width.max(1)).enumerate() {
+            self.row_into(i, row);
+        }
+        out
     }
 }
 
@@ -55,12 +136,13 @@ pub trait ExpertCompute: Send + Sync + 'static {
         Err("this shard's experts are fixed; it cannot take a new placement".into())
     }
 
-    /// For every row of `rows` (`[assignments.len(), hidden]`), Σ weight · expert(row) over the
-    /// row's (expert, weight) list: one row per token, the shard's partial combine.
+    /// For every row of `rows` (`assignments.len()` rows of `hidden`), Σ weight · expert(row)
+    /// over the row's (expert, weight) list: one row per token, the shard's partial combine,
+    /// `[assignments.len(), hidden]`.
     fn compute(
         &self,
         layer: usize,
-        rows: &[f32],
+        rows: &BatchRows<'_>,
         assignments: &[RowExperts],
     ) -> Result<Vec<f32>, ComputeError>;
 }

@@ -34,7 +34,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::placement::{ShardControl, ShardPlacement};
-use super::{ExpertCompute, RowExperts};
+use super::{BatchRows, ComputeError, ExpertCompute, RowExperts};
 use shardseek_proto::v1::placement_server::PlacementServer;
 
 /// How long the batcher waits for other attention pods' requests of the same layer once one
@@ -685,34 +685,27 @@ async fn batcher<C: ExpertCompute>(
 fn run_batch<C: ExpertCompute>(compute: &C, layer: usize, jobs: Vec<Job>) {
     let h = compute.hidden();
     let total: usize = jobs.iter().map(|j| j.rows.count).sum();
-    let mut rows = Vec::with_capacity(total * h);
     let mut assignments = Vec::with_capacity(total);
     let mut jobs = jobs;
     for job in &mut jobs {
-        // Sizes were validated when the request was admitted; a failure here is a bug, and
-        // the job's rows would be missing, so fail the whole batch rather than misalign it.
-        if let Err(e) = job.rows.decode_append(&mut rows) {
-            for job in jobs {
-                let _ = job
-                    .reply
-                    .blocking_send(Ok(error_reply(job.request_id, e.to_string())));
-            }
-            return;
-        }
         assignments.append(&mut job.assignments);
     }
-    let result = compute.compute(layer, &rows, &assignments).and_then(|out| {
-        if out.len() == total * h {
-            // Shared by every job's reply: each is encoded from it straight into its frame.
-            Ok(Arc::new(out))
-        } else {
-            Err(format!(
-                "compute returned {} values for {total} rows of {h}",
-                out.len()
-            )
-            .into())
-        }
-    });
+    // The rows stay as they arrived; the compute decodes each where it uses it.
+    let result = BatchRows::new(jobs.iter().map(|j| &j.rows), h)
+        .map_err(|e| -> ComputeError { e.into() })
+        .and_then(|rows| compute.compute(layer, &rows, &assignments))
+        .and_then(|out| {
+            if out.len() == total * h {
+                // Shared by every job's reply: each is encoded from it straight into its frame.
+                Ok(Arc::new(out))
+            } else {
+                Err(format!(
+                    "compute returned {} values for {total} rows of {h}",
+                    out.len()
+                )
+                .into())
+            }
+        });
     let mut at = 0;
     for job in jobs {
         let n = job.rows.count;

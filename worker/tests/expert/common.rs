@@ -9,7 +9,8 @@ use shardseek_proto::v1::ModelFingerprint;
 use shardseek_router::transport::grpc::{GrpcConfig, GrpcTransport};
 use shardseek_router::{DispatchConfig, Dispatcher, Placement, WireDtype};
 use shardseek_worker::expert::{
-    ComputeError, ExpertCompute, ExpertServer, ExpertServerConfig, RowExperts, RunningExpertServer,
+    BatchRows, ComputeError, ExpertCompute, ExpertServer, ExpertServerConfig, RowExperts,
+    RunningExpertServer,
 };
 
 pub const HIDDEN: usize = 64;
@@ -71,7 +72,7 @@ impl ExpertCompute for LinearExperts {
     fn compute(
         &self,
         layer: usize,
-        rows: &[f32],
+        rows: &BatchRows<'_>,
         assignments: &[RowExperts],
     ) -> Result<Vec<f32>, ComputeError> {
         let delay = *self.delay.lock().map_err(|_| "poisoned")?;
@@ -80,7 +81,7 @@ impl ExpertCompute for LinearExperts {
         }
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.max_rows.fetch_max(assignments.len(), Ordering::SeqCst);
-        Ok(partial_sums(layer, rows, assignments))
+        Ok(partial_sums(layer, &rows.decode(), assignments))
     }
 }
 

@@ -17,7 +17,8 @@ use shardseek_router::rebalancer::{
 use shardseek_router::transport::grpc::{DEFAULT_RECONNECT_BACKOFF, GrpcConfig, GrpcTransport};
 use shardseek_router::{Dispatcher, KeptTable, Placement, Routes, WireDtype};
 use shardseek_worker::expert::{
-    ComputeError, ExpertCompute, ExpertServer, ExpertServerConfig, RowExperts, RunningExpertServer,
+    BatchRows, ComputeError, ExpertCompute, ExpertServer, ExpertServerConfig, RowExperts,
+    RunningExpertServer,
 };
 use shardseek_worker::placement_control::PodControl;
 use shardseek_worker::serve::shard_start_versions;
@@ -46,10 +47,10 @@ impl ExpertCompute for MovableExperts {
     fn compute(
         &self,
         layer: usize,
-        rows: &[f32],
+        rows: &BatchRows<'_>,
         assignments: &[RowExperts],
     ) -> Result<Vec<f32>, ComputeError> {
-        Ok(partial_sums(layer, rows, assignments))
+        Ok(partial_sums(layer, &rows.decode(), assignments))
     }
 }
 
