@@ -43,11 +43,27 @@ pub enum WireDtype {
     /// rows), which the wire dtype does not change.
     #[default]
     Bf16,
-    /// A quarter of the bytes, relative error ≤ 2⁻⁴ of each value plus 2⁻¹⁰ of its block's maximum.
+    /// A quarter of the bytes, relative error ≤ 2⁻⁴ of each value plus 2⁻¹⁰ of its block's
+    /// maximum. Only the rows sent to the shards travel in fp8: the partial sums come back in
+    /// bf16 ([`WireDtype::combine_dtype`]).
     Fp8E4m3,
 }
 
 impl WireDtype {
+    /// The dtype the shards' partial sums come back in when rows are sent in `self`.
+    ///
+    /// fp8 dispatch combines in bf16, the layout DeepSeek's DeepEP uses: a partial sum is added
+    /// straight into the residual stream, where fp8's three mantissa bits would cost more
+    /// accuracy than the expert inputs lose, and encoding it is a block maximum plus a
+    /// conversion per value where bf16 is one rounding (`shardseek bench dispatch`, fp8
+    /// both ways at 256 tokens: 2.5–2.7× the TCP exchange of the same bytes).
+    pub fn combine_dtype(self) -> WireDtype {
+        match self {
+            WireDtype::Fp8E4m3 => WireDtype::Bf16,
+            other => other,
+        }
+    }
+
     /// Payload bytes of one row of `width` values (data plus scales).
     pub fn row_bytes(self, width: usize) -> usize {
         match self {

@@ -86,7 +86,8 @@ pub const DEFAULT_MESSAGE_BYTES: usize = 1 << 20;
 /// Settings of the dispatch client.
 #[derive(Clone, Debug)]
 pub struct DispatchConfig {
-    /// Dtype of rows on the wire, both ways.
+    /// Dtype of the rows sent to the shards; their partial sums come back in
+    /// [`WireDtype::combine_dtype`] (the same, except bf16 for fp8).
     pub wire_dtype: WireDtype,
     /// Deadline of every shard exchange.
     pub deadline: Duration,
@@ -658,7 +659,10 @@ impl<T: Transport> Dispatcher<T> {
         let h = self.hidden;
         let dtype = self.config.wire_dtype;
         let row_bytes = dtype.row_bytes(h).max(1);
-        let limit = (self.transport.max_request_bytes() / row_bytes).max(1);
+        // The reply carries as many rows, in the combine dtype (bf16 for fp8: twice the bytes),
+        // and the transport's message limit holds both ways.
+        let widest = row_bytes.max(dtype.combine_dtype().row_bytes(h));
+        let limit = (self.transport.max_request_bytes() / widest).max(1);
         let target = (self.config.message_bytes / row_bytes).clamp(1, limit);
         // (group index, first row of the chunk within the group, chunk length): each group in
         // equal parts of at most `target` rows.
@@ -711,7 +715,7 @@ impl<T: Transport> Dispatcher<T> {
                             placement_version: placement.version(),
                             rows: pending,
                             assignments,
-                            reply_dtype: dtype,
+                            reply_dtype: dtype.combine_dtype(),
                         };
                         transport.exchange(g.shard, request, deadline).await
                     }

@@ -1,13 +1,17 @@
 //! `shardseek bench dispatch`: one MoE layer's dispatch + combine round trip over loopback,
-//! next to a plain TCP echo of the same bytes in the same run.
+//! next to a plain TCP exchange of the same bytes (the "echo") in the same run.
 //!
 //! Four (by default) expert shards run in this process with a compute that returns zeros, so
-//! the figure is the cost of moving rows: encoding, gRPC/HTTP/2, the shard's decode and encode,
-//! and the combine. The TCP echo sends each shard's request bytes over one plain connection per
-//! shard and reads them back — the floor any protocol on this machine's loopback pays. Both run
-//! on the same runtime and threads, alternate round by round, reuse their connections, and
-//! neither allocates its payload inside the timed region (the dispatch's rows are built once per
-//! batch size, the echo's buffers too).
+//! the figure is the cost of moving rows: encoding, gRPC/HTTP/2, the shard's encode of its
+//! partial sums, and the combine. (A shard decodes its rows where its compute reads them — the
+//! grouped experts decode each row into the expert's input block, which they fill anyway — so
+//! a compute that reads nothing decodes nothing.) The TCP exchange sends each shard's request
+//! bytes over one plain connection per shard and reads back as many bytes as the shard's reply
+//! carries (the same bytes both ways, except for fp8, whose partial sums come back in bf16) —
+//! the floor any protocol on this machine's loopback pays. Both run on the same runtime and
+//! threads, alternate round by round, reuse their connections, and neither allocates its
+//! payload inside the timed region (the dispatch's rows are built once per batch size, the
+//! exchange's buffers too).
 
 use std::fmt;
 use std::sync::Arc;
@@ -85,6 +89,8 @@ pub struct DispatchBenchReport {
     pub top_k: usize,
     pub shards: usize,
     pub dtype: String,
+    /// Dtype the partial sums come back in.
+    pub combine_dtype: String,
     pub iterations: usize,
     pub message_bytes: usize,
     pub rows: Vec<DispatchBenchRow>,
@@ -94,12 +100,13 @@ impl fmt::Display for DispatchBenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "dispatch + combine over loopback: hidden {}, top-{} of {} experts, {} shards (no compute), {} wire, messages of {} row bytes, {} iterations",
+            "dispatch + combine over loopback: hidden {}, top-{} of {} experts, {} shards (no compute), {} wire ({} combine), messages of {} row bytes, {} iterations",
             self.hidden,
             self.top_k,
             self.experts,
             self.shards,
             self.dtype,
+            self.combine_dtype,
             self.message_bytes,
             self.iterations
         )?;
@@ -293,9 +300,13 @@ async fn run_async(cfg: &DispatchBenchConfig) -> Result<DispatchBenchReport> {
                 per_shard[s] += usize::from(hit);
             }
         }
-        let row_bytes = cfg.dtype.row_bytes(cfg.hidden);
-        let shard_bytes: Vec<usize> = per_shard.iter().map(|n| n * row_bytes).collect();
-        let bytes = 2 * shard_bytes.iter().sum::<usize>();
+        let (ask, answer) = (
+            cfg.dtype.row_bytes(cfg.hidden),
+            cfg.dtype.combine_dtype().row_bytes(cfg.hidden),
+        );
+        let shard_bytes: Vec<(usize, usize)> =
+            per_shard.iter().map(|n| (n * ask, n * answer)).collect();
+        let bytes = shard_bytes.iter().map(|(a, b)| a + b).sum::<usize>();
 
         let warmup = 3;
         let mut dispatch_times = Vec::with_capacity(cfg.iterations);
@@ -365,20 +376,23 @@ async fn run_async(cfg: &DispatchBenchConfig) -> Result<DispatchBenchReport> {
         top_k: cfg.top_k,
         shards: cfg.shards,
         dtype: cfg.dtype.to_string(),
+        combine_dtype: cfg.dtype.combine_dtype().to_string(),
         iterations: cfg.iterations,
         message_bytes: cfg.message_bytes,
         rows: rows_out,
     })
 }
 
-/// One echo server and one client connection per shard.
+/// One exchange server and one client connection per shard: the client sends a 16-byte header
+/// (request and reply lengths, little-endian u64) and the request; the server reads them and
+/// writes the reply's bytes.
 struct EchoCluster {
     conns: Vec<tokio::sync::Mutex<EchoConn>>,
     servers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// A client connection and its send and receive buffers, kept across round trips (as the
-/// dispatch keeps its rows): the echo pays for moving bytes, not for allocating them.
+/// dispatch keeps its rows): the exchange pays for moving bytes, not for allocating them.
 struct EchoConn {
     stream: TcpStream,
     payload: Vec<u8>,
@@ -403,15 +417,18 @@ impl EchoCluster {
             servers.push(tokio::spawn(async move {
                 if let Ok((mut sock, _)) = listener.accept().await {
                     let _ = sock.set_nodelay(true);
-                    let mut buf = vec![0u8; 1 << 20];
-                    loop {
-                        match sock.read(&mut buf).await {
-                            Ok(0) | Err(_) => break,
-                            Ok(k) => {
-                                if sock.write_all(&buf[..k]).await.is_err() {
-                                    break;
-                                }
-                            }
+                    let (mut ask, mut answer) = (Vec::new(), Vec::new());
+                    let mut header = [0u8; 16];
+                    while sock.read_exact(&mut header).await.is_ok() {
+                        let len =
+                            |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])) as usize;
+                        let (n, m) = (len(&header[..8]), len(&header[8..]));
+                        ask.resize(n, 0);
+                        answer.resize(m, 0xA5);
+                        if sock.read_exact(&mut ask).await.is_err()
+                            || sock.write_all(&answer).await.is_err()
+                        {
+                            break;
                         }
                     }
                 }
@@ -429,24 +446,27 @@ impl EchoCluster {
         Ok(EchoCluster { conns, servers })
     }
 
-    /// Sends `sizes[i]` bytes on connection `i` and reads them back, all connections at once.
-    /// Buffers are sized on the first call of a size (a warm-up round).
-    async fn round_trip(&self, sizes: &[usize]) -> Result<()> {
-        let results =
-            futures::future::join_all(self.conns.iter().zip(sizes).map(|(c, &n)| async move {
+    /// Sends `sizes[i].0` bytes on connection `i` and reads `sizes[i].1` back, all connections
+    /// at once. Buffers are sized on the first call of a size (a warm-up round).
+    async fn round_trip(&self, sizes: &[(usize, usize)]) -> Result<()> {
+        let results = futures::future::join_all(self.conns.iter().zip(sizes).map(
+            |(c, &(n, m))| async move {
                 let mut guard = c.lock().await;
                 let conn = &mut *guard;
-                if conn.payload.len() != n {
-                    conn.payload = vec![0x5Au8; n];
-                    conn.back = vec![0u8; n];
+                if conn.payload.len() != n + 16 || conn.back.len() != m {
+                    conn.payload = vec![0x5Au8; n + 16];
+                    conn.payload[..8].copy_from_slice(&(n as u64).to_le_bytes());
+                    conn.payload[8..16].copy_from_slice(&(m as u64).to_le_bytes());
+                    conn.back = vec![0u8; m];
                 }
                 let (mut r, mut w) = conn.stream.split();
                 let write = w.write_all(&conn.payload);
                 let read = r.read_exact(&mut conn.back);
                 let (a, b) = tokio::join!(write, read);
                 a.and(b.map(|_| ()))
-            }))
-            .await;
+            },
+        ))
+        .await;
         for r in results {
             r.map_err(|source| Error::Io {
                 op: "TCP echo".into(),

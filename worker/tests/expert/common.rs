@@ -216,6 +216,21 @@ pub fn local_reference(
 /// inputs and every shard's partial sum are rounded to bf16 (relative 2⁻⁹ each), so the error
 /// is at most 2⁻⁸ of Σ|w|(|a|+|b|)·max|x| (inputs) plus 2⁻⁹ of the same (outputs), rounded up.
 pub fn bf16_bound(layer: usize, rows: &[f32], experts: &[u32], weights: &[f32], t: usize) -> f32 {
+    gain_times_max(layer, rows, experts, weights, t) * (1.0 / 256.0 + 1.0 / 512.0) * 1.01
+}
+
+/// Largest |difference| allowed between an fp8-wire result (fp8 e4m3 rows out, bf16 partial
+/// sums back) and the exact one for token `t`: each input value is off by at most 2⁻⁴ of the
+/// row's largest |x| (three mantissa bits, half a step; a subnormal code is off by less), and
+/// each shard's partial sum, at most Σ|w|(|a|+|b|)·max|x|·(1 + 2⁻⁴), is rounded to bf16 (2⁻⁹).
+pub fn fp8_bound(layer: usize, rows: &[f32], experts: &[u32], weights: &[f32], t: usize) -> f32 {
+    gain_times_max(layer, rows, experts, weights, t)
+        * (1.0 / 16.0 + (1.0 + 1.0 / 16.0) / 512.0)
+        * 1.01
+}
+
+/// Σ|w|(|a|+|b|) over token `t`'s experts, times the largest |x| of its row.
+fn gain_times_max(layer: usize, rows: &[f32], experts: &[u32], weights: &[f32], t: usize) -> f32 {
     let xmax = rows[t * HIDDEN..(t + 1) * HIDDEN]
         .iter()
         .fold(0f32, |m, v| m.max(v.abs()));
@@ -225,5 +240,5 @@ pub fn bf16_bound(layer: usize, rows: &[f32], experts: &[u32], weights: &[f32], 
             weights[t * TOP_K + k].abs() * (a.abs() + b.abs())
         })
         .sum();
-    gain * xmax * (1.0 / 256.0 + 1.0 / 512.0) * 1.01
+    gain * xmax
 }

@@ -25,7 +25,11 @@ async fn dispatch_equals_local_math_on_1_2_4_shards() {
         let running = start_shards(&placement, |_| {}).await;
         let t = transport(&running, GrpcConfig::default());
         t.connect_all().await.expect("connect");
-        for (dtype, layer) in [(WireDtype::F32, 3), (WireDtype::Bf16, 4)] {
+        for (dtype, layer) in [
+            (WireDtype::F32, 3),
+            (WireDtype::Bf16, 4),
+            (WireDtype::Fp8E4m3, 5),
+        ] {
             let d = dispatcher(Arc::clone(&t), placement.clone(), dtype, DEADLINE);
             for tokens in [1, 7, 33] {
                 let (rows, experts, weights) = batch(tokens, tokens as u64 + shards as u64);
@@ -45,14 +49,18 @@ async fn dispatch_equals_local_math_on_1_2_4_shards() {
                             assert_eq!(g, w, "{shards} shards, token {tok}: f32 wire is exact")
                         }
                         _ => {
-                            let bound = bf16_bound(layer, &rows, &experts, &weights, tok);
+                            let bound = if dtype == WireDtype::Bf16 {
+                                bf16_bound(layer, &rows, &experts, &weights, tok)
+                            } else {
+                                fp8_bound(layer, &rows, &experts, &weights, tok)
+                            };
                             for (a, b) in g.iter().zip(w) {
                                 assert!(
                                     (a - b).abs() <= bound,
-                                    "{shards} shards, token {tok}: {a} vs {b}, bound {bound}"
+                                    "{shards} shards, {dtype} wire, token {tok}: {a} vs {b}, bound {bound}"
                                 );
                             }
-                            assert_ne!(g, w, "bf16 rounding is visible (the test can fail)");
+                            assert_ne!(g, w, "{dtype} rounding is visible (the test can fail)");
                         }
                     }
                 }
