@@ -11,10 +11,12 @@
 //! payload buffer in between); received rows are [`EncodedRows`], decoded straight out of the
 //! received `Bytes` into their destination rows (no intermediate copy, no zero-fill).
 
+use std::cell::UnsafeCell;
 use std::fmt;
 use std::mem::MaybeUninit;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use bytes::Bytes;
 use shardseek_proto::rows::{RowSource, Rows};
@@ -158,25 +160,32 @@ fn encode_rows_into<'a>(
 ) {
     let level = Level::detect();
     let (db, sb) = (dtype.data_bytes(width).max(1), dtype.scale_bytes(width));
+    let mut scales = scales.chunks_exact_mut(sb.max(1));
+    for (row, dst) in rows.zip(data.chunks_exact_mut(db)) {
+        let sc = if sb == 0 {
+            &mut [][..]
+        } else {
+            match scales.next() {
+                Some(sc) => sc,
+                None => return,
+            }
+        };
+        encode_row(row, dtype, level, dst, sc);
+    }
+}
+
+/// Encodes one row into its data bytes and (fp8) its scale bytes.
+fn encode_row(
+    row: &[f32],
+    dtype: WireDtype,
+    level: Level,
+    data: &mut [MaybeUninit<u8>],
+    scales: &mut [MaybeUninit<u8>],
+) {
     match dtype {
-        WireDtype::F32 => {
-            for (row, dst) in rows.zip(data.chunks_exact_mut(db)) {
-                kernels::encode_f32(level, row, dst);
-            }
-        }
-        WireDtype::Bf16 => {
-            for (row, dst) in rows.zip(data.chunks_exact_mut(db)) {
-                kernels::encode_bf16(level, row, dst);
-            }
-        }
-        WireDtype::Fp8E4m3 => {
-            for ((row, dst), sc) in rows
-                .zip(data.chunks_exact_mut(db))
-                .zip(scales.chunks_exact_mut(sb.max(1)))
-            {
-                kernels::encode_fp8_row(level, row, dst, sc);
-            }
-        }
+        WireDtype::F32 => kernels::encode_f32(level, row, data),
+        WireDtype::Bf16 => kernels::encode_bf16(level, row, data),
+        WireDtype::Fp8E4m3 => kernels::encode_fp8_row(level, row, data, scales),
     }
 }
 
@@ -397,6 +406,89 @@ impl EncodedRows {
     }
 }
 
+/// The rows of one shared matrix, each encoded at most once across the messages that send it.
+///
+/// A token goes to every shard that holds one of its experts (3–4 of 4 shards at V3's top-8),
+/// so encoding each shard's message from f32 would encode each row that many times. With this,
+/// the first message to write a row encodes it into its own frame and keeps a copy of the bytes
+/// it just wrote; later messages copy them — reading a quarter (bf16: half) of the f32 bytes
+/// and no conversion. A row another message is encoding at that moment is encoded again rather
+/// than waited for, so no frame waits on another.
+pub struct SharedEncoding {
+    dtype: WireDtype,
+    width: usize,
+    data: Box<[UnsafeCell<MaybeUninit<u8>>]>,
+    scales: Box<[UnsafeCell<MaybeUninit<u8>>]>,
+    /// Per row: [`EMPTY`], [`WRITING`] (one message is storing its copy) or [`READY`].
+    state: Box<[AtomicU8]>,
+}
+
+const EMPTY: u8 = 0;
+const WRITING: u8 = 1;
+const READY: u8 = 2;
+
+// SAFETY: a row's bytes are written only by the one thread that moved its state from EMPTY to
+// WRITING, and read only after a load (Acquire) saw READY, which that thread stored (Release)
+// after its last write; rows never overlap.
+unsafe impl Sync for SharedEncoding {}
+
+impl SharedEncoding {
+    /// An empty encoding of `rows` rows of `width` values in `dtype`.
+    pub fn new(rows: usize, width: usize, dtype: WireDtype) -> Self {
+        let uninit = |n: usize| -> Box<[UnsafeCell<MaybeUninit<u8>>]> {
+            (0..n)
+                .map(|_| UnsafeCell::new(MaybeUninit::uninit()))
+                .collect()
+        };
+        SharedEncoding {
+            dtype,
+            width,
+            data: uninit(rows * dtype.data_bytes(width)),
+            scales: uninit(rows * dtype.scale_bytes(width)),
+            state: (0..rows).map(|_| AtomicU8::new(EMPTY)).collect(),
+        }
+    }
+
+    /// Writes row `r` (`values`) into `data`/`scales` (one row's bytes each): a copy of the kept
+    /// bytes when the row is ready, else encoded, and then kept if no other message keeps it.
+    fn write_row(
+        &self,
+        r: usize,
+        values: &[f32],
+        level: Level,
+        data: &mut [MaybeUninit<u8>],
+        scales: &mut [MaybeUninit<u8>],
+    ) {
+        let (db, sb) = (data.len(), scales.len());
+        let row = |all: &[UnsafeCell<MaybeUninit<u8>>], n: usize| -> *mut MaybeUninit<u8> {
+            // UnsafeCell<T> has T's layout; row r's n bytes lie inside `all` (rows × n).
+            UnsafeCell::raw_get(all[r * n..(r + 1) * n].as_ptr())
+        };
+        if self.state[r].load(Ordering::Acquire) == READY {
+            // SAFETY: READY was stored after the row's last write, and nothing writes it again:
+            // shared reads of initialised bytes.
+            unsafe {
+                data.copy_from_slice(std::slice::from_raw_parts(row(&self.data, db), db));
+                scales.copy_from_slice(std::slice::from_raw_parts(row(&self.scales, sb), sb));
+            }
+            return;
+        }
+        encode_row(values, self.dtype, level, data, scales);
+        if self.state[r]
+            .compare_exchange(EMPTY, WRITING, Ordering::Acquire, Ordering::Relaxed)
+            .is_ok()
+        {
+            // SAFETY: this thread moved the row to WRITING, so it is the row's only writer and
+            // no reader looks at it before READY.
+            unsafe {
+                std::slice::from_raw_parts_mut(row(&self.data, db), db).copy_from_slice(data);
+                std::slice::from_raw_parts_mut(row(&self.scales, sb), sb).copy_from_slice(scales);
+            }
+            self.state[r].store(READY, Ordering::Release);
+        }
+    }
+}
+
 /// Which rows of the shared matrix a [`PendingRows`] sends.
 #[derive(Clone)]
 enum Pick {
@@ -416,6 +508,9 @@ pub struct PendingRows {
     width: usize,
     values: Arc<Vec<f32>>,
     pick: Pick,
+    /// The matrix's rows encoded once across every message that sends them (a dispatch's
+    /// shards), when the sender shares one.
+    shared: Option<Arc<SharedEncoding>>,
 }
 
 impl fmt::Debug for PendingRows {
@@ -449,6 +544,7 @@ impl PendingRows {
             width,
             values,
             pick: Pick::Range { first, count },
+            shared: None,
         })
     }
 
@@ -468,7 +564,26 @@ impl PendingRows {
             width,
             values,
             pick: Pick::Rows(rows),
+            shared: None,
         })
+    }
+
+    /// Encodes through `shared` (made for this matrix, width and dtype): rows another message
+    /// already encoded are copied from it.
+    pub fn sharing(mut self, shared: Arc<SharedEncoding>) -> Result<Self> {
+        let rows = self.values.len() / self.width;
+        if shared.dtype != self.dtype || shared.width != self.width || shared.state.len() != rows {
+            return Err(Error::Codec(format!(
+                "a shared encoding of {} rows of {} in {} for {rows} rows of {} in {}",
+                shared.state.len(),
+                shared.width,
+                shared.dtype,
+                self.width,
+                self.dtype
+            )));
+        }
+        self.shared = Some(shared);
+        Ok(self)
     }
 
     fn rows_in(values: &[f32], width: usize) -> Result<usize> {
@@ -501,6 +616,23 @@ impl PendingRows {
     }
 
     fn write(&self, data: &mut [MaybeUninit<u8>], scales: &mut [MaybeUninit<u8>]) {
+        if let (Some(shared), Pick::Rows(rows)) = (&self.shared, &self.pick) {
+            let level = Level::detect();
+            let (db, sb) = (
+                self.dtype.data_bytes(self.width),
+                self.dtype.scale_bytes(self.width),
+            );
+            for (k, &r) in rows.iter().enumerate() {
+                shared.write_row(
+                    r,
+                    self.row(r),
+                    level,
+                    &mut data[k * db..(k + 1) * db],
+                    &mut scales[k * sb..(k + 1) * sb],
+                );
+            }
+            return;
+        }
         match &self.pick {
             Pick::Range { first, count } => encode_rows_into(
                 (*first..first + count).map(|r| self.row(r)),
@@ -771,6 +903,61 @@ mod tests {
         assert!(PendingRows::range(Arc::clone(&values), width, 5, 3, WireDtype::F32).is_err());
         assert!(PendingRows::gather(Arc::clone(&values), width, vec![7], WireDtype::F32).is_err());
         assert!(PendingRows::gather(values, 299, vec![0], WireDtype::F32).is_err());
+    }
+
+    #[test]
+    fn a_shared_encoding_gives_every_message_the_eager_codecs_bytes() {
+        // Overlapping gathers (as a dispatch's shards) through one shared encoding, from
+        // several threads at once and then again once every row is kept: each message is byte
+        // for byte its eager encoding, whether its rows were encoded or copied.
+        let width = 300;
+        let values = Arc::new(rows(9, width));
+        let picks: Vec<Vec<usize>> = vec![
+            vec![0, 1, 2, 3],
+            vec![2, 3, 4, 8],
+            vec![8, 0, 5],
+            vec![6, 7, 1, 4, 2],
+        ];
+        for dtype in [WireDtype::F32, WireDtype::Bf16, WireDtype::Fp8E4m3] {
+            let shared = Arc::new(SharedEncoding::new(9, width, dtype));
+            let eager = |p: &[usize]| {
+                let g: Vec<f32> = p
+                    .iter()
+                    .flat_map(|&r| values[r * width..(r + 1) * width].iter().copied())
+                    .collect();
+                EncodedRows::encode(&g, width, dtype).expect("encode")
+            };
+            for round in 0..2 {
+                std::thread::scope(|scope| {
+                    for p in &picks {
+                        let (values, shared) = (Arc::clone(&values), Arc::clone(&shared));
+                        let want = eager(p);
+                        scope.spawn(move || {
+                            let got = PendingRows::gather(values, width, p.clone(), dtype)
+                                .and_then(|r| r.sharing(shared))
+                                .expect("gather")
+                                .encode();
+                            assert_eq!(got, want, "{dtype}, round {round}, rows {p:?}");
+                        });
+                    }
+                });
+            }
+            assert!(
+                shared
+                    .state
+                    .iter()
+                    .all(|s| s.load(Ordering::Relaxed) == READY),
+                "every row sent was kept"
+            );
+        }
+        let f32_shared = Arc::new(SharedEncoding::new(9, width, WireDtype::F32));
+        let wrong = [
+            PendingRows::gather(Arc::clone(&values), width, vec![0], WireDtype::Bf16),
+            PendingRows::gather(Arc::new(rows(8, width)), width, vec![0], WireDtype::F32),
+        ];
+        for p in wrong {
+            assert!(p.and_then(|p| p.sharing(Arc::clone(&f32_shared))).is_err());
+        }
     }
 
     #[test]

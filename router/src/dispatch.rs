@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::codec::{EncodedRows, PendingRows, WireDtype};
+use crate::codec::{EncodedRows, PendingRows, SharedEncoding, WireDtype};
 use crate::placement::Placement;
 use crate::transport::{Assignments, ShardRequest, Transport};
 use crate::{Error, Result};
@@ -681,6 +681,8 @@ impl<T: Transport> Dispatcher<T> {
         let deadline = self.config.deadline;
         let transport = &self.transport;
         let groups_ref = &groups;
+        let shared = Arc::new(SharedEncoding::new(rows.len() / h.max(1), h, dtype));
+        let shared = &shared;
         // Each chunk's rows are encoded when its message is written, in the task that writes
         // that shard's stream, so shards encode in parallel. Replies are added in chunk (= shard)
         // order once all are in ([`combine`]): a fixed summation order keeps results
@@ -706,7 +708,8 @@ impl<T: Transport> Dispatcher<T> {
                     h,
                     g.tokens[start..start + len].to_vec(),
                     dtype,
-                );
+                )
+                .and_then(|p| p.sharing(Arc::clone(shared)));
                 let reply = match picked {
                     Ok(pending) => {
                         let request = ShardRequest {
