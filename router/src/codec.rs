@@ -6,10 +6,12 @@
 //! router free of the numeric crate; it is small and tested over every one of its 256 codes.
 //!
 //! The per-value loops live in [`kernels`], compiled for AVX-512, AVX2 and the portable baseline
-//! and chosen at run time. Outgoing rows are [`PendingRows`]: f32 rows that are encoded when
-//! their gRPC message is written, straight into the frame buffer (one write per value, no
-//! payload buffer in between); received rows are [`EncodedRows`], decoded straight out of the
-//! received `Bytes` into their destination rows (no intermediate copy, no zero-fill).
+//! and chosen at run time. Rows an attention pod sends are [`PendingRows`]: f32 rows that are
+//! encoded when their gRPC message is written, straight into the frame buffer (one write per
+//! value, no payload buffer in between), each row at most once per dispatch
+//! ([`SharedEncoding`]). A shard's partial sums go through a [`RowEncoder`] as the compute
+//! produces them. Received rows are [`EncodedRows`], decoded straight out of the received
+//! `Bytes` into their destination rows (no intermediate copy, no zero-fill).
 
 use std::cell::UnsafeCell;
 use std::fmt;
@@ -489,25 +491,101 @@ impl SharedEncoding {
     }
 }
 
-/// Which rows of the shared matrix a [`PendingRows`] sends.
-#[derive(Clone)]
-enum Pick {
-    /// `count` consecutive rows from `first`.
-    Range { first: usize, count: usize },
-    /// These rows, in this order (a shard's tokens).
-    Rows(Vec<usize>),
+/// Rows encoded one at a time as they are produced: a shard's reply, written while each row of
+/// partial sums is still in the cache of the core that summed it, instead of from an f32
+/// matrix of every row read back later.
+#[derive(Debug)]
+pub struct RowEncoder {
+    dtype: WireDtype,
+    width: usize,
+    count: usize,
+    pushed: usize,
+    data: Vec<u8>,
+    scales: Vec<u8>,
+    level: Level,
+}
+
+impl RowEncoder {
+    /// An encoder for exactly `count` rows of `width` values in `dtype`.
+    pub fn new(count: usize, width: usize, dtype: WireDtype) -> Self {
+        RowEncoder {
+            dtype,
+            width,
+            count,
+            pushed: 0,
+            data: Vec::with_capacity(count * dtype.data_bytes(width)),
+            scales: Vec::with_capacity(count * dtype.scale_bytes(width)),
+            level: Level::detect(),
+        }
+    }
+
+    /// Rows still to come.
+    pub fn remaining(&self) -> usize {
+        self.count - self.pushed
+    }
+
+    /// Encodes the next row.
+    pub fn push(&mut self, row: &[f32]) -> Result<()> {
+        if row.len() != self.width {
+            return Err(Error::Codec(format!(
+                "a row of {} values for rows of width {}",
+                row.len(),
+                self.width
+            )));
+        }
+        if self.pushed == self.count {
+            return Err(Error::Codec(format!(
+                "row {} of an encoder for {} rows",
+                self.pushed + 1,
+                self.count
+            )));
+        }
+        let (db, sb) = (
+            self.dtype.data_bytes(self.width),
+            self.dtype.scale_bytes(self.width),
+        );
+        // Capacity for `count` rows was reserved in `new`, and fewer than `count` are in.
+        let data = &mut self.data.spare_capacity_mut()[..db];
+        let scales = &mut self.scales.spare_capacity_mut()[..sb];
+        encode_row(row, self.dtype, self.level, data, scales);
+        // SAFETY: `encode_row` wrote every byte of the row's `db` data and `sb` scale bytes
+        // (the codec kernels' contract), right after the initialised ones.
+        unsafe {
+            self.data.set_len(self.data.len() + db);
+            self.scales.set_len(self.scales.len() + sb);
+        }
+        self.pushed += 1;
+        Ok(())
+    }
+
+    /// The encoded rows; every row must have been pushed.
+    pub fn finish(self) -> Result<EncodedRows> {
+        if self.pushed != self.count {
+            return Err(Error::Codec(format!(
+                "{} of {} rows encoded",
+                self.pushed, self.count
+            )));
+        }
+        Ok(EncodedRows {
+            dtype: self.dtype,
+            count: self.count,
+            width: self.width,
+            data: Bytes::from(self.data),
+            scales: Bytes::from(self.scales),
+        })
+    }
 }
 
 /// Rows still in f32, encoded in `dtype` only when their message is written — straight into the
 /// outgoing gRPC frame (see `shardseek_proto::rows`). The matrix is shared, so every shard's
-/// message of a dispatch (and every job's reply of a shard's batch) refers to the same buffer
-/// without copying it.
+/// message of a dispatch refers to the same buffer without copying it.
 #[derive(Clone)]
 pub struct PendingRows {
     dtype: WireDtype,
     width: usize,
     values: Arc<Vec<f32>>,
-    pick: Pick,
+    /// The rows sent, in this order (a shard's tokens).
+    rows: Vec<usize>,
     /// The matrix's rows encoded once across every message that sends them (a dispatch's
     /// shards), when the sender shares one.
     shared: Option<Arc<SharedEncoding>>,
@@ -524,30 +602,6 @@ impl fmt::Debug for PendingRows {
 }
 
 impl PendingRows {
-    /// Rows `first..first + count` of `values` (`[n, width]`, row-major).
-    pub fn range(
-        values: Arc<Vec<f32>>,
-        width: usize,
-        first: usize,
-        count: usize,
-        dtype: WireDtype,
-    ) -> Result<Self> {
-        let rows = Self::rows_in(&values, width)?;
-        if first.checked_add(count).is_none_or(|end| end > rows) {
-            return Err(Error::Codec(format!(
-                "rows {first}..{} of a matrix of {rows} rows",
-                first.saturating_add(count)
-            )));
-        }
-        Ok(PendingRows {
-            dtype,
-            width,
-            values,
-            pick: Pick::Range { first, count },
-            shared: None,
-        })
-    }
-
     /// Rows `rows` (in that order) of `values` (`[n, width]`, row-major).
     pub fn gather(
         values: Arc<Vec<f32>>,
@@ -563,7 +617,7 @@ impl PendingRows {
             dtype,
             width,
             values,
-            pick: Pick::Rows(rows),
+            rows,
             shared: None,
         })
     }
@@ -605,10 +659,7 @@ impl PendingRows {
     }
 
     pub fn count(&self) -> usize {
-        match &self.pick {
-            Pick::Range { count, .. } => *count,
-            Pick::Rows(rows) => rows.len(),
-        }
+        self.rows.len()
     }
 
     fn row(&self, r: usize) -> &[f32] {
@@ -616,38 +667,24 @@ impl PendingRows {
     }
 
     fn write(&self, data: &mut [MaybeUninit<u8>], scales: &mut [MaybeUninit<u8>]) {
-        if let (Some(shared), Pick::Rows(rows)) = (&self.shared, &self.pick) {
-            let level = Level::detect();
-            let (db, sb) = (
-                self.dtype.data_bytes(self.width),
-                self.dtype.scale_bytes(self.width),
-            );
-            for (k, &r) in rows.iter().enumerate() {
-                shared.write_row(
-                    r,
-                    self.row(r),
-                    level,
-                    &mut data[k * db..(k + 1) * db],
-                    &mut scales[k * sb..(k + 1) * sb],
-                );
-            }
+        let Some(shared) = &self.shared else {
+            let rows = self.rows.iter().map(|&r| self.row(r));
+            encode_rows_into(rows, self.width, self.dtype, data, scales);
             return;
-        }
-        match &self.pick {
-            Pick::Range { first, count } => encode_rows_into(
-                (*first..first + count).map(|r| self.row(r)),
-                self.width,
-                self.dtype,
-                data,
-                scales,
-            ),
-            Pick::Rows(rows) => encode_rows_into(
-                rows.iter().map(|&r| self.row(r)),
-                self.width,
-                self.dtype,
-                data,
-                scales,
-            ),
+        };
+        let level = Level::detect();
+        let (db, sb) = (
+            self.dtype.data_bytes(self.width),
+            self.dtype.scale_bytes(self.width),
+        );
+        for (k, &r) in self.rows.iter().enumerate() {
+            shared.write_row(
+                r,
+                self.row(r),
+                level,
+                &mut data[k * db..(k + 1) * db],
+                &mut scales[k * sb..(k + 1) * sb],
+            );
         }
     }
 
@@ -896,11 +933,7 @@ mod tests {
             let back = EncodedRows::from_proto(Rows::decode(frame.freeze()).expect("decode"))
                 .expect("valid");
             assert_eq!(back, eager);
-            let range = PendingRows::range(Arc::clone(&values), width, 2, 4, dtype).expect("range");
-            let want = EncodedRows::encode(&values[2 * width..6 * width], width, dtype).expect("e");
-            assert_eq!(range.encode(), want, "{dtype} range");
         }
-        assert!(PendingRows::range(Arc::clone(&values), width, 5, 3, WireDtype::F32).is_err());
         assert!(PendingRows::gather(Arc::clone(&values), width, vec![7], WireDtype::F32).is_err());
         assert!(PendingRows::gather(values, 299, vec![0], WireDtype::F32).is_err());
     }
@@ -957,6 +990,32 @@ mod tests {
         ];
         for p in wrong {
             assert!(p.and_then(|p| p.sharing(Arc::clone(&f32_shared))).is_err());
+        }
+    }
+
+    #[test]
+    fn rows_encoded_one_at_a_time_equal_the_eager_codec() {
+        let width = 300;
+        let values = rows(5, width);
+        for dtype in [WireDtype::F32, WireDtype::Bf16, WireDtype::Fp8E4m3] {
+            let mut enc = RowEncoder::new(5, width, dtype);
+            for (i, row) in values.chunks_exact(width).enumerate() {
+                assert_eq!(enc.remaining(), 5 - i);
+                enc.push(row).expect("push");
+            }
+            assert!(
+                enc.push(&values[..width]).is_err(),
+                "a sixth row is refused"
+            );
+            let want = EncodedRows::encode(&values, width, dtype).expect("encode");
+            assert_eq!(enc.finish().expect("all rows"), want, "{dtype}");
+            let mut short = RowEncoder::new(2, width, dtype);
+            assert!(
+                short.push(&values[..width - 1]).is_err(),
+                "a short row is refused"
+            );
+            short.push(&values[..width]).expect("push");
+            assert!(short.finish().is_err(), "a missing row is an error");
         }
     }
 

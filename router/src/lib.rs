@@ -20,7 +20,7 @@ pub mod supervisor;
 pub mod tokenizer;
 pub mod transport;
 
-pub use codec::{EncodedRows, PendingRows, WireDtype};
+pub use codec::{EncodedRows, PendingRows, RowEncoder, WireDtype};
 pub use dispatch::{DispatchConfig, Dispatched, Dispatcher, Routes, ShardFailure};
 pub use placement::{KeptTable, Placement};
 pub use transport::{Assignments, ShardRequest, Transport};

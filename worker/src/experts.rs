@@ -4,7 +4,7 @@
 use crate::backend::{Backend, CpuBackend, MoeGroup};
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::expert::BatchRows;
+use crate::expert::{BatchRows, ReplyRows};
 use crate::model::{Mlp, load_mlp};
 use crate::weights::Store;
 use shardseek_kernels::gate::Routing;
@@ -253,13 +253,15 @@ impl LocalExperts {
             })
     }
 
-    /// Weighted sum per row for `(expert, weight)` lists: the partial combine of a shard.
+    /// Weighted sum per row for `(expert, weight)` lists: the partial combine of a shard, each
+    /// token's row summed in one buffer and pushed into `out` (in token order) at once.
     pub fn combine(
         &self,
         layer: usize,
         rows: &BatchRows<'_>,
         assign: &[Vec<(usize, f32)>],
-    ) -> Result<Vec<f32>> {
+        out: &mut ReplyRows,
+    ) -> Result<()> {
         let h = self.hidden;
         if rows.len() != assign.len() || rows.width() != h {
             return Err(Error::Input(format!(
@@ -285,14 +287,49 @@ impl LocalExperts {
             },
             m,
             None,
+            |ys, sorted_rows, lists| {
+                // Per token, the positions of its outputs in `ys`, in ascending order: the
+                // order in which the in-process pass adds them onto the token's row, so both
+                // sums are the same to the bit.
+                let (start, order) = (&mut lists.start, &mut lists.order);
+                start.clear();
+                start.resize(m + 1, 0);
+                for &r in sorted_rows {
+                    start[r + 1] += 1;
+                }
+                for t in 0..m {
+                    start[t + 1] += start[t];
+                }
+                order.clear();
+                order.resize(sorted_rows.len(), 0);
+                let mut fill = std::mem::take(&mut lists.fill);
+                fill.clear();
+                fill.extend_from_slice(&start[..m]);
+                for (k, &r) in sorted_rows.iter().enumerate() {
+                    order[fill[r]] = k;
+                    fill[r] += 1;
+                }
+                lists.fill = fill;
+                let mut acc = scratch::take(h);
+                for t in 0..m {
+                    acc.fill(0.0);
+                    for &k in &order[start[t]..start[t + 1]] {
+                        self.backend.add(&mut acc, &ys[k * h..(k + 1) * h])?;
+                    }
+                    out.push(&acc).map_err(|e| Error::Input(e.to_string()))?;
+                }
+                Ok(())
+            },
         )
     }
 
     /// The grouped pass over the `(expert, row, weight)` pairs `fill` writes, for `m` rows of
     /// `rows`, on buffers kept per thread from call to call (the hot path allocates nothing
-    /// once it has seen a call of the same shape; the output comes from [`recycle`]).
+    /// once it has seen a call of the same shape). `finish` gets the experts' outputs (`ys`,
+    /// one row per pair in sorted order, then the shared expert's `m` rows if any) and each
+    /// output row's token.
     #[allow(clippy::too_many_arguments)]
-    fn combine_pairs(
+    fn combine_pairs<T>(
         &self,
         layer: usize,
         li: usize,
@@ -300,19 +337,18 @@ impl LocalExperts {
         fill: impl FnOnce(&mut Vec<(usize, usize, f32)>),
         m: usize,
         shared: Option<&Mlp>,
-    ) -> Result<Vec<f32>> {
-        let h = self.hidden;
+        finish: impl FnOnce(&[f32], &[usize], &mut CombineLists) -> Result<T>,
+    ) -> Result<T> {
         let mut lists = COMBINE
             .try_with(|c| std::mem::take(&mut *c.borrow_mut()))
             .unwrap_or_default();
-        let res = self.combine_on(layer, li, rows, fill, m, shared, &mut lists);
+        let res = self.combine_on(layer, li, rows, fill, m, shared, &mut lists, finish);
         let _ = COMBINE.try_with(|c| *c.borrow_mut() = lists);
-        debug_assert!(res.as_ref().map_or(true, |o| o.len() == m * h));
         res
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn combine_on<'w>(
+    fn combine_on<'w, T>(
         &'w self,
         layer: usize,
         li: usize,
@@ -321,7 +357,8 @@ impl LocalExperts {
         m: usize,
         shared: Option<&'w Mlp>,
         lists: &mut CombineLists,
-    ) -> Result<Vec<f32>> {
+        finish: impl FnOnce(&[f32], &[usize], &mut CombineLists) -> Result<T>,
+    ) -> Result<T> {
         let h = self.hidden;
         // Sort the (row, expert) pairs by expert: one group of consecutive rows per expert,
         // all experts in one grouped pass (gate+up with SiLU·mul, down scaled by the combine
@@ -376,6 +413,18 @@ impl LocalExperts {
         let res = self.backend.moe(&xs, h, &groups, weight, &mut ys);
         lists.groups = scratch::recycle(groups);
         res?;
+        let mut sorted_rows = std::mem::take(&mut lists.sorted_rows);
+        sorted_rows.clear();
+        sorted_rows.extend(pairs.iter().map(|p| p.1).chain(0..extra));
+        let res = finish(&ys, &sorted_rows, lists);
+        lists.sorted_rows = sorted_rows;
+        res
+    }
+
+    /// Adds each output row of a grouped pass onto its token's row of a `[m, h]` buffer, in
+    /// output order: the in-process layer's combine.
+    fn scatter_sum(&self, m: usize, ys: &[f32], sorted_rows: &[usize]) -> Result<Vec<f32>> {
+        let h = self.hidden;
         let mut out = RECYCLED
             .try_with(|r| r.borrow_mut().take())
             .ok()
@@ -383,8 +432,7 @@ impl LocalExperts {
             .unwrap_or_default();
         out.clear();
         out.resize(m * h, 0.0);
-        let sorted_rows = pairs.iter().map(|p| p.1).chain(0..extra);
-        for (k, r) in sorted_rows.enumerate() {
+        for (k, &r) in sorted_rows.iter().enumerate() {
             self.backend
                 .add(&mut out[r * h..(r + 1) * h], &ys[k * h..(k + 1) * h])?;
         }
@@ -403,6 +451,12 @@ struct CombineLists {
     pairs: Vec<(usize, usize, f32)>,
     weight: Vec<f32>,
     groups: Vec<MoeGroup<'static>>,
+    /// Each output row's token.
+    sorted_rows: Vec<usize>,
+    /// A shard's per-token lists of output rows (compressed: `start`, `order`, `fill`).
+    start: Vec<usize>,
+    order: Vec<usize>,
+    fill: Vec<usize>,
 }
 
 thread_local! {
@@ -447,7 +501,10 @@ impl RoutedExperts for LocalExperts {
             }))
         };
         let load = |r: usize, out: &mut [f32]| out.copy_from_slice(&rows[r * h..(r + 1) * h]);
-        let out = self.combine_pairs(layer, li, &load, fill, routing.len(), shared)?;
+        let m = routing.len();
+        let out = self.combine_pairs(layer, li, &load, fill, m, shared, |ys, sorted, _| {
+            self.scatter_sum(m, ys, sorted)
+        })?;
         Ok((PendingExperts::Ready(out), shared.is_some()))
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
-use crate::expert::{BatchRows, ComputeError, ExpertCompute, RowExperts};
+use crate::expert::{BatchRows, ComputeError, ExpertCompute, ReplyRows, RowExperts};
 use crate::experts::{LocalExperts, PendingExperts, RoutedExperts, RowFailure};
 use crate::metrics::WorkerMetrics;
 use crate::weights::Store;
@@ -194,16 +194,17 @@ impl ExpertCompute for ShardCompute {
         layer: usize,
         rows: &BatchRows<'_>,
         assignments: &[RowExperts],
-    ) -> Result<Vec<f32>, ComputeError> {
+        out: &mut ReplyRows,
+    ) -> Result<(), ComputeError> {
         let mut counts: std::collections::BTreeMap<usize, u64> = Default::default();
         for a in assignments {
             for &(e, _) in a {
                 *counts.entry(e).or_default() += 1;
             }
         }
-        let out = self.current().combine(layer, rows, assignments)?;
+        self.current().combine(layer, rows, assignments, out)?;
         self.metrics
             .record_expert_tokens(&counts.into_iter().collect::<Vec<_>>());
-        Ok(out)
+        Ok(())
     }
 }

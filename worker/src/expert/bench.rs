@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::server::{ExpertServer, ExpertServerConfig};
-use super::{BatchRows, ComputeError, ExpertCompute, RowExperts};
+use super::{BatchRows, ComputeError, ExpertCompute, ReplyRows, RowExperts};
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -148,7 +148,8 @@ impl fmt::Display for DispatchBenchReport {
     }
 }
 
-/// A shard that computes nothing: every token's partial sum is zero.
+/// A shard that computes nothing: every token's partial sum is zero (a row the compute holds
+/// in its cache, as a real one holds the row it just summed, encoded into the reply).
 struct NoCompute {
     hidden: usize,
     experts: Vec<usize>,
@@ -166,8 +167,10 @@ impl ExpertCompute for NoCompute {
         _layer: usize,
         rows: &BatchRows<'_>,
         _assignments: &[RowExperts],
-    ) -> std::result::Result<Vec<f32>, ComputeError> {
-        Ok(vec![0.0; rows.len() * self.hidden])
+        out: &mut ReplyRows,
+    ) -> std::result::Result<(), ComputeError> {
+        let zero = vec![0.0; self.hidden];
+        (0..rows.len()).try_for_each(|_| out.push(&zero))
     }
 }
 

@@ -15,7 +15,7 @@ mod server;
 
 pub use placement::{ShardControl, ShardPlacement};
 pub use server::{ExpertServer, ExpertServerConfig, RunningExpertServer};
-use shardseek_router::EncodedRows;
+use shardseek_router::{EncodedRows, RowEncoder, WireDtype};
 
 /// Keeps freed memory in the process instead of returning it to the kernel (glibc malloc).
 ///
@@ -114,6 +114,69 @@ impl<'a> BatchRows<'a> {
     }
 }
 
+/// Where a compute writes its partial sums: one f32 row per token, in token order, each encoded
+/// at once into its reply's wire dtype (the requests of a batch may ask for different ones).
+///
+/// A row is encoded while it is still in the cache of the core that summed it; the batch's
+/// partial sums never exist as one f32 matrix that is written out and read back to encode.
+pub struct ReplyRows {
+    width: usize,
+    parts: Vec<RowEncoder>,
+    /// The part the next row goes to.
+    at: usize,
+}
+
+impl ReplyRows {
+    /// Replies of `parts` (rows, dtype) one after the other, rows `width` wide.
+    pub fn new(width: usize, parts: impl IntoIterator<Item = (usize, WireDtype)>) -> Self {
+        ReplyRows {
+            width,
+            parts: parts
+                .into_iter()
+                .map(|(count, dtype)| RowEncoder::new(count, width, dtype))
+                .collect(),
+            at: 0,
+        }
+    }
+
+    /// Values per row.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Encodes the next token's row (`width` values).
+    pub fn push(&mut self, row: &[f32]) -> Result<(), ComputeError> {
+        while self.parts.get(self.at).is_some_and(|p| p.remaining() == 0) {
+            self.at += 1;
+        }
+        match self.parts.get_mut(self.at) {
+            Some(part) => Ok(part.push(row)?),
+            None => Err("more rows than the batch has".into()),
+        }
+    }
+
+    /// Encodes each `width`-value row of `rows`, in order.
+    pub fn push_all(&mut self, rows: &[f32]) -> Result<(), ComputeError> {
+        if !rows.len().is_multiple_of(self.width.max(1)) {
+            return Err(format!("{} values are not rows of {}", rows.len(), self.width).into());
+        }
+        rows.chunks_exact(self.width.max(1))
+            .try_for_each(|row| self.push(row))
+    }
+
+    /// Every reply, in order; every row of every reply must have been pushed.
+    pub fn finish(self) -> Result<Vec<EncodedRows>, ComputeError> {
+        let rows: usize = self.parts.iter().map(|p| p.remaining()).sum();
+        if rows > 0 {
+            return Err(format!("the compute left {rows} rows of the batch unwritten").into());
+        }
+        self.parts
+            .into_iter()
+            .map(|p| p.finish().map_err(ComputeError::from))
+            .collect()
+    }
+}
+
 /// One token's (expert id, weight) list on this shard.
 pub type RowExperts = Vec<(usize, f32)>;
 
@@ -138,11 +201,70 @@ pub trait ExpertCompute: Send + Sync + 'static {
 
     /// For every row of `rows` (`assignments.len()` rows of `hidden`), Σ weight · expert(row)
     /// over the row's (expert, weight) list: one row per token, the shard's partial combine,
-    /// `[assignments.len(), hidden]`.
+    /// pushed into `out` in token order.
     fn compute(
         &self,
         layer: usize,
         rows: &BatchRows<'_>,
         assignments: &[RowExperts],
-    ) -> Result<Vec<f32>, ComputeError>;
+        out: &mut ReplyRows,
+    ) -> Result<(), ComputeError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, width: usize) -> Vec<f32> {
+        (0..n * width)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013)
+            .collect()
+    }
+
+    #[test]
+    fn batch_rows_read_every_part_in_order() {
+        let width = 130;
+        let (a, b) = (values(3, width), values(2, width));
+        let pa = EncodedRows::encode(&a, width, WireDtype::Bf16).expect("encode");
+        let pb = EncodedRows::encode(&b, width, WireDtype::F32).expect("encode");
+        let rows = BatchRows::new([&pa, &pb], width).expect("batch");
+        assert_eq!(rows.len(), 5);
+        let mut want = pa.decode().expect("decode");
+        want.extend(pb.decode().expect("decode"));
+        assert_eq!(rows.decode(), want);
+        let mut row = vec![0.0; width];
+        rows.row_into(3, &mut row);
+        assert_eq!(row, b[..width]);
+        assert!(
+            BatchRows::new([&pa], width + 1).is_err(),
+            "a part of another width"
+        );
+    }
+
+    #[test]
+    fn reply_rows_fill_each_request_in_its_dtype() {
+        let width = 130;
+        let v = values(3, width);
+        let mut out = ReplyRows::new(
+            width,
+            [
+                (2, WireDtype::Bf16),
+                (0, WireDtype::F32),
+                (1, WireDtype::Fp8E4m3),
+            ],
+        );
+        out.push_all(&v[..2 * width]).expect("two rows");
+        out.push(&v[2 * width..]).expect("third row");
+        assert!(out.push(&v[..width]).is_err(), "a fourth row is refused");
+        let parts = out.finish().expect("complete");
+        let want = [
+            EncodedRows::encode(&v[..2 * width], width, WireDtype::Bf16).expect("e"),
+            EncodedRows::encode(&[], width, WireDtype::F32).expect("e"),
+            EncodedRows::encode(&v[2 * width..], width, WireDtype::Fp8E4m3).expect("e"),
+        ];
+        assert_eq!(parts, want);
+        let mut short = ReplyRows::new(width, [(2, WireDtype::Bf16)]);
+        short.push(&v[..width]).expect("one row");
+        assert!(short.finish().is_err(), "an unwritten row is an error");
+    }
 }

@@ -22,7 +22,7 @@ use shardseek_router::transport::grpc::{
     CONNECTION_WINDOW_BYTES, DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT,
     DEFAULT_MAX_MESSAGE_BYTES, DISPATCH_PATH, MAX_FRAME_BYTES, STREAM_WINDOW_BYTES,
 };
-use shardseek_router::{EncodedRows, Error, PendingRows, Result, WireDtype};
+use shardseek_router::{EncodedRows, Error, Result, WireDtype};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -34,7 +34,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::placement::{ShardControl, ShardPlacement};
-use super::{BatchRows, ComputeError, ExpertCompute, RowExperts};
+use super::{BatchRows, ComputeError, ExpertCompute, ReplyRows, RowExperts};
 use shardseek_proto::v1::placement_server::PlacementServer;
 
 /// How long the batcher waits for other attention pods' requests of the same layer once one
@@ -681,7 +681,7 @@ async fn batcher<C: ExpertCompute>(
     }
 }
 
-/// Decodes, computes and answers one layer's batch (on the blocking pool).
+/// Computes and answers one layer's batch (on the blocking pool).
 fn run_batch<C: ExpertCompute>(compute: &C, layer: usize, jobs: Vec<Job>) {
     let h = compute.hidden();
     let total: usize = jobs.iter().map(|j| j.rows.count).sum();
@@ -690,37 +690,26 @@ fn run_batch<C: ExpertCompute>(compute: &C, layer: usize, jobs: Vec<Job>) {
     for job in &mut jobs {
         assignments.append(&mut job.assignments);
     }
-    // The rows stay as they arrived; the compute decodes each where it uses it.
+    // The rows stay as they arrived; the compute decodes each where it uses it, and encodes
+    // each token's partial sum into its reply as soon as it has summed it.
+    let mut out = ReplyRows::new(h, jobs.iter().map(|j| (j.rows.count, j.reply_dtype)));
     let result = BatchRows::new(jobs.iter().map(|j| &j.rows), h)
         .map_err(|e| -> ComputeError { e.into() })
-        .and_then(|rows| compute.compute(layer, &rows, &assignments))
-        .and_then(|out| {
-            if out.len() == total * h {
-                // Shared by every job's reply: each is encoded from it straight into its frame.
-                Ok(Arc::new(out))
-            } else {
-                Err(format!(
-                    "compute returned {} values for {total} rows of {h}",
-                    out.len()
-                )
-                .into())
-            }
-        });
-    let mut at = 0;
-    for job in jobs {
-        let n = job.rows.count;
-        let reply = match &result {
-            Ok(out) => match PendingRows::range(Arc::clone(out), h, at, n, job.reply_dtype) {
-                Ok(pending) => DispatchReply {
-                    request_id: job.request_id,
-                    rows: Some(pending.into_proto()),
-                    error: String::new(),
-                },
-                Err(e) => error_reply(job.request_id, e.to_string()),
+        .and_then(|rows| compute.compute(layer, &rows, &assignments, &mut out))
+        .and_then(|()| out.finish());
+    let replies: Vec<std::result::Result<EncodedRows, String>> = match result {
+        Ok(parts) => parts.into_iter().map(Ok).collect(),
+        Err(e) => vec![Err(format!("layer {layer}: {e}")); jobs.len()],
+    };
+    for (job, rows) in jobs.into_iter().zip(replies) {
+        let reply = match rows {
+            Ok(rows) => DispatchReply {
+                request_id: job.request_id,
+                rows: Some(rows.into_proto()),
+                error: String::new(),
             },
-            Err(e) => error_reply(job.request_id, format!("layer {layer}: {e}")),
+            Err(e) => error_reply(job.request_id, e),
         };
-        at += n;
         // The caller's stream may be gone; its requests are simply not answered then.
         let _ = job.reply.blocking_send(Ok(reply));
     }

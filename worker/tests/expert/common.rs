@@ -9,8 +9,8 @@ use shardseek_proto::v1::ModelFingerprint;
 use shardseek_router::transport::grpc::{GrpcConfig, GrpcTransport};
 use shardseek_router::{DispatchConfig, Dispatcher, Placement, WireDtype};
 use shardseek_worker::expert::{
-    BatchRows, ComputeError, ExpertCompute, ExpertServer, ExpertServerConfig, RowExperts,
-    RunningExpertServer,
+    BatchRows, ComputeError, ExpertCompute, ExpertServer, ExpertServerConfig, ReplyRows,
+    RowExperts, RunningExpertServer,
 };
 
 pub const HIDDEN: usize = 64;
@@ -74,14 +74,15 @@ impl ExpertCompute for LinearExperts {
         layer: usize,
         rows: &BatchRows<'_>,
         assignments: &[RowExperts],
-    ) -> Result<Vec<f32>, ComputeError> {
+        out: &mut ReplyRows,
+    ) -> Result<(), ComputeError> {
         let delay = *self.delay.lock().map_err(|_| "poisoned")?;
         if !delay.is_zero() {
             std::thread::sleep(delay);
         }
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.max_rows.fetch_max(assignments.len(), Ordering::SeqCst);
-        Ok(partial_sums(layer, &rows.decode(), assignments))
+        out.push_all(&partial_sums(layer, &rows.decode(), assignments))
     }
 }
 

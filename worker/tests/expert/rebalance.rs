@@ -17,8 +17,8 @@ use shardseek_router::rebalancer::{
 use shardseek_router::transport::grpc::{DEFAULT_RECONNECT_BACKOFF, GrpcConfig, GrpcTransport};
 use shardseek_router::{Dispatcher, KeptTable, Placement, Routes, WireDtype};
 use shardseek_worker::expert::{
-    BatchRows, ComputeError, ExpertCompute, ExpertServer, ExpertServerConfig, RowExperts,
-    RunningExpertServer,
+    BatchRows, ComputeError, ExpertCompute, ExpertServer, ExpertServerConfig, ReplyRows,
+    RowExperts, RunningExpertServer,
 };
 use shardseek_worker::placement_control::PodControl;
 use shardseek_worker::serve::shard_start_versions;
@@ -49,8 +49,9 @@ impl ExpertCompute for MovableExperts {
         layer: usize,
         rows: &BatchRows<'_>,
         assignments: &[RowExperts],
-    ) -> Result<Vec<f32>, ComputeError> {
-        Ok(partial_sums(layer, &rows.decode(), assignments))
+        out: &mut ReplyRows,
+    ) -> Result<(), ComputeError> {
+        out.push_all(&partial_sums(layer, &rows.decode(), assignments))
     }
 }
 
