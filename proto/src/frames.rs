@@ -40,6 +40,79 @@ pub fn encode_frame<M: Message>(message: &M, max: usize) -> Result<Bytes, Status
     Ok(buf.freeze())
 }
 
+/// A `DispatchReply` frame laid out before its rows exist: the bytes before the rows' data
+/// (`head`: gRPC prefix, request id, the `rows` field's header and the row matrix's fields up
+/// to the data's header) and between data and scales (`middle`: the scales' field header).
+/// A shard writes `head`, then each row's bytes as the compute produces it, then `middle` and
+/// the scales, into one buffer: the frame goes to the socket as written, where a finished
+/// reply would be copied into its frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplyFrameLayout {
+    pub head: Vec<u8>,
+    pub middle: Vec<u8>,
+    /// Bytes of the whole frame.
+    pub total: usize,
+}
+
+/// The layout of the frame of `DispatchReply { request_id, rows: Some(rows), error: "" }` for
+/// rows with this header and payload sizes, byte for byte what [`encode_frame`] writes for that
+/// message. Fails (`RESOURCE_EXHAUSTED`) when the message is larger than `max` bytes.
+pub fn reply_frame_layout(
+    request_id: u64,
+    rows: (i32, u32, u32),
+    data_len: usize,
+    scales_len: usize,
+    max: usize,
+) -> Result<ReplyFrameLayout, Status> {
+    use prost::encoding::{self, WireType};
+    let (dtype, count, width) = rows;
+    let bytes_header = |tag: u32, len: usize, buf: &mut Vec<u8>| {
+        if len > 0 {
+            encoding::encode_key(tag, WireType::LengthDelimited, buf);
+            encoding::encode_varint(len as u64, buf);
+        }
+    };
+    // The row matrix's fields before its data (as `Rows::encode_raw` writes them).
+    let mut fields = Vec::with_capacity(32);
+    if dtype != 0 {
+        encoding::int32::encode(1, &dtype, &mut fields);
+    }
+    if count != 0 {
+        encoding::uint32::encode(2, &count, &mut fields);
+    }
+    if width != 0 {
+        encoding::uint32::encode(3, &width, &mut fields);
+    }
+    bytes_header(4, data_len, &mut fields);
+    let mut middle = Vec::with_capacity(16);
+    bytes_header(5, scales_len, &mut middle);
+    let rows_len = fields.len() + data_len + middle.len() + scales_len;
+    // DispatchReply: request_id = 1 (omitted when 0), rows = 2 (always, being set), error = 3
+    // (empty: omitted).
+    let mut reply = Vec::with_capacity(24);
+    if request_id != 0 {
+        encoding::uint64::encode(1, &request_id, &mut reply);
+    }
+    encoding::encode_key(2, WireType::LengthDelimited, &mut reply);
+    encoding::encode_varint(rows_len as u64, &mut reply);
+    let len = reply.len() + rows_len;
+    if len > max || u32::try_from(len).is_err() {
+        return Err(Status::resource_exhausted(format!(
+            "a {len}-byte message is over the {max}-byte limit"
+        )));
+    }
+    let mut head = Vec::with_capacity(PREFIX_BYTES + reply.len() + fields.len());
+    head.push(0);
+    head.extend_from_slice(&(len as u32).to_be_bytes());
+    head.extend_from_slice(&reply);
+    head.extend_from_slice(&fields);
+    Ok(ReplyFrameLayout {
+        total: PREFIX_BYTES + len,
+        head,
+        middle,
+    })
+}
+
 /// Cuts gRPC messages out of received DATA frames (see the module docs).
 #[derive(Debug)]
 pub struct MessageSplitter {
@@ -194,6 +267,51 @@ mod tests {
             encode_frame(&m, 10).expect_err("over").code(),
             tonic::Code::ResourceExhausted
         );
+    }
+
+    #[test]
+    fn a_laid_out_reply_frame_is_the_encoded_reply() {
+        use crate::v1::DispatchReply;
+        for (request_id, dtype, count, width, data, scales) in [
+            (7u64, 2i32, 3u32, 5u32, 30usize, 0usize),
+            (0, 3, 2, 300, 600, 24),
+            (u64::MAX, 1, 1, 70_000, 280_000, 0),
+            (12, 2, 0, 16, 0, 0),
+        ] {
+            let rows = Rows {
+                dtype,
+                count,
+                width,
+                data: Bytes::from((0..data).map(|i| (i * 7) as u8).collect::<Vec<u8>>()),
+                scales: Bytes::from((0..scales).map(|i| (i * 3) as u8).collect::<Vec<u8>>()),
+                source: None,
+            };
+            let want = encode_frame(
+                &DispatchReply {
+                    request_id,
+                    rows: Some(rows.clone()),
+                    error: String::new(),
+                },
+                1 << 30,
+            )
+            .expect("fits");
+            let layout =
+                reply_frame_layout(request_id, (dtype, count, width), data, scales, 1 << 30)
+                    .expect("fits");
+            let mut got = layout.head.clone();
+            got.extend_from_slice(&rows.data);
+            got.extend_from_slice(&layout.middle);
+            got.extend_from_slice(&rows.scales);
+            assert_eq!(got.len(), layout.total);
+            assert_eq!(&got[..], &want[..], "request {request_id}, {count}x{width}");
+            let small = want.len() - PREFIX_BYTES - 1;
+            assert_eq!(
+                reply_frame_layout(request_id, (dtype, count, width), data, scales, small)
+                    .expect_err("over")
+                    .code(),
+                tonic::Code::ResourceExhausted
+            );
+        }
     }
 
     #[test]

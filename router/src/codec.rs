@@ -134,7 +134,7 @@ pub struct EncodedRows {
 
 impl WireDtype {
     /// Data bytes of one row (without fp8's scales).
-    fn data_bytes(self, width: usize) -> usize {
+    pub fn data_bytes(self, width: usize) -> usize {
         match self {
             WireDtype::F32 => width * 4,
             WireDtype::Bf16 => width * 2,
@@ -143,7 +143,7 @@ impl WireDtype {
     }
 
     /// Scale bytes of one row (fp8 only).
-    fn scale_bytes(self, width: usize) -> usize {
+    pub fn scale_bytes(self, width: usize) -> usize {
         match self {
             WireDtype::Fp8E4m3 => width.div_ceil(FP8_BLOCK) * 4,
             _ => 0,
@@ -494,27 +494,52 @@ impl SharedEncoding {
 /// Rows encoded one at a time as they are produced: a shard's reply, written while each row of
 /// partial sums is still in the cache of the core that summed it, instead of from an f32
 /// matrix of every row read back later.
+///
+/// The rows may be written inside a frame laid out around them ([`RowEncoder::framed`]):
+/// `head ‖ data ‖ middle ‖ scales` in one buffer, so the message goes out as written.
 #[derive(Debug)]
 pub struct RowEncoder {
     dtype: WireDtype,
     width: usize,
     count: usize,
     pushed: usize,
-    data: Vec<u8>,
-    scales: Vec<u8>,
+    /// `head ‖ data ‖ middle ‖ scales`; initialised up to the rows pushed so far (the scales
+    /// of pushed rows are written into the spare capacity beyond).
+    buf: Vec<u8>,
+    middle: Vec<u8>,
+    data_at: usize,
+    scales_at: usize,
     level: Level,
 }
 
 impl RowEncoder {
     /// An encoder for exactly `count` rows of `width` values in `dtype`.
     pub fn new(count: usize, width: usize, dtype: WireDtype) -> Self {
+        Self::framed(count, width, dtype, &[], Vec::new())
+    }
+
+    /// As [`RowEncoder::new`], with `head` before the data and `middle` between data and
+    /// scales (a message's bytes around its rows).
+    pub fn framed(
+        count: usize,
+        width: usize,
+        dtype: WireDtype,
+        head: &[u8],
+        middle: Vec<u8>,
+    ) -> Self {
+        let data_at = head.len();
+        let scales_at = data_at + count * dtype.data_bytes(width) + middle.len();
+        let mut buf = Vec::with_capacity(scales_at + count * dtype.scale_bytes(width));
+        buf.extend_from_slice(head);
         RowEncoder {
             dtype,
             width,
             count,
             pushed: 0,
-            data: Vec::with_capacity(count * dtype.data_bytes(width)),
-            scales: Vec::with_capacity(count * dtype.scale_bytes(width)),
+            buf,
+            middle,
+            data_at,
+            scales_at,
             level: Level::detect(),
         }
     }
@@ -544,35 +569,46 @@ impl RowEncoder {
             self.dtype.data_bytes(self.width),
             self.dtype.scale_bytes(self.width),
         );
-        // Capacity for `count` rows was reserved in `new`, and fewer than `count` are in.
-        let data = &mut self.data.spare_capacity_mut()[..db];
-        let scales = &mut self.scales.spare_capacity_mut()[..sb];
-        encode_row(row, self.dtype, self.level, data, scales);
-        // SAFETY: `encode_row` wrote every byte of the row's `db` data and `sb` scale bytes
-        // (the codec kernels' contract), right after the initialised ones.
-        unsafe {
-            self.data.set_len(self.data.len() + db);
-            self.scales.set_len(self.scales.len() + sb);
-        }
+        let len = self.buf.len();
+        // Capacity for every row was reserved in `framed`; this row's data starts at `len` and
+        // its scales at `scales_at + pushed·sb`, past the data of every row.
+        let (data, rest) = self.buf.spare_capacity_mut().split_at_mut(db);
+        let at = self.scales_at + self.pushed * sb - len - db;
+        encode_row(row, self.dtype, self.level, data, &mut rest[at..at + sb]);
+        // SAFETY: `encode_row` wrote every one of the row's `db` data bytes (the codec kernels'
+        // contract), right after the initialised ones; its scales lie beyond `len` and are
+        // covered by the final `set_len` in `finish`, once every row has written them.
+        unsafe { self.buf.set_len(len + db) };
         self.pushed += 1;
         Ok(())
     }
 
-    /// The encoded rows; every row must have been pushed.
-    pub fn finish(self) -> Result<EncodedRows> {
+    /// The encoded rows (slices of the buffer) and the whole buffer (`head ‖ data ‖ middle ‖
+    /// scales`); every row must have been pushed.
+    pub fn finish(mut self) -> Result<(EncodedRows, Bytes)> {
         if self.pushed != self.count {
             return Err(Error::Codec(format!(
                 "{} of {} rows encoded",
                 self.pushed, self.count
             )));
         }
-        Ok(EncodedRows {
+        let data_end = self.buf.len();
+        let total = self.scales_at + self.count * self.dtype.scale_bytes(self.width);
+        for (d, &b) in self.buf.spare_capacity_mut().iter_mut().zip(&self.middle) {
+            d.write(b);
+        }
+        // SAFETY: bytes below `data_end` are initialised; `middle` was just written after them,
+        // and every row wrote its scales in `scales_at..total` (all `count` rows were pushed).
+        unsafe { self.buf.set_len(total) };
+        let all = Bytes::from(self.buf);
+        let rows = EncodedRows {
             dtype: self.dtype,
             count: self.count,
             width: self.width,
-            data: Bytes::from(self.data),
-            scales: Bytes::from(self.scales),
-        })
+            data: all.slice(self.data_at..data_end),
+            scales: all.slice(self.scales_at..total),
+        };
+        Ok((rows, all))
     }
 }
 
@@ -1008,7 +1044,19 @@ mod tests {
                 "a sixth row is refused"
             );
             let want = EncodedRows::encode(&values, width, dtype).expect("encode");
-            assert_eq!(enc.finish().expect("all rows"), want, "{dtype}");
+            assert_eq!(enc.finish().expect("all rows").0, want, "{dtype}");
+            // Inside a frame: head ‖ data ‖ middle ‖ scales, the rows slices of it.
+            let mut framed = RowEncoder::framed(5, width, dtype, b"head", b"mid".to_vec());
+            for row in values.chunks_exact(width) {
+                framed.push(row).expect("push");
+            }
+            let (rows, all) = framed.finish().expect("all rows");
+            assert_eq!(rows, want, "{dtype} framed");
+            let mut frame = b"head".to_vec();
+            frame.extend_from_slice(&want.data);
+            frame.extend_from_slice(b"mid");
+            frame.extend_from_slice(&want.scales);
+            assert_eq!(&all[..], &frame[..], "{dtype} frame");
             let mut short = RowEncoder::new(2, width, dtype);
             assert!(
                 short.push(&values[..width - 1]).is_err(),

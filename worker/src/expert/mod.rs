@@ -16,6 +16,7 @@ mod server;
 pub use placement::{ShardControl, ShardPlacement};
 pub use server::{ExpertServer, ExpertServerConfig, RunningExpertServer};
 use shardseek_router::{EncodedRows, RowEncoder, WireDtype};
+use tonic::codegen::Bytes;
 
 /// Keeps freed memory in the process instead of returning it to the kernel (glibc malloc).
 ///
@@ -117,24 +118,50 @@ impl<'a> BatchRows<'a> {
 /// Where a compute writes its partial sums: one f32 row per token, in token order, each encoded
 /// at once into its reply's wire dtype (the requests of a batch may ask for different ones).
 ///
-/// A row is encoded while it is still in the cache of the core that summed it; the batch's
-/// partial sums never exist as one f32 matrix that is written out and read back to encode.
+/// A row is encoded while it is still in the cache of the core that summed it, straight into
+/// the gRPC frame of its reply, laid out before the compute starts: the batch's partial sums
+/// never exist as one f32 matrix written out and read back, and the reply is not copied into
+/// a frame afterwards.
 pub struct ReplyRows {
     width: usize,
     parts: Vec<RowEncoder>,
+    /// Whether each part's buffer is its reply's whole frame.
+    framed: Vec<bool>,
     /// The part the next row goes to.
     at: usize,
 }
 
+/// One reply of a batch: where its rows go.
+#[derive(Clone, Copy, Debug)]
+pub struct ReplyTo {
+    pub request_id: u64,
+    pub count: usize,
+    pub dtype: WireDtype,
+}
+
 impl ReplyRows {
-    /// Replies of `parts` (rows, dtype) one after the other, rows `width` wide.
-    pub fn new(width: usize, parts: impl IntoIterator<Item = (usize, WireDtype)>) -> Self {
+    /// Replies of `parts`, one after the other, rows `width` wide, each laid out in its frame
+    /// (a reply over `max_message` bytes gets no frame: sending it reports the limit).
+    pub fn new(width: usize, parts: impl IntoIterator<Item = ReplyTo>, max_message: usize) -> Self {
+        let (mut encoders, mut framed) = (Vec::new(), Vec::new());
+        for p in parts {
+            let layout = shardseek_proto::frames::reply_frame_layout(
+                p.request_id,
+                (p.dtype.to_proto() as i32, p.count as u32, width as u32),
+                p.count * p.dtype.data_bytes(width),
+                p.count * p.dtype.scale_bytes(width),
+                max_message,
+            );
+            framed.push(layout.is_ok());
+            encoders.push(match layout {
+                Ok(l) => RowEncoder::framed(p.count, width, p.dtype, &l.head, l.middle),
+                Err(_) => RowEncoder::new(p.count, width, p.dtype),
+            });
+        }
         ReplyRows {
             width,
-            parts: parts
-                .into_iter()
-                .map(|(count, dtype)| RowEncoder::new(count, width, dtype))
-                .collect(),
+            parts: encoders,
+            framed,
             at: 0,
         }
     }
@@ -164,15 +191,20 @@ impl ReplyRows {
             .try_for_each(|row| self.push(row))
     }
 
-    /// Every reply, in order; every row of every reply must have been pushed.
-    pub fn finish(self) -> Result<Vec<EncodedRows>, ComputeError> {
+    /// Every reply's rows, in order, with its whole frame when it has one; every row of every
+    /// reply must have been pushed.
+    pub fn finish(self) -> Result<Vec<(EncodedRows, Option<Bytes>)>, ComputeError> {
         let rows: usize = self.parts.iter().map(|p| p.remaining()).sum();
         if rows > 0 {
             return Err(format!("the compute left {rows} rows of the batch unwritten").into());
         }
         self.parts
             .into_iter()
-            .map(|p| p.finish().map_err(ComputeError::from))
+            .zip(self.framed)
+            .map(|(p, framed)| {
+                let (rows, all) = p.finish()?;
+                Ok((rows, framed.then_some(all)))
+            })
             .collect()
     }
 }
@@ -245,25 +277,43 @@ mod tests {
     fn reply_rows_fill_each_request_in_its_dtype() {
         let width = 130;
         let v = values(3, width);
-        let mut out = ReplyRows::new(
-            width,
-            [
-                (2, WireDtype::Bf16),
-                (0, WireDtype::F32),
-                (1, WireDtype::Fp8E4m3),
-            ],
-        );
+        let to = |request_id, count, dtype| ReplyTo {
+            request_id,
+            count,
+            dtype,
+        };
+        let parts = [
+            to(3, 2, WireDtype::Bf16),
+            to(4, 0, WireDtype::F32),
+            to(5, 1, WireDtype::Fp8E4m3),
+        ];
+        let mut out = ReplyRows::new(width, parts, 1 << 20);
         out.push_all(&v[..2 * width]).expect("two rows");
         out.push(&v[2 * width..]).expect("third row");
         assert!(out.push(&v[..width]).is_err(), "a fourth row is refused");
-        let parts = out.finish().expect("complete");
+        let got = out.finish().expect("complete");
         let want = [
             EncodedRows::encode(&v[..2 * width], width, WireDtype::Bf16).expect("e"),
             EncodedRows::encode(&[], width, WireDtype::F32).expect("e"),
             EncodedRows::encode(&v[2 * width..], width, WireDtype::Fp8E4m3).expect("e"),
         ];
-        assert_eq!(parts, want);
-        let mut short = ReplyRows::new(width, [(2, WireDtype::Bf16)]);
+        for ((rows, frame), (want, part)) in got.into_iter().zip(want.into_iter().zip(parts)) {
+            // The frame is byte for byte what sending the finished reply would encode.
+            let reply = shardseek_proto::v1::DispatchReply {
+                request_id: part.request_id,
+                rows: Some(want.clone().into_proto()),
+                error: String::new(),
+            };
+            let encoded = shardseek_proto::frames::encode_frame(&reply, 1 << 20).expect("fits");
+            assert_eq!(rows, want);
+            assert_eq!(frame.as_deref(), Some(&encoded[..]));
+        }
+        let big = ReplyRows::new(width, [to(1, 2, WireDtype::F32)], 100);
+        assert!(
+            big.framed.iter().all(|f| !f),
+            "a reply over the limit gets no frame"
+        );
+        let mut short = ReplyRows::new(width, [to(1, 2, WireDtype::Bf16)], 1 << 20);
         short.push(&v[..width]).expect("one row");
         assert!(short.finish().is_err(), "an unwritten row is an error");
     }

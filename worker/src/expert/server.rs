@@ -34,7 +34,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::placement::{ShardControl, ShardPlacement};
-use super::{BatchRows, ComputeError, ExpertCompute, ReplyRows, RowExperts};
+use super::{BatchRows, ComputeError, ExpertCompute, ReplyRows, ReplyTo, RowExperts};
 use shardseek_proto::v1::placement_server::PlacementServer;
 
 /// How long the batcher waits for other attention pods' requests of the same layer once one
@@ -156,6 +156,7 @@ impl ExpertServer {
             jobs_rx,
             config.batch_window,
             config.max_batch_rows,
+            config.max_message_bytes,
             Arc::clone(&streams),
         ));
         let accepted = if config.accepted.is_empty() {
@@ -248,7 +249,20 @@ struct Job {
     rows: EncodedRows,
     assignments: Vec<RowExperts>,
     reply_dtype: WireDtype,
-    reply: mpsc::Sender<std::result::Result<DispatchReply, Status>>,
+    reply: mpsc::Sender<std::result::Result<Outgoing, Status>>,
+}
+
+/// A reply on its way to its stream, with its frame when it was written straight into one
+/// (a computed batch's rows: see [`ReplyRows`]).
+struct Outgoing {
+    reply: DispatchReply,
+    frame: Option<Bytes>,
+}
+
+impl From<DispatchReply> for Outgoing {
+    fn from(reply: DispatchReply) -> Self {
+        Outgoing { reply, frame: None }
+    }
 }
 
 /// An admitted request: (request id, layer, rows, assignments, reply dtype).
@@ -353,7 +367,8 @@ impl<C: ExpertCompute> Shared<C> {
 
 #[tonic::async_trait]
 impl<C: ExpertCompute> Expert for Service<C> {
-    type DispatchStream = ReceiverStream<std::result::Result<DispatchReply, Status>>;
+    type DispatchStream =
+        Pin<Box<dyn Stream<Item = std::result::Result<DispatchReply, Status>> + Send + 'static>>;
 
     async fn dispatch(
         &self,
@@ -366,7 +381,9 @@ impl<C: ExpertCompute> Expert for Service<C> {
             request.into_inner(),
             reply_tx,
         ));
-        Ok(Response::new(ReceiverStream::new(reply_rx)))
+        // tonic encodes these replies itself; the frames are for the in-place path below.
+        let replies = ReceiverStream::new(reply_rx).map(|r| r.map(|o: Outgoing| o.reply));
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn info(
@@ -406,7 +423,7 @@ impl<C: ExpertCompute> Expert for Service<C> {
 async fn serve_stream<C, S>(
     this: Arc<Shared<C>>,
     mut inbound: S,
-    reply_tx: mpsc::Sender<std::result::Result<DispatchReply, Status>>,
+    reply_tx: mpsc::Sender<std::result::Result<Outgoing, Status>>,
 ) where
     C: ExpertCompute,
     S: Stream<Item = std::result::Result<DispatchRequest, Status>> + Unpin,
@@ -444,7 +461,7 @@ async fn serve_stream<C, S>(
                 }
             }
             Err(reply) => {
-                if reply_tx.send(Ok(*reply)).await.is_err() {
+                if reply_tx.send(Ok((*reply).into())).await.is_err() {
                     break;
                 }
             }
@@ -591,7 +608,7 @@ impl Stream for FramedRequests {
 /// The replies of a dispatch stream: each encoded into its frame when the connection polls
 /// for data (rows straight into the frame buffer), then the trailers with the stream's status.
 struct ReplyBody {
-    rx: mpsc::Receiver<std::result::Result<DispatchReply, Status>>,
+    rx: mpsc::Receiver<std::result::Result<Outgoing, Status>>,
     max: usize,
     done: bool,
 }
@@ -619,7 +636,10 @@ impl hyper::body::Body for ReplyBody {
         }
         let end = match self.rx.poll_recv(cx) {
             Poll::Pending => return Poll::Pending,
-            Poll::Ready(Some(Ok(reply))) => match encode_frame(&reply, self.max) {
+            Poll::Ready(Some(Ok(Outgoing {
+                frame: Some(frame), ..
+            }))) => return Poll::Ready(Some(Ok(Frame::data(frame)))),
+            Poll::Ready(Some(Ok(Outgoing { reply, .. }))) => match encode_frame(&reply, self.max) {
                 Ok(frame) => return Poll::Ready(Some(Ok(Frame::data(frame)))),
                 Err(status) => status,
             },
@@ -643,6 +663,7 @@ async fn batcher<C: ExpertCompute>(
     mut rx: mpsc::Receiver<Job>,
     window: Duration,
     max_rows: usize,
+    max_message: usize,
     streams: Arc<AtomicUsize>,
 ) {
     while let Some(first) = rx.recv().await {
@@ -676,13 +697,16 @@ async fn batcher<C: ExpertCompute>(
         for (layer, group) in by_layer {
             let compute = Arc::clone(&compute);
             // A panic in compute would lose these replies; the callers' deadlines then report it.
-            let _ = tokio::task::spawn_blocking(move || run_batch(&*compute, layer, group)).await;
+            let _ = tokio::task::spawn_blocking(move || {
+                run_batch(&*compute, layer, group, max_message)
+            })
+            .await;
         }
     }
 }
 
 /// Computes and answers one layer's batch (on the blocking pool).
-fn run_batch<C: ExpertCompute>(compute: &C, layer: usize, jobs: Vec<Job>) {
+fn run_batch<C: ExpertCompute>(compute: &C, layer: usize, jobs: Vec<Job>, max_message: usize) {
     let h = compute.hidden();
     let total: usize = jobs.iter().map(|j| j.rows.count).sum();
     let mut assignments = Vec::with_capacity(total);
@@ -692,23 +716,31 @@ fn run_batch<C: ExpertCompute>(compute: &C, layer: usize, jobs: Vec<Job>) {
     }
     // The rows stay as they arrived; the compute decodes each where it uses it, and encodes
     // each token's partial sum into its reply as soon as it has summed it.
-    let mut out = ReplyRows::new(h, jobs.iter().map(|j| (j.rows.count, j.reply_dtype)));
+    let to = jobs.iter().map(|j| ReplyTo {
+        request_id: j.request_id,
+        count: j.rows.count,
+        dtype: j.reply_dtype,
+    });
+    let mut out = ReplyRows::new(h, to, max_message);
     let result = BatchRows::new(jobs.iter().map(|j| &j.rows), h)
         .map_err(|e| -> ComputeError { e.into() })
         .and_then(|rows| compute.compute(layer, &rows, &assignments, &mut out))
         .and_then(|()| out.finish());
-    let replies: Vec<std::result::Result<EncodedRows, String>> = match result {
+    let replies: Vec<std::result::Result<(EncodedRows, Option<Bytes>), String>> = match result {
         Ok(parts) => parts.into_iter().map(Ok).collect(),
         Err(e) => vec![Err(format!("layer {layer}: {e}")); jobs.len()],
     };
     for (job, rows) in jobs.into_iter().zip(replies) {
         let reply = match rows {
-            Ok(rows) => DispatchReply {
-                request_id: job.request_id,
-                rows: Some(rows.into_proto()),
-                error: String::new(),
+            Ok((rows, frame)) => Outgoing {
+                reply: DispatchReply {
+                    request_id: job.request_id,
+                    rows: Some(rows.into_proto()),
+                    error: String::new(),
+                },
+                frame,
             },
-            Err(e) => error_reply(job.request_id, e),
+            Err(e) => error_reply(job.request_id, e).into(),
         };
         // The caller's stream may be gone; its requests are simply not answered then.
         let _ = job.reply.blocking_send(Ok(reply));
