@@ -809,20 +809,95 @@ fn combine(
             fill[t] += 1;
         }
     }
-    let mut acc = [0.0f32; COMBINE_TILE];
-    for (t, row) in out.chunks_exact_mut(width.max(1)).enumerate() {
-        let mine = &contrib[start[t]..start[t + 1]];
-        if mine.is_empty() {
-            continue;
-        }
-        for first in (0..width).step_by(COMBINE_TILE) {
-            let n = COMBINE_TILE.min(width - first);
-            let tile = &mut acc[..n];
-            tile.copy_from_slice(&row[first..first + n]);
-            for &(ri, i) in mine {
-                replies[ri].1.add_cols_into(i, first, tile);
+    let w = width.max(1);
+    let add_rows = |first_token: usize, rows: &mut [f32]| {
+        let mut acc = [0.0f32; COMBINE_TILE];
+        for (k, row) in rows.chunks_exact_mut(w).enumerate() {
+            let t = first_token + k;
+            let mine = &contrib[start[t]..start[t + 1]];
+            if mine.is_empty() {
+                continue;
             }
-            row[first..first + n].copy_from_slice(tile);
+            for first in (0..width).step_by(COMBINE_TILE) {
+                let n = COMBINE_TILE.min(width - first);
+                let tile = &mut acc[..n];
+                tile.copy_from_slice(&row[first..first + n]);
+                for &(ri, i) in mine {
+                    replies[ri].1.add_cols_into(i, first, tile);
+                }
+                row[first..first + n].copy_from_slice(tile);
+            }
+        }
+    };
+    // A large combine is the serial tail of the dispatch (every reply is in): two threads take
+    // half the tokens each (the sums per token, and so the results, are unchanged).
+    if start[tokens] * width >= PARALLEL_COMBINE_VALUES && tokens >= 2 {
+        let half = tokens / 2;
+        let (a, b) = out.split_at_mut(half * w);
+        std::thread::scope(|scope| {
+            scope.spawn(|| add_rows(half, b));
+            add_rows(0, a);
+        });
+    } else {
+        add_rows(0, out);
+    }
+}
+
+/// Reply values from which the combine runs on two threads.
+const PARALLEL_COMBINE_VALUES: usize = 1 << 21;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Both sides of [`PARALLEL_COMBINE_VALUES`]: every token's sum is its replies' rows added
+    /// in reply order onto its row of `out`, bit for bit, on one thread or two.
+    #[test]
+    fn the_combine_adds_each_tokens_replies_in_reply_order_on_one_or_two_threads() {
+        let width = 4096 + 100;
+        for tokens in [7usize, 301] {
+            // Three "shards": all tokens, the even ones, every third one reversed.
+            let lists: Vec<Vec<usize>> = vec![
+                (0..tokens).collect(),
+                (0..tokens).filter(|t| t % 2 == 0).collect(),
+                (0..tokens).filter(|t| t % 3 == 0).rev().collect(),
+            ];
+            let value =
+                |s: usize, i: usize, c: usize| ((s * 31 + i * 7 + c) % 113) as f32 * 0.37 - 20.0;
+            let mut groups = Vec::new();
+            let mut replies = Vec::new();
+            for (s, list) in lists.iter().enumerate() {
+                let rows: Vec<f32> = (0..list.len())
+                    .flat_map(|i| (0..width).map(move |c| value(s, i, c)))
+                    .collect();
+                let r = EncodedRows::encode(&rows, width, WireDtype::F32).expect("encode");
+                groups.push(ShardGroup {
+                    shard: s,
+                    tokens: list.clone(),
+                    assignments: Assignments::new(),
+                });
+                replies.push(((s, 0), r));
+            }
+            let init = |t: usize, c: usize| (t + c) as f32 * 1e-3;
+            let mut out: Vec<f32> = (0..tokens * width)
+                .map(|v| init(v / width, v % width))
+                .collect();
+            let mut want = out.clone();
+            for (s, list) in lists.iter().enumerate() {
+                for (i, &t) in list.iter().enumerate() {
+                    for c in 0..width {
+                        want[t * width + c] += value(s, i, c);
+                    }
+                }
+            }
+            let values: usize = lists.iter().map(Vec::len).sum::<usize>() * width;
+            assert_eq!(
+                values >= PARALLEL_COMBINE_VALUES,
+                tokens == 301,
+                "both paths are covered"
+            );
+            combine(&groups, &replies, width, &mut out);
+            assert!(out == want, "{tokens} tokens");
         }
     }
 }
