@@ -6,17 +6,17 @@
 //! compiler vectorises as it can. On AVX-512 (F + BW + VL) CPUs the FP8 decode GEMV — the
 //! memory-bound kernel of batch-1 decode — runs 512-bit: 32 codes per load become two
 //! 16-lane f32 vectors with the same shift-and-mask trick, half the instructions per weight
-//! byte of the AVX2 path. FP8 and BF16 GEMMs of 3–64 rows of x (batched decode, the rows of
-//! one expert) run on f32 dot-product tiles ([`dot_rows`]): 64 converted weights of each of 2
-//! rows meet up to 8 rows of x in a tile of 512-bit accumulators. The other kernels of
-//! [`Isa::Avx512`] run the AVX2 code.
+//! byte of the AVX2 path. FP8 and BF16 GEMMs of 3–64 rows of x (4–64 on [`Isa::Avx512Bf16`];
+//! batched decode, the rows of one expert) run on f32 dot-product tiles ([`dot_rows`]): 64
+//! converted weights of each of 2 rows meet up to 8 rows of x in a tile of 512-bit
+//! accumulators. The other kernels of [`Isa::Avx512`] run the AVX2 code.
 //!
 //! With AVX512-VBMI and AVX512-BF16 as well (Zen 4, Sapphire Rapids: [`Isa::Avx512Bf16`]),
-//! the FP8 and BF16 GEMMs of 1–2 rows of x (decode GEMV, small batches) run on `vdpbf16ps` ([`avx512bf16`];
-//! prefill sizes keep the packed f32 microkernel, which measured faster there, and 3–64 rows
-//! the f32 dot tiles, which do one FMA where these do three bf16 products): an e4m3 code is
-//! exact in bf16, and two `vpermt2b` lookups
-//! turn 64 codes into 64 bf16 values in six instructions (the f16 route costs about 14);
+//! the FP8 and BF16 GEMMs of 1–3 rows of x (decode GEMV, small batches) run on `vdpbf16ps`
+//! ([`avx512bf16`]; prefill sizes keep the packed f32 microkernel, which measured faster
+//! there, and 4–64 rows the f32 dot tiles, which do one FMA where these do three bf16
+//! products): an e4m3 code is exact in bf16, and two `vpermt2b` lookups turn 64 codes into 64
+//! bf16 values in six instructions (the f16 route costs about 14);
 //! x is split once per call into three bf16 parts (x = hi + mid + lo + O(2⁻²⁴|x|), f32's own
 //! precision), so each product is accumulated in f32 from three exact bf16 products.
 //!
@@ -310,6 +310,12 @@ pub(crate) fn stream_rows(
 /// call was within 3% at both), and 0.6× the streaming GEMV's at 3 rows on [`Isa::Avx512`]. (At 16 and 32 rows they took 0.7–0.85× and 0.65–0.75× the bf16
 /// tiles' time in an earlier run.)
 pub(crate) const DOT_MIN_M: usize = 3;
+/// [`DOT_MIN_M`] on [`Isa::Avx512Bf16`], where the bf16 tiles keep 3 rows: with the dot tiles'
+/// F16C conversion (below), 3 rows of a 2048×7168 FP8 weight took the dot tiles 1.25× the
+/// bf16 tiles' time (two threads, weights from memory, same process, alternating calls);
+/// 768×2048 and 2048×768 took 0.93–1.02×; at 4 rows the dot tiles were as fast at 2048×7168
+/// and took 0.84–0.86× the time at the medium shapes.
+const DOT_MIN_M_BF16: usize = 4;
 pub(crate) const DOT_MAX_M: usize = 64;
 // Every group of DOT_MIN_M or more rows (at most DOT_RX each, as even as possible) has 3 to
 // 8: fewer than 9 rows make one group, and m ≥ 9 rows ⌈m/8⌉ groups of at least
@@ -329,7 +335,12 @@ pub(crate) fn dot_serves(isa: Isa, m: usize, w: &Weight) -> bool {
 
 /// Whether [`dot_rows`] computes `m` rows of x against the FP8 and BF16 weights on `isa`.
 pub(crate) fn dot_rows_serve_m(isa: Isa, m: usize) -> bool {
-    matches!(isa, Isa::Avx512 | Isa::Avx512Bf16) && (DOT_MIN_M..=DOT_MAX_M).contains(&m)
+    let lo = if isa == Isa::Avx512Bf16 {
+        DOT_MIN_M_BF16
+    } else {
+        DOT_MIN_M
+    };
+    matches!(isa, Isa::Avx512 | Isa::Avx512Bf16) && (lo..=DOT_MAX_M).contains(&m)
 }
 
 /// The row groups of [`dot_rows`]: (first row, rows), at most [`DOT_RX`] rows each and as even
@@ -670,9 +681,7 @@ pub(crate) mod avx512 {
         if b.len() < len {
             b.resize(len, 0.0);
         }
-        unsafe {
-            dot_rows_passes::<KIND>(xp, m, k, q, scale_inv, n0, n1, out, ld, kc, &mut b)
-        };
+        unsafe { dot_rows_passes::<KIND>(xp, m, k, q, scale_inv, n0, n1, out, ld, kc, &mut b) };
         DOT_XS.with(|c| c.replace(b));
     }
 
@@ -743,14 +752,7 @@ pub(crate) mod avx512 {
                         macro_rules! run {
                             ($rw:literal, $rx:literal) => {{
                                 let t = unsafe {
-                                    dot_tile::<KIND, $rw, $rx>(
-                                        xsrc,
-                                        steps,
-                                        k - c0,
-                                        qn,
-                                        k * eb,
-                                        pf,
-                                    )
+                                    dot_tile::<KIND, $rw, $rx>(xsrc, steps, k - c0, qn, k * eb, pf)
                                 };
                                 for (r, tr) in t.iter().enumerate() {
                                     for (j, v) in tr.iter().enumerate() {
@@ -849,7 +851,10 @@ pub(crate) mod avx512 {
     /// 64 weights of kind `KIND` at `p` (those from `left` on zero) as four f32 vectors, in
     /// vector-path units (FP8: value·2⁻⁸).
     #[inline(always)]
-    unsafe fn load64w<const KIND: u8, const MASKED: bool>(p: *const u8, left: usize) -> [__m512; 4] {
+    unsafe fn load64w<const KIND: u8, const MASKED: bool>(
+        p: *const u8,
+        left: usize,
+    ) -> [__m512; 4] {
         let eb = if KIND == KIND_FP8 { 1 } else { 2 };
         // (No closures here: a closure does not inherit the caller's target features, and its
         // intrinsics would become calls.)

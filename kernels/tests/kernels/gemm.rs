@@ -143,13 +143,20 @@ fn decode_gemv_every_path_odd_shapes() {
 }
 
 /// Enough rows × columns of x that the bf16 tiles (FP8 and BF16 weights) cut x into L2-sized
-/// column blocks (more than 256 KiB prepared: 512-wide blocks), with a partial last block; and
-/// more rows than the tiles take (the packed path then).
+/// column blocks (more than 256 KiB prepared: 512-wide blocks), with a partial last block: 3
+/// rows (the most the bf16 tiles take on `Isa::Avx512Bf16`) of more than 14 563 columns; and
+/// 60 and 70 rows (the dot tiles and the packed path on the AVX-512 levels).
 #[test]
 fn blocked_fp8_and_bf16_gemm_matches_reference() {
     let mut rng = Rng::new(11);
-    let (n, k) = (37, 1100);
-    for (m, kind) in [(60, Kind::Fp8), (60, Kind::Bf16), (70, Kind::Fp8)] {
+    for (m, k, kind) in [
+        (3, 14_999, Kind::Fp8),
+        (3, 14_999, Kind::Bf16),
+        (60, 1100, Kind::Fp8),
+        (60, 1100, Kind::Bf16),
+        (70, 1100, Kind::Fp8),
+    ] {
+        let n = 37;
         let w = OwnedWeight::random(&mut rng, n, k, kind);
         let x = randv(&mut rng, m * k);
         let want = reference::matmul(&x, m, &w.view());
