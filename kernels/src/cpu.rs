@@ -8,7 +8,7 @@
 //! 16-lane f32 vectors with the same shift-and-mask trick, half the instructions per weight
 //! byte of the AVX2 path. FP8 and BF16 GEMMs of 3–64 rows of x (4–64 on [`Isa::Avx512Bf16`];
 //! batched decode, the rows of one expert) run on f32 dot-product tiles ([`dot_rows`]): 64
-//! converted weights of each of 2 rows meet up to 8 rows of x in a tile of 512-bit
+//! converted weights of each of 2 rows meet up to 10 rows of x in a tile of 512-bit
 //! accumulators. The other kernels of [`Isa::Avx512`] run the AVX2 code.
 //!
 //! With AVX512-VBMI and AVX512-BF16 as well (Zen 4, Sapphire Rapids: [`Isa::Avx512Bf16`]),
@@ -318,13 +318,17 @@ pub(crate) const DOT_MIN_M: usize = 3;
 const DOT_MIN_M_BF16: usize = 4;
 pub(crate) const DOT_MAX_M: usize = 64;
 // Every group of DOT_MIN_M or more rows (at most DOT_RX each, as even as possible) has 3 to
-// 8: fewer than 9 rows make one group, and m ≥ 9 rows ⌈m/8⌉ groups of at least
-// m/⌈m/8⌉ ≥ 8m/(m+7) > 4 rows.
-const _: () = assert!(DOT_MIN_M == 3 && DOT_RX == 8);
-/// Rows of x in one group of [`dot_rows`] (the register tile's x side). (10, converting the
-/// weights of a 10-row expert once instead of twice, measured 0.95× to 1.03× the time of 8:
-/// no gain worth the larger tiles.)
-pub(crate) const DOT_RX: usize = 8;
+// 10: fewer than 11 rows make one group, and m ≥ 11 rows ⌈m/10⌉ groups of at least
+// m/⌈m/10⌉ ≥ 10m/(m+9) > 5 rows.
+const _: () = assert!(DOT_MIN_M == 3 && DOT_RX == 10);
+/// Rows of x in one group of [`dot_rows`] (the register tile's x side): a 2×10 tile is 20
+/// accumulators, and the 8 registers of two converted weight rows still fit beside them. Each
+/// converted weight meets up to 10 rows, so a 10-row expert converts its weights once instead
+/// of twice (5 + 5 rows): against 8, 10 rows of 2048×7168, 768×2048 and 2048×768 FP8 weights
+/// took 0.78×, 0.88× and 0.90× the time (two threads, weights from memory, same process,
+/// alternating calls; 16 and 32 rows, in groups of 8 either way, the same). 12 was no better
+/// than 10 at 12 and 32 rows (0.87–1.07×).
+pub(crate) const DOT_RX: usize = 10;
 /// Columns of one step of [`dot_rows`]: 64 codes, one cache line of FP8 weights.
 const DOT_STEP: usize = 64;
 
@@ -762,7 +766,7 @@ pub(crate) mod avx512 {
                                 }
                             }};
                         }
-                        // Groups of at least DOT_MIN_M rows have 3 to 8 rows.
+                        // Groups of at least DOT_MIN_M rows have 3 to 10 rows.
                         match (rw, rx) {
                             (2, 3) => run!(2, 3),
                             (2, 4) => run!(2, 4),
@@ -770,12 +774,16 @@ pub(crate) mod avx512 {
                             (2, 6) => run!(2, 6),
                             (2, 7) => run!(2, 7),
                             (2, 8) => run!(2, 8),
+                            (2, 9) => run!(2, 9),
+                            (2, 10) => run!(2, 10),
                             (1, 3) => run!(1, 3),
                             (1, 4) => run!(1, 4),
                             (1, 5) => run!(1, 5),
                             (1, 6) => run!(1, 6),
                             (1, 7) => run!(1, 7),
                             (1, 8) => run!(1, 8),
+                            (1, 9) => run!(1, 9),
+                            (1, 10) => run!(1, 10),
                             _ => unreachable!("dot_rows groups of {rx} rows"),
                         }
                         n += rw;
@@ -949,12 +957,13 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// The lane sums of a tile's accumulators ([`hsum16`] for more than 4 of them; at most 16).
+    /// The lane sums of a tile's accumulators ([`hsum16`] per 16 for more than 4 of them; at
+    /// most 32).
     #[inline(always)]
     pub(super) unsafe fn sums<const RW: usize, const RX: usize>(
         acc: &[[__m512; RX]; RW],
     ) -> [[f32; RX]; RW] {
-        const { assert!(RW * RX <= 16) };
+        const { assert!(RW * RX <= 32) };
         unsafe {
             if RW * RX <= 4 {
                 // Fewer instructions one vector at a time (8 each against the tree's 45).
@@ -966,12 +975,18 @@ pub(crate) mod avx512 {
                 }
                 return o;
             }
-            let mut v = [_mm512_setzero_ps(); 16];
+            let mut v = [[_mm512_setzero_ps(); 16]; 2];
             for (r, row) in acc.iter().enumerate() {
-                v[r * RX..(r + 1) * RX].copy_from_slice(row);
+                for (i, a) in row.iter().enumerate() {
+                    let p = r * RX + i;
+                    v[p / 16][p % 16] = *a;
+                }
             }
-            let mut lanes = [0f32; 16];
-            _mm512_storeu_ps(lanes.as_mut_ptr(), hsum16(&v));
+            let mut lanes = [0f32; 32];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), hsum16(&v[0]));
+            if RW * RX > 16 {
+                _mm512_storeu_ps(lanes.as_mut_ptr().add(16), hsum16(&v[1]));
+            }
             let mut o = [[0f32; RX]; RW];
             for (r, row) in o.iter_mut().enumerate() {
                 row.copy_from_slice(&lanes[r * RX..(r + 1) * RX]);

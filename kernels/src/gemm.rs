@@ -4,7 +4,7 @@
 //! - **FP8 and BF16 on the AVX-512 levels, 3 ≤ `m` ≤ 64** (4 ≤ `m` on [`Isa::Avx512Bf16`];
 //!   batched decode, the rows of one expert): f32 dot-product tiles
 //!   ([`crate::cpu::dot_rows`]). Every 64 weights of a row are converted to four f32 vectors in
-//!   registers (F16C) once per group of up to 8 rows of x and meet them in a 2×8 register tile;
+//!   registers (F16C) once per group of up to 10 rows of x and meet them in a 2×10 register tile;
 //!   x is laid out once per call so a tile reads it from one pointer. FP8 and BF16 being exact
 //!   in f32, the results are f32 dot products. Against the bf16 tiles below (three bf16
 //!   products per multiply-add) they took 0.7–0.85× the time at M = 16 and 0.65–0.75× at

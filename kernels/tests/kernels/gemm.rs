@@ -204,17 +204,18 @@ fn fp8_codes_exact_through_every_path() {
     }
 }
 
-/// The f32 dot-product tiles of the AVX-512 levels (FP8 and BF16 weights, 8–64 rows of x):
-/// every x group size (4–8 rows, as 8–17, 32 and 64 rows split), more columns than one pass
-/// takes (512–2048) with a partial last step, weight rows that cross a 128-row scale block and
-/// end in an odd row; other paths take the same shapes.
+/// The f32 dot-product tiles of the AVX-512 levels (FP8 and BF16 weights, 3–64 rows of x, 4–64
+/// on `Isa::Avx512Bf16`): every x group size (3–10 rows: 3–10 rows make one group, 11–20, 32
+/// and 64 rows split into groups of 5–10), more columns than one pass takes (512–2048) with a
+/// partial last step, weight rows that cross a 128-row scale block and end in an odd row; other
+/// paths take the same shapes.
 #[test]
 fn dot_tiles_every_group_size_and_multi_pass() {
     let mut rng = Rng::new(19);
     let (n, k) = (133, 2 * 2048 + 77);
     for kind in [Kind::Fp8, Kind::Bf16] {
         let w = OwnedWeight::random(&mut rng, n, k, kind);
-        for m in (7..=17).chain([32, 64]) {
+        for m in (3..=20).chain([32, 64]) {
             let x = randv(&mut rng, m * k);
             let want = reference::matmul(&x, m, &w.view());
             for isa in isas() {
