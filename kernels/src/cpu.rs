@@ -6,17 +6,17 @@
 //! compiler vectorises as it can. On AVX-512 (F + BW + VL) CPUs the FP8 decode GEMV — the
 //! memory-bound kernel of batch-1 decode — runs 512-bit: 32 codes per load become two
 //! 16-lane f32 vectors with the same shift-and-mask trick, half the instructions per weight
-//! byte of the AVX2 path. FP8 and BF16 GEMMs of 3–64 rows of x (batched decode, the rows of
-//! one expert) run on f32 dot-product tiles ([`dot_rows`]): 64 converted weights of each of 2
-//! rows meet up to 8 rows of x in a tile of 512-bit accumulators. The other kernels of
-//! [`Isa::Avx512`] run the AVX2 code.
+//! byte of the AVX2 path. FP8 and BF16 GEMMs of 3–64 rows of x (4–64 on [`Isa::Avx512Bf16`];
+//! batched decode, the rows of one expert) run on f32 dot-product tiles ([`dot_rows`]): 64
+//! converted weights of each of 2 rows meet up to 10 rows of x in a tile of 512-bit
+//! accumulators. The other kernels of [`Isa::Avx512`] run the AVX2 code.
 //!
 //! With AVX512-VBMI and AVX512-BF16 as well (Zen 4, Sapphire Rapids: [`Isa::Avx512Bf16`]),
-//! the FP8 and BF16 GEMMs of 1–2 rows of x (decode GEMV, small batches) run on `vdpbf16ps` ([`avx512bf16`];
-//! prefill sizes keep the packed f32 microkernel, which measured faster there, and 3–64 rows
-//! the f32 dot tiles, which do one FMA where these do three bf16 products; on this level those
-//! convert FP8 through the same table): an e4m3 code is exact in bf16, and two `vpermt2b` lookups
-//! turn 64 codes into 64 bf16 values in six instructions (the f16 route costs about 14);
+//! the FP8 and BF16 GEMMs of 1–3 rows of x (decode GEMV, small batches) run on `vdpbf16ps`
+//! ([`avx512bf16`]; prefill sizes keep the packed f32 microkernel, which measured faster
+//! there, and 4–64 rows the f32 dot tiles, which do one FMA where these do three bf16
+//! products): an e4m3 code is exact in bf16, and two `vpermt2b` lookups turn 64 codes into 64
+//! bf16 values in six instructions (the f16 route costs about 14);
 //! x is split once per call into three bf16 parts (x = hi + mid + lo + O(2⁻²⁴|x|), f32's own
 //! precision), so each product is accumulated in f32 from three exact bf16 products.
 //!
@@ -310,15 +310,25 @@ pub(crate) fn stream_rows(
 /// call was within 3% at both), and 0.6× the streaming GEMV's at 3 rows on [`Isa::Avx512`]. (At 16 and 32 rows they took 0.7–0.85× and 0.65–0.75× the bf16
 /// tiles' time in an earlier run.)
 pub(crate) const DOT_MIN_M: usize = 3;
+/// [`DOT_MIN_M`] on [`Isa::Avx512Bf16`], where the bf16 tiles keep 3 rows: with the dot tiles'
+/// F16C conversion (below), 3 rows of a 2048×7168 FP8 weight took the dot tiles 1.25× the
+/// bf16 tiles' time (two threads, weights from memory, same process, alternating calls);
+/// 768×2048 and 2048×768 took 0.93–1.02×; at 4 rows the dot tiles were as fast at 2048×7168
+/// and took 0.84–0.86× the time at the medium shapes.
+const DOT_MIN_M_BF16: usize = 4;
 pub(crate) const DOT_MAX_M: usize = 64;
 // Every group of DOT_MIN_M or more rows (at most DOT_RX each, as even as possible) has 3 to
-// 8: fewer than 9 rows make one group, and m ≥ 9 rows ⌈m/8⌉ groups of at least
-// m/⌈m/8⌉ ≥ 8m/(m+7) > 4 rows.
-const _: () = assert!(DOT_MIN_M == 3 && DOT_RX == 8);
-/// Rows of x in one group of [`dot_rows`] (the register tile's x side). (10, converting the
-/// weights of a 10-row expert once instead of twice, measured 0.95× to 1.03× the time of 8:
-/// no gain worth the larger tiles.)
-pub(crate) const DOT_RX: usize = 8;
+// 10: fewer than 11 rows make one group, and m ≥ 11 rows ⌈m/10⌉ groups of at least
+// m/⌈m/10⌉ ≥ 10m/(m+9) > 5 rows.
+const _: () = assert!(DOT_MIN_M == 3 && DOT_RX == 10);
+/// Rows of x in one group of [`dot_rows`] (the register tile's x side): a 2×10 tile is 20
+/// accumulators, and the 8 registers of two converted weight rows still fit beside them. Each
+/// converted weight meets up to 10 rows, so a 10-row expert converts its weights once instead
+/// of twice (5 + 5 rows): against 8, 10 rows of 2048×7168, 768×2048 and 2048×768 FP8 weights
+/// took 0.78×, 0.88× and 0.90× the time (two threads, weights from memory, same process,
+/// alternating calls; 16 and 32 rows, in groups of 8 either way, the same). 12 was no better
+/// than 10 at 12 and 32 rows (0.87–1.07×).
+pub(crate) const DOT_RX: usize = 10;
 /// Columns of one step of [`dot_rows`]: 64 codes, one cache line of FP8 weights.
 const DOT_STEP: usize = 64;
 
@@ -329,7 +339,12 @@ pub(crate) fn dot_serves(isa: Isa, m: usize, w: &Weight) -> bool {
 
 /// Whether [`dot_rows`] computes `m` rows of x against the FP8 and BF16 weights on `isa`.
 pub(crate) fn dot_rows_serve_m(isa: Isa, m: usize) -> bool {
-    matches!(isa, Isa::Avx512 | Isa::Avx512Bf16) && (DOT_MIN_M..=DOT_MAX_M).contains(&m)
+    let lo = if isa == Isa::Avx512Bf16 {
+        DOT_MIN_M_BF16
+    } else {
+        DOT_MIN_M
+    };
+    matches!(isa, Isa::Avx512 | Isa::Avx512Bf16) && (lo..=DOT_MAX_M).contains(&m)
 }
 
 /// The row groups of [`dot_rows`]: (first row, rows), at most [`DOT_RX`] rows each and as even
@@ -344,32 +359,17 @@ pub(crate) fn dot_groups(m: usize) -> impl Iterator<Item = (usize, usize)> {
     })
 }
 
-/// Column of a 64-column chunk that position `p` of the chunk holds in the layout of
-/// [`dot_rows`] on `isa`: on [`Isa::Avx512Bf16`] the order in which the table conversion
-/// produces 64 FP8 codes as four f32 vectors (vector v, 128-bit lane l, element j holds
-/// column 16l + 4v + j), elsewhere the natural order.
-pub(crate) fn dot_lane_col(isa: Isa, p: usize) -> usize {
-    if isa == Isa::Avx512Bf16 {
-        let (v, l, j) = (p / 16, (p / 4) % 4, p % 4);
-        16 * l + 4 * v + j
-    } else {
-        p
-    }
-}
-
 /// Length of [`dot_prepare_x`]'s output for `m` rows of `k` columns (linear in `m`).
 pub(crate) fn dot_prepared_len(m: usize, k: usize) -> usize {
     m * k.div_ceil(DOT_STEP) * DOT_STEP
 }
 
-/// x `[m, k]` in the layout of [`dot_rows`] on `isa`: per row group (at row i, offset `i·kp`,
-/// kp = k rounded up to 64), `[kp/64][rows][64]` with the columns of each chunk in
-/// [`dot_lane_col`] order and zeros past k, so a tile reads each step of its rows at fixed
-/// offsets from one pointer and in the lane order of its converted weights.
+/// x `[m, k]` in the layout of [`dot_rows`]: per row group (at row i, offset `i·kp`, kp = k
+/// rounded up to 64), `[kp/64][rows][64]` with zeros past k, so a tile reads each step of its
+/// rows at fixed offsets from one pointer.
 /// Every element of `out` ([`dot_prepared_len`] long) is written, so it may hold stale values.
-pub(crate) fn dot_prepare_x(isa: Isa, x: &[f32], m: usize, k: usize, out: &mut [f32]) {
+pub(crate) fn dot_prepare_x(x: &[f32], m: usize, k: usize, out: &mut [f32]) {
     let kp = k.div_ceil(DOT_STEP) * DOT_STEP;
-    let order: [usize; DOT_STEP] = std::array::from_fn(|p| dot_lane_col(isa, p));
     assert_eq!(out.len(), dot_prepared_len(m, k), "dot operand length");
     for (i0, rx) in dot_groups(m) {
         let g = &mut out[i0 * kp..(i0 + rx) * kp];
@@ -377,26 +377,15 @@ pub(crate) fn dot_prepare_x(isa: Isa, x: &[f32], m: usize, k: usize, out: &mut [
             let row = &x[(i0 + j) * k..(i0 + j + 1) * k];
             for (s, ch) in row.chunks(DOT_STEP).enumerate() {
                 let dst = &mut g[(s * rx + j) * DOT_STEP..(s * rx + j + 1) * DOT_STEP];
-                if ch.len() < DOT_STEP {
-                    for (d, &c) in dst.iter_mut().zip(&order) {
-                        *d = ch.get(c).copied().unwrap_or(0.0);
-                    }
-                } else if isa == Isa::Avx512Bf16 {
-                    // Runs of 4 columns stay together: a 4×4 transpose of 4-column blocks.
-                    for (p, d) in dst.chunks_exact_mut(4).enumerate() {
-                        let c = order[4 * p];
-                        d.copy_from_slice(&ch[c..c + 4]);
-                    }
-                } else {
-                    dst.copy_from_slice(ch);
-                }
+                dst[..ch.len()].copy_from_slice(ch);
+                dst[ch.len()..].fill(0.0);
             }
         }
     }
 }
 
 /// `out[i·ld + (n−n0)] = x_i · W_n` for rows `n0..n1` of the FP8 or BF16 weight `w`, in f32
-/// ([`dot_serves`]): x as [`dot_prepare_x`] made it for the same `isa`.
+/// ([`dot_serves`]): x as [`dot_prepare_x`] made it.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn dot_rows(
     isa: Isa,
@@ -410,14 +399,9 @@ pub(crate) fn dot_rows(
 ) {
     assert!(dot_serves(isa, m, w));
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: dot_serves checked the ISA level (VBMI for the table conversion with
-    // Avx512Bf16) and the weight kind.
+    // SAFETY: dot_serves checked the ISA level (AVX-512 F/BW/VL) and the weight kind.
     unsafe {
-        if isa == Isa::Avx512Bf16 {
-            avx512::dot_rows_perm(xp, m, w, n0, n1, out, ld)
-        } else {
-            avx512::dot_rows_f16c(xp, m, w, n0, n1, out, ld)
-        }
+        avx512::dot_rows(xp, m, w, n0, n1, out, ld)
     }
 }
 
@@ -616,49 +600,18 @@ pub(crate) mod avx512 {
     }
 
     /// [`super::dot_rows`] on AVX-512: every 64 weights of a row are converted to four f32
-    /// vectors in registers once per x group and meet the group's rows in a 2×`RX` tile of
-    /// dot-product accumulators. `PERM` (the [`Isa::Avx512Bf16`] level, which has VBMI): FP8
-    /// codes go through the two-`vpermt2b` bf16 table (ten instructions for 64 codes) in the
-    /// lane order of [`super::dot_lane_col`]; otherwise 16 at a time through F16C.
+    /// vectors in registers (16 at a time through F16C) once per x group and meet the group's
+    /// rows in a 2×`RX` tile of dot-product accumulators. (The two-`vpermt2b` table of the
+    /// bf16 tiles, fewer instructions for 64 codes, took 1.1–1.35× the time from memory at 8,
+    /// 16 and 32 rows on a Zen 5 core pair, weights 768×2048 and 2048×7168, same run,
+    /// alternating; at 3 and 10 rows 0.9–1.1×.)
     ///
     /// # Safety
     /// The CPU must have [`Isa::Avx512`]; `w` must be FP8 or BF16; `xp` is
-    /// [`super::dot_prepare_x`] of `m` rows of `w.cols` columns for the same level.
+    /// [`super::dot_prepare_x`] of `m` rows of `w.cols` columns.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
-    pub(super) unsafe fn dot_rows_f16c(
-        xp: &[f32],
-        m: usize,
-        w: &Weight,
-        n0: usize,
-        n1: usize,
-        out: &mut [f32],
-        ld: usize,
-    ) {
-        unsafe { dot_rows::<false>(xp, m, w, n0, n1, out, ld) }
-    }
-
-    /// [`dot_rows_f16c`] with the table conversion (`PERM`).
-    ///
-    /// # Safety
-    /// As [`dot_rows_f16c`], on a CPU with [`Isa::Avx512Bf16`].
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx2,fma,f16c")]
-    pub(super) unsafe fn dot_rows_perm(
-        xp: &[f32],
-        m: usize,
-        w: &Weight,
-        n0: usize,
-        n1: usize,
-        out: &mut [f32],
-        ld: usize,
-    ) {
-        unsafe { dot_rows::<true>(xp, m, w, n0, n1, out, ld) }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    #[inline(always)]
-    unsafe fn dot_rows<const PERM: bool>(
+    pub(super) unsafe fn dot_rows(
         xp: &[f32],
         m: usize,
         w: &Weight,
@@ -673,10 +626,10 @@ pub(crate) mod avx512 {
         unsafe {
             match w.data {
                 WeightData::Fp8E4m3 { q, scale_inv } => {
-                    dot_rows_kind::<KIND_FP8, PERM>(xp, m, k, q, scale_inv, n0, n1, out, ld)
+                    dot_rows_kind::<KIND_FP8>(xp, m, k, q, scale_inv, n0, n1, out, ld)
                 }
                 WeightData::Bf16(b) => {
-                    dot_rows_kind::<KIND_BF16, PERM>(xp, m, k, b, &[], n0, n1, out, ld)
+                    dot_rows_kind::<KIND_BF16>(xp, m, k, b, &[], n0, n1, out, ld)
                 }
                 _ => unreachable!("avx512::dot_rows on a weight it does not serve"),
             }
@@ -702,7 +655,7 @@ pub(crate) mod avx512 {
 
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn dot_rows_kind<const KIND: u8, const PERM: bool>(
+    unsafe fn dot_rows_kind<const KIND: u8>(
         xp: &[f32],
         m: usize,
         k: usize,
@@ -732,9 +685,7 @@ pub(crate) mod avx512 {
         if b.len() < len {
             b.resize(len, 0.0);
         }
-        unsafe {
-            dot_rows_passes::<KIND, PERM>(xp, m, k, q, scale_inv, n0, n1, out, ld, kc, &mut b)
-        };
+        unsafe { dot_rows_passes::<KIND>(xp, m, k, q, scale_inv, n0, n1, out, ld, kc, &mut b) };
         DOT_XS.with(|c| c.replace(b));
     }
 
@@ -744,7 +695,7 @@ pub(crate) mod avx512 {
 
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn dot_rows_passes<const KIND: u8, const PERM: bool>(
+    unsafe fn dot_rows_passes<const KIND: u8>(
         xp: &[f32],
         m: usize,
         k: usize,
@@ -805,14 +756,7 @@ pub(crate) mod avx512 {
                         macro_rules! run {
                             ($rw:literal, $rx:literal) => {{
                                 let t = unsafe {
-                                    dot_tile::<KIND, PERM, $rw, $rx>(
-                                        xsrc,
-                                        steps,
-                                        k - c0,
-                                        qn,
-                                        k * eb,
-                                        pf,
-                                    )
+                                    dot_tile::<KIND, $rw, $rx>(xsrc, steps, k - c0, qn, k * eb, pf)
                                 };
                                 for (r, tr) in t.iter().enumerate() {
                                     for (j, v) in tr.iter().enumerate() {
@@ -822,7 +766,7 @@ pub(crate) mod avx512 {
                                 }
                             }};
                         }
-                        // Groups of at least DOT_MIN_M rows have 3 to 8 rows.
+                        // Groups of at least DOT_MIN_M rows have 3 to 10 rows.
                         match (rw, rx) {
                             (2, 3) => run!(2, 3),
                             (2, 4) => run!(2, 4),
@@ -830,12 +774,16 @@ pub(crate) mod avx512 {
                             (2, 6) => run!(2, 6),
                             (2, 7) => run!(2, 7),
                             (2, 8) => run!(2, 8),
+                            (2, 9) => run!(2, 9),
+                            (2, 10) => run!(2, 10),
                             (1, 3) => run!(1, 3),
                             (1, 4) => run!(1, 4),
                             (1, 5) => run!(1, 5),
                             (1, 6) => run!(1, 6),
                             (1, 7) => run!(1, 7),
                             (1, 8) => run!(1, 8),
+                            (1, 9) => run!(1, 9),
+                            (1, 10) => run!(1, 10),
                             _ => unreachable!("dot_rows groups of {rx} rows"),
                         }
                         n += rw;
@@ -908,124 +856,28 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// Constants of the `PERM` conversion, loaded once per tile.
-    #[derive(Clone, Copy)]
-    struct PermTables {
-        th0: __m512i,
-        th1: __m512i,
-        tl0: __m512i,
-        tl1: __m512i,
-        /// `vpermt2w` indices (odd words; even words are masked to zero) that put 64 natural
-        /// BF16 values into the four vectors of [`super::dot_lane_col`] order.
-        wi: [__m512i; 4],
-    }
-
-    /// The word indices of [`PermTables::wi`].
-    const fn bf16_perm_idx() -> [[u16; 32]; 4] {
-        let mut t = [[0u16; 32]; 4];
-        let mut v = 0;
-        while v < 4 {
-            let mut e = 0;
-            while e < 16 {
-                // Lane e/4, element e%4 of vector v: column 16·(e/4) + 4v + e%4.
-                t[v][2 * e + 1] = (16 * (e / 4) + 4 * v + e % 4) as u16;
-                e += 1;
-            }
-            v += 1;
-        }
-        t
-    }
-    static BF16_PERM_IDX: [[u16; 32]; 4] = bf16_perm_idx();
-
+    /// 64 weights of kind `KIND` at `p` (those from `left` on zero) as four f32 vectors, in
+    /// vector-path units (FP8: value·2⁻⁸).
     #[inline(always)]
-    unsafe fn perm_tables() -> PermTables {
-        unsafe {
-            let tp = avx512bf16::TABLES.as_ptr() as *const u8;
-            let wi = &BF16_PERM_IDX;
-            PermTables {
-                th0: _mm512_loadu_si512(tp as *const _),
-                th1: _mm512_loadu_si512(tp.add(64) as *const _),
-                tl0: _mm512_loadu_si512(tp.add(128) as *const _),
-                tl1: _mm512_loadu_si512(tp.add(192) as *const _),
-                wi: [
-                    _mm512_loadu_si512(wi[0].as_ptr() as *const _),
-                    _mm512_loadu_si512(wi[1].as_ptr() as *const _),
-                    _mm512_loadu_si512(wi[2].as_ptr() as *const _),
-                    _mm512_loadu_si512(wi[3].as_ptr() as *const _),
-                ],
-            }
-        }
-    }
-
-    /// 64 weights of kind `KIND` at `p` (those from `left` on zero) as four f32 vectors in the
-    /// layout order of [`super::dot_lane_col`] (FP8: exact values, no 2⁻⁸ with `PERM`).
-    #[inline(always)]
-    unsafe fn load64w<const KIND: u8, const PERM: bool, const MASKED: bool>(
+    unsafe fn load64w<const KIND: u8, const MASKED: bool>(
         p: *const u8,
         left: usize,
-        t: &PermTables,
     ) -> [__m512; 4] {
-        unsafe {
-            if !PERM {
-                let eb = if KIND == KIND_FP8 { 1 } else { 2 };
-                // (No closures here: a closure does not inherit the caller's target features,
-                // and its intrinsics would become calls.)
-                let mut o = [_mm512_setzero_ps(); 4];
-                for (v, o) in o.iter_mut().enumerate() {
-                    let l = if MASKED {
-                        left.saturating_sub(16 * v)
-                    } else {
-                        16
-                    };
-                    if l > 0 {
-                        *o = load16w::<KIND>(p.add(16 * v * eb), l);
-                    }
-                }
-                return o;
-            }
-            if KIND == KIND_FP8 {
-                let codes = if MASKED {
-                    _mm512_maskz_loadu_epi8(u64::MAX >> (64 - left.min(64)), p as *const i8)
-                } else {
-                    _mm512_loadu_si512(p as *const _)
-                };
-                let h = _mm512_permutex2var_epi8(t.th0, codes, t.th1);
-                let h = _mm512_ternarylogic_epi32::<0xF8>(h, codes, _mm512_set1_epi8(0x80u8 as i8));
-                let l = _mm512_permutex2var_epi8(t.tl0, codes, t.tl1);
-                let (a, b) = (_mm512_unpacklo_epi8(l, h), _mm512_unpackhi_epi8(l, h));
-                let z = _mm512_setzero_si512();
-                [
-                    _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, a)),
-                    _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, a)),
-                    _mm512_castsi512_ps(_mm512_unpacklo_epi16(z, b)),
-                    _mm512_castsi512_ps(_mm512_unpackhi_epi16(z, b)),
-                ]
+        let eb = if KIND == KIND_FP8 { 1 } else { 2 };
+        // (No closures here: a closure does not inherit the caller's target features, and its
+        // intrinsics would become calls.)
+        let mut o = [unsafe { _mm512_setzero_ps() }; 4];
+        for (v, o) in o.iter_mut().enumerate() {
+            let l = if MASKED {
+                left.saturating_sub(16 * v)
             } else {
-                let (z0, z1) = if MASKED {
-                    let m0 = ((1u64 << left.min(32)) - 1) as u32;
-                    let m1 = ((1u64 << left.saturating_sub(32).min(32)) - 1) as u32;
-                    (
-                        _mm512_maskz_loadu_epi16(m0, p as *const i16),
-                        _mm512_maskz_loadu_epi16(m1, p.add(64) as *const i16),
-                    )
-                } else {
-                    (
-                        _mm512_loadu_si512(p as *const _),
-                        _mm512_loadu_si512(p.add(64) as *const _),
-                    )
-                };
-                let mut o = [_mm512_setzero_ps(); 4];
-                for (v, o) in o.iter_mut().enumerate() {
-                    *o = _mm512_castsi512_ps(_mm512_maskz_permutex2var_epi16(
-                        0xAAAA_AAAA,
-                        z0,
-                        t.wi[v],
-                        z1,
-                    ));
-                }
-                o
+                16
+            };
+            if l > 0 {
+                *o = unsafe { load16w::<KIND>(p.add(16 * v * eb), l) };
             }
         }
+        o
     }
 
     /// `RW` weight rows at `q` (row stride `rb` bytes) against the `RX` rows of one group of
@@ -1034,7 +886,7 @@ pub(crate) mod avx512 {
     /// at which the weights read later are fetched into L1 and L2 on the way.
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn dot_tile<const KIND: u8, const PERM: bool, const RW: usize, const RX: usize>(
+    unsafe fn dot_tile<const KIND: u8, const RW: usize, const RX: usize>(
         x: *const f32,
         steps: usize,
         left: usize,
@@ -1045,18 +897,7 @@ pub(crate) mod avx512 {
         let mut acc = [[unsafe { _mm512_setzero_ps() }; RX]; RW];
         // Steps with all 64 columns, then at most one partial step.
         let full = steps.min(left / DOT_STEP);
-        // FP8 codes through F16C are value·2⁻⁸; the table gives the value.
-        let unit = if KIND == KIND_FP8 && PERM {
-            1.0 / 256.0
-        } else {
-            1.0
-        };
         unsafe {
-            let t = if PERM {
-                perm_tables()
-            } else {
-                std::mem::zeroed()
-            };
             for s in 0..full {
                 let eb = if KIND == KIND_FP8 { 1 } else { 2 };
                 for r in 0..RW {
@@ -1071,13 +912,13 @@ pub(crate) mod avx512 {
                         }
                     }
                 }
-                dot_step::<KIND, PERM, RW, RX, false>(x, q, rb, s, 0, &t, &mut acc);
+                dot_step::<KIND, RW, RX, false>(x, q, rb, s, 0, &mut acc);
             }
             if full < steps {
                 let cols = left - DOT_STEP * full;
-                dot_step::<KIND, PERM, RW, RX, true>(x, q, rb, full, cols, &t, &mut acc);
+                dot_step::<KIND, RW, RX, true>(x, q, rb, full, cols, &mut acc);
             }
-            sums(&acc, unit)
+            sums(&acc)
         }
     }
 
@@ -1116,34 +957,36 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// The lane sums of a tile's accumulators times `unit` ([`hsum16`] for more than 4 of
-    /// them; at most 16).
+    /// The lane sums of a tile's accumulators ([`hsum16`] per 16 for more than 4 of them; at
+    /// most 32).
     #[inline(always)]
     pub(super) unsafe fn sums<const RW: usize, const RX: usize>(
         acc: &[[__m512; RX]; RW],
-        unit: f32,
     ) -> [[f32; RX]; RW] {
-        const { assert!(RW * RX <= 16) };
+        const { assert!(RW * RX <= 32) };
         unsafe {
             if RW * RX <= 4 {
                 // Fewer instructions one vector at a time (8 each against the tree's 45).
                 let mut o = [[0f32; RX]; RW];
                 for r in 0..RW {
                     for i in 0..RX {
-                        o[r][i] = _mm512_reduce_add_ps(acc[r][i]) * unit;
+                        o[r][i] = _mm512_reduce_add_ps(acc[r][i]);
                     }
                 }
                 return o;
             }
-            let mut v = [_mm512_setzero_ps(); 16];
+            let mut v = [[_mm512_setzero_ps(); 16]; 2];
             for (r, row) in acc.iter().enumerate() {
-                v[r * RX..(r + 1) * RX].copy_from_slice(row);
+                for (i, a) in row.iter().enumerate() {
+                    let p = r * RX + i;
+                    v[p / 16][p % 16] = *a;
+                }
             }
-            let mut lanes = [0f32; 16];
-            _mm512_storeu_ps(
-                lanes.as_mut_ptr(),
-                _mm512_mul_ps(hsum16(&v), _mm512_set1_ps(unit)),
-            );
+            let mut lanes = [0f32; 32];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), hsum16(&v[0]));
+            if RW * RX > 16 {
+                _mm512_storeu_ps(lanes.as_mut_ptr().add(16), hsum16(&v[1]));
+            }
             let mut o = [[0f32; RX]; RW];
             for (r, row) in o.iter_mut().enumerate() {
                 row.copy_from_slice(&lanes[r * RX..(r + 1) * RX]);
@@ -1155,26 +998,19 @@ pub(crate) mod avx512 {
     /// Step `s` (columns 64s..64s+64, of which `cols` exist when `MASKED`) of [`dot_tile`].
     #[inline(always)]
     #[allow(clippy::needless_range_loop)]
-    unsafe fn dot_step<
-        const KIND: u8,
-        const PERM: bool,
-        const RW: usize,
-        const RX: usize,
-        const MASKED: bool,
-    >(
+    unsafe fn dot_step<const KIND: u8, const RW: usize, const RX: usize, const MASKED: bool>(
         x: *const f32,
         q: *const u8,
         rb: usize,
         s: usize,
         cols: usize,
-        t: &PermTables,
         acc: &mut [[__m512; RX]; RW],
     ) {
         let eb = if KIND == KIND_FP8 { 1 } else { 2 };
         unsafe {
             let mut wv = [[_mm512_setzero_ps(); 4]; RW];
             for (r, w) in wv.iter_mut().enumerate() {
-                *w = load64w::<KIND, PERM, MASKED>(q.add(r * rb + DOT_STEP * s * eb), cols, t);
+                *w = load64w::<KIND, MASKED>(q.add(r * rb + DOT_STEP * s * eb), cols);
             }
             let xv = x.add(DOT_STEP * RX * s);
             for v in 0..4 {
@@ -1213,7 +1049,7 @@ pub(crate) mod avx512bf16 {
         }
         t
     }
-    pub(super) static TABLES: [[u8; 128]; 2] = tables();
+    static TABLES: [[u8; 128]; 2] = tables();
 
     /// `vpermt2w` indices that put 64 bf16 weights (two vectors, natural order) into the lane
     /// order of [`prepare_x`]: A = words {0–7, 16–23, 32–39, 48–55}, B = the others.
@@ -1240,14 +1076,15 @@ pub(crate) mod avx512bf16 {
     /// row of the task passes it.
     const WHOLE_X_BYTES: usize = 256 << 10;
     const KCB: usize = 4 * FP8_BLOCK;
-    /// Distances of the L1 and L2 prefetches, in weight bytes (rounded up to whole row
-    /// groups): about 0.3 and 2.5 µs of one core's stream. Prefetches stop at the task's last
-    /// row, so the shorter distances leave less of each task (96 to 256 rows at the medium
-    /// shapes) to the hardware prefetchers alone: against 16 and 128 KiB a decode GEMV of
-    /// 768×2048 or 2048×768 FP8 weights from memory took 0.88–0.9× the CPU time (one core,
-    /// same run, alternating, four rounds), a 7168-column expert the same.
+    /// Distance of the L1 prefetch, in weight bytes (rounded up to whole row groups): about
+    /// 0.3 µs of one core's stream. Prefetches stop at the task's last row, so a shorter
+    /// distance leaves less of each task (96 to 256 rows at the medium shapes) to the hardware
+    /// prefetchers alone: against 16 KiB a decode GEMV of 768×2048 or 2048×768 FP8 weights from
+    /// memory took 0.88–0.9× the CPU time (one core, same run, alternating, four rounds), a
+    /// 7168-column expert the same. A second, L2 prefetch 64 KiB ahead (+15% on a Zen 4 core)
+    /// cost a Zen 5 core 10–25% of its GEMV rate at the V3 and medium shapes, and 4 or 32 KiB
+    /// here were no better (one core, weights from memory, same run, alternating).
     const NEAR_BYTES: usize = 8 << 10;
-    const FAR_BYTES: usize = 64 << 10;
 
     /// Length in u16 of `m` prepared rows of `k` columns.
     pub(crate) fn prepared_len(m: usize, k: usize) -> usize {
@@ -1362,17 +1199,16 @@ pub(crate) mod avx512bf16 {
             let eb = if KIND == KIND_FP8 { 1 } else { 2 };
             let rb = k * eb;
             // Prefetch the same columns of later row groups of the task: the first group at
-            // least NEAR_BYTES ahead into L1, the first at least FAR_BYTES ahead into L2 (one
-            // core's demand misses alone reach about half of what its share of the memory
-            // bandwidth allows; the two hints measured +15% on a Zen 4 core), never past the
-            // task's rows. The distance counts the bytes the tiles stream, `c1 − c0` columns a
-            // row (x cut into column blocks reads a block of every row, not whole rows).
+            // least NEAR_BYTES ahead into L1 (one core's demand misses alone reach about half
+            // of what its share of the memory bandwidth allows), never past the task's rows.
+            // The distance counts the bytes the tiles stream, `c1 − c0` columns a row (x cut
+            // into column blocks reads a block of every row, not whole rows).
             let group = RW * (c1 - c0) * eb;
             let ahead = |bytes: usize| {
                 let rows = bytes.div_ceil(group) * RW;
                 (rows < rows_left).then_some(rows * rb)
             };
-            let (near, far) = (ahead(NEAR_BYTES), ahead(FAR_BYTES));
+            let near = ahead(NEAR_BYTES);
             let mut tot = [[_mm512_setzero_ps(); RX]; RW];
             let chains = chains(RW * RX);
             let mut c = c0;
@@ -1388,9 +1224,6 @@ pub(crate) mod avx512bf16 {
                         for line in 0..eb {
                             if let Some(d) = near {
                                 _mm_prefetch::<_MM_HINT_T0>(p.add(d + 64 * line) as *const i8);
-                            }
-                            if let Some(d) = far {
-                                _mm_prefetch::<_MM_HINT_T2>(p.add(d + 64 * line) as *const i8);
                             }
                         }
                         let left = k - c;
@@ -1464,7 +1297,7 @@ pub(crate) mod avx512bf16 {
                     }
                 }
             }
-            super::avx512::sums(&tot, 1.0)
+            super::avx512::sums(&tot)
         }
     }
 

@@ -143,13 +143,20 @@ fn decode_gemv_every_path_odd_shapes() {
 }
 
 /// Enough rows × columns of x that the bf16 tiles (FP8 and BF16 weights) cut x into L2-sized
-/// column blocks (more than 256 KiB prepared: 512-wide blocks), with a partial last block; and
-/// more rows than the tiles take (the packed path then).
+/// column blocks (more than 256 KiB prepared: 512-wide blocks), with a partial last block: 3
+/// rows (the most the bf16 tiles take on `Isa::Avx512Bf16`) of more than 14 563 columns; and
+/// 60 and 70 rows (the dot tiles and the packed path on the AVX-512 levels).
 #[test]
 fn blocked_fp8_and_bf16_gemm_matches_reference() {
     let mut rng = Rng::new(11);
-    let (n, k) = (37, 1100);
-    for (m, kind) in [(60, Kind::Fp8), (60, Kind::Bf16), (70, Kind::Fp8)] {
+    for (m, k, kind) in [
+        (3, 14_999, Kind::Fp8),
+        (3, 14_999, Kind::Bf16),
+        (60, 1100, Kind::Fp8),
+        (60, 1100, Kind::Bf16),
+        (70, 1100, Kind::Fp8),
+    ] {
+        let n = 37;
         let w = OwnedWeight::random(&mut rng, n, k, kind);
         let x = randv(&mut rng, m * k);
         let want = reference::matmul(&x, m, &w.view());
@@ -197,17 +204,18 @@ fn fp8_codes_exact_through_every_path() {
     }
 }
 
-/// The f32 dot-product tiles of the AVX-512 levels (FP8 and BF16 weights, 8–64 rows of x):
-/// every x group size (4–8 rows, as 8–17, 32 and 64 rows split), more columns than one pass
-/// takes (512–2048) with a partial last step, weight rows that cross a 128-row scale block and
-/// end in an odd row; other paths take the same shapes.
+/// The f32 dot-product tiles of the AVX-512 levels (FP8 and BF16 weights, 3–64 rows of x, 4–64
+/// on `Isa::Avx512Bf16`): every x group size (3–10 rows: 3–10 rows make one group, 11–20, 32
+/// and 64 rows split into groups of 5–10), more columns than one pass takes (512–2048) with a
+/// partial last step, weight rows that cross a 128-row scale block and end in an odd row; other
+/// paths take the same shapes.
 #[test]
 fn dot_tiles_every_group_size_and_multi_pass() {
     let mut rng = Rng::new(19);
     let (n, k) = (133, 2 * 2048 + 77);
     for kind in [Kind::Fp8, Kind::Bf16] {
         let w = OwnedWeight::random(&mut rng, n, k, kind);
-        for m in (7..=17).chain([32, 64]) {
+        for m in (3..=20).chain([32, 64]) {
             let x = randv(&mut rng, m * k);
             let want = reference::matmul(&x, m, &w.view());
             for isa in isas() {
