@@ -40,11 +40,10 @@ pub enum WireDtype {
     /// Exact: the cluster agrees with the single process to rounding of the summation order.
     F32,
     /// Half the bytes of f32, relative error ≤ 2⁻⁹ per value. The default, from
-    /// `shardseek bench dispatch` (V3 shapes, 4 shards, one busy 2-core machine, CPU per round
-    /// trip): bf16 takes 45–32% less than f32 at 64–256 tokens (256: 14.8 ms vs 21.9 ms); fp8
-    /// takes 14–21% less than bf16 (256: 11.7 ms) for 16× the error bound, because most of
-    /// the time is the f32 work at both ends (encode from, decode to and combine into f32
-    /// rows), which the wire dtype does not change.
+    /// `shardseek bench dispatch` (V3 shapes, 4 shards, a quiet 2-core machine, CPU per round
+    /// trip): bf16 takes 50–53% less than f32 at 64–256 tokens (256: 10.9 ms vs 21.9 ms); fp8
+    /// dispatch (bf16 combine) takes 14–19% less than bf16 (256: 8.8 ms) for 16× the error
+    /// bound on the expert inputs.
     #[default]
     Bf16,
     /// A quarter of the bytes, relative error ≤ 2⁻⁴ of each value plus 2⁻¹⁰ of its block's
@@ -59,8 +58,8 @@ impl WireDtype {
     /// fp8 dispatch combines in bf16, the layout DeepSeek's DeepEP uses: a partial sum is added
     /// straight into the residual stream, where fp8's three mantissa bits would cost more
     /// accuracy than the expert inputs lose, and encoding it is a block maximum plus a
-    /// conversion per value where bf16 is one rounding (`shardseek bench dispatch`, fp8
-    /// both ways at 256 tokens: 2.5–2.7× the TCP exchange of the same bytes).
+    /// conversion per value where bf16 is one rounding (measured at 2.5× bf16's encode time
+    /// per value on cached rows, more on rows from memory).
     pub fn combine_dtype(self) -> WireDtype {
         match self {
             WireDtype::Fp8E4m3 => WireDtype::Bf16,
