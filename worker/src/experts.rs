@@ -287,39 +287,7 @@ impl LocalExperts {
             },
             m,
             None,
-            |ys, sorted_rows, lists| {
-                // Per token, the positions of its outputs in `ys`, in ascending order: the
-                // order in which the in-process pass adds them onto the token's row, so both
-                // sums are the same to the bit.
-                let (start, order) = (&mut lists.start, &mut lists.order);
-                start.clear();
-                start.resize(m + 1, 0);
-                for &r in sorted_rows {
-                    start[r + 1] += 1;
-                }
-                for t in 0..m {
-                    start[t + 1] += start[t];
-                }
-                order.clear();
-                order.resize(sorted_rows.len(), 0);
-                let mut fill = std::mem::take(&mut lists.fill);
-                fill.clear();
-                fill.extend_from_slice(&start[..m]);
-                for (k, &r) in sorted_rows.iter().enumerate() {
-                    order[fill[r]] = k;
-                    fill[r] += 1;
-                }
-                lists.fill = fill;
-                let mut acc = scratch::take(h);
-                for t in 0..m {
-                    acc.fill(0.0);
-                    for &k in &order[start[t]..start[t + 1]] {
-                        self.backend.add(&mut acc, &ys[k * h..(k + 1) * h])?;
-                    }
-                    out.push(&acc).map_err(|e| Error::Input(e.to_string()))?;
-                }
-                Ok(())
-            },
+            |ys, sorted_rows, lists| self.gather_sum(m, ys, sorted_rows, lists, out),
         )
     }
 
@@ -419,6 +387,47 @@ impl LocalExperts {
         let res = finish(&ys, &sorted_rows, lists);
         lists.sorted_rows = sorted_rows;
         res
+    }
+
+    /// Sums each token's output rows of a grouped pass in one cached row and pushes it into
+    /// `out`, token by token: a shard's combine. A token's rows are added in ascending output
+    /// order, the order [`Self::scatter_sum`] adds them in, so both sums are the same to the bit.
+    fn gather_sum(
+        &self,
+        m: usize,
+        ys: &[f32],
+        sorted_rows: &[usize],
+        lists: &mut CombineLists,
+        out: &mut ReplyRows,
+    ) -> Result<()> {
+        let h = self.hidden;
+        // Per token, the positions of its outputs in `ys` (compressed: `start`, `order`).
+        let (start, order, fill) = (&mut lists.start, &mut lists.order, &mut lists.fill);
+        start.clear();
+        start.resize(m + 1, 0);
+        for &r in sorted_rows {
+            start[r + 1] += 1;
+        }
+        for t in 0..m {
+            start[t + 1] += start[t];
+        }
+        order.clear();
+        order.resize(sorted_rows.len(), 0);
+        fill.clear();
+        fill.extend_from_slice(&start[..m]);
+        for (k, &r) in sorted_rows.iter().enumerate() {
+            order[fill[r]] = k;
+            fill[r] += 1;
+        }
+        let mut acc = scratch::take(h);
+        for t in 0..m {
+            acc.fill(0.0);
+            for &k in &order[start[t]..start[t + 1]] {
+                self.backend.add(&mut acc, &ys[k * h..(k + 1) * h])?;
+            }
+            out.push(&acc).map_err(|e| Error::Input(e.to_string()))?;
+        }
+        Ok(())
     }
 
     /// Adds each output row of a grouped pass onto its token's row of a `[m, h]` buffer, in
