@@ -282,6 +282,11 @@ struct WorkerArgs {
     /// Redundant expert slots per shard (replicas for failover); same on every process.
     #[arg(long, default_value_t = 0, env = "SHARDSEEK_REDUNDANT_SLOTS")]
     redundant_slots: usize,
+    /// Attention role: how long (ms) tokens whose experts have no live copy wait for their
+    /// shard's restart before they fail; the step is held meanwhile. Default: 5000 with
+    /// redundant slots (the deployment asked for fault tolerance), 0 (fail at once) without.
+    #[arg(long, env = "SHARDSEEK_FAILOVER_WAIT_MS")]
+    failover_wait_ms: Option<u64>,
     /// Expert role: this shard's id (the StatefulSet pod ordinal in a cluster).
     #[arg(long, env = "SHARDSEEK_SHARD_ID")]
     shard: Option<usize>,
@@ -389,6 +394,10 @@ struct UpArgs {
     /// take a dead shard's experts and share hot experts' load.
     #[arg(long, default_value_t = 0)]
     redundant_experts: usize,
+    /// How long (ms) the attention pods hold tokens whose experts have no live copy while
+    /// their shard restarts; default 5000 with --redundant-experts, 0 (fail at once) without.
+    #[arg(long)]
+    failover_wait_ms: Option<u64>,
     /// The router's public port (HTTP and gRPC); 0 picks a free one.
     #[arg(long, default_value_t = 8000)]
     port: u16,
@@ -821,7 +830,15 @@ fn run_up(a: UpArgs) -> Result<()> {
             a.device.to_string(),
             "--lm-head-dtype".into(),
             a.lm_head_dtype.clone(),
-        ],
+        ]
+        .into_iter()
+        .chain(
+            a.failover_wait_ms
+                .map(|ms| ["--failover-wait-ms".to_string(), ms.to_string()])
+                .into_iter()
+                .flatten(),
+        )
+        .collect(),
         expert_args: vec!["--device".into(), a.experts_device.to_string()],
         router_args: a.api.to_args(),
         router_env: a.api.to_env(),
@@ -1059,6 +1076,7 @@ fn run_worker(mut a: WorkerArgs) -> Result<()> {
                 },
                 experts: a.experts,
                 redundant_slots: a.redundant_slots,
+                failover_wait: a.failover_wait_ms.map(std::time::Duration::from_millis),
                 wire_dtype,
                 metrics_listen: a.metrics_listen,
                 placement_file: a.placement_file,

@@ -5,9 +5,11 @@
 //! list of the (expert, weight) pairs that shard serves — splits a shard's group into messages
 //! under the transport's size limit, sends all of them concurrently, and adds the returned
 //! partial sums into the output. When a shard fails, each of its tokens whose experts there all
-//! have a live replica elsewhere is re-sent there once; the others fail, alone: the result
-//! ([`Dispatched`]) lists them with the error naming the shard and the layer, and every other
-//! token's sum is complete, so the caller fails only the sequences those tokens belong to.
+//! have a live replica elsewhere is re-sent there once. The others wait for the shard's restart
+//! when [`DispatchConfig::failover_wait`] allows (the step is held, then they are re-sent), or
+//! fail, alone: the result ([`Dispatched`]) lists them with the error naming the shard and the
+//! layer, and every other token's sum is complete, so the caller fails only the sequences those
+//! tokens belong to.
 //!
 //! Placement changes (EPLB) take effect between steps, never inside one: the caller brackets
 //! each forward step with [`Dispatcher::step_started`] / [`Dispatcher::step_finished`], and a
@@ -36,6 +38,10 @@ use crate::{Error, Result};
 /// large prefill chunk on CPU, short enough that a request on a hung shard fails while its
 /// client is still waiting.
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How often held tokens look for their restarted shard: a fraction of a restart's time (the
+/// supervisor's first back-off alone is 200 ms), cheap since it reads one flag per shard.
+const FAILOVER_POLL: Duration = Duration::from_millis(20);
 
 /// The window of [`Dispatcher::load_imbalance`]: long enough to smooth a few requests' bursts,
 /// short enough that a placement change (or a shard's death) shows within a minute.
@@ -96,6 +102,12 @@ pub struct DispatchConfig {
     /// computes and answers the first while the next is still on the wire — and each batch's
     /// rows stay small enough for the caches between the stages.
     pub message_bytes: usize,
+    /// How long tokens whose experts lost every live copy wait for their shard to come back
+    /// (a supervisor or the kubelet restarts it, and the transport's prober unmasks it) before
+    /// they fail. Zero fails them at once. Waiting holds the whole step — every sequence of the
+    /// batch stalls for the restart — which is why it is opt-in: a deployment that reserves
+    /// redundant slots asks for fault tolerance and turns it on (`--failover-wait`).
+    pub failover_wait: Duration,
 }
 
 impl Default for DispatchConfig {
@@ -104,6 +116,7 @@ impl Default for DispatchConfig {
             wire_dtype: WireDtype::Bf16,
             deadline: DEFAULT_DEADLINE,
             message_bytes: DEFAULT_MESSAGE_BYTES,
+            failover_wait: Duration::ZERO,
         }
     }
 }
@@ -497,8 +510,14 @@ impl<T: Transport> Dispatcher<T> {
         let mut retry_tokens: Vec<usize> = Vec::new();
         let mut retry = Vec::new();
         let mut failures = Vec::new();
+        // The chunks no replica can take: they wait for their shard (`failover_wait`) or fail.
+        let mut held: Vec<(ShardGroup, Error)> = Vec::new();
         for (g, error) in failed {
-            let mut lost = Vec::new();
+            let mut lost = ShardGroup {
+                shard: g.shard,
+                tokens: Vec::new(),
+                assignments: Assignments::new(),
+            };
             for (i, &t) in g.tokens.iter().enumerate() {
                 let (experts, weights) = g.assignments.row(i);
                 let movable = experts.iter().all(|&e| {
@@ -510,15 +529,14 @@ impl<T: Transport> Dispatcher<T> {
                     retry_tokens.push(t);
                     retry.push((experts.to_vec(), weights.to_vec()));
                 } else {
-                    lost.push(t);
+                    lost.tokens.push(t);
+                    lost.assignments
+                        .push_row(experts.iter().copied().zip(weights.iter().copied()));
                 }
             }
-            if !lost.is_empty() {
-                tracing::warn!(layer, %error, lost = lost.len(), "expert shard failed; its tokens have no replica");
-                failures.push(ShardFailure {
-                    error,
-                    tokens: lost,
-                });
+            if !lost.tokens.is_empty() {
+                tracing::warn!(layer, %error, lost = lost.tokens.len(), "expert shard failed; its tokens have no replica");
+                held.push((lost, error));
             }
         }
         if !retry_tokens.is_empty() {
@@ -533,13 +551,17 @@ impl<T: Transport> Dispatcher<T> {
                     .run(&placement, layer, step, &rows, regroup, &mut out)
                     .await
                 {
-                    failures.push(ShardFailure {
-                        error,
-                        tokens: g.tokens,
-                    });
+                    held.push((g, error));
                 }
             }
         }
+        let lost = self
+            .hold_for_restart(&placement, layer, step, &rows, held, &mut out)
+            .await;
+        failures.extend(lost.into_iter().map(|(g, error)| ShardFailure {
+            error,
+            tokens: g.tokens,
+        }));
         for f in &mut failures {
             f.tokens.sort_unstable();
             f.tokens.dedup();
@@ -548,6 +570,81 @@ impl<T: Transport> Dispatcher<T> {
             rows: out,
             failures,
         })
+    }
+
+    /// The failover of last resort: chunks whose experts have no live copy wait, up to
+    /// [`DispatchConfig::failover_wait`], for their shards to be live again (restarted on their
+    /// address and unmasked by the transport's prober), then are sent again — to any live
+    /// replica, else to their shard. A chunk that fails again waits again while time is left.
+    /// Returns the chunks still lost, each with its last error (all of them when the wait is
+    /// zero). The step's other tokens are already summed into `out`; a resent chunk's partial
+    /// sums are added after them.
+    async fn hold_for_restart(
+        &self,
+        placement: &Placement,
+        layer: usize,
+        step: u64,
+        rows: &Arc<Vec<f32>>,
+        mut held: Vec<(ShardGroup, Error)>,
+        out: &mut [f32],
+    ) -> Vec<(ShardGroup, Error)> {
+        let wait = self.config.failover_wait;
+        if held.is_empty() || wait.is_zero() {
+            return held;
+        }
+        let until = Instant::now() + wait;
+        let started = Instant::now();
+        let waiting = held.iter().map(|(g, _)| g.tokens.len()).sum::<usize>();
+        tracing::warn!(
+            layer,
+            tokens = waiting,
+            wait_ms = wait.as_millis() as u64,
+            "no live copy of some experts; holding the step for their shard's restart"
+        );
+        while !held.is_empty() {
+            let needed: BTreeSet<usize> = held.iter().map(|(g, _)| g.shard).collect();
+            while !needed.iter().all(|&s| self.transport.is_live(s)) {
+                if Instant::now() >= until {
+                    tracing::warn!(
+                        layer,
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        "the shard did not come back in time; its tokens fail"
+                    );
+                    return held;
+                }
+                tokio::time::sleep(FAILOVER_POLL).await;
+            }
+            let mut tokens = Vec::new();
+            let mut pairs = Vec::new();
+            for (g, _) in &held {
+                for (i, &t) in g.tokens.iter().enumerate() {
+                    let (e, w) = g.assignments.row(i);
+                    tokens.push(t);
+                    pairs.push((e.to_vec(), w.to_vec()));
+                }
+            }
+            // Every expert in `held` came from `placement`, so each has a shard to plan on.
+            let Some(regroup) = self.plan_pairs(placement, &tokens, &pairs, &BTreeSet::new())
+            else {
+                return held;
+            };
+            let failed = self.run(placement, layer, step, rows, regroup, out).await;
+            if failed.is_empty() {
+                tracing::info!(
+                    layer,
+                    tokens = waiting,
+                    held_ms = started.elapsed().as_millis() as u64,
+                    "held tokens served after their shard came back"
+                );
+                return Vec::new();
+            }
+            if Instant::now() >= until {
+                return failed;
+            }
+            held = failed;
+            tokio::time::sleep(FAILOVER_POLL).await;
+        }
+        held
     }
 
     /// Groups `tokens` by shard, choosing for each (token, expert) one replica not in `exclude`,

@@ -7,6 +7,7 @@ use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -244,6 +245,18 @@ pub fn stream_completion(
     prompt: &[u32],
     max_tokens: usize,
 ) -> Result<Vec<std::time::Instant>, String> {
+    stream_completion_counted(addr, prompt, max_tokens, &AtomicUsize::new(0))
+}
+
+/// [`stream_completion`], adding each token to `received` as it arrives, so a test can act at a
+/// point of the generation (kill a shard once every stream is a quarter through) whatever the
+/// machine's speed.
+pub fn stream_completion_counted(
+    addr: &str,
+    prompt: &[u32],
+    max_tokens: usize,
+    received: &AtomicUsize,
+) -> Result<Vec<std::time::Instant>, String> {
     use std::io::Write;
     let body = serde_json::json!({
         "prompt": prompt, "max_tokens": max_tokens, "stream": true,
@@ -289,6 +302,7 @@ pub fn stream_completion(
         for _ in 0..tokens {
             times.push(std::time::Instant::now());
         }
+        received.fetch_add(tokens, Ordering::Relaxed);
     }
     if !done {
         return Err(format!(

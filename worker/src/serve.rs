@@ -38,6 +38,9 @@ pub struct AttentionConfig {
     pub experts: Vec<String>,
     /// Redundant expert slots per shard (must match the shards' setting).
     pub redundant_slots: usize,
+    /// How long tokens whose experts have no live copy wait for their shard's restart
+    /// ([`DispatchConfig::failover_wait`]); `None` takes [`default_failover_wait`].
+    pub failover_wait: Option<std::time::Duration>,
     pub wire_dtype: WireDtype,
     /// Also serve `/metrics`, `/health`, `/ready` here (Kubernetes probes and scraping use a
     /// port of their own, so they never queue behind the data path).
@@ -68,6 +71,19 @@ pub struct ExpertRoleConfig {
     pub placement_file: Option<PathBuf>,
     /// Where the shard computes its experts.
     pub device: crate::backend::Device,
+}
+
+/// The hold of tokens whose experts lost every live copy, unless configured: 5 s when the
+/// deployment reserves redundant slots — it asked for fault tolerance, and a restarted shard
+/// rejoins well within that (`up` restarts it after 200 ms, the pod's prober reconnects within
+/// another 200 ms) — and none without, so a cluster without spare copies fails the affected
+/// requests at once instead of stalling every stream for a restart.
+pub fn default_failover_wait(redundant_slots: usize) -> std::time::Duration {
+    if redundant_slots > 0 {
+        std::time::Duration::from_secs(5)
+    } else {
+        std::time::Duration::ZERO
+    }
 }
 
 /// The table a process starts on: the rebalancer's record when there is one (with the table a
@@ -280,6 +296,9 @@ pub async fn run_attention(
             model.cfg.hidden_size,
             DispatchConfig {
                 wire_dtype: cfg.wire_dtype,
+                failover_wait: cfg
+                    .failover_wait
+                    .unwrap_or_else(|| default_failover_wait(cfg.redundant_slots)),
                 ..DispatchConfig::default()
             },
         )

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 use shardseek_router::transport::grpc::{GrpcConfig, GrpcTransport};
-use shardseek_router::{Placement, Routes, Transport, WireDtype};
+use shardseek_router::{DispatchConfig, Dispatcher, Placement, Routes, Transport, WireDtype};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -398,6 +398,103 @@ async fn without_replicas_only_the_tokens_on_the_dead_shard_fail() {
         &want[..],
         "the others' sums are exact"
     );
+    for s in running {
+        s.server.shutdown().await.expect("stop");
+    }
+}
+
+/// With a failover wait, tokens whose experts have no live copy are held until their shard is
+/// back (restarted on its address, unmasked by the prober) and then served in full; the sums are
+/// the reference's. Past the wait they fail as without it, naming the shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_live_copy_tokens_wait_for_the_restart_or_fail_after_the_wait() {
+    let placement = Placement::initial(EXPERTS, 2, 0).expect("placement");
+    let mut running = start_shards(&placement, |_| {}).await;
+    let t = transport(&running, GrpcConfig::default());
+    t.connect_all().await.expect("connect");
+    let _rejoin = t.spawn_rejoin(Duration::from_millis(50));
+    let holding = |wait: Duration| {
+        Dispatcher::new(
+            Arc::clone(&t),
+            placement.clone(),
+            HIDDEN,
+            DispatchConfig {
+                wire_dtype: WireDtype::F32,
+                deadline: DEADLINE,
+                failover_wait: wait,
+                ..DispatchConfig::default()
+            },
+        )
+        .expect("dispatcher")
+    };
+    let (rows, experts, weights) = batch(12, 5);
+    let routes = Routes {
+        top_k: TOP_K,
+        experts: &experts,
+        weights: &weights,
+    };
+    assert!(
+        placement
+            .experts_of(1)
+            .iter()
+            .any(|e| experts.contains(&(*e as u32))),
+        "the batch needs shard 1"
+    );
+    let want = local_reference(&placement, 3, &rows, &experts, &weights);
+
+    // Shard 1 dies; it comes back on its address 400 ms later, while the dispatch waits.
+    let dead = running.pop().expect("shard 1");
+    let addr1 = dead.server.local_addr();
+    dead.server.abort().await;
+    let restart = {
+        let placement = placement.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            start_shard(&placement, 1, Some(addr1), |_| {}).await
+        })
+    };
+    let d = holding(Duration::from_secs(5));
+    let started = Instant::now();
+    let got = d
+        .dispatch_partial(3, 0, Arc::new(rows.clone()), routes)
+        .await
+        .expect("the input is fine");
+    let held = started.elapsed();
+    assert!(
+        got.failures.is_empty(),
+        "held tokens failed: {:?}",
+        got.failures
+            .iter()
+            .map(|f| f.error.to_string())
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        held >= Duration::from_millis(300),
+        "served in {held:?}, before shard 1 was back"
+    );
+    for (g, w) in got.rows.iter().zip(&want) {
+        assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{g} vs {w}");
+    }
+    let back = restart.await.expect("restart task");
+    assert!(back.compute.calls.load(Ordering::SeqCst) >= 1);
+
+    // It dies again and stays down: after a 300 ms wait its tokens fail, naming it.
+    back.server.abort().await;
+    let d = holding(Duration::from_millis(300));
+    let started = Instant::now();
+    let got = d
+        .dispatch_partial(3, 1, Arc::new(rows.clone()), routes)
+        .await
+        .expect("the input is fine");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(
+        !got.failures.is_empty(),
+        "tokens on a dead shard cannot succeed"
+    );
+    for f in &got.failures {
+        let text = f.error.to_string();
+        assert!(text.contains("expert shard 1"), "{text}");
+    }
     for s in running {
         s.server.shutdown().await.expect("stop");
     }
