@@ -1018,6 +1018,9 @@ fn run_worker(mut a: WorkerArgs) -> Result<()> {
         .into();
         // The config counts redundant slots over all shards; the placement takes them per shard.
         a.redundant_slots = (cc.experts.redundant_slots / cc.experts.shards.max(1)) as usize;
+        if let Some(ms) = cc.experts.failover_wait_ms {
+            a.failover_wait_ms = Some(ms.into());
+        }
         a.shards = Some(cc.experts.shards as usize);
         match a.role {
             Role::Attention => {

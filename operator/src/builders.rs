@@ -381,6 +381,16 @@ pub fn cluster_config(dsd: &DeepSeekDeployment) -> Result<ClusterConfig> {
             // The operator runs the rebalancer; no worker reads the interval, so it stays out
             // of the config (and of the pods' config hashes: changing it rolls no pod).
             rebalance_interval_seconds: None,
+            failover_wait_ms: spec
+                .experts
+                .failover_wait_seconds
+                .map(|s| match non_negative("experts.failoverWaitSeconds", s)? {
+                    s if s > 300 => Err(Error::InvalidSpec(format!(
+                        "experts.failoverWaitSeconds is {s}; it must be at most 300"
+                    ))),
+                    s => Ok(s * 1000),
+                })
+                .transpose()?,
             device: experts_device,
         },
         router: cc::RouterConfig {

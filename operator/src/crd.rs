@@ -422,6 +422,16 @@ pub struct ExpertsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 10))]
     pub rebalance_interval_seconds: Option<i32>,
+    /// Seconds an attention pod holds the tokens that need an expert with no live copy left (its
+    /// shard died and no replica lives), waiting for the shard to be back before failing them.
+    /// The step is held meanwhile, so every sequence in it stalls; a pod that comes back in time
+    /// costs the requests nothing. Unset: 5 with redundant slots, 0 (fail those requests at
+    /// once, with an error naming the shard) without. Kubernetes restarts a crashed container at
+    /// once, but a pod rescheduled onto another node takes longer: raise it where that must not
+    /// fail requests. Changing it restarts the pods (it is part of their configuration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 300))]
+    pub failover_wait_seconds: Option<i32>,
     /// Adjustments merged over the expert-shard pods the operator builds.
     #[serde(default, skip_serializing_if = "PodTemplateOverrides::is_empty")]
     pub pod_template: PodTemplateOverrides,
@@ -435,6 +445,7 @@ impl Default for ExpertsSpec {
             device: default_device(),
             resources: None,
             rebalance_interval_seconds: None,
+            failover_wait_seconds: None,
             pod_template: PodTemplateOverrides::default(),
         }
     }

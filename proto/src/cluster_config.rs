@@ -291,6 +291,12 @@ pub struct ExpertsConfig {
     pub grpc_port: u16,
     /// Seconds between placement rebalances; `None` keeps the initial placement.
     pub rebalance_interval_seconds: Option<u32>,
+    /// How long (ms) attention pods hold tokens whose experts have no live copy, waiting for the
+    /// shard's restart (`--failover-wait-ms`); `None` takes the pods' default (5 s with
+    /// redundant slots, 0 without). Left out of the file when unset, so configs written before
+    /// it existed, and their pods' config hashes, are unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover_wait_ms: Option<u32>,
     /// Where expert shards compute. Left out of the file when `cpu`, so a CPU cluster's config text,
     /// and so its pods' config hashes, stay what they were before devices existed (upgrading
     /// the operator rolls no pod).
@@ -482,6 +488,8 @@ impl ClusterConfig {
                 // A shard learns its own id from its ordinal and listens on its port; the other
                 // shards' addresses are for attention pods.
                 v.experts.addresses = Vec::new();
+                // How long pods hold tokens for a restarting shard is the pods' policy.
+                v.experts.failover_wait_ms = None;
                 v.dispatch_dtype = DispatchDtype::default();
                 v.router = RouterConfig {
                     http_port: 0,
@@ -498,6 +506,7 @@ impl ClusterConfig {
                     addresses: Vec::new(),
                     grpc_port: 0,
                     rebalance_interval_seconds: None,
+                    failover_wait_ms: None,
                     device: Device::default(),
                 };
                 v.dispatch_dtype = DispatchDtype::default();
@@ -580,6 +589,7 @@ mod tests {
                 ),
                 grpc_port: DEFAULT_EXPERT_GRPC_PORT,
                 rebalance_interval_seconds: Some(600),
+                failover_wait_ms: Some(10_000),
                 device: Device::Cpu,
             },
             router: RouterConfig {
@@ -731,6 +741,10 @@ mod tests {
         assert_eq!(
             changed(&|c| c.experts.redundant_slots = 4),
             [true, true, false]
+        );
+        assert_eq!(
+            changed(&|c| c.experts.failover_wait_ms = Some(1)),
+            [true, false, false]
         );
         assert_eq!(changed(&|c| c.router.http_port = 1), [false, false, true]);
         assert_eq!(

@@ -895,6 +895,37 @@ fn rebalance_interval_is_the_operators_and_rolls_no_pod() {
     assert!(err.contains("needs expert shards"), "{err}");
 }
 
+/// The failover wait reaches the pods' cluster config in milliseconds; unset, it stays out of the
+/// config text (existing objects' configs and pod hashes are unchanged); above 300 s, the
+/// schema's bound, it is refused for objects stored before the bound.
+#[test]
+fn failover_wait_reaches_the_pods_config_and_is_bounded() {
+    let mut dsd = as_stored(example("full.yaml"));
+    dsd.spec.experts.failover_wait_seconds = None;
+    let unset = builders::cluster_config(&dsd).expect("config");
+    assert_eq!(unset.experts.failover_wait_ms, None);
+    let text = serde_json::to_string(&unset).expect("json");
+    assert!(!text.contains("failoverWait"), "{text}");
+    dsd.spec.experts.failover_wait_seconds = Some(30);
+    let set = builders::cluster_config(&dsd).expect("config");
+    assert_eq!(set.experts.failover_wait_ms, Some(30_000));
+    assert_ne!(
+        builders::build(&dsd).expect("builds"),
+        {
+            let mut d = dsd.clone();
+            d.spec.experts.failover_wait_seconds = None;
+            builders::build(&d).expect("builds")
+        },
+        "the pods' configuration changes with it"
+    );
+    dsd.spec.experts.failover_wait_seconds = Some(301);
+    let err = builders::build(&dsd).expect_err("above 300 s").to_string();
+    assert!(err.contains("at most 300"), "{err}");
+    dsd.spec.experts.failover_wait_seconds = Some(-1);
+    let err = builders::build(&dsd).expect_err("negative").to_string();
+    assert!(err.contains("failoverWaitSeconds is negative"), "{err}");
+}
+
 /// Attention pods and expert shards mount the placement ConfigMap (optional: it exists once a
 /// rebalance published a table) and are told its file; routers and clusters without shards do
 /// not. The ConfigMap the rebalancer writes is owned by the object and carries its shape; a
