@@ -123,6 +123,12 @@ pub const METRICS: &[MetricInfo] = &[
         "Bytes of token rows sent to and received from expert shards.",
     ),
     metric(
+        "shardseek_dispatch_held_tokens_total",
+        Counter,
+        Attention,
+        "Tokens held for a restarting expert shard that had the only copy of one of their experts.",
+    ),
+    metric(
         "shardseek_expert_tokens_total",
         Counter,
         Expert,

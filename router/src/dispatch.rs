@@ -137,6 +137,9 @@ pub struct Dispatched {
     /// Tokens whose sums are incomplete, grouped by the shard error that lost them (a token
     /// sent to two failed shards appears under both).
     pub failures: Vec<ShardFailure>,
+    /// Tokens held for a restarting shard ([`DispatchConfig::failover_wait`]), once per (token,
+    /// shard) held, whether they were served after the wait or failed when it ran out.
+    pub held: usize,
 }
 
 /// Tokens lost to one failed shard exchange.
@@ -501,6 +504,7 @@ impl<T: Transport> Dispatcher<T> {
             return Ok(Dispatched {
                 rows: out,
                 failures: Vec::new(),
+                held: 0,
             });
         }
         // Failover, token by token: a failed token whose experts on the failed shards all have
@@ -555,6 +559,11 @@ impl<T: Transport> Dispatcher<T> {
                 }
             }
         }
+        let held_tokens = if self.config.failover_wait.is_zero() {
+            0
+        } else {
+            held.iter().map(|(g, _)| g.tokens.len()).sum()
+        };
         let lost = self
             .hold_for_restart(&placement, layer, step, &rows, held, &mut out)
             .await;
@@ -569,6 +578,7 @@ impl<T: Transport> Dispatcher<T> {
         Ok(Dispatched {
             rows: out,
             failures,
+            held: held_tokens,
         })
     }
 

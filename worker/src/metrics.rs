@@ -45,6 +45,10 @@ pub struct WorkerMetrics {
     pub dispatch_duration: Histogram,
     /// Bytes of rows sent and received by dispatch.
     pub dispatch_bytes: IntCounter,
+    /// Tokens the dispatch held for a restarting shard (no live copy of one of their experts):
+    /// each was served after the shard came back or failed when the wait ran out. Nonzero
+    /// means a shard died and the redundant slots did not cover its experts.
+    pub dispatch_held_tokens: IntCounter,
     /// Tokens routed to each expert (summed over layers), counted where experts compute.
     pub expert_tokens: IntCounterVec,
     /// Busiest expert shard's load ÷ mean shard load over the dispatch client's window (see
@@ -152,6 +156,10 @@ impl WorkerMetrics {
             "shardseek_dispatch_bytes_total",
             "Row bytes moved by dispatch",
         );
+        let dispatch_held_tokens = ic(
+            "shardseek_dispatch_held_tokens_total",
+            "Tokens held for a restarting expert shard that had the only copy of one of their experts",
+        );
         let expert_tokens = must(IntCounterVec::new(
             Opts::new(
                 "shardseek_expert_tokens_total",
@@ -189,6 +197,7 @@ impl WorkerMetrics {
             steps,
             dispatch_duration,
             dispatch_bytes,
+            dispatch_held_tokens,
             expert_tokens,
             expert_load_imbalance,
             last: Mutex::new([0; 5]),
@@ -286,6 +295,7 @@ mod tests {
             "shardseek_expert_tokens_total{expert=\"3\"} 4",
             "shardseek_expert_load_imbalance_ratio",
             "shardseek_dispatch_duration_seconds_bucket",
+            "shardseek_dispatch_held_tokens_total 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }

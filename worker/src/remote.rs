@@ -89,6 +89,7 @@ impl RoutedExperts for RemoteExperts {
         let step = self.step.fetch_add(1, Ordering::Relaxed);
         let hist = self.metrics.dispatch_duration.clone();
         let imbalance = self.metrics.expert_load_imbalance.clone();
+        let held = self.metrics.dispatch_held_tokens.clone();
         self.runtime.spawn(async move {
             let t0 = std::time::Instant::now();
             let routes = Routes {
@@ -103,6 +104,7 @@ impl RoutedExperts for RemoteExperts {
             }
             let out = out
                 .map(|d| {
+                    held.inc_by(d.held as u64);
                     let failures = d
                         .failures
                         .into_iter()

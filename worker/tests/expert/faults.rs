@@ -392,6 +392,7 @@ async fn without_replicas_only_the_tokens_on_the_dead_shard_fail() {
         vec![4, 5, 6, 7],
         "exactly the tokens routed to shard 1"
     );
+    assert_eq!(got.held, 0, "no failover wait: nothing is held");
     let want = local_reference(&placement, 5, &rows[..4 * HIDDEN], &e0, &w0);
     assert_eq!(
         &got.rows[..4 * HIDDEN],
@@ -460,6 +461,7 @@ async fn without_a_live_copy_tokens_wait_for_the_restart_or_fail_after_the_wait(
         .await
         .expect("the input is fine");
     let held = started.elapsed();
+    assert!(got.held > 0, "some tokens were held");
     assert!(
         got.failures.is_empty(),
         "held tokens failed: {:?}",
@@ -490,6 +492,11 @@ async fn without_a_live_copy_tokens_wait_for_the_restart_or_fail_after_the_wait(
     assert!(
         !got.failures.is_empty(),
         "tokens on a dead shard cannot succeed"
+    );
+    assert_eq!(
+        got.held,
+        got.failures.iter().map(|f| f.tokens.len()).sum::<usize>(),
+        "every held token failed"
     );
     for f in &got.failures {
         let text = f.error.to_string();
