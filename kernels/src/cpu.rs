@@ -131,7 +131,7 @@ pub fn isa() -> Isa {
 /// shapes (one core, weights from memory, an earlier session).
 pub(crate) fn l2_prefetch() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| !amd_family().is_some_and(|f| f >= 0x1a))
+    *ON.get_or_init(|| amd_family().is_none_or(|f| f < 0x1a))
 }
 
 /// The CPU family of an AMD CPU (base family plus extended family), `None` on other vendors.
