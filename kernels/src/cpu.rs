@@ -129,6 +129,7 @@ pub fn isa() -> Isa {
 /// ([`avx512bf16`]'s `FAR_BYTES`): measured faster on Zen 4; off on AMD family 1Ah (Zen 5),
 /// where an L2 prefetch 64 KiB ahead cost a core 10–25% of its GEMV rate at the V3 and medium
 /// shapes (one core, weights from memory, an earlier session).
+#[cfg(target_arch = "x86_64")]
 pub(crate) fn l2_prefetch() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
     *ON.get_or_init(|| amd_family().is_none_or(|f| f < 0x1a))
@@ -150,11 +151,6 @@ fn amd_family() -> Option<u32> {
     } else {
         base
     })
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn amd_family() -> Option<u32> {
-    None
 }
 
 /// Rows of the microkernel's register tile (rows of x / queries).
