@@ -104,6 +104,11 @@ enum BenchCommand {
         /// cpu, or cuda[:N]: the CUDA kernels against the GPU's copy bandwidth and peaks.
         #[arg(long, default_value = "cpu")]
         device: Device,
+        /// Measure only the rows whose name contains TEXT (case-insensitive; repeatable, or
+        /// comma-separated), e.g. `--only "grouped moe" --only "decode fp8 gemm"`; the
+        /// ceilings are always measured (CPU only).
+        #[arg(long, value_name = "TEXT", value_delimiter = ',')]
+        only: Vec<String>,
     },
     /// Load-test a running server's /v1/completions (like vLLM's benchmark_serving).
     Serve(BenchServeArgs),
@@ -1263,15 +1268,25 @@ fn run_bench(b: BenchCommand) -> Result<()> {
             }
         }
         BenchCommand::Kernels {
+            device: Device::Cuda(_),
+            only,
+            ..
+        } if !only.is_empty() => {
+            bail!("bench kernels --device cuda measures every row; drop --only")
+        }
+        BenchCommand::Kernels {
             json: false,
             device: Device::Cuda(n),
+            ..
         } => bench_cuda_kernels(n as usize)?,
         BenchCommand::Kernels {
             json: true,
             device: Device::Cuda(_),
+            ..
         } => bail!("bench kernels --device cuda prints a table only; drop --json"),
-        BenchCommand::Kernels { json, .. } => {
-            let report = shardseek_kernels::bench::run(|line| {
+        BenchCommand::Kernels { json, only, .. } => {
+            let only = shardseek_kernels::bench::Only(only);
+            let report = shardseek_kernels::bench::run(&only, |line| {
                 if !json {
                     eprintln!("{line}");
                 }

@@ -76,8 +76,58 @@ pub struct Report {
     pub rows: Vec<Row>,
 }
 
-/// Measures the ceilings, then each kernel; `progress` sees every row as it is measured.
-pub fn run(mut progress: impl FnMut(&str)) -> Result<Report> {
+/// Which rows a run measures: every row, or those whose name contains one of the given
+/// strings (ASCII case-insensitive), so work on one kernel can time its rows, alternating
+/// binaries, in a short locked run. The ceilings are measured either way.
+#[derive(Clone, Debug, Default)]
+pub struct Only(pub Vec<String>);
+
+impl Only {
+    /// Whether the row named `name` is measured.
+    pub fn wants(&self, name: &str) -> bool {
+        let name = name.to_ascii_lowercase();
+        self.0.is_empty()
+            || self
+                .0
+                .iter()
+                .any(|f| name.contains(&f.to_ascii_lowercase()))
+    }
+}
+
+/// Every row's name, in the order of a run (what [`Only`] filters).
+pub const ROW_NAMES: &[&str] = &[
+    "decode fp8 gemm (V3)",
+    "decode bf16 gemm (V3)",
+    "decode fp8 gemm (medium)",
+    "prefill fp8 gemm (V3)",
+    "prefill bf16 gemm (V3)",
+    "prefill f32 gemm (V3)",
+    "prefill fp8 gemm (medium)",
+    "OpenBLAS sgemm via numpy (f32)",
+    "grouped moe fp8 decode (V3)",
+    "grouped moe fp8 (medium)",
+    "grouped moe fp8 prefill (medium)",
+    "mla decode bf16 cache (V3)",
+    "mla decode f32 cache (V3)",
+    "mla decode fp8 cache (V3)",
+    "mla decode bf16 cache (medium)",
+    "mla prefill expanded (medium)",
+    "mla prefill absorbed attention (medium)",
+];
+
+/// Measures the ceilings, then each kernel `only` selects (an error when it selects none);
+/// `progress` sees every row as it is measured.
+pub fn run(only: &Only, mut progress: impl FnMut(&str)) -> Result<Report> {
+    if !ROW_NAMES.iter().any(|n| only.wants(n)) {
+        return Err(Error::Unsupported {
+            op: "bench kernels",
+            detail: format!(
+                "--only {:?} matches no row; rows: {}",
+                only.0,
+                ROW_NAMES.join(", ")
+            ),
+        });
+    }
     let threads = rayon::current_num_threads();
     let isa = cpu::isa();
     progress(&format!("threads {threads}, isa {}", isa.name()));
@@ -106,7 +156,14 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Report> {
         rows.push(r);
     };
     let mk = |name: &str, shape: String, s: (f64, f64), bytes: f64, flops: f64, bound: Bound| Row {
-        name: name.into(),
+        name: {
+            // Every row is listed where `--only` looks for it.
+            assert!(
+                ROW_NAMES.contains(&name),
+                "bench row {name} not in ROW_NAMES"
+            );
+            name.into()
+        },
         shape,
         seconds: s.0,
         cpu_share: s.1,
@@ -129,6 +186,9 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Report> {
         ("decode fp8 gemm (medium)", Kind::Fp8, 768, 2048),
         ("decode fp8 gemm (medium)", Kind::Fp8, 2048, 768),
     ] {
+        if !only.wants(name) {
+            continue;
+        }
         let (s, bytes) = decode_gemm(kind, 1, n, k)?;
         let r = mk(
             name,
@@ -140,7 +200,7 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Report> {
         );
         push(r, &mut progress);
     }
-    {
+    if only.wants("decode fp8 gemm (V3)") {
         let (s, bytes) = decode_gemm(Kind::Fp8, 16, 2048, 7168)?;
         let r = mk(
             "decode fp8 gemm (V3)",
@@ -160,6 +220,9 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Report> {
         ("prefill f32 gemm (V3)", Kind::F32, 512, 2048, 7168),
         ("prefill fp8 gemm (medium)", Kind::Fp8, 512, 768, 2048),
     ] {
+        if !only.wants(name) {
+            continue;
+        }
         let s = prefill_gemm(kind, m, n, k)?;
         let w_bytes = (n * k * kind.bytes()) as f64;
         let r = mk(
@@ -172,11 +235,17 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Report> {
         );
         push(r, &mut progress);
     }
-    let mut blas = openblas_sgemm(512, 2048, 7168, threads);
+    let blas_row = "OpenBLAS sgemm via numpy (f32)";
+    let mut blas = if only.wants(blas_row) {
+        Some(openblas_sgemm(512, 2048, 7168, threads))
+    } else {
+        None
+    };
     match &mut blas {
-        Ok((s, name)) => {
+        None => {}
+        Some(Ok((s, name))) => {
             let mut r = mk(
-                "OpenBLAS sgemm via numpy (f32)",
+                blas_row,
                 "M=512 N=2048 K=7168".into(),
                 *s,
                 (2048 * 7168 * 4) as f64,
@@ -186,7 +255,7 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Report> {
             r.note = std::mem::take(name);
             push(r, &mut progress);
         }
-        Err(e) => progress(&format!("OpenBLAS comparison unavailable: {e}")),
+        Some(Err(e)) => progress(&format!("OpenBLAS comparison unavailable: {e}")),
     }
 
     // Grouped expert FFN: a shard's worth of experts with a skewed row count.
@@ -210,6 +279,9 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Report> {
             &[64, 64, 128, 256][..],
         ),
     ] {
+        if !only.wants(name) {
+            continue;
+        }
         let (s, bytes, flops) = grouped(hidden, inter, rows_per)?;
         let total: usize = rows_per.iter().sum();
         let bound = if total / rows_per.len() > 32 {
@@ -238,6 +310,9 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Report> {
         ("mla decode fp8 cache (V3)", 128, CacheKind::Fp8),
         ("mla decode bf16 cache (medium)", 16, CacheKind::Bf16),
     ] {
+        if !only.wants(name) {
+            continue;
+        }
         let (s, bytes, flops) = mla_decode(16, 4096, heads, 512, 64, dtype)?;
         let bound = if heads >= 64 {
             Bound::Compute
@@ -262,6 +337,9 @@ pub fn run(mut progress: impl FnMut(&str)) -> Result<Report> {
         ("mla prefill expanded (medium)", true),
         ("mla prefill absorbed attention (medium)", false),
     ] {
+        if !only.wants(name) {
+            continue;
+        }
         let (s, bytes, flops) = mla_prefill(512, 0, 16, 512, 64, 128, 128, expanded)?;
         let r = mk(
             name,
@@ -935,4 +1013,34 @@ fn mla_decode(
     let bytes = (batch * ctx * e) as f64 * per_value;
     let flops = 2.0 * (batch * heads * ctx * (e + r)) as f64;
     Ok((s, bytes, flops))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_selects_rows_by_name_part() {
+        let all = Only::default();
+        assert!(ROW_NAMES.iter().all(|n| all.wants(n)));
+        let some = Only(vec!["GROUPED MOE".into(), "decode fp8 gemm (m".into()]);
+        let picked: Vec<&str> = ROW_NAMES
+            .iter()
+            .copied()
+            .filter(|n| some.wants(n))
+            .collect();
+        assert_eq!(
+            picked,
+            [
+                "decode fp8 gemm (medium)",
+                "grouped moe fp8 decode (V3)",
+                "grouped moe fp8 (medium)",
+                "grouped moe fp8 prefill (medium)"
+            ]
+        );
+        // A filter that selects nothing is an error before anything is measured.
+        let none = Only(vec!["no such row".into()]);
+        let err = run(&none, |_| {}).unwrap_err().to_string();
+        assert!(err.contains("matches no row"), "{err}");
+    }
 }

@@ -6,15 +6,15 @@
 //! compiler vectorises as it can. On AVX-512 (F + BW + VL) CPUs the FP8 decode GEMV — the
 //! memory-bound kernel of batch-1 decode — runs 512-bit: 32 codes per load become two
 //! 16-lane f32 vectors with the same shift-and-mask trick, half the instructions per weight
-//! byte of the AVX2 path. FP8 and BF16 GEMMs of 3–64 rows of x (4–64 on [`Isa::Avx512Bf16`];
-//! batched decode, the rows of one expert) run on f32 dot-product tiles ([`dot_rows`]): 64
+//! byte of the AVX2 path. FP8 and BF16 GEMMs of 3–64 rows of x (batched decode, the rows of
+//! one expert) run on f32 dot-product tiles ([`dot_rows`]): 64
 //! converted weights of each of 2 rows meet up to 10 rows of x in a tile of 512-bit
 //! accumulators. The other kernels of [`Isa::Avx512`] run the AVX2 code.
 //!
 //! With AVX512-VBMI and AVX512-BF16 as well (Zen 4, Sapphire Rapids: [`Isa::Avx512Bf16`]),
-//! the FP8 and BF16 GEMMs of 1–3 rows of x (decode GEMV, small batches) run on `vdpbf16ps`
+//! the FP8 and BF16 GEMMs of 1–2 rows of x (decode GEMV, small batches) run on `vdpbf16ps`
 //! ([`avx512bf16`]; prefill sizes keep the packed f32 microkernel, which measured faster
-//! there, and 4–64 rows the f32 dot tiles, which do one FMA where these do three bf16
+//! there, and 3–64 rows the f32 dot tiles, which do one FMA where these do three bf16
 //! products): an e4m3 code is exact in bf16, and two `vpermt2b` lookups turn 64 codes into 64
 //! bf16 values in six instructions (the f16 route costs about 14);
 //! x is split once per call into three bf16 parts (x = hi + mid + lo + O(2⁻²⁴|x|), f32's own
@@ -122,6 +122,34 @@ pub fn isa() -> Isa {
             .copied()
             .find(|i| i.available())
             .unwrap_or(Isa::Portable)
+    })
+}
+
+/// Whether the bf16 tiles add a second software prefetch, into L2, beyond their L1 one
+/// ([`avx512bf16`]'s `FAR_BYTES`): measured faster on Zen 4; off on AMD family 1Ah (Zen 5),
+/// where an L2 prefetch 64 KiB ahead cost a core 10–25% of its GEMV rate at the V3 and medium
+/// shapes (one core, weights from memory, an earlier session).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn l2_prefetch() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| amd_family().is_none_or(|f| f < 0x1a))
+}
+
+/// The CPU family of an AMD CPU (base family plus extended family), `None` on other vendors.
+#[cfg(target_arch = "x86_64")]
+fn amd_family() -> Option<u32> {
+    use std::arch::x86_64::__cpuid;
+    let v = __cpuid(0);
+    let vendor = [v.ebx, v.edx, v.ecx].map(u32::to_le_bytes).concat();
+    if vendor != b"AuthenticAMD" {
+        return None;
+    }
+    let eax = __cpuid(1).eax;
+    let base = (eax >> 8) & 0xf;
+    Some(if base == 0xf {
+        base + ((eax >> 20) & 0xff)
+    } else {
+        base
     })
 }
 
@@ -308,14 +336,13 @@ pub(crate) fn stream_rows(
 /// 7168×2048 FP8 weights with its tiles' prefetch and sums as they are now, the dot tiles took
 /// 1.05× the bf16 tiles' time at 2 rows and 0.85× at 3 (best wall time; their CPU time per
 /// call was within 3% at both), and 0.6× the streaming GEMV's at 3 rows on [`Isa::Avx512`]. (At 16 and 32 rows they took 0.7–0.85× and 0.65–0.75× the bf16
-/// tiles' time in an earlier run.)
+/// tiles' time in an earlier run.) On [`Isa::Avx512Bf16`] too, with the dot tiles' sign-extending
+/// conversion and the bf16 tiles' L2 prefetch: a whole expert's grouped FFN (gate, up, down)
+/// of 3 rows took the dot tiles 0.89× the bf16 tiles' time at V3 shapes (7168, 2048) and 0.92×
+/// at medium ones (2048, 768), of 2 rows 0.99× and 1.01× (one core, weights from memory, same
+/// process, alternating calls, best of 60; Zen 4). (An earlier session kept 3 rows on the bf16
+/// tiles: 1.25× at 2048×7168 with the slower conversion, two threads.)
 pub(crate) const DOT_MIN_M: usize = 3;
-/// [`DOT_MIN_M`] on [`Isa::Avx512Bf16`], where the bf16 tiles keep 3 rows: with the dot tiles'
-/// F16C conversion (below), 3 rows of a 2048×7168 FP8 weight took the dot tiles 1.25× the
-/// bf16 tiles' time (two threads, weights from memory, same process, alternating calls);
-/// 768×2048 and 2048×768 took 0.93–1.02×; at 4 rows the dot tiles were as fast at 2048×7168
-/// and took 0.84–0.86× the time at the medium shapes.
-const DOT_MIN_M_BF16: usize = 4;
 pub(crate) const DOT_MAX_M: usize = 64;
 // Every group of DOT_MIN_M or more rows (at most DOT_RX each, as even as possible) has 3 to
 // 10: fewer than 11 rows make one group, and m ≥ 11 rows ⌈m/10⌉ groups of at least
@@ -339,12 +366,7 @@ pub(crate) fn dot_serves(isa: Isa, m: usize, w: &Weight) -> bool {
 
 /// Whether [`dot_rows`] computes `m` rows of x against the FP8 and BF16 weights on `isa`.
 pub(crate) fn dot_rows_serve_m(isa: Isa, m: usize) -> bool {
-    let lo = if isa == Isa::Avx512Bf16 {
-        DOT_MIN_M_BF16
-    } else {
-        DOT_MIN_M
-    };
-    matches!(isa, Isa::Avx512 | Isa::Avx512Bf16) && (lo..=DOT_MAX_M).contains(&m)
+    matches!(isa, Isa::Avx512 | Isa::Avx512Bf16) && (DOT_MIN_M..=DOT_MAX_M).contains(&m)
 }
 
 /// The row groups of [`dot_rows`]: (first row, rows), at most [`DOT_RX`] rows each and as even
@@ -831,7 +853,9 @@ pub(crate) mod avx512 {
     }
 
     /// 16 weights of kind `KIND` at `p` as f32 in vector-path units (FP8: value·2⁻⁸), natural
-    /// order, those from `left` on zero.
+    /// order, those from `left` on zero. FP8: the code sign-extended to 16 bits and shifted
+    /// left by 7 is `s s eeee mmm 0000000`; clearing bit 14 leaves the f16 of the module doc
+    /// (one shift fewer than zero-extending, shifting left by 8 and back by 1).
     #[inline(always)]
     unsafe fn load16w<const KIND: u8>(p: *const u8, left: usize) -> __m512 {
         unsafe {
@@ -841,9 +865,9 @@ pub(crate) mod avx512 {
                 } else {
                     _mm_maskz_loadu_epi8(((1u32 << left) - 1) as u16, p as *const i8)
                 };
-                let w = _mm256_cvtepu8_epi16(b);
-                let t = _mm256_srai_epi16(_mm256_slli_epi16(w, 8), 1);
-                let h = _mm256_and_si256(t, _mm256_set1_epi16(0xBF80u16 as i16));
+                let w = _mm256_cvtepi8_epi16(b);
+                let h =
+                    _mm256_and_si256(_mm256_slli_epi16(w, 7), _mm256_set1_epi16(0xBF80u16 as i16));
                 _mm512_cvtph_ps(h)
             } else {
                 let b = if left >= 16 {
@@ -1081,10 +1105,18 @@ pub(crate) mod avx512bf16 {
     /// distance leaves less of each task (96 to 256 rows at the medium shapes) to the hardware
     /// prefetchers alone: against 16 KiB a decode GEMV of 768×2048 or 2048×768 FP8 weights from
     /// memory took 0.88–0.9× the CPU time (one core, same run, alternating, four rounds), a
-    /// 7168-column expert the same. A second, L2 prefetch 64 KiB ahead (+15% on a Zen 4 core)
-    /// cost a Zen 5 core 10–25% of its GEMV rate at the V3 and medium shapes, and 4 or 32 KiB
-    /// here were no better (one core, weights from memory, same run, alternating).
+    /// 7168-column expert the same. 4 or 32 KiB here were no better (one core, weights from
+    /// memory, same run, alternating).
     const NEAR_BYTES: usize = 8 << 10;
+    /// Distance of the second prefetch, into L2 only, where [`super::l2_prefetch`] allows it:
+    /// the L1 prefetch alone keeps too few lines in flight for one core to stream at the rate
+    /// these tiles convert a GEMV's weights. A Zen 4 core (one thread, weights from memory,
+    /// same process, alternating calls, best of 150) ran the decode GEMV at 17.7 → 22.0 GB/s
+    /// (2048×7168 FP8), 12.8 → 18.5 (768×2048) and 10.2 → 16.7–18.9 (2048×768) with it 16–32
+    /// KiB ahead, near its rate with the weights in L3 (23 GB/s); 64 KiB was as good at 7168
+    /// columns and 10–15% worse at the medium shapes, whose tasks are a few hundred KiB. 3 rows
+    /// (compute-bound) were unchanged.
+    const FAR_BYTES: usize = 32 << 10;
 
     /// Length in u16 of `m` prepared rows of `k` columns.
     pub(crate) fn prepared_len(m: usize, k: usize) -> usize {
@@ -1209,6 +1241,14 @@ pub(crate) mod avx512bf16 {
                 (rows < rows_left).then_some(rows * rb)
             };
             let near = ahead(NEAR_BYTES);
+            // The L2 prefetch at least one row group beyond the L1 one (both round up to
+            // whole groups: 16 and 24 KiB ahead landed on the L1 prefetch's group at 7168
+            // columns, and gained nothing).
+            let far = if super::l2_prefetch() {
+                ahead(FAR_BYTES.max(NEAR_BYTES.div_ceil(group) * group + 1))
+            } else {
+                None
+            };
             let mut tot = [[_mm512_setzero_ps(); RX]; RW];
             let chains = chains(RW * RX);
             let mut c = c0;
@@ -1224,6 +1264,9 @@ pub(crate) mod avx512bf16 {
                         for line in 0..eb {
                             if let Some(d) = near {
                                 _mm_prefetch::<_MM_HINT_T0>(p.add(d + 64 * line) as *const i8);
+                            }
+                            if let Some(d) = far {
+                                _mm_prefetch::<_MM_HINT_T1>(p.add(d + 64 * line) as *const i8);
                             }
                         }
                         let left = k - c;

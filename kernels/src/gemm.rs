@@ -1,15 +1,15 @@
 //! y = x · Wᵀ with W in its stored dtype (dequantised inside the kernel).
 //!
 //! Four strategies:
-//! - **FP8 and BF16 on the AVX-512 levels, 3 ≤ `m` ≤ 64** (4 ≤ `m` on [`Isa::Avx512Bf16`];
-//!   batched decode, the rows of one expert): f32 dot-product tiles
+//! - **FP8 and BF16 on the AVX-512 levels, 3 ≤ `m` ≤ 64** (batched decode, the rows of one
+//!   expert): f32 dot-product tiles
 //!   ([`crate::cpu::dot_rows`]). Every 64 weights of a row are converted to four f32 vectors in
 //!   registers (F16C) once per group of up to 10 rows of x and meet them in a 2×10 register tile;
 //!   x is laid out once per call so a tile reads it from one pointer. FP8 and BF16 being exact
 //!   in f32, the results are f32 dot products. Against the bf16 tiles below (three bf16
 //!   products per multiply-add) they took 0.7–0.85× the time at M = 16 and 0.65–0.75× at
 //!   M = 32 on one Zen 5 core (768×2048 and 2048×768, weights from memory, same run).
-//! - **FP8 and BF16 on [`Isa::Avx512Bf16`]**, `m ≤ TILE_MAX_M` otherwise (M = 1–3): x is
+//! - **FP8 and BF16 on [`Isa::Avx512Bf16`]**, `m ≤ TILE_MAX_M` otherwise (M = 1–2): x is
 //!   split once into three bf16 parts and every weight byte is read once, converted to bf16 in
 //!   registers and used by `RW`×`RX` tiles of bf16 dot products ([`crate::cpu`]); x beyond
 //!   256 KiB is cut into L2-sized blocks.
