@@ -276,10 +276,30 @@ fn up_restarts_a_killed_shard_the_affected_request_fails_and_up_serves_again() {
 /// deterministically in worker/tests/model and worker/tests/expert_faults.)
 #[test]
 fn without_redundancy_a_killed_shard_fails_only_the_requests_routed_to_it() {
+    killed_shard_fails_the_routed_requests(&[], "no redundant experts");
+}
+
+/// `--failover-wait-ms 0` turns the hold off where redundant slots would default it on: the
+/// experts with no live copy fail their requests at once, as without redundancy (with the
+/// default wait the same kill fails none: the redundancy tests below).
+#[test]
+fn with_redundant_slots_but_no_failover_wait_a_killed_shard_fails_the_routed_requests() {
+    killed_shard_fails_the_routed_requests(
+        &["--redundant-experts", "4", "--failover-wait-ms", "0"],
+        "4 redundant slots, no failover wait",
+    );
+}
+
+/// Kills expert-1 of `up --expert-shards 4 EXTRA` a quarter into 16 streams: some streams fail,
+/// each naming the dead shard, the others complete, `up` stays up and serves again once the
+/// shard is back.
+fn killed_shard_fails_the_routed_requests(extra: &[&str], what: &str) {
     const STREAMS: usize = 16;
     const TOKENS: usize = 300;
     let m = tiny("fp8");
-    let (mut up, addr, _metrics, lines) = up_supervised(m.path(), 4, &["--dispatch-dtype", "bf16"]);
+    let mut args = vec!["--dispatch-dtype", "bf16"];
+    args.extend_from_slice(extra);
+    let (mut up, addr, _metrics, lines) = up_supervised(m.path(), 4, &args);
     let victim = started_pid(&lines, "expert-1").expect("expert-1's pid");
     let (handles, received) = start_streams(&addr, STREAMS, TOKENS);
     quarter_through(&received, TOKENS);
@@ -304,9 +324,12 @@ fn without_redundancy_a_killed_shard_fails_only_the_requests_routed_to_it() {
         }
     }
     eprintln!(
-        "{failed} of {STREAMS} streams failed with shard 1 killed (no redundant experts); {} completed",
+        "{failed} of {STREAMS} streams failed with shard 1 killed ({what}); {} completed",
         STREAMS - failed
     );
+    // The kill lands while every stream is generating, and each step of 16 streams routes
+    // tokens to every shard's experts.
+    assert!(failed > 0, "no stream failed with shard 1 killed ({what})");
     assert!(
         up.child.try_wait().is_ok_and(|s| s.is_none()),
         "up exited after a shard died"
