@@ -106,7 +106,7 @@ pub struct DispatchConfig {
     /// (a supervisor or the kubelet restarts it, and the transport's prober unmasks it) before
     /// they fail. Zero fails them at once. Waiting holds the whole step — every sequence of the
     /// batch stalls for the restart — which is why it is opt-in: a deployment that reserves
-    /// redundant slots asks for fault tolerance and turns it on (`--failover-wait`).
+    /// redundant slots asks for fault tolerance and turns it on (`--failover-wait-ms`).
     pub failover_wait: Duration,
 }
 
@@ -602,8 +602,8 @@ impl<T: Transport> Dispatcher<T> {
         if held.is_empty() || wait.is_zero() {
             return held;
         }
-        let until = Instant::now() + wait;
         let started = Instant::now();
+        let until = started + wait;
         let waiting = held.iter().map(|(g, _)| g.tokens.len()).sum::<usize>();
         tracing::warn!(
             layer,
