@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
+use shardseek_kernels::gemm::Activations;
 use shardseek_kernels::sampling::SamplingParams;
 use shardseek_proto::cluster_config::Device;
 use shardseek_worker::generate::{GenerateRequest, generate};
@@ -133,6 +134,12 @@ enum BenchCommand {
         /// The output projection's dtype: checkpoint or fp8.
         #[arg(long, default_value = "checkpoint")]
         lm_head_dtype: String,
+        /// How GEMMs multiply activations: f32 (exact) or bf16 (x rounded to bf16, the weights'
+        /// exact values, f32 sums: about twice the prefill and batched rate on CPUs with
+        /// AVX512-BF16, which it needs; relative error ≤ 2⁻⁸ per product, like vLLM's and SGLang's
+        /// CPU backends). Applies to GEMMs of more than 2 rows; decode GEMVs stay exact.
+        #[arg(long, default_value = "f32")]
+        activation_dtype: Activations,
         #[arg(long)]
         json: bool,
     },
@@ -253,6 +260,12 @@ struct WorkerArgs {
     /// half the bytes per decode step for it, at e4m3's precision).
     #[arg(long, default_value = "checkpoint", env = "SHARDSEEK_LM_HEAD_DTYPE")]
     lm_head_dtype: String,
+    /// How GEMMs multiply activations: f32 (exact) or bf16 (x rounded to bf16, the weights'
+    /// exact values, f32 sums: about twice the prefill and batched rate on CPUs with
+    /// AVX512-BF16, which it needs; relative error ≤ 2⁻⁸ per product, like vLLM's and SGLang's
+    /// CPU backends). Applies to GEMMs of more than 2 rows; decode GEMVs stay exact.
+    #[arg(long, default_value = "f32", env = "SHARDSEEK_ACTIVATION_DTYPE")]
+    activation_dtype: Activations,
     /// Where this role computes: cpu, or cuda[:N] (a build with `--features cuda` on a machine
     /// with an NVIDIA driver and GPU).
     #[arg(long, default_value = "cpu", env = "SHARDSEEK_DEVICE")]
@@ -426,6 +439,12 @@ struct UpArgs {
     /// The output projection's dtype in the attention pods: checkpoint or fp8.
     #[arg(long, default_value = "checkpoint")]
     lm_head_dtype: String,
+    /// How the pods' and shards' GEMMs multiply activations: f32 (exact) or bf16 (x rounded to bf16, the weights'
+    /// exact values, f32 sums: about twice the prefill and batched rate on CPUs with
+    /// AVX512-BF16, which it needs; relative error ≤ 2⁻⁸ per product, like vLLM's and SGLang's
+    /// CPU backends). Applies to GEMMs of more than 2 rows; decode GEMVs stay exact.
+    #[arg(long, default_value = "f32")]
+    activation_dtype: Activations,
     /// Where the expert shards compute: cpu (e.g. beside GPU attention: the hybrid layout) or
     /// cuda[:N].
     #[arg(long, default_value = "cpu")]
@@ -485,6 +504,10 @@ struct GenerateArgs {
     /// In process only: the output projection's dtype, checkpoint or fp8.
     #[arg(long, default_value = "checkpoint", conflicts_with = "url")]
     lm_head_dtype: String,
+    /// In process only: how GEMMs multiply activations, f32 (exact) or bf16 (needs
+    /// AVX512-BF16; see `worker --help`).
+    #[arg(long, default_value = "f32", conflicts_with = "url")]
+    activation_dtype: Activations,
 }
 
 /// Where the kubelet reads a container's termination message (the pod spec's
@@ -606,7 +629,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         .lm_head_dtype
         .parse()
         .with_context(|| format!("--lm-head-dtype {}", a.lm_head_dtype))?;
-    let backend = shardseek_worker::backend::for_device(a.device)?;
+    let backend = shardseek_worker::backend::for_device(a.device, a.activation_dtype)?;
     let mut model = Model::load_on(&dir, ExpertSelection::All, backend)
         .with_context(|| format!("loading {}", dir.display()))?;
     lm_head.apply(&mut model)?;
@@ -835,6 +858,8 @@ fn run_up(a: UpArgs) -> Result<()> {
             a.device.to_string(),
             "--lm-head-dtype".into(),
             a.lm_head_dtype.clone(),
+            "--activation-dtype".into(),
+            a.activation_dtype.name().into(),
         ]
         .into_iter()
         .chain(
@@ -844,7 +869,12 @@ fn run_up(a: UpArgs) -> Result<()> {
                 .flatten(),
         )
         .collect(),
-        expert_args: vec!["--device".into(), a.experts_device.to_string()],
+        expert_args: vec![
+            "--device".into(),
+            a.experts_device.to_string(),
+            "--activation-dtype".into(),
+            a.activation_dtype.name().into(),
+        ],
         router_args: a.api.to_args(),
         router_env: a.api.to_env(),
         served_model_name: served.clone(),
@@ -1093,6 +1123,7 @@ fn run_worker(mut a: WorkerArgs) -> Result<()> {
                     .lm_head_dtype
                     .parse()
                     .with_context(|| format!("--lm-head-dtype {}", a.lm_head_dtype))?,
+                activations: a.activation_dtype,
             };
             runtime()?.block_on(shardseek_worker::serve::run_attention(
                 acfg,
@@ -1113,6 +1144,7 @@ fn run_worker(mut a: WorkerArgs) -> Result<()> {
                 metrics_listen: a.metrics_listen,
                 placement_file: a.placement_file,
                 device: a.device,
+                activations: a.activation_dtype,
             };
             runtime()?.block_on(shardseek_worker::serve::run_expert(ecfg, shutdown_signal()))?;
         }
@@ -1204,6 +1236,7 @@ fn run_bench(b: BenchCommand) -> Result<()> {
             kv_cache_dtype,
             device,
             lm_head_dtype,
+            activation_dtype,
             json,
         } => {
             let lm_head: shardseek_worker::model::LmHeadDtype = lm_head_dtype
@@ -1212,7 +1245,7 @@ fn run_bench(b: BenchCommand) -> Result<()> {
             let kv: shardseek_worker::kv::KvDtype = kv_cache_dtype
                 .parse()
                 .with_context(|| format!("--kv-cache-dtype {kv_cache_dtype}"))?;
-            let backend = shardseek_worker::backend::for_device(device)?;
+            let backend = shardseek_worker::backend::for_device(device, activation_dtype)?;
             let r = shardseek_worker::speed::measure(
                 &model, prompt_len, decode, &batch, kv, backend, lm_head,
             )?;

@@ -12,7 +12,7 @@
 use crate::cpu::{self, Isa};
 use crate::error::{Error, Result};
 use crate::fp8::f32_to_bf16;
-use crate::gemm;
+use crate::gemm::{self, Activations, Compute};
 use crate::mla::{self, CacheData, LatentCache, MLA_BLOCK, SeqPages};
 use crate::moe::{self, Combine, ExpertWeights, Group};
 use crate::weight::{FP8_BLOCK, Weight, WeightData};
@@ -41,6 +41,8 @@ pub struct Ceilings {
 pub enum Bound {
     Memory,
     Compute,
+    /// Compute-bound on bf16 dot products (bf16 activations): held to the bf16 dot peak.
+    Bf16Dot,
 }
 
 /// One measured kernel.
@@ -58,6 +60,8 @@ pub struct Row {
     /// Fraction of the same run's ceiling (read bandwidth or FMA peak).
     pub fraction: f64,
     pub note: String,
+    /// Ran with bf16 activations: compute-bound, it is held to the bf16 dot peak.
+    pub bf16_activations: bool,
 }
 
 impl Row {
@@ -103,10 +107,13 @@ pub const ROW_NAMES: &[&str] = &[
     "prefill bf16 gemm (V3)",
     "prefill f32 gemm (V3)",
     "prefill fp8 gemm (medium)",
+    "prefill fp8 gemm, bf16 activations (V3)",
+    "prefill fp8 gemm, bf16 activations (medium)",
     "OpenBLAS sgemm via numpy (f32)",
     "grouped moe fp8 decode (V3)",
     "grouped moe fp8 (medium)",
     "grouped moe fp8 prefill (medium)",
+    "grouped moe fp8 prefill, bf16 activations (medium)",
     "mla decode bf16 cache (V3)",
     "mla decode f32 cache (V3)",
     "mla decode fp8 cache (V3)",
@@ -140,7 +147,7 @@ pub fn run(only: &Only, mut progress: impl FnMut(&str)) -> Result<Report> {
     let bf16_gflops = bf16_peak(isa);
     if let Some(v) = bf16_gflops {
         progress(&format!(
-            "bf16 dot peak {v:.1} GFLOP/s (reported only: rows are held to the f32 FMA peak)"
+            "bf16 dot peak {v:.1} GFLOP/s (the ceiling of the rows with bf16 activations)"
         ));
     }
     let ceilings = Ceilings {
@@ -151,7 +158,11 @@ pub fn run(only: &Only, mut progress: impl FnMut(&str)) -> Result<Report> {
         bf16_gflops,
     };
     let mut rows: Vec<Row> = Vec::new();
-    let mut push = |r: Row, progress: &mut dyn FnMut(&str)| {
+    let mut push = |mut r: Row, progress: &mut dyn FnMut(&str)| {
+        if let (true, Bound::Compute, Some(p)) = (r.bf16_activations, r.bound, bf16_gflops) {
+            r.bound = Bound::Bf16Dot;
+            r.fraction = r.gflops() / p;
+        }
         progress(&format_row(&r));
         rows.push(r);
     };
@@ -173,9 +184,12 @@ pub fn run(only: &Only, mut progress: impl FnMut(&str)) -> Result<Report> {
         fraction: match bound {
             Bound::Memory => bytes / s.0 / 1e9 / read_gbps,
             Bound::Compute => flops / s.0 / 1e9 / fma_gflops,
+            Bound::Bf16Dot => flops / s.0 / 1e9 / bf16_gflops.unwrap_or(f64::NAN),
         },
         note: String::new(),
+        bf16_activations: false,
     };
+    let bf16_act = Compute::new(isa, Activations::Bf16);
 
     // Decode GEMMs, M = 1: DeepSeek-V3 and medium shapes.
     for (name, kind, n, k) in [
@@ -214,16 +228,47 @@ pub fn run(only: &Only, mut progress: impl FnMut(&str)) -> Result<Report> {
     }
 
     // Prefill GEMMs, M = 512.
-    for (name, kind, m, n, k) in [
-        ("prefill fp8 gemm (V3)", Kind::Fp8, 512, 2048, 7168),
-        ("prefill bf16 gemm (V3)", Kind::Bf16, 512, 2048, 7168),
-        ("prefill f32 gemm (V3)", Kind::F32, 512, 2048, 7168),
-        ("prefill fp8 gemm (medium)", Kind::Fp8, 512, 768, 2048),
+    for (name, kind, m, n, k, act) in [
+        ("prefill fp8 gemm (V3)", Kind::Fp8, 512, 2048, 7168, false),
+        ("prefill bf16 gemm (V3)", Kind::Bf16, 512, 2048, 7168, false),
+        ("prefill f32 gemm (V3)", Kind::F32, 512, 2048, 7168, false),
+        (
+            "prefill fp8 gemm (medium)",
+            Kind::Fp8,
+            512,
+            768,
+            2048,
+            false,
+        ),
+        (
+            "prefill fp8 gemm, bf16 activations (V3)",
+            Kind::Fp8,
+            512,
+            2048,
+            7168,
+            true,
+        ),
+        (
+            "prefill fp8 gemm, bf16 activations (medium)",
+            Kind::Fp8,
+            512,
+            768,
+            2048,
+            true,
+        ),
     ] {
         if !only.wants(name) {
             continue;
         }
-        let s = prefill_gemm(kind, m, n, k)?;
+        let c = match (act, &bf16_act) {
+            (false, _) => Compute::from(isa),
+            (true, Ok(c)) => *c,
+            (true, Err(e)) => {
+                progress(&format!("{name}: skipped: {e}"));
+                continue;
+            }
+        };
+        let s = prefill_gemm(c, kind, m, n, k)?;
         let w_bytes = (n * k * kind.bytes()) as f64;
         let r = mk(
             name,
@@ -233,7 +278,13 @@ pub fn run(only: &Only, mut progress: impl FnMut(&str)) -> Result<Report> {
             2.0 * (m * n * k) as f64,
             Bound::Compute,
         );
-        push(r, &mut progress);
+        push(
+            Row {
+                bf16_activations: act,
+                ..r
+            },
+            &mut progress,
+        );
     }
     let blas_row = "OpenBLAS sgemm via numpy (f32)";
     let mut blas = if only.wants(blas_row) {
@@ -259,30 +310,48 @@ pub fn run(only: &Only, mut progress: impl FnMut(&str)) -> Result<Report> {
     }
 
     // Grouped expert FFN: a shard's worth of experts with a skewed row count.
-    for (name, hidden, inter, rows_per) in [
+    for (name, hidden, inter, rows_per, act) in [
         (
             "grouped moe fp8 decode (V3)",
             7168,
             2048,
             &[1usize, 2, 3, 10][..],
+            false,
         ),
         (
             "grouped moe fp8 (medium)",
             2048,
             768,
             &[1, 1, 2, 3, 4, 8, 16, 32][..],
+            false,
         ),
         (
             "grouped moe fp8 prefill (medium)",
             2048,
             768,
             &[64, 64, 128, 256][..],
+            false,
+        ),
+        (
+            "grouped moe fp8 prefill, bf16 activations (medium)",
+            2048,
+            768,
+            &[64, 64, 128, 256][..],
+            true,
         ),
     ] {
         if !only.wants(name) {
             continue;
         }
-        let (s, bytes, flops) = grouped(hidden, inter, rows_per)?;
+        let c = match (act, &bf16_act) {
+            (false, _) => Compute::from(isa),
+            (true, Ok(c)) => *c,
+            (true, Err(e)) => {
+                progress(&format!("{name}: skipped: {e}"));
+                continue;
+            }
+        };
+        let (s, bytes, flops) = grouped(c, hidden, inter, rows_per)?;
         let total: usize = rows_per.iter().sum();
         let bound = if total / rows_per.len() > 32 {
             Bound::Compute
@@ -300,7 +369,13 @@ pub fn run(only: &Only, mut progress: impl FnMut(&str)) -> Result<Report> {
             flops,
             bound,
         );
-        push(r, &mut progress);
+        push(
+            Row {
+                bf16_activations: act,
+                ..r
+            },
+            &mut progress,
+        );
     }
 
     // MLA decode: batch 16, context 4096.
@@ -363,16 +438,22 @@ pub fn run(only: &Only, mut progress: impl FnMut(&str)) -> Result<Report> {
     };
     // Roofline: a kernel is held to read bandwidth when its FLOP per byte is below the
     // machine's ratio of FMA peak to bandwidth, else to the FMA peak.
-    let ridge = ceilings.fma_gflops / ceilings.read_gbps;
+    // Rows with bf16 activations are held to the bf16 dot peak instead of the FMA peak.
     for r in &mut rows {
-        r.bound = if r.flops / r.bytes < ridge {
+        let peak = match (r.bf16_activations, ceilings.bf16_gflops) {
+            (true, Some(p)) => p,
+            _ => ceilings.fma_gflops,
+        };
+        r.bound = if r.flops / r.bytes < peak / ceilings.read_gbps {
             Bound::Memory
+        } else if r.bf16_activations {
+            Bound::Bf16Dot
         } else {
             Bound::Compute
         };
         r.fraction = match r.bound {
             Bound::Memory => r.gbps() / ceilings.read_gbps,
-            Bound::Compute => r.gflops() / ceilings.fma_gflops,
+            Bound::Compute | Bound::Bf16Dot => r.gflops() / peak,
         };
     }
     Ok(Report { ceilings, rows })
@@ -383,6 +464,7 @@ pub fn format_row(r: &Row) -> String {
     let ceil = match r.bound {
         Bound::Memory => "read bw",
         Bound::Compute => "FMA peak",
+        Bound::Bf16Dot => "bf16 dot peak",
     };
     let note = if r.note.is_empty() {
         String::new()
@@ -440,6 +522,7 @@ impl Report {
                     match r.bound {
                         Bound::Memory => "memory",
                         Bound::Compute => "compute",
+                        Bound::Bf16Dot => "bf16 compute",
                     },
                     r.fraction,
                     if r.cpu_share.is_finite() { r.cpu_share.to_string() } else { "null".into() },
@@ -811,12 +894,12 @@ fn decode_gemm(kind: Kind, m: usize, n: usize, k: usize) -> Result<((f64, f64), 
     Ok((s, bytes))
 }
 
-fn prefill_gemm(kind: Kind, m: usize, n: usize, k: usize) -> Result<(f64, f64)> {
+fn prefill_gemm(c: Compute, kind: Kind, m: usize, n: usize, k: usize) -> Result<(f64, f64)> {
     let store = Store::new(kind, n, k, 1, 3);
     let x = randf(m * k, 4);
     let mut y = vec![0f32; m * n];
     let w = store.get(0)?;
-    time_best(|_| gemm::matmul(&x, m, &w, &mut y))
+    time_best(|_| gemm::matmul_with(c, &x, m, &w, gemm::Epilogue::Store, &mut y))
 }
 
 /// Runs `kernels/bench/sgemm.py` (embedded) with python3 + numpy:
@@ -857,7 +940,12 @@ fn openblas_sgemm(m: usize, n: usize, k: usize, threads: usize) -> Result<((f64,
 }
 
 /// Grouped expert FFN over rotating expert sets; (seconds, weight bytes, flops) per call.
-fn grouped(hidden: usize, inter: usize, rows_per: &[usize]) -> Result<((f64, f64), f64, f64)> {
+fn grouped(
+    c: Compute,
+    hidden: usize,
+    inter: usize,
+    rows_per: &[usize],
+) -> Result<((f64, f64), f64, f64)> {
     let e = rows_per.len();
     let per_set = 3 * hidden * inter * e;
     let sets = STREAM_BYTES.div_ceil(per_set).clamp(1, 16);
@@ -889,7 +977,8 @@ fn grouped(hidden: usize, inter: usize, rows_per: &[usize]) -> Result<((f64, f64
     };
     let sets_w: Vec<Vec<ExpertWeights>> = (0..sets).map(experts_of).collect::<Result<_>>()?;
     let s = time_best(|i| {
-        moe::grouped_ffn(
+        moe::grouped_ffn_with(
+            c,
             &x,
             hidden,
             &groups,

@@ -1089,9 +1089,9 @@ pub(crate) mod avx512bf16 {
     }
     static BF16_ORDER: [[u16; 32]; 2] = bf16_order();
 
-    /// u16 words of one 64-column chunk of a prepared row: hi A, hi B, mid A, mid B, lo A,
-    /// lo B (32 each).
-    pub(crate) const CHUNK_WORDS: usize = 192;
+    /// u16 words of one part of a 64-column chunk of a prepared row (A and B, 32 each); a
+    /// chunk holds the parts one after another: hi A, hi B, mid A, mid B, lo A, lo B.
+    const PART_WORDS: usize = 64;
     /// Columns a prepared row is padded to.
     const CHUNK: usize = 64;
     /// Prepared x of at most this many bytes is used whole per task; beyond it, the columns
@@ -1118,42 +1118,45 @@ pub(crate) mod avx512bf16 {
     /// (compute-bound) were unchanged.
     const FAR_BYTES: usize = 32 << 10;
 
-    /// Length in u16 of `m` prepared rows of `k` columns.
-    pub(crate) fn prepared_len(m: usize, k: usize) -> usize {
-        m * k.div_ceil(CHUNK) * CHUNK_WORDS
+    /// Length in u16 of `m` prepared rows of `k` columns in `parts` bf16 parts.
+    pub(crate) fn prepared_len(m: usize, k: usize, parts: usize) -> usize {
+        m * k.div_ceil(CHUNK) * PART_WORDS * parts
     }
 
-    /// Splits `m` rows of x (`[m, k]`) into three bf16 parts, x = hi + mid + lo + r with
-    /// |r| ≤ 2⁻²⁴|x| (each bf16 rounding keeps 8 significant bits of what the previous left),
-    /// in the lane order the weight conversion produces: within chunk c, the A vectors hold
+    /// Splits `m` rows of x (`[m, k]`) into `parts` bf16 parts. Three (exact activations):
+    /// x = hi + mid + lo + r with |r| ≤ 2⁻²⁴|x| (each bf16 rounding keeps 8 significant bits
+    /// of what the previous left). One (bf16 activations): x rounded to bf16, nearest even.
+    /// The parts are laid out in the lane order the weight conversion produces: within
+    /// chunk c, the A vectors hold
     /// columns 64c + {0–7, 16–23, 32–39, 48–55} and the B vectors the other 32 (the order of
     /// `vpunpck{l,h}bw` on 64 codes). Columns past k are zero. (Two parts, |r| ≤ 2⁻¹⁶|x|, made
     /// results depend on rounding flips of the hi part at the 1e-5 level: a batch and its
     /// sequences alone then differed by 1e-4 in the logits.)
     ///
     /// # Safety
-    /// The CPU must have [`Isa::Avx512Bf16`]; `out.len() == prepared_len(m, k)`.
+    /// The CPU must have [`Isa::Avx512Bf16`]; `out.len() == prepared_len(m, k, parts)`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")]
-    pub(crate) unsafe fn prepare_x(x: &[f32], m: usize, k: usize, out: &mut [u16]) {
+    pub(crate) unsafe fn prepare_x(x: &[f32], m: usize, k: usize, parts: usize, out: &mut [u16]) {
         let chunks = k.div_ceil(CHUNK);
-        assert!(x.len() >= m * k && out.len() == prepared_len(m, k));
+        let chunk_words = PART_WORDS * parts;
+        assert!(x.len() >= m * k && out.len() == prepared_len(m, k, parts));
         for i in 0..m {
             for ch in 0..chunks {
                 unsafe {
-                    let o = out.as_mut_ptr().add((i * chunks + ch) * CHUNK_WORDS);
+                    let o = out.as_mut_ptr().add((i * chunks + ch) * chunk_words);
                     for j in 0..4 {
                         let c0 = ch * CHUNK + 16 * j;
                         let rem = k.saturating_sub(c0).min(16);
                         let mask: u16 = if rem == 16 { 0xffff } else { (1u16 << rem) - 1 };
                         let mut v = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(i * k + c0.min(k)));
-                        for part in 0..3 {
+                        for part in 0..parts {
                             let p: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
                             let back = _mm512_castsi512_ps(_mm512_slli_epi32(
                                 _mm512_cvtepu16_epi32(p),
                                 16,
                             ));
                             v = _mm512_sub_ps(v, back);
-                            let a = o.add(64 * part + 8 * j) as *mut __m128i;
+                            let a = o.add(PART_WORDS * part + 8 * j) as *mut __m128i;
                             _mm_storeu_si128(a, _mm256_castsi256_si128(p));
                             _mm_storeu_si128(a.add(4), _mm256_extracti128_si256::<1>(p));
                         }
@@ -1207,7 +1210,7 @@ pub(crate) mod avx512bf16 {
     #[inline]
     #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")]
-    unsafe fn tile<const KIND: u8, const RW: usize, const RX: usize>(
+    unsafe fn tile<const KIND: u8, const PARTS: usize, const RW: usize, const RX: usize>(
         xp: *const u16,
         xs: usize,
         q: *const u8,
@@ -1301,11 +1304,11 @@ pub(crate) mod avx512bf16 {
                     }
                     let ch = c / CHUNK;
                     for i in 0..RX {
-                        let xv = xp.add(i * xs + ch * CHUNK_WORDS) as *const __m512i;
+                        let xv = xp.add(i * xs + ch * PART_WORDS * PARTS) as *const __m512i;
                         let ld = |j: usize| -> __m512bh {
                             std::mem::transmute(_mm512_loadu_si512(xv.add(j) as *const _))
                         };
-                        for part in 0..3 {
+                        for part in 0..PARTS {
                             let (xa, xb) = (ld(2 * part), ld(2 * part + 1));
                             let (ja, jb) = ((2 * part) % chains, (2 * part + 1) % chains);
                             for r in 0..RW {
@@ -1345,7 +1348,7 @@ pub(crate) mod avx512bf16 {
     }
 
     /// `out[i·ld + (n−n0)] += x_i · W_n` for rows `n0..n1` of the FP8 or BF16 weight `w` and
-    /// the `m` prepared rows `xp` ([`prepare_x`] of `[m, w.cols]`).
+    /// the `m` prepared rows `xp` ([`prepare_x`] of `[m, w.cols]` in `parts` parts: 1 or 3).
     ///
     /// # Safety
     /// The CPU must have [`Isa::Avx512Bf16`]; `w` must be FP8 or BF16 ([`bf16_tiles_serve`]).
@@ -1353,6 +1356,7 @@ pub(crate) mod avx512bf16 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")]
     pub(crate) unsafe fn rows(
         xp: &[u16],
+        parts: usize,
         m: usize,
         w: &Weight,
         n0: usize,
@@ -1362,11 +1366,17 @@ pub(crate) mod avx512bf16 {
     ) {
         assert!(n1 <= w.rows);
         match w.data {
+            WeightData::Fp8E4m3 { q, scale_inv } if parts == 1 => unsafe {
+                rows_kind::<KIND_FP8, 1>(xp, m, w.cols, q, scale_inv, n0, n1, out, ld)
+            },
             WeightData::Fp8E4m3 { q, scale_inv } => unsafe {
-                rows_kind::<KIND_FP8>(xp, m, w.cols, q, scale_inv, n0, n1, out, ld)
+                rows_kind::<KIND_FP8, 3>(xp, m, w.cols, q, scale_inv, n0, n1, out, ld)
+            },
+            WeightData::Bf16(b) if parts == 1 => unsafe {
+                rows_kind::<KIND_BF16, 1>(xp, m, w.cols, b, &[], n0, n1, out, ld)
             },
             WeightData::Bf16(b) => unsafe {
-                rows_kind::<KIND_BF16>(xp, m, w.cols, b, &[], n0, n1, out, ld)
+                rows_kind::<KIND_BF16, 3>(xp, m, w.cols, b, &[], n0, n1, out, ld)
             },
             _ => unreachable!("avx512bf16::rows on a weight it does not serve"),
         }
@@ -1374,7 +1384,7 @@ pub(crate) mod avx512bf16 {
 
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")]
-    unsafe fn rows_kind<const KIND: u8>(
+    unsafe fn rows_kind<const KIND: u8, const PARTS: usize>(
         xp: &[u16],
         m: usize,
         k: usize,
@@ -1387,11 +1397,11 @@ pub(crate) mod avx512bf16 {
     ) {
         let eb = if KIND == KIND_FP8 { 1 } else { 2 };
         assert!(q.len() >= n1 * k * eb);
-        let xs = k.div_ceil(CHUNK) * CHUNK_WORDS;
+        let xs = k.div_ceil(CHUNK) * PART_WORDS * PARTS;
         assert!(xp.len() >= m * xs);
         assert!(m == 0 || out.len() >= (m - 1) * ld + (n1 - n0));
         let kb = k.div_ceil(FP8_BLOCK);
-        let kcb = if m * k * 6 <= WHOLE_X_BYTES {
+        let kcb = if m * k * 2 * PARTS <= WHOLE_X_BYTES {
             k.max(1)
         } else {
             KCB
@@ -1414,7 +1424,7 @@ pub(crate) mod avx512bf16 {
                     macro_rules! run {
                         ($rw:literal, $rx:literal) => {{
                             let t = unsafe {
-                                tile::<KIND, $rw, $rx>(xi, xs, qn, k, c0, c1, srow, n1 - n)
+                                tile::<KIND, PARTS, $rw, $rx>(xi, xs, qn, k, c0, c1, srow, n1 - n)
                             };
                             for (r, tr) in t.iter().enumerate() {
                                 for (j, v) in tr.iter().enumerate() {

@@ -30,6 +30,7 @@ use crate::scratch::{self, Scratch};
 use crate::weight::{FP8_BLOCK, Weight};
 use crate::wide::{NW, PACK_KC_MAX, microkernel_wide, pack_panel};
 use std::cell::RefCell;
+use std::str::FromStr;
 use std::sync::OnceLock;
 
 /// Up to this many rows of x the bf16 tiles of [`Isa::Avx512Bf16`] serve FP8 and BF16 weights
@@ -47,6 +48,111 @@ const KC: usize = 2 * FP8_BLOCK;
 const _: () = assert!(KC <= PACK_KC_MAX);
 /// Widest column range of one prefill task: a `KC × 256` f32 panel is 256 KiB, in L2.
 const NC_MAX: usize = 256;
+
+/// What the activations (the x of y = x·Wᵀ) are multiplied as.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Activations {
+    /// Exact f32 products, on every path: the exactness tests' setting.
+    #[default]
+    F32,
+    /// x rounded to bf16 (nearest even) and multiplied with the weights' exact bf16 values by
+    /// `vdpbf16ps`, summed in f32. On Zen 4 that instruction issues at the rate of a 512-bit
+    /// FMA and does two multiply-adds per lane, so the compute-bound GEMMs (prefill, experts
+    /// of many rows) run at up to twice the exact path's rate. Each product's relative error is
+    /// at most 2⁻⁹ (x's rounding). This is the activation precision of vLLM's and SGLang's CPU
+    /// backends, and finer than llama.cpp's Q8_0 activations (int8 per 32 values). It needs
+    /// [`Isa::Avx512Bf16`] and applies to every GEMM of FP8 and BF16 weights: up to
+    /// [`PAIRS_MIN_M`] rows on the bf16 tiles with x in one part instead of three, beyond on
+    /// the packed pair tiles ([`crate::wide::microkernel_pairs`]). F16 and F32 weights stay
+    /// exact.
+    Bf16,
+}
+
+impl Activations {
+    pub fn name(self) -> &'static str {
+        match self {
+            Activations::F32 => "f32",
+            Activations::Bf16 => "bf16",
+        }
+    }
+}
+
+impl FromStr for Activations {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" => Ok(Activations::F32),
+            "bf16" => Ok(Activations::Bf16),
+            _ => Err(crate::Error::Unsupported {
+                op: "activation dtype",
+                detail: format!("{s:?} (expected f32 or bf16)"),
+            }),
+        }
+    }
+}
+
+/// How a GEMM computes: the instruction set and the activations' precision. An [`Isa`]
+/// converts into its exact (f32) form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Compute {
+    isa: Isa,
+    act: Activations,
+}
+
+impl Compute {
+    /// Fails for bf16 activations on an instruction set without AVX512-BF16: rounding x
+    /// there would cost accuracy and gain nothing.
+    pub fn new(isa: Isa, act: Activations) -> Result<Self> {
+        if act == Activations::Bf16 && isa != Isa::Avx512Bf16 {
+            return Err(crate::Error::Unsupported {
+                op: "bf16 activations",
+                detail: format!(
+                    "they need a CPU with AVX512-BF16 (this path is {}); use f32",
+                    isa.name()
+                ),
+            });
+        }
+        Ok(Compute { isa, act })
+    }
+
+    /// The detected instruction set with activations `act` ([`Compute::new`]'s check).
+    pub fn detected(act: Activations) -> Result<Self> {
+        Compute::new(cpu::isa(), act)
+    }
+
+    pub fn isa(self) -> Isa {
+        self.isa
+    }
+
+    pub fn activations(self) -> Activations {
+        self.act
+    }
+
+    /// bf16 pair tiles serve `m` rows of x (of FP8 or BF16 weights).
+    fn pairs_serve_m(self, m: usize) -> bool {
+        self.act == Activations::Bf16 && self.isa == Isa::Avx512Bf16 && m > PAIRS_MIN_M
+    }
+}
+
+impl From<Isa> for Compute {
+    fn from(isa: Isa) -> Self {
+        Compute {
+            isa,
+            act: Activations::F32,
+        }
+    }
+}
+
+/// With bf16 activations, GEMMs of more rows of x than this run on the packed bf16 pair tiles
+/// ([`crate::wide::microkernel_pairs`]), which convert each weight once per task; fewer run
+/// on the bf16 tiles, which convert each weight once per 4 rows but pack nothing.
+///
+/// Measured on Zen 4 (2 threads, medium shapes, same run): expert groups of 64 rows ran at
+/// 0.59–0.66 of the bf16 dot peak on the tiles against 0.71–0.74 packed (switch at 16 or 32
+/// alike), and a 32-sequence decode step, whose dense GEMMs have 32 rows, was no slower on
+/// the tiles.
+pub const PAIRS_MIN_M: usize = 32;
 
 /// What a GEMM does with its result.
 #[derive(Clone, Copy, Debug)]
@@ -99,7 +205,7 @@ fn check(op: &'static str, x: &[f32], m: usize, w: &Weight, y: &[f32]) -> Result
 
 /// [`matmul`] with an explicit instruction set and epilogue (tests compare the paths).
 pub fn matmul_with(
-    isa: Isa,
+    c: impl Into<Compute>,
     x: &[f32],
     m: usize,
     w: &Weight,
@@ -115,9 +221,10 @@ pub fn matmul_with(
     if m == 0 || w.rows == 0 {
         return Ok(());
     }
+    let c = c.into();
     let tiles = cpu::bf16_tiles_serve(w);
-    let mut space = OperandSpace::new(XOperand::needs(isa, m, w.cols, tiles));
-    let a = XOperand::new(isa, x, m, w.cols, tiles, &mut space.parts());
+    let mut space = OperandSpace::new(XOperand::needs(c, m, w.cols, tiles));
+    let a = XOperand::new(c, x, m, w.cols, tiles, &mut space.parts());
     let n = w.rows;
     let yp = SyncPtr(y.as_mut_ptr());
     let chunk = col_chunk(m, n, 1);
@@ -135,7 +242,7 @@ pub fn matmul_with(
 
 /// [`matmul_silu_mul`] with an explicit instruction set.
 pub fn silu_mul_with(
-    isa: Isa,
+    c: impl Into<Compute>,
     x: &[f32],
     m: usize,
     gate: &Weight,
@@ -147,9 +254,10 @@ pub fn silu_mul_with(
     if m == 0 || gate.rows == 0 {
         return Ok(());
     }
+    let c = c.into();
     let tiles = cpu::bf16_tiles_serve(gate) && cpu::bf16_tiles_serve(up);
-    let mut space = OperandSpace::new(XOperand::needs(isa, m, gate.cols, tiles));
-    let a = XOperand::new(isa, x, m, gate.cols, tiles, &mut space.parts());
+    let mut space = OperandSpace::new(XOperand::needs(c, m, gate.cols, tiles));
+    let a = XOperand::new(c, x, m, gate.cols, tiles, &mut space.parts());
     let n = gate.rows;
     let yp = SyncPtr(y.as_mut_ptr());
     let chunk = col_chunk(m, n, 2);
@@ -290,16 +398,22 @@ fn carve<'s, T>(cursor: &mut &'s mut [T], n: usize) -> &'s mut [T] {
 }
 
 /// The x side of a GEMM, prepared once and shared by every task: bf16 hi/mid/lo rows for the
-/// tiles of [`Isa::Avx512Bf16`], raw rows for the streaming kernel, or 6-row panels
-/// `[k-block][row-panel][kc][6]` for the microkernel (packed on first use).
+/// tiles of [`Isa::Avx512Bf16`], x rounded to bf16 for the pair tiles (bf16 activations), raw
+/// rows for the streaming kernel, or 6-row panels `[k-block][row-panel][kc][6]` for the
+/// microkernel (packed on first use).
 pub(crate) struct XOperand<'a> {
     isa: Isa,
+    /// x rounded to bf16, rows of `k` rounded up to even (the pair tiles), carved from an
+    /// [`OperandSpace`].
+    pairs: &'a [u16],
     x: &'a [f32],
     m: usize,
     k: usize,
     /// Carved from an [`OperandSpace`]: a decode step allocates nothing here once warm.
     bf16: &'a [u16],
-    packed: OnceLock<Vec<f32>>,
+    /// bf16 parts per value in `bf16`: 3 (exact) or 1 (bf16 activations).
+    parts: usize,
+    packed: OnceLock<Scratch<f32>>,
     /// x in the layout of [`cpu::dot_rows`], carved from an [`OperandSpace`] here, on the
     /// calling thread.
     dot: &'a [f32],
@@ -311,7 +425,15 @@ impl<'a> XOperand<'a> {
     /// them; other weights still work, through the f32 paths).
     /// What [`XOperand::new`] carves from an [`OperandSpace`] for `m` rows of `k` columns:
     /// (bf16 parts, dot layout) values.
-    pub(crate) fn needs(isa: Isa, m: usize, k: usize, tiles: bool) -> (usize, usize) {
+    pub(crate) fn needs(c: Compute, m: usize, k: usize, tiles: bool) -> (usize, usize) {
+        let isa = c.isa;
+        if tiles && c.pairs_serve_m(m) {
+            return (m * 2 * k.div_ceil(2), 0);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if tiles && c.act == Activations::Bf16 && m > 0 {
+            return (cpu::avx512bf16::prepared_len(m, k, 1), 0);
+        }
         let mut bf16 = 0;
         #[cfg(target_arch = "x86_64")]
         if tiles
@@ -320,7 +442,7 @@ impl<'a> XOperand<'a> {
             && m <= TILE_MAX_M
             && !cpu::dot_rows_serve_m(isa, m)
         {
-            bf16 = cpu::avx512bf16::prepared_len(m, k);
+            bf16 = cpu::avx512bf16::prepared_len(m, k, 3);
         }
         let dot = if tiles && cpu::dot_rows_serve_m(isa, m) {
             cpu::dot_prepared_len(m, k)
@@ -332,13 +454,49 @@ impl<'a> XOperand<'a> {
 
     /// The prepared forms are carved from `space` (an [`OperandSpace`] with room for them).
     pub(crate) fn new(
-        isa: Isa,
+        c: Compute,
         x: &'a [f32],
         m: usize,
         k: usize,
         tiles: bool,
         space: &mut OperandParts<'a>,
     ) -> Self {
+        let isa = c.isa;
+        #[cfg(target_arch = "x86_64")]
+        if tiles && c.pairs_serve_m(m) {
+            let out = carve(&mut space.0, m * 2 * k.div_ceil(2));
+            // SAFETY: pairs are served only on AVX512-BF16 (Compute::new checks).
+            unsafe { crate::wide::round_rows(x, m, k, out) };
+            return Self {
+                isa,
+                pairs: out,
+                x,
+                m,
+                k,
+                bf16: &[],
+                parts: 0,
+                packed: OnceLock::new(),
+                dot: &[],
+            };
+        }
+        #[cfg(target_arch = "x86_64")]
+        if tiles && c.act == Activations::Bf16 && m > 0 {
+            // Few rows with bf16 activations: the bf16 tiles with x in one part.
+            let out = carve(&mut space.0, cpu::avx512bf16::prepared_len(m, k, 1));
+            // SAFETY: bf16 activations exist only on AVX512-BF16 (Compute::new checks).
+            unsafe { cpu::avx512bf16::prepare_x(x, m, k, 1, out) };
+            return Self {
+                isa,
+                pairs: &[],
+                x,
+                m,
+                k,
+                bf16: out,
+                parts: 1,
+                packed: OnceLock::new(),
+                dot: &[],
+            };
+        }
         let mut bf16: &'a [u16] = &[];
         #[cfg(target_arch = "x86_64")]
         if tiles
@@ -347,9 +505,9 @@ impl<'a> XOperand<'a> {
             && m <= TILE_MAX_M
             && !cpu::dot_rows_serve_m(isa, m)
         {
-            let out = carve(&mut space.0, cpu::avx512bf16::prepared_len(m, k));
+            let out = carve(&mut space.0, cpu::avx512bf16::prepared_len(m, k, 3));
             // SAFETY: the ISA was detected; the length is the prepared length.
-            unsafe { cpu::avx512bf16::prepare_x(x, m, k, out) };
+            unsafe { cpu::avx512bf16::prepare_x(x, m, k, 3, out) };
             bf16 = out;
         }
         let mut dot: &'a [f32] = &[];
@@ -360,10 +518,12 @@ impl<'a> XOperand<'a> {
         }
         Self {
             isa,
+            pairs: &[],
             x,
             m,
             k,
             bf16,
+            parts: 3,
             packed: OnceLock::new(),
             dot,
         }
@@ -373,6 +533,11 @@ impl<'a> XOperand<'a> {
     pub(crate) fn compute_cols(&self, w: &Weight, n0: usize, n1: usize, out: &mut [f32]) {
         debug_assert_eq!(w.cols, self.k);
         let cols = n1 - n0;
+        #[cfg(target_arch = "x86_64")]
+        if !self.pairs.is_empty() && cpu::bf16_tiles_serve(w) {
+            self.pair_cols(w, n0, n1, out);
+            return;
+        }
         if !self.dot.is_empty() && cpu::dot_serves(self.isa, self.m, w) {
             cpu::dot_rows(self.isa, self.dot, self.m, w, n0, n1, out, cols);
             return;
@@ -381,7 +546,7 @@ impl<'a> XOperand<'a> {
         if !self.bf16.is_empty() && cpu::bf16_tiles_serve(w) {
             out.fill(0.0);
             // SAFETY: bf16 is prepared only on a CPU with the ISA; the tiles serve w.
-            unsafe { cpu::avx512bf16::rows(self.bf16, self.m, w, n0, n1, out, cols) };
+            unsafe { cpu::avx512bf16::rows(self.bf16, self.parts, self.m, w, n0, n1, out, cols) };
             return;
         }
         if self.m <= STREAM_MAX_M {
@@ -389,7 +554,20 @@ impl<'a> XOperand<'a> {
             return;
         }
         let (m, k) = (self.m, self.k);
+        if !self.pairs.is_empty() {
+            // A weight the pair tiles do not serve (F16, F32) meets the exact path.
+            let xs = self.x;
+            let packed = self.packed.get_or_init(|| pack_x(xs, m, k));
+            return self.packed_cols(packed, w, n0, n1, out);
+        }
         let packed = self.packed.get_or_init(|| pack_x(self.x, m, k));
+        self.packed_cols(packed, w, n0, n1, out);
+    }
+
+    /// The f32 microkernel over `packed` ([`pack_x`]) for columns `n0..n1`.
+    fn packed_cols(&self, packed: &[f32], w: &Weight, n0: usize, n1: usize, out: &mut [f32]) {
+        let (m, k) = (self.m, self.k);
+        let cols = n1 - n0;
         let panels = cols.div_ceil(NR);
         let mp = m.div_ceil(MR) * MR;
         with_panel(KC * panels * NR, |bp| {
@@ -430,12 +608,80 @@ impl<'a> XOperand<'a> {
             }
         });
     }
+
+    /// `out[m, n1-n0] = x · W[n0..n1]ᵀ` on the bf16 pair tiles: each task packs a `KC`-deep
+    /// block of its weight rows as bf16 pairs once and runs every 6-row panel of x past it,
+    /// one 128-column scale block per tile call.
+    #[cfg(target_arch = "x86_64")]
+    fn pair_cols(&self, w: &Weight, n0: usize, n1: usize, out: &mut [f32]) {
+        use crate::wide::{PairTile, microkernel_pairs, pack_pairs, pair_scales};
+        let (m, k) = (self.m, self.k);
+        let cols = n1 - n0;
+        let panels = cols.div_ceil(NR);
+        let kp = KC / 2;
+        let rsa = k.div_ceil(2);
+        let xb = self.pairs.as_ptr() as *const u32;
+        with_pair_panel(kp * panels * NR, |bp| {
+            for (pi, k0) in (0..k).step_by(KC).enumerate() {
+                let kc = KC.min(k - k0);
+                for p in 0..panels {
+                    let r0 = n0 + p * NR;
+                    let panel = &mut bp[p * kp * NR..(p * kp + kc.div_ceil(2)) * NR];
+                    // SAFETY: pair tiles serve only FP8 and BF16 weights on AVX512-BF16.
+                    unsafe { pack_pairs(w, r0, NR.min(n1 - r0), k0, kc, panel) };
+                }
+                for ib in 0..m.div_ceil(MR) {
+                    let mr = MR.min(m - ib * MR);
+                    for p in (0..panels).step_by(2) {
+                        let nr = NW.min(cols - p * NR);
+                        for (si, s0) in (0..kc).step_by(FP8_BLOCK).enumerate() {
+                            let t = PairTile {
+                                pairs: FP8_BLOCK.min(kc - s0).div_ceil(2),
+                                // SAFETY (all three pointers): inside x's rounded rows, the
+                                // packed panels and the [m, cols] tile.
+                                a: unsafe { xb.add(ib * MR * rsa + (k0 + s0) / 2) },
+                                rsa,
+                                b: bp[(p * kp + s0 / 2) * NR..].as_ptr(),
+                                c: out[ib * MR * cols + p * NR..].as_mut_ptr(),
+                                ldc: cols,
+                                mr,
+                                nr,
+                                accumulate: pi > 0 || si > 0,
+                                scale: pair_scales(w, n0 + p * NR, (k0 + s0) / FP8_BLOCK),
+                            };
+                            // SAFETY: x rows are `rsa` pairs (zero-padded), panels hold
+                            // `kp` pairs of 16 rows (the second half, read only when nr > 16,
+                            // is panel p+1), C is the [m, cols] tile.
+                            unsafe { microkernel_pairs(&t, kp * NR) };
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Per-thread buffer for the bf16 pair panels of [`XOperand::pair_cols`].
+#[cfg(target_arch = "x86_64")]
+fn with_pair_panel<R>(len: usize, f: impl FnOnce(&mut [u32]) -> R) -> R {
+    thread_local! {
+        static PAIR_PANEL: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    }
+    PAIR_PANEL.with(|p| {
+        let mut p = p.borrow_mut();
+        if p.len() < len {
+            p.resize(len, 0);
+        }
+        f(&mut p[..len])
+    })
 }
 
 /// Packs x `[m, k]` into `[k-block of KC][6-row panel][kc][6]`, zero-padding the last panel.
-fn pack_x(x: &[f32], m: usize, k: usize) -> Vec<f32> {
+fn pack_x(x: &[f32], m: usize, k: usize) -> Scratch<f32> {
     let mp = m.div_ceil(MR) * MR;
-    let mut p = vec![0f32; mp * k.div_ceil(KC) * KC];
+    // A reused buffer, not cleared: a fresh one of a prefill's size was mapped and
+    // page-faulted every call, and the tiles read only the rows below m of the last panel.
+    let mut p = scratch::stale(mp * k.div_ceil(KC) * KC);
     for (pi, k0) in (0..k).step_by(KC).enumerate() {
         let kc = KC.min(k - k0);
         let blk = &mut p[pi * mp * KC..];

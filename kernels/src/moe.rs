@@ -9,10 +9,10 @@
 //! meet in the SiLU·mul epilogue without leaving it. Output row i is multiplied by `row_weight[i]` (the router's combine weight) and
 //! stored into or accumulated onto `y[i]`.
 
-use crate::cpu::{self, Isa, SyncPtr};
+use crate::cpu::{self, SyncPtr};
 use crate::error::{Result, shape};
 use crate::gemm::{
-    Epilogue, OperandSpace, XOperand, col_chunk, silu_mul_inplace, with_tile, write_tile,
+    Compute, Epilogue, OperandSpace, XOperand, col_chunk, silu_mul_inplace, with_tile, write_tile,
 };
 use crate::pool::parallel_for;
 use crate::scratch::{self, Scratch};
@@ -65,10 +65,10 @@ pub fn grouped_ffn(
     )
 }
 
-/// [`grouped_ffn`] with an explicit instruction set.
+/// [`grouped_ffn`] with an explicit instruction set and activation precision.
 #[allow(clippy::too_many_arguments)]
 pub fn grouped_ffn_with(
-    isa: Isa,
+    c: impl Into<Compute>,
     x: &[f32],
     hidden: usize,
     groups: &[Group],
@@ -78,6 +78,7 @@ pub fn grouped_ffn_with(
     y: &mut [f32],
 ) -> Result<()> {
     const OP: &str = "grouped_ffn";
+    let c = c.into();
     if hidden == 0 || !x.len().is_multiple_of(hidden) || y.len() != x.len() {
         return Err(shape(
             OP,
@@ -162,7 +163,7 @@ pub fn grouped_ffn_with(
                 groups[gi].rows.len(),
                 if down { e.gate.rows } else { hidden },
             );
-            let (nb, nd) = XOperand::needs(isa, m, k, tiles_of(e, down));
+            let (nb, nd) = XOperand::needs(c, m, k, tiles_of(e, down));
             (b + nb, d + nd)
         })
     };
@@ -182,7 +183,7 @@ pub fn grouped_ffn_with(
         let r = &groups[gi].rows;
         let e = &experts[groups[gi].expert];
         XOperand::new(
-            isa,
+            c,
             &x[r.start * hidden..r.end * hidden],
             r.len(),
             hidden,
@@ -225,7 +226,7 @@ pub fn grouped_ffn_with(
         let e = &experts[groups[gi].expert];
         let m = groups[gi].rows.len();
         let hs = &h[h_off[gi]..h_off[gi] + m * e.gate.rows];
-        XOperand::new(isa, hs, m, e.gate.rows, tiles_of(e, true), &mut parts2)
+        XOperand::new(c, hs, m, e.gate.rows, tiles_of(e, true), &mut parts2)
     }));
     let yp = SyncPtr(y.as_mut_ptr());
     let tasks = group_tasks(live, groups, |gi| {

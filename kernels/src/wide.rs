@@ -278,6 +278,149 @@ mod avx512 {
         }
     }
 
+    /// [`super::microkernel_pairs`]: `R`×(16·`H`) accumulators, one 32-bit broadcast of x's
+    /// pair per row and pair step, `H` B loads.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn kern_pairs<const R: usize, const H: usize>(t: &PairTile, b_hi: usize) {
+        let mut acc = [[_mm512_setzero_ps(); H]; R];
+        unsafe {
+            let mut a = t.a;
+            let mut b = t.b;
+            for _ in 0..t.pairs {
+                let mut bv = [std::mem::transmute::<__m512, __m512bh>(_mm512_setzero_ps()); H];
+                for (h, v) in bv.iter_mut().enumerate() {
+                    *v = std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                        b.add(h * b_hi) as *const _,
+                    ));
+                }
+                for (i, ai) in acc.iter_mut().enumerate() {
+                    let av = std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
+                        *a.add(i * t.rsa) as i32,
+                    ));
+                    for h in 0..H {
+                        ai[h] = _mm512_dpbf16_ps(ai[h], av, bv[h]);
+                    }
+                }
+                a = a.add(1);
+                b = b.add(NR);
+            }
+            let mut masks = [0 as __mmask16; H];
+            for (h, m) in masks.iter_mut().enumerate() {
+                let n = t.nr.saturating_sub(h * NR).min(NR);
+                *m = if n == NR { 0xffff } else { (1u16 << n) - 1 };
+            }
+            for (i, ai) in acc.iter().enumerate() {
+                let c = t.c.add(i * t.ldc);
+                for h in 0..H {
+                    let ch = c.add(h * NR);
+                    let s = _mm512_set1_ps(t.scale[h]);
+                    let v = if t.accumulate {
+                        _mm512_fmadd_ps(ai[h], s, _mm512_maskz_loadu_ps(masks[h], ch))
+                    } else {
+                        _mm512_mul_ps(ai[h], s)
+                    };
+                    _mm512_mask_storeu_ps(ch, masks[h], v);
+                }
+            }
+        }
+    }
+
+    /// [`super::pack_pairs`]: 32 columns of each of the 16 rows become one vector of 16 bf16
+    /// pairs (FP8 through the f16 route of [`pack_fp8`], exact), and the 16×16 block of pairs
+    /// is transposed like f32 values.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma,f16c")]
+    pub(super) unsafe fn pack_pairs(
+        w: &Weight,
+        r0: usize,
+        rows: usize,
+        k0: usize,
+        kc: usize,
+        panel: &mut [u32],
+    ) {
+        use crate::weight::WeightData;
+        let cols = w.cols;
+        let pairs = kc.div_ceil(2);
+        let full = kc / 32 * 32;
+        let dst = panel.as_mut_ptr();
+        let mask = _mm256_set1_epi16(0xBF80u16 as i16);
+        let two8 = _mm512_set1_ps(256.0);
+        let elem = |j: usize, c: usize| -> u32 {
+            match w.data {
+                WeightData::Fp8E4m3 { q, .. } => {
+                    crate::fp8::E4M3_TABLE[q[(r0 + j) * cols + c] as usize].to_bits() >> 16
+                }
+                WeightData::Bf16(b) => {
+                    let i = 2 * ((r0 + j) * cols + c);
+                    u16::from_le_bytes([b[i], b[i + 1]]) as u32
+                }
+                _ => unreachable!("pack_pairs on a weight the pair tiles do not serve"),
+            }
+        };
+        unsafe {
+            for kb in (0..full).step_by(32) {
+                let mut r = [_mm512_setzero_ps(); NR];
+                for (j, v) in r.iter_mut().enumerate().take(rows) {
+                    let off = (r0 + j) * cols + k0 + kb;
+                    *v = match w.data {
+                        WeightData::Fp8E4m3 { q, .. } => {
+                            let p = q.as_ptr().add(off);
+                            let half = |p: *const u8| {
+                                let b = _mm_loadu_si128(p as *const __m128i);
+                                let t = _mm256_srai_epi16(
+                                    _mm256_slli_epi16(_mm256_cvtepu8_epi16(b), 8),
+                                    1,
+                                );
+                                _mm512_mul_ps(_mm512_cvtph_ps(_mm256_and_si256(t, mask)), two8)
+                            };
+                            let (lo, hi) = (half(p), half(p.add(16)));
+                            std::mem::transmute::<__m512bh, __m512>(_mm512_cvtne2ps_pbh(hi, lo))
+                        }
+                        WeightData::Bf16(b) => {
+                            _mm512_loadu_ps(b.as_ptr().add(2 * off) as *const f32)
+                        }
+                        _ => unreachable!("pack_pairs on a weight the pair tiles do not serve"),
+                    };
+                }
+                let t = transpose16(r);
+                for (i, v) in t.iter().enumerate() {
+                    _mm512_storeu_ps(dst.add((kb / 2 + i) * NR) as *mut f32, *v);
+                }
+            }
+        }
+        for p in full / 2..pairs {
+            for j in 0..NR {
+                let c = k0 + 2 * p;
+                panel[p * NR + j] = if j < rows {
+                    let lo = elem(j, c);
+                    let hi = if 2 * p + 1 < kc { elem(j, c + 1) } else { 0 };
+                    lo | hi << 16
+                } else {
+                    0
+                };
+            }
+        }
+    }
+
+    /// One row of [`super::round_rows`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn round_row(x: &[f32], out: &mut [u16]) {
+        let k = x.len();
+        let mut c = 0;
+        unsafe {
+            while c < k {
+                let n = (k - c).min(16);
+                let mask: u16 = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
+                let v = _mm512_maskz_loadu_ps(mask, x.as_ptr().add(c));
+                let b: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(v));
+                _mm256_mask_storeu_epi16(out.as_mut_ptr().add(c) as *mut i16, mask, b);
+                c += 16;
+            }
+        }
+        if k % 2 == 1 {
+            out[k] = 0;
+        }
+    }
+
     /// Transposes a 16×16 f32 block held as 16 row vectors.
     #[inline]
     #[target_feature(enable = "avx512f")]
@@ -316,5 +459,110 @@ mod avx512 {
             out[c + 12] = _mm512_shuffle_f32x4::<0xdd>(b, d);
         }
         out
+    }
+}
+
+/// Operands of one bf16 register tile: C[i][j] (+)= s_h · Σ_p A(i,p)·B(p,j), where A(i,p) is
+/// the u32 at `a + i·rsa + p` (x's bf16 values k = 2p, 2p+1 of row i) and row p of B is the 16
+/// u32 at `b + p·16` (the same two k of 16 weight rows); columns `16..nr` read B at
+/// `b + b_hi`. `scale[h]` multiplies the products of half h (the FP8 block scale of its 16
+/// weight rows, 1 for BF16), so weights stay exact in bf16 and one call covers one scale block.
+#[derive(Clone, Copy)]
+pub(crate) struct PairTile {
+    pub pairs: usize,
+    pub a: *const u32,
+    pub rsa: usize,
+    pub b: *const u32,
+    pub c: *mut f32,
+    pub ldc: usize,
+    pub mr: usize,
+    pub nr: usize,
+    pub accumulate: bool,
+    pub scale: [f32; 2],
+}
+
+/// Runs one bf16 pair tile ([`PairTile`]): `vdpbf16ps` does two multiply-adds per lane in one
+/// instruction at the FMA's issue rate, so the tile has twice the f32 microkernel's rate.
+///
+/// # Safety
+/// The CPU must have AVX512-BF16; every address the tile describes must be valid.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) unsafe fn microkernel_pairs(t: &PairTile, b_hi: usize) {
+    debug_assert!(t.mr <= cpu::MR && t.nr <= NW && t.nr > 0);
+    let two = t.nr > NR;
+    unsafe {
+        match (t.mr, two) {
+            (6, true) => avx512::kern_pairs::<6, 2>(t, b_hi),
+            (5, true) => avx512::kern_pairs::<5, 2>(t, b_hi),
+            (4, true) => avx512::kern_pairs::<4, 2>(t, b_hi),
+            (3, true) => avx512::kern_pairs::<3, 2>(t, b_hi),
+            (2, true) => avx512::kern_pairs::<2, 2>(t, b_hi),
+            (1, true) => avx512::kern_pairs::<1, 2>(t, b_hi),
+            (6, false) => avx512::kern_pairs::<6, 1>(t, b_hi),
+            (5, false) => avx512::kern_pairs::<5, 1>(t, b_hi),
+            (4, false) => avx512::kern_pairs::<4, 1>(t, b_hi),
+            (3, false) => avx512::kern_pairs::<3, 1>(t, b_hi),
+            (2, false) => avx512::kern_pairs::<2, 1>(t, b_hi),
+            (1, false) => avx512::kern_pairs::<1, 1>(t, b_hi),
+            _ => {}
+        }
+    }
+}
+
+/// Packs rows `r0..r0+rows` (`rows` ≤ 16), columns `k0..k0+kc` of the FP8 or BF16 weight `w`
+/// into the pair micro-panel `panel` (`[kc/2 rounded up][16]` u32: two bf16 of one weight row,
+/// k even in the low half; rows past `rows` and a last odd column zero). The values are the
+/// stored ones, exact in bf16 (FP8 codes unscaled: the caller applies the block scale to the
+/// products, [`PairTile::scale`]).
+///
+/// # Safety
+/// The CPU must have AVX512-BF16; `w` must be FP8 or BF16.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn pack_pairs(
+    w: &Weight,
+    r0: usize,
+    rows: usize,
+    k0: usize,
+    kc: usize,
+    panel: &mut [u32],
+) {
+    let pairs = kc.div_ceil(2);
+    debug_assert!(rows <= NR && kc <= PACK_KC_MAX && panel.len() >= pairs * NR);
+    if k0 == 0 {
+        prefetch_rows(w, r0, rows, 0, kc);
+    }
+    prefetch_rows(w, r0, rows, k0 + kc, PACK_KC_MAX);
+    unsafe { avx512::pack_pairs(w, r0, rows, k0, kc, panel) }
+}
+
+/// The per-half scales of a pair tile whose 16-row halves start at weight rows `r0` and
+/// `r0 + 16`, over the columns of scale block `kb`: FP8 block scales (the ×2⁸ of the f16 route
+/// the packing takes is not applied: [`pack_pairs`] stores the codes' true values), 1 for BF16.
+pub(crate) fn pair_scales(w: &Weight, r0: usize, kb: usize) -> [f32; 2] {
+    match w.data {
+        crate::weight::WeightData::Fp8E4m3 { scale_inv, .. } => {
+            let kbs = w.cols.div_ceil(FP8_BLOCK);
+            let s = |r: usize| {
+                let r = r.min(w.rows.saturating_sub(1));
+                scale_inv[(r / FP8_BLOCK) * kbs + kb]
+            };
+            [s(r0), s(r0 + NR)]
+        }
+        _ => [1.0, 1.0],
+    }
+}
+
+/// `out` (`[m][2·⌈k/2⌉]` u16) = the rows of x (`[m, k]`) rounded to bf16, nearest even; an odd
+/// `k` leaves a zero at the end of each row (the pair tiles read whole pairs).
+///
+/// # Safety
+/// The CPU must have AVX512-BF16.
+#[cfg(target_arch = "x86_64")]
+pub(crate) unsafe fn round_rows(x: &[f32], m: usize, k: usize, out: &mut [u16]) {
+    let ks = 2 * k.div_ceil(2);
+    assert!(x.len() >= m * k && out.len() >= m * ks);
+    for i in 0..m {
+        unsafe { avx512::round_row(&x[i * k..(i + 1) * k], &mut out[i * ks..(i + 1) * ks]) };
     }
 }

@@ -2,6 +2,7 @@
 //! random inputs (several seeds, odd shapes), within the bounds stated per test.
 
 mod kernels {
+    mod bf16_act;
     pub mod common;
     mod cuda;
     mod fp8;

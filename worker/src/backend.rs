@@ -21,11 +21,11 @@
 use crate::error::{Error, Result};
 use crate::weights::{Linear, Store};
 use rayon::prelude::*;
-use shardseek_kernels::gemm::{matmul, matmul_acc, matmul_silu_mul};
+use shardseek_kernels::gemm::{Activations, Compute, Epilogue, matmul_with, silu_mul_with};
 use shardseek_kernels::mla::{
     LatentCache, SeqPages, mla_decode, mla_prefill, mla_prefill_expanded, prefer_expanded,
 };
-use shardseek_kernels::moe::{Combine, ExpertWeights, Group, grouped_ffn};
+use shardseek_kernels::moe::{Combine, ExpertWeights, Group, grouped_ffn_with};
 use shardseek_kernels::norm::rms_norm_inplace;
 use shardseek_kernels::pool::parallel_for;
 use shardseek_kernels::rope::Rope;
@@ -455,10 +455,17 @@ pub trait Backend: Send + Sync {
 }
 
 /// The backend for `device`: the CPU kernels, or a CUDA device (a build with the `cuda`
-/// feature and a GPU). Fails with a clear error, never a panic, when the device is missing.
-pub fn for_device(device: Device) -> Result<Arc<dyn Backend>> {
+/// feature and a GPU), with activations `act` (`--activation-dtype`). Fails with a clear
+/// error, never a panic, when the device is missing or cannot run `act`.
+pub fn for_device(device: Device, act: Activations) -> Result<Arc<dyn Backend>> {
+    if act != Activations::F32 && device != Device::Cpu {
+        return Err(Error::Device(format!(
+            "--activation-dtype {}: a CPU setting; the CUDA backend multiplies f32 activations",
+            act.name()
+        )));
+    }
     match device {
-        Device::Cpu => Ok(CpuBackend::shared()),
+        Device::Cpu => Ok(Arc::new(CpuBackend::with_activations(act)?)),
         #[cfg(feature = "cuda")]
         Device::Cuda(n) => Ok(Arc::new(crate::cuda::CudaBackend::new(n as usize)?)),
         #[cfg(not(feature = "cuda"))]
@@ -483,12 +490,34 @@ pub fn device_memory(device: Device) -> Result<usize> {
 
 /// The CPU backend: every operation is a `shardseek_kernels` kernel on the one thread pool.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    /// How the GEMMs compute; `None`: the detected instruction set, exact f32 activations.
+    compute: Option<Compute>,
+}
 
 impl CpuBackend {
-    /// The process-wide CPU backend.
+    /// Exact (f32) activations on the detected instruction set.
+    pub const EXACT: CpuBackend = CpuBackend { compute: None };
+
+    /// The process-wide CPU backend, exact.
     pub fn shared() -> Arc<dyn Backend> {
-        Arc::new(CpuBackend)
+        Arc::new(CpuBackend::EXACT)
+    }
+
+    /// The CPU backend with activations `act`; bf16 needs AVX512-BF16 (an error naming the
+    /// flag otherwise, rather than a setting that would be silently exact).
+    pub fn with_activations(act: Activations) -> Result<Self> {
+        if act == Activations::F32 {
+            return Ok(CpuBackend::EXACT);
+        }
+        let c = Compute::detected(act)
+            .map_err(|e| Error::Device(format!("--activation-dtype {}: {e}", act.name())))?;
+        Ok(CpuBackend { compute: Some(c) })
+    }
+
+    fn compute(&self) -> Compute {
+        self.compute
+            .unwrap_or_else(|| shardseek_kernels::cpu::isa().into())
     }
 }
 
@@ -601,7 +630,11 @@ thread_local! {
 
 impl Backend for CpuBackend {
     fn name(&self) -> String {
-        format!("cpu ({})", shardseek_kernels::cpu::isa().name())
+        let c = self.compute();
+        match c.activations() {
+            Activations::F32 => format!("cpu ({})", c.isa().name()),
+            a => format!("cpu ({}, {} activations)", c.isa().name(), a.name()),
+        }
     }
 
     fn prepare(&self, store: &Arc<Store>, w: &Linear) -> Result<PreparedWeight> {
@@ -656,7 +689,14 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &[f32], m: usize, w: &PreparedWeight, y: &mut [f32]) -> Result<()> {
-        Ok(matmul(x, m, &w.view(), y)?)
+        Ok(matmul_with(
+            self.compute(),
+            x,
+            m,
+            &w.view(),
+            Epilogue::Store,
+            y,
+        )?)
     }
 
     fn linear_heads(
@@ -683,7 +723,14 @@ impl Backend for CpuBackend {
                 dst.copy_from_slice(&x[s..s + k]);
             }
             let mut yh = scratch::take(rows * n);
-            match matmul(&xh, rows, &w.view(), &mut yh) {
+            match matmul_with(
+                self.compute(),
+                &xh,
+                rows,
+                &w.view(),
+                Epilogue::Store,
+                &mut yh,
+            ) {
                 Ok(()) => {
                     for (r, src) in yh.chunks_exact(n).enumerate() {
                         // SAFETY: `y` is rows × y_stride long (checked above) and columns
@@ -837,12 +884,14 @@ impl Backend for CpuBackend {
         y: &mut [f32],
     ) -> Result<()> {
         let mut h = scratch::take(m * w.gate.rows);
-        matmul_silu_mul(x, m, &w.gate.view(), &w.up.view(), &mut h)?;
-        if accumulate {
-            matmul_acc(&h, m, &w.down.view(), None, y)?;
+        let c = self.compute();
+        silu_mul_with(c, x, m, &w.gate.view(), &w.up.view(), &mut h)?;
+        let ep = if accumulate {
+            Epilogue::Accumulate { row_scale: None }
         } else {
-            matmul(&h, m, &w.down.view(), y)?;
-        }
+            Epilogue::Store
+        };
+        matmul_with(c, &h, m, &w.down.view(), ep, y)?;
         Ok(())
     }
 
@@ -866,7 +915,8 @@ impl Backend for CpuBackend {
             expert: i,
             rows: g.rows.clone(),
         }));
-        let res = grouped_ffn(
+        let res = grouped_ffn_with(
+            self.compute(),
             x,
             hidden,
             &kgroups,

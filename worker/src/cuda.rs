@@ -229,7 +229,7 @@ impl Backend for CudaBackend {
         nope: usize,
         v: usize,
     ) -> Result<MlaWeights> {
-        let split = CpuBackend.prepare_kv_b(kv_b, heads, nope, v)?;
+        let split = CpuBackend::EXACT.prepare_kv_b(kv_b, heads, nope, v)?;
         Ok(MlaWeights {
             w_uk_t: split
                 .w_uk_t
@@ -247,7 +247,7 @@ impl Backend for CudaBackend {
 
     fn embed(&self, table: &PreparedWeight, tokens: &[u32], out: &mut [f32]) -> Result<()> {
         // A row lookup: read from the mapped checkpoint where the activations live.
-        CpuBackend.embed(table, tokens, out)
+        CpuBackend::EXACT.embed(table, tokens, out)
     }
 
     fn linear(&self, x: &[f32], m: usize, w: &PreparedWeight, y: &mut [f32]) -> Result<()> {
@@ -292,7 +292,7 @@ impl Backend for CudaBackend {
     }
 
     fn rms_norm(&self, x: &mut [f32], stride: usize, w: &[f32], eps: f32) -> Result<()> {
-        CpuBackend.rms_norm(x, stride, w, eps)
+        CpuBackend::EXACT.rms_norm(x, stride, w, eps)
     }
 
     fn rope(
@@ -304,7 +304,7 @@ impl Backend for CudaBackend {
         off: usize,
         positions: &[usize],
     ) -> Result<()> {
-        CpuBackend.rope(rope, x, heads, stride, off, positions)
+        CpuBackend::EXACT.rope(rope, x, heads, stride, off, positions)
     }
 
     fn gather_cols(
@@ -315,11 +315,11 @@ impl Backend for CudaBackend {
         len: usize,
         dst: &mut [f32],
     ) -> Result<()> {
-        CpuBackend.gather_cols(src, stride, off, len, dst)
+        CpuBackend::EXACT.gather_cols(src, stride, off, len, dst)
     }
 
     fn add(&self, x: &mut [f32], y: &[f32]) -> Result<()> {
-        CpuBackend.add(x, y)
+        CpuBackend::EXACT.add(x, y)
     }
 
     fn latent_written(
@@ -394,7 +394,7 @@ impl Backend for CudaBackend {
         let mut q_abs = self.dev.zeros::<f32>(chunk * heads * r)?;
         self.heads_dev(&dq, chunk, heads, qk, 0, &w.w_uk_t, &mut q_abs, heads * r)?;
         let mut pe = vec![0f32; chunk * heads * rope];
-        CpuBackend.gather_cols(q, qk, nope, rope, &mut pe)?;
+        CpuBackend::EXACT.gather_cols(q, qk, nope, rope, &mut pe)?;
         let q_pe = self.dev.htod(&pe)?;
         let lens: Vec<i32> = (0..chunk).map(|i| (start + i + 1) as i32).collect();
         let dl = self.dev.htod(&lens)?;

@@ -52,6 +52,8 @@ pub struct AttentionConfig {
     pub device: crate::backend::Device,
     /// The output projection's dtype (`--lm-head-dtype`).
     pub lm_head_dtype: crate::model::LmHeadDtype,
+    /// How the pod's GEMMs multiply activations (`--activation-dtype`).
+    pub activations: shardseek_kernels::gemm::Activations,
 }
 
 /// Configuration of an expert shard.
@@ -71,6 +73,8 @@ pub struct ExpertRoleConfig {
     pub placement_file: Option<PathBuf>,
     /// Where the shard computes its experts.
     pub device: crate::backend::Device,
+    /// How the shard's expert GEMMs multiply activations (`--activation-dtype`).
+    pub activations: shardseek_kernels::gemm::Activations,
 }
 
 /// The hold of tokens whose experts lost every live copy, unless configured: 5 s when the
@@ -159,7 +163,7 @@ pub async fn run_expert(
     held.sort_unstable();
     held.dedup();
     let store = Store::open(&cfg.model)?;
-    let backend = crate::backend::for_device(cfg.device)?;
+    let backend = crate::backend::for_device(cfg.device, cfg.activations)?;
     let experts = LocalExperts::load_on(&mcfg, store.clone(), &held, backend)?;
     tracing::info!(
         shard = cfg.shard,
@@ -255,9 +259,9 @@ pub async fn run_attention(
     } else {
         ExpertSelection::Remote
     };
-    let (device, lm_head) = (cfg.device, cfg.lm_head_dtype);
+    let (device, lm_head, act) = (cfg.device, cfg.lm_head_dtype, cfg.activations);
     let mut model = tokio::task::spawn_blocking(move || {
-        let mut m = Model::load_on(&model_dir, sel, crate::backend::for_device(device)?)?;
+        let mut m = Model::load_on(&model_dir, sel, crate::backend::for_device(device, act)?)?;
         lm_head.apply(&mut m)?;
         Ok::<_, Error>(m)
     })

@@ -97,7 +97,12 @@ fn cuda_equals_cpu_on_generated_models() {
     for dtype in [Dtype::Fp8, Dtype::Bf16] {
         let dir = tempfile::tempdir().unwrap();
         generate(&GenOptions::new("tiny", dtype, 5, dir.path())).unwrap();
-        let cpu = Model::load_on(dir.path(), ExpertSelection::All, Arc::new(CpuBackend)).unwrap();
+        let cpu = Model::load_on(
+            dir.path(),
+            ExpertSelection::All,
+            Arc::new(CpuBackend::EXACT),
+        )
+        .unwrap();
         let gpu = Model::load_on(dir.path(), ExpertSelection::All, be.clone()).unwrap();
         for kv in [KvDtype::F32, KvDtype::Bf16, KvDtype::Fp8] {
             let (a, b) = (run(&cpu, kv), run(&gpu, kv));
@@ -125,7 +130,12 @@ fn cuda_fp8_activations_within_their_tolerance() {
     };
     let dir = tempfile::tempdir().unwrap();
     generate(&GenOptions::new("tiny", Dtype::Fp8, 5, dir.path())).unwrap();
-    let cpu = Model::load_on(dir.path(), ExpertSelection::All, Arc::new(CpuBackend)).unwrap();
+    let cpu = Model::load_on(
+        dir.path(),
+        ExpertSelection::All,
+        Arc::new(CpuBackend::EXACT),
+    )
+    .unwrap();
     let gpu = Model::load_on(dir.path(), ExpertSelection::All, be).unwrap();
     let prompt: Vec<u32> = (0..90).map(|i| (i * 29 + 7) % 500).collect();
     let logits = |m: &Model| {

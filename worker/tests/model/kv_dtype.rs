@@ -10,16 +10,23 @@
 //!
 //! - **lm_head fp8** (e4m3, 128×128 block scales, like the checkpoint's other projections):
 //!   the fp8 cache's bound class (median ≤ 0.4 nats, ≥ 80% within 1 nat, ties within 2 nats).
+//! - **bf16 activations** (`--activation-dtype bf16`: every GEMM's x rounded to bf16, f32
+//!   cache): the bf16 cache's bound class (median ≤ 0.03 nats, ≥ 95% within 0.1, ties within
+//!   0.2 nats).
 //!
 //! Why percentiles and not a maximum: a few positions move by whole nats because a tiny
 //! change of the hidden state flips a top-k expert choice of the router (a discontinuity of
 //! the model, not of the cache), which random fixture weights make common.
 
 use crate::fixtures::fixture_dir;
+use shardseek_kernels::cpu::Isa;
+use shardseek_kernels::gemm::Activations;
 use shardseek_kernels::sampling::SamplingParams;
+use shardseek_worker::backend::CpuBackend;
 use shardseek_worker::generate::{GenerateOutput, GenerateRequest, generate};
 use shardseek_worker::kv::KvDtype;
 use shardseek_worker::model::{ExpertSelection, Model};
+use std::sync::Arc;
 
 struct Bound {
     median: f32,
@@ -124,5 +131,32 @@ fn fp8_lm_head_tracks_the_checkpoint_lm_head() {
         let m = compare(&exact, &got, &FP8, "lm_head fp8");
         eprintln!("{name}: lm_head fp8: median |Δ log-prob| {m:.2e}");
         assert!(m > 0.0, "the FP8 lm_head was not used (results identical)");
+    }
+}
+
+#[test]
+fn bf16_activations_track_f32_activations() {
+    if !Isa::Avx512Bf16.available() {
+        eprintln!("skipped: bf16 activations need AVX512-BF16");
+        return;
+    }
+    let prompt: Vec<u32> = (0..150).map(|i| (i * 37 % 380 + 3) as u32).collect();
+    for name in ["open-bf16", "open-fp8"] {
+        let dir = fixture_dir(name);
+        let model = Model::load(&dir, ExpertSelection::All).unwrap();
+        let exact = run(&model, &prompt, KvDtype::F32);
+        let backend = Arc::new(CpuBackend::with_activations(Activations::Bf16).unwrap());
+        let fast = Model::load_on(&dir, ExpertSelection::All, backend).unwrap();
+        let m = compare(
+            &exact,
+            &run(&fast, &prompt, KvDtype::F32),
+            &BF16,
+            "bf16 activations",
+        );
+        eprintln!("{name}: bf16 activations: median |Δ log-prob| {m:.2e}");
+        assert!(
+            m > 0.0,
+            "bf16 activations were not used (results identical)"
+        );
     }
 }
