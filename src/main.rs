@@ -1045,6 +1045,14 @@ fn run_worker(mut a: WorkerArgs) -> Result<()> {
             Role::Attention => cc.attention.device,
             Role::Expert => cc.experts.device,
         };
+        let act = match a.role {
+            Role::Attention => cc.attention.activation_dtype,
+            Role::Expert => cc.experts.activation_dtype,
+        };
+        a.activation_dtype = act
+            .as_str()
+            .parse()
+            .with_context(|| format!("activationDtype {}", act.as_str()))?;
         a.dispatch_dtype = match cc.dispatch_dtype {
             DispatchDtype::F32 => "f32",
             DispatchDtype::Bf16 => "bf16",

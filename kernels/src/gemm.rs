@@ -19,6 +19,13 @@
 //!   each task dequantises a `KC × NC` panel of W to f32 (scale applied) once and reuses it
 //!   across all rows of x through the 6×16 FMA microkernel.
 //!
+//! With bf16 activations ([`Activations::Bf16`], AVX512-BF16 only) FP8 and BF16 weights take
+//! two other strategies: up to [`PAIRS_MIN_M`] rows the bf16 tiles with x in one bf16 part
+//! instead of three; beyond, **pair tiles**: x rounded to bf16 once, each task packs a
+//! `KC`-deep block of its weight rows as (k, k+1) bf16 pairs, exact, and a 6×32 tile of
+//! `vdpbf16ps` (two multiply-adds per lane at the FMA's issue rate) runs every 6-row panel
+//! of x past it, the FP8 block scale applied per 128 columns to each 16-row half's sums.
+//!
 //! Tasks own disjoint column ranges of y and compute a `[m, cols]` tile locally, then apply
 //! the epilogue (store, scaled accumulate, or SiLU(gate)·up) while writing y. They run on the
 //! kernel team ([`crate::pool::parallel_for`]).

@@ -1,13 +1,14 @@
 //! Numeric kernels of shardseek (DESIGN.md §5).
 //!
 //! Every operation has a plain reference implementation (`reference` submodules, used by tests)
-//! and a fast CPU path chosen at run time. Activations are f32; weights stay in their stored
-//! dtype (FP8 e4m3 with 128×128 block scales, BF16, F16, F32) and are dequantised inside the
-//! kernels, never copied whole into f32.
+//! and a fast CPU path chosen at run time. Activations are f32, multiplied exactly, or, with
+//! [`gemm::Activations::Bf16`] on CPUs with AVX512-BF16, rounded to bf16 for the GEMMs' bf16
+//! dot-product instructions; weights stay in their stored dtype (FP8 e4m3 with 128×128 block
+//! scales, BF16, F16, F32) and are dequantised inside the kernels, never copied whole into f32.
 //!
 //! | module | operation |
 //! |---|---|
-//! | [`gemm`] | y = x·Wᵀ (FP8 block-scaled, BF16, F16, F32 weights; x f32); decode (streaming) and prefill (packed 6×16 microkernel) strategies; SiLU·mul and scaled-accumulate epilogues |
+//! | [`gemm`] | y = x·Wᵀ (FP8 block-scaled, BF16, F16, F32 weights; x f32, or rounded to bf16); decode (streaming, dot tiles, bf16 tiles) and prefill (packed 6×32 f32 microkernel, or packed bf16 pair tiles) strategies; SiLU·mul and scaled-accumulate epilogues |
 //! | [`moe`] | grouped expert FFN (gate/up → SiLU·mul → down) over (expert, row range) groups |
 //! | [`mla`] | MLA decode and chunked prefill over a paged latent cache (absorbed form) |
 //! | [`norm`], [`rope`], [`gate`], [`softmax`], [`sampling`] | RMSNorm, interleaved RoPE + YaRN, noaux_tc router, softmax, sampling |

@@ -31,7 +31,8 @@ use sha2::{Digest, Sha256};
 use shardseek_proto::cluster_config::{self as cc, ClusterConfig};
 
 use crate::crd::{
-    DeepSeekDeployment, DispatchDtype, KvCacheDtype, KvOverflow, PodTemplateOverrides, Transport,
+    ActivationDtype, DeepSeekDeployment, DispatchDtype, KvCacheDtype, KvOverflow,
+    PodTemplateOverrides, Transport,
 };
 use crate::{Error, Result};
 
@@ -326,6 +327,17 @@ pub fn cluster_config(dsd: &DeepSeekDeployment) -> Result<ClusterConfig> {
             "experts.device ({experts_device}) must equal attention.device ({attention_device}) when experts.shards is 0: the experts then run inside the attention pods, on attention.device"
         )));
     }
+    let (attention_act, experts_act) = (
+        activation_dtype(spec.attention.activation_dtype),
+        activation_dtype(spec.experts.activation_dtype),
+    );
+    if shards == 0 && experts_act != attention_act {
+        return Err(Error::InvalidSpec(format!(
+            "experts.activationDtype ({}) must equal attention.activationDtype ({}) when experts.shards is 0: the experts then run inside the attention pods, with attention.activationDtype",
+            experts_act.as_str(),
+            attention_act.as_str()
+        )));
+    }
     let config = ClusterConfig {
         name: name.clone(),
         namespace: Some(namespace.clone()),
@@ -367,6 +379,7 @@ pub fn cluster_config(dsd: &DeepSeekDeployment) -> Result<ClusterConfig> {
                 gpu_memory_utilization: spec.attention.kv_cache.gpu_memory_utilization,
             },
             device: attention_device,
+            activation_dtype: attention_act,
         },
         experts: cc::ExpertsConfig {
             shards,
@@ -392,6 +405,7 @@ pub fn cluster_config(dsd: &DeepSeekDeployment) -> Result<ClusterConfig> {
                 })
                 .transpose()?,
             device: experts_device,
+            activation_dtype: experts_act,
         },
         router: cc::RouterConfig {
             http_port: cc::DEFAULT_ROUTER_HTTP_PORT,
@@ -1387,4 +1401,11 @@ pub fn endpoint(dsd: &DeepSeekDeployment) -> Option<String> {
 /// The name of `dsd`'s owned object of kind `kind`, for log lines and error context.
 pub fn describe<K: Resource<DynamicType = ()>>(object: &K) -> String {
     format!("{} {}", K::kind(&()), object.name_any())
+}
+
+fn activation_dtype(a: ActivationDtype) -> cc::ActivationDtype {
+    match a {
+        ActivationDtype::F32 => cc::ActivationDtype::F32,
+        ActivationDtype::Bf16 => cc::ActivationDtype::Bf16,
+    }
 }

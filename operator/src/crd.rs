@@ -81,7 +81,8 @@ pub const MAX_NAME_LEN: usize = 40;
 )]
 #[x_kube(
     validation = Rule::new("self.transport != 'nccl'").message("transport nccl is not wired yet (expert shards exchange rows over gRPC only); use grpc"),
-    validation = Rule::new("self.experts.shards > 0 || self.experts.device == self.attention.device").message("experts.device must equal attention.device when experts.shards is 0: the experts then run inside the attention pods, on attention.device")
+    validation = Rule::new("self.experts.shards > 0 || self.experts.device == self.attention.device").message("experts.device must equal attention.device when experts.shards is 0: the experts then run inside the attention pods, on attention.device"),
+    validation = Rule::new("self.experts.shards > 0 || (has(self.experts.activationDtype) ? self.experts.activationDtype : 'f32') == (has(self.attention.activationDtype) ? self.attention.activationDtype : 'f32')").message("experts.activationDtype must equal attention.activationDtype when experts.shards is 0: the experts then run inside the attention pods, with attention.activationDtype")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct DeepSeekDeploymentSpec {
@@ -249,7 +250,8 @@ pub struct ModelVolume {
 #[x_kube(
     validation = Rule::new("!has(self.kvCache) || !has(self.kvCache.gpuMemoryUtilization) || self.device.startsWith('cuda')").message("attention.kvCache.gpuMemoryUtilization applies only when attention.device is cuda or cuda:N (on the CPU, kvCache.memory sizes the cache)"),
     validation = Rule::new("!has(self.kvCache) || !has(self.kvCache.gpuMemoryUtilization) || !has(self.kvCache.memory)").message("attention.kvCache.gpuMemoryUtilization and attention.kvCache.memory both size the cache: set one, not both"),
-    validation = Rule::new(GPU_ONLY_ON_A_GPU_DEVICE).message("attention.resources asks for nvidia.com/gpu but attention.device is cpu: set attention.device to cuda, or drop the GPU (the pod would hold a GPU it never uses)")
+    validation = Rule::new(GPU_ONLY_ON_A_GPU_DEVICE).message("attention.resources asks for nvidia.com/gpu but attention.device is cpu: set attention.device to cuda, or drop the GPU (the pod would hold a GPU it never uses)"),
+    validation = Rule::new(BF16_ONLY_ON_THE_CPU).message("attention.activationDtype bf16 is a CPU setting (AVX512-BF16 dot products); attention.device is a GPU")
 )]
 pub struct AttentionSpec {
     /// Number of attention pods (the scale subresource moves this).
@@ -263,6 +265,12 @@ pub struct AttentionSpec {
     #[schemars(length(max = 16))]
     #[x_kube(validation = Rule::new(DEVICE_RULE).message("attention.device must be cpu, cuda or cuda:N (N: the GPU's ordinal among the pod's GPUs)"))]
     pub device: String,
+    /// How the pods' GEMMs multiply activations: `f32` (default, exact) or `bf16` (rounded to
+    /// bf16 for the CPU's bf16 dot-product instructions: about twice the prefill and batched
+    /// rate on CPUs with AVX512-BF16, which the pods then need, at ≤ 2⁻⁸ relative error per
+    /// product; CPU only). The worker's `--activation-dtype`.
+    #[serde(default)]
+    pub activation_dtype: ActivationDtype,
     /// CPU, memory and accelerators of each attention pod. With a GPU `device` the operator adds
     /// `nvidia.com/gpu` to the limits and requests (see `experts.device`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -323,6 +331,20 @@ pub enum KvCacheDtype {
     Fp8,
 }
 
+/// How GEMMs multiply activations.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ActivationDtype {
+    /// Exact f32 products.
+    #[default]
+    F32,
+    /// Rounded to bf16 (CPUs with AVX512-BF16).
+    Bf16,
+}
+
+/// A role's `activationDtype` of bf16 needs its device to be the CPU.
+const BF16_ONLY_ON_THE_CPU: &str = "!has(self.activationDtype) || self.activationDtype == 'f32' || !self.device.startsWith('cuda')";
+
 /// When one `maxSeqLen` sequence does not fit the KV cache.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -339,6 +361,7 @@ impl Default for AttentionSpec {
         Self {
             replicas: 1,
             device: default_device(),
+            activation_dtype: ActivationDtype::default(),
             resources: None,
             max_batch_tokens: default_max_batch_tokens(),
             max_seq_len: default_max_seq_len(),
@@ -381,7 +404,8 @@ fn default_max_seq_len() -> i32 {
 #[x_kube(
     validation = Rule::new("self.shards == 0 ? self.redundantSlots == 0 : self.redundantSlots % self.shards == 0").message("experts.redundantSlots must be a multiple of experts.shards (and 0 when shards is 0)"),
     validation = Rule::new("!has(self.rebalanceIntervalSeconds) || self.shards > 0").message("experts.rebalanceIntervalSeconds needs expert shards (experts.shards 1 or more): with 0 shards the experts run inside the attention pods and there is nothing to rebalance"),
-    validation = Rule::new(GPU_ONLY_ON_A_GPU_DEVICE).message("experts.resources asks for nvidia.com/gpu but experts.device is cpu: set experts.device to cuda, or drop the GPU (the pod would hold a GPU it never uses)")
+    validation = Rule::new(GPU_ONLY_ON_A_GPU_DEVICE).message("experts.resources asks for nvidia.com/gpu but experts.device is cpu: set experts.device to cuda, or drop the GPU (the pod would hold a GPU it never uses)"),
+    validation = Rule::new(BF16_ONLY_ON_THE_CPU).message("experts.activationDtype bf16 is a CPU setting (AVX512-BF16 dot products); experts.device is a GPU")
 )]
 pub struct ExpertsSpec {
     /// Number of expert shards; 0 keeps the experts inside the attention pods.
@@ -409,6 +433,11 @@ pub struct ExpertsSpec {
     #[schemars(length(max = 16))]
     #[x_kube(validation = Rule::new(DEVICE_RULE).message("experts.device must be cpu, cuda or cuda:N (N: the GPU's ordinal among the pod's GPUs)"))]
     pub device: String,
+    /// How the shards' expert GEMMs multiply activations: `f32` (default) or `bf16` (see
+    /// `attention.activationDtype`; CPU only). With 0 shards the experts run inside the
+    /// attention pods, and this must equal `attention.activationDtype`.
+    #[serde(default)]
+    pub activation_dtype: ActivationDtype,
     /// CPU, memory and accelerators of each expert shard. With a GPU `device` the operator adds
     /// `nvidia.com/gpu` (see `device`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -443,6 +472,7 @@ impl Default for ExpertsSpec {
             shards: 1,
             redundant_slots: 0,
             device: default_device(),
+            activation_dtype: ActivationDtype::default(),
             resources: None,
             rebalance_interval_seconds: None,
             failover_wait_seconds: None,

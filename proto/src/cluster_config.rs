@@ -208,6 +208,38 @@ pub struct AttentionConfig {
     /// the operator rolls no pod).
     #[serde(default, skip_serializing_if = "Device::is_cpu")]
     pub device: Device,
+    /// How the pods' GEMMs multiply activations (`--activation-dtype`). Left out of the file
+    /// when `f32`, so configs written before it existed, and their pods' config hashes, are
+    /// unchanged.
+    #[serde(default, skip_serializing_if = "ActivationDtype::is_f32")]
+    pub activation_dtype: ActivationDtype,
+}
+
+/// How GEMMs multiply activations: the worker's `--activation-dtype`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActivationDtype {
+    /// Exact f32 products: the default.
+    #[default]
+    F32,
+    /// Activations rounded to bf16 for the CPU's bf16 dot products (AVX512-BF16 only).
+    Bf16,
+}
+
+impl ActivationDtype {
+    /// The spelling of the worker's `--activation-dtype` flag.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
+
+    /// Whether this is the default (a serde `skip_serializing_if` predicate, hence the
+    /// reference).
+    pub fn is_f32(&self) -> bool {
+        *self == Self::F32
+    }
 }
 
 /// Element type of the latent KV cache.
@@ -302,6 +334,11 @@ pub struct ExpertsConfig {
     /// the operator rolls no pod).
     #[serde(default, skip_serializing_if = "Device::is_cpu")]
     pub device: Device,
+    /// How the shards' expert GEMMs multiply activations (`--activation-dtype`). Left out of
+    /// the file when `f32`, so configs written before it existed, and their pods' config
+    /// hashes, are unchanged.
+    #[serde(default, skip_serializing_if = "ActivationDtype::is_f32")]
+    pub activation_dtype: ActivationDtype,
 }
 
 /// The router.
@@ -413,6 +450,25 @@ impl ClusterConfig {
                 );
             }
         }
+        for (key, act, device) in [
+            (
+                "attention.activationDtype",
+                self.attention.activation_dtype,
+                self.attention.device,
+            ),
+            (
+                "experts.activationDtype",
+                self.experts.activation_dtype,
+                self.experts.device,
+            ),
+        ] {
+            if act == ActivationDtype::Bf16 && device.is_gpu() {
+                return invalid(
+                    key,
+                    format!("bf16 is a CPU setting; the role's device is {device}"),
+                );
+            }
+        }
         if self.transport == Transport::Nccl {
             // Expert shards compute on CPUs and no worker opens an NCCL communicator yet:
             // refusing beats serving over gRPC while the config says NCCL.
@@ -465,6 +521,7 @@ impl ClusterConfig {
                 // experts themselves.
                 if v.experts.shards > 0 {
                     v.experts.device = Device::default();
+                    v.experts.activation_dtype = ActivationDtype::default();
                 }
                 v.attention.service = String::new();
                 v.attention.addresses = Vec::new();
@@ -484,6 +541,7 @@ impl ClusterConfig {
                     max_seq_len: 1,
                     kv_cache: KvCacheConfig::default(),
                     device: Device::default(),
+                    activation_dtype: ActivationDtype::default(),
                 };
                 // A shard learns its own id from its ordinal and listens on its port; the other
                 // shards' addresses are for attention pods.
@@ -500,6 +558,7 @@ impl ClusterConfig {
                 v.attention.max_batch_tokens = 1;
                 v.attention.kv_cache = KvCacheConfig::default();
                 v.attention.device = Device::default();
+                v.attention.activation_dtype = ActivationDtype::default();
                 v.experts = ExpertsConfig {
                     shards: 0,
                     redundant_slots: 0,
@@ -508,6 +567,7 @@ impl ClusterConfig {
                     rebalance_interval_seconds: None,
                     failover_wait_ms: None,
                     device: Device::default(),
+                    activation_dtype: ActivationDtype::default(),
                 };
                 v.dispatch_dtype = DispatchDtype::default();
                 v.transport = Transport::default();
@@ -577,6 +637,7 @@ mod tests {
                 max_seq_len: 16384,
                 kv_cache: KvCacheConfig::default(),
                 device: Device::Cuda(0),
+                activation_dtype: ActivationDtype::F32,
             },
             experts: ExpertsConfig {
                 shards: 4,
@@ -591,6 +652,7 @@ mod tests {
                 rebalance_interval_seconds: Some(600),
                 failover_wait_ms: Some(10_000),
                 device: Device::Cpu,
+                activation_dtype: ActivationDtype::Bf16,
             },
             router: RouterConfig {
                 http_port: DEFAULT_ROUTER_HTTP_PORT,
@@ -600,6 +662,26 @@ mod tests {
             transport: Transport::Grpc,
             metrics_port: DEFAULT_METRICS_PORT,
         }
+    }
+
+    #[test]
+    fn bf16_activations_round_trip_and_stay_off_gpus() {
+        let c = sample();
+        c.validate().unwrap();
+        let text = c.to_json();
+        assert!(text.contains("\"activationDtype\": \"bf16\""), "{text}");
+        assert_eq!(ClusterConfig::from_json(&text).unwrap(), c);
+        let mut gpu = sample();
+        gpu.attention.activation_dtype = ActivationDtype::Bf16;
+        let e = gpu.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("attention.activationDtype") && e.contains("cuda:0"),
+            "{e}"
+        );
+        let mut gpu = sample();
+        gpu.experts.device = Device::Cuda(1);
+        let e = gpu.validate().unwrap_err().to_string();
+        assert!(e.contains("experts.activationDtype"), "{e}");
     }
 
     #[test]
@@ -759,6 +841,14 @@ mod tests {
             changed(&|c| c.experts.device = Device::Cuda(0)),
             [false, true, false]
         );
+        assert_eq!(
+            changed(&|c| c.attention.activation_dtype = ActivationDtype::Bf16),
+            [true, false, false]
+        );
+        assert_eq!(
+            changed(&|c| c.experts.activation_dtype = ActivationDtype::F32),
+            [false, true, false]
+        );
         // Without shards the attention pods run the experts: their device is the pods' own.
         let mut cpu = sample();
         cpu.experts.shards = 0;
@@ -769,6 +859,12 @@ mod tests {
         assert_ne!(
             cpu.view_of(Reader::Attention),
             gpu.view_of(Reader::Attention)
+        );
+        let mut exact = cpu.clone();
+        exact.experts.activation_dtype = ActivationDtype::F32;
+        assert_ne!(
+            cpu.view_of(Reader::Attention),
+            exact.view_of(Reader::Attention)
         );
         assert_eq!(changed(&|c| c.metrics_port = 1), [true, true, true]);
     }

@@ -982,8 +982,9 @@ fn placement_config_map_is_mounted_optional_and_owned() {
     no_shards.spec.experts.shards = 0;
     no_shards.spec.experts.redundant_slots = 0;
     no_shards.spec.experts.rebalance_interval_seconds = None;
-    // The experts then run in the attention pods, on their GPU.
+    // The experts then run in the attention pods, on their GPU, as they do.
     no_shards.spec.experts.device = no_shards.spec.attention.device.clone();
+    no_shards.spec.experts.activation_dtype = no_shards.spec.attention.activation_dtype;
     let owned = builders::build(&no_shards).expect("build");
     assert!(
         !pod(&owned.attention)
@@ -1198,6 +1199,8 @@ fn device_rules_name_the_field() {
     for good in ["cpu", "cuda", "cuda:0", "cuda:7"] {
         let mut dsd = full.clone();
         dsd.spec.experts.device = good.into();
+        // The example's bf16 activations are a CPU setting.
+        dsd.spec.experts.activation_dtype = crd::ActivationDtype::F32;
         assert_eq!(errors_of(&dsd), "", "{good}");
         builders::build(&as_stored(dsd)).unwrap_or_else(|e| panic!("{good}: {e}"));
     }
@@ -1321,6 +1324,7 @@ fn device_rules_name_the_field() {
         "{err}"
     );
     no_shards.spec.experts.device = "cuda".into();
+    no_shards.spec.experts.activation_dtype = crd::ActivationDtype::F32;
     assert_eq!(errors_of(&no_shards), "");
     builders::build(&as_stored(no_shards)).expect("same device without shards");
 }
@@ -1345,6 +1349,7 @@ fn changing_a_roles_device_rolls_only_that_role() {
 
     let mut shards_on_gpu = base.clone();
     shards_on_gpu.spec.experts.device = "cuda".into();
+    shards_on_gpu.spec.experts.activation_dtype = crd::ActivationDtype::F32;
     let after = builders::build(&shards_on_gpu).expect("build");
     assert_ne!(hash(&experts(&before)), hash(&experts(&after)));
     assert_eq!(
@@ -1383,4 +1388,90 @@ fn changing_a_roles_device_rolls_only_that_role() {
     );
     assert_eq!(experts(&before), experts(&after));
     assert_eq!(before.router.spec.template, after.router.spec.template);
+}
+
+/// `activationDtype` of each role: in that role's config (and so its pods' hash) alone, out of
+/// the config text at the default, refused on a GPU by the schema's rule and by the builder,
+/// and, with the experts inside the attention pods (0 shards), required to agree.
+#[test]
+fn activation_dtype_reaches_only_its_role_and_only_cpus() {
+    use shardseek_operator::crd::ActivationDtype;
+    let errors_of = |dsd: &DeepSeekDeployment| {
+        kube::core::cel::validate_cel(dsd)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    };
+    let full = example("full.yaml");
+    assert_eq!(full.spec.experts.activation_dtype, ActivationDtype::Bf16);
+    assert_eq!(errors_of(&full), "");
+    let base = as_stored(full.clone());
+    let cfg = builders::cluster_config(&base).expect("config");
+    assert_eq!(
+        cfg.experts.activation_dtype,
+        shardseek_proto::cluster_config::ActivationDtype::Bf16
+    );
+    assert_eq!(
+        cfg.attention.activation_dtype,
+        shardseek_proto::cluster_config::ActivationDtype::F32
+    );
+    let before = builders::build(&base).expect("build");
+
+    let mut exact = base.clone();
+    exact.spec.experts.activation_dtype = ActivationDtype::F32;
+    let text = serde_json::to_string(&builders::cluster_config(&exact).expect("config")).unwrap();
+    assert!(!text.contains("activationDtype"), "{text}");
+    let after = builders::build(&exact).expect("build");
+    assert_ne!(
+        before.experts.as_ref().unwrap().spec.template,
+        after.experts.as_ref().unwrap().spec.template,
+        "the shards roll"
+    );
+    assert_eq!(
+        before.attention.spec.template,
+        after.attention.spec.template
+    );
+    assert_eq!(before.router.spec.template, after.router.spec.template);
+
+    // bf16 on a GPU role: the schema's rule and the builder both name the field.
+    let mut on_gpu = full.clone();
+    on_gpu.spec.attention.activation_dtype = ActivationDtype::Bf16;
+    assert!(
+        errors_of(&on_gpu).contains("attention.activationDtype bf16 is a CPU setting"),
+        "{}",
+        errors_of(&on_gpu)
+    );
+    let err = builders::build(&as_stored(on_gpu))
+        .expect_err("bf16 on cuda")
+        .to_string();
+    assert!(err.contains("attention.activationDtype"), "{err}");
+
+    // No shards: the experts run in the attention pods, so the two must agree.
+    let mut no_shards = full.clone();
+    no_shards.spec.attention.device = "cpu".into();
+    no_shards.spec.attention.resources = None;
+    no_shards.spec.attention.kv_cache.gpu_memory_utilization = None;
+    no_shards.spec.experts.shards = 0;
+    no_shards.spec.experts.redundant_slots = 0;
+    no_shards.spec.experts.rebalance_interval_seconds = None;
+    assert!(
+        errors_of(&no_shards)
+            .contains("experts.activationDtype must equal attention.activationDtype"),
+        "{}",
+        errors_of(&no_shards)
+    );
+    let err = builders::build(&as_stored(no_shards.clone()))
+        .expect_err("mismatch")
+        .to_string();
+    assert!(
+        err.contains("experts.activationDtype (bf16) must equal attention.activationDtype (f32)"),
+        "{err}"
+    );
+    no_shards.spec.attention.activation_dtype = ActivationDtype::Bf16;
+    assert_eq!(errors_of(&no_shards), "");
+    let cfg = builders::cluster_config(&as_stored(no_shards)).expect("config");
+    assert_eq!(
+        cfg.attention.activation_dtype,
+        shardseek_proto::cluster_config::ActivationDtype::Bf16
+    );
 }
