@@ -107,13 +107,13 @@ pub const ROW_NAMES: &[&str] = &[
     "prefill bf16 gemm (V3)",
     "prefill f32 gemm (V3)",
     "prefill fp8 gemm (medium)",
-    "prefill fp8 gemm, bf16 activations (V3)",
-    "prefill fp8 gemm, bf16 activations (medium)",
+    "prefill fp8 gemm with bf16 activations (V3)",
+    "prefill fp8 gemm with bf16 activations (medium)",
     "OpenBLAS sgemm via numpy (f32)",
     "grouped moe fp8 decode (V3)",
     "grouped moe fp8 (medium)",
     "grouped moe fp8 prefill (medium)",
-    "grouped moe fp8 prefill, bf16 activations (medium)",
+    "grouped moe fp8 prefill with bf16 activations (medium)",
     "mla decode bf16 cache (V3)",
     "mla decode f32 cache (V3)",
     "mla decode fp8 cache (V3)",
@@ -241,7 +241,7 @@ pub fn run(only: &Only, mut progress: impl FnMut(&str)) -> Result<Report> {
             false,
         ),
         (
-            "prefill fp8 gemm, bf16 activations (V3)",
+            "prefill fp8 gemm with bf16 activations (V3)",
             Kind::Fp8,
             512,
             2048,
@@ -249,7 +249,7 @@ pub fn run(only: &Only, mut progress: impl FnMut(&str)) -> Result<Report> {
             true,
         ),
         (
-            "prefill fp8 gemm, bf16 activations (medium)",
+            "prefill fp8 gemm with bf16 activations (medium)",
             Kind::Fp8,
             512,
             768,
@@ -333,7 +333,7 @@ pub fn run(only: &Only, mut progress: impl FnMut(&str)) -> Result<Report> {
             false,
         ),
         (
-            "grouped moe fp8 prefill, bf16 activations (medium)",
+            "grouped moe fp8 prefill with bf16 activations (medium)",
             2048,
             768,
             &[64, 64, 128, 256][..],
@@ -1124,7 +1124,8 @@ mod tests {
                 "decode fp8 gemm (medium)",
                 "grouped moe fp8 decode (V3)",
                 "grouped moe fp8 (medium)",
-                "grouped moe fp8 prefill (medium)"
+                "grouped moe fp8 prefill (medium)",
+                "grouped moe fp8 prefill with bf16 activations (medium)"
             ]
         );
         // A filter that selects nothing is an error before anything is measured.

@@ -1205,7 +1205,7 @@ pub(crate) mod avx512bf16 {
 
     /// `RW` weight rows of kind `KIND` (at `q`, `k` columns each; FP8: in one 128-row scale
     /// block, scales at `srow`) against `RX` prepared x rows (at `xp`, stride `xs` words),
-    /// columns `c0..c1` (`c0` on a 128-column block); `rows_left` rows of the task start at
+    /// columns `c0..c1` (`c0` on a 128-column block); `rows_left` rows of the weight start at
     /// `q` (prefetch bound). Returns the partial dot products, scale applied.
     #[inline]
     #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
@@ -1233,9 +1233,14 @@ pub(crate) mod avx512bf16 {
             // Bytes per weight and per weight row.
             let eb = if KIND == KIND_FP8 { 1 } else { 2 };
             let rb = k * eb;
-            // Prefetch the same columns of later row groups of the task: the first group at
-            // least NEAR_BYTES ahead into L1 (one core's demand misses alone reach about half
-            // of what its share of the memory bandwidth allows), never past the task's rows.
+            // Prefetch the same columns of later row groups: the first group at least
+            // NEAR_BYTES ahead into L1 (one core's demand misses alone reach about half of what
+            // its share of the memory bandwidth allows), never past the weight's last row.
+            // Past the task's last row is intended: the kernel team hands a thread consecutive
+            // tasks (`crate::pool`), so the rows after this task are most likely its next, and
+            // a prefetch stream that stopped at each task's end restarted from demand misses
+            // at the next one's start (a `small` batch-1 decode step, 64 KiB tasks, took 1.1×
+            // as long).
             // The distance counts the bytes the tiles stream, `c1 − c0` columns a row (x cut
             // into column blocks reads a block of every row, not whole rows).
             let group = RW * (c1 - c0) * eb;
@@ -1397,6 +1402,8 @@ pub(crate) mod avx512bf16 {
     ) {
         let eb = if KIND == KIND_FP8 { 1 } else { 2 };
         assert!(q.len() >= n1 * k * eb);
+        // The prefetch bound: the weight's last row, not the task's (see `tile`).
+        let all_rows = q.len() / (k * eb).max(1);
         let xs = k.div_ceil(CHUNK) * PART_WORDS * PARTS;
         assert!(xp.len() >= m * xs);
         assert!(m == 0 || out.len() >= (m - 1) * ld + (n1 - n0));
@@ -1424,7 +1431,16 @@ pub(crate) mod avx512bf16 {
                     macro_rules! run {
                         ($rw:literal, $rx:literal) => {{
                             let t = unsafe {
-                                tile::<KIND, PARTS, $rw, $rx>(xi, xs, qn, k, c0, c1, srow, n1 - n)
+                                tile::<KIND, PARTS, $rw, $rx>(
+                                    xi,
+                                    xs,
+                                    qn,
+                                    k,
+                                    c0,
+                                    c1,
+                                    srow,
+                                    all_rows - n,
+                                )
                             };
                             for (r, tr) in t.iter().enumerate() {
                                 for (j, v) in tr.iter().enumerate() {

@@ -87,11 +87,41 @@ const HOT_SPIN: Duration = Duration::from_micros(20);
 const OPEN: u64 = 1 << 31;
 const ACTIVE: u64 = OPEN - 1;
 
-/// One job: `tasks` calls of `f`, indices claimed from `next`.
+/// Most task ranges ("homes") a job is cut into; members beyond share homes.
+const HOMES: usize = 16;
+
+/// One job: `tasks` calls of `f`. The indices are cut into `homes` contiguous ranges, one per
+/// team member; a member claims its own range's indices in order (`next[h]`), then those left
+/// in the others'. So each member walks through memory contiguously — a decode GEMV's tasks
+/// are consecutive blocks of weight rows, and a thread that goes on to the next block keeps the
+/// hardware prefetcher's stream, where tasks dealt out one by one across threads broke every
+/// stream at every task — while a member that is late or slow still has its work taken over.
 struct Job<'a> {
     f: &'a (dyn Fn(usize) + Sync),
     tasks: usize,
-    next: AtomicUsize,
+    homes: usize,
+    next: [AtomicUsize; HOMES],
+}
+
+impl Job<'_> {
+    fn new(f: &(dyn Fn(usize) + Sync), tasks: usize, members: usize) -> Job<'_> {
+        let homes = members.clamp(1, HOMES).min(tasks.max(1));
+        let job = Job {
+            f,
+            tasks,
+            homes,
+            next: std::array::from_fn(|_| AtomicUsize::new(0)),
+        };
+        for h in 0..homes {
+            job.next[h].store(job.start(h), Ordering::Relaxed);
+        }
+        job
+    }
+
+    /// First index of home `h`.
+    fn start(&self, h: usize) -> usize {
+        h * self.tasks / self.homes
+    }
 }
 
 struct Team {
@@ -140,13 +170,19 @@ fn team() -> &'static Team {
     })
 }
 
-fn run_tasks(job: &Job) {
-    loop {
-        let i = job.next.fetch_add(1, Ordering::Relaxed);
-        if i >= job.tasks {
-            break;
+/// Runs tasks of `job` as team member `me` (the caller is 0): its home first, then the rest
+/// of the others' in turn.
+fn run_tasks(job: &Job, me: usize) {
+    for d in 0..job.homes {
+        let h = (me + d) % job.homes;
+        let end = job.start(h + 1);
+        loop {
+            let i = job.next[h].fetch_add(1, Ordering::Relaxed);
+            if i >= end {
+                break;
+            }
+            (job.f)(i);
         }
-        (job.f)(i);
     }
 }
 
@@ -159,27 +195,28 @@ fn worker(team: &'static Team) {
         // Join only while the caller still holds the job open: a worker that wakes after the
         // caller finished must not touch the (stack-allocated) job.
         let mut g = team.gate.load(Ordering::Acquire);
+        // The member index is 1 + the workers that joined before (the caller is 0).
         let joined = loop {
             if g >> 32 != id & 0xffff_ffff || g & OPEN == 0 {
-                break false;
+                break None;
             }
             match team
                 .gate
                 .compare_exchange_weak(g, g + 1, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => break true,
+                Ok(_) => break Some((g & ACTIVE) as usize + 1),
                 Err(now) => g = now,
             }
         };
-        if !joined {
+        let Some(me) = joined else {
             continue;
-        }
+        };
         // SAFETY: the caller keeps the job alive until every joined worker has left (the
         // active count in `gate` is back to zero).
         let job = unsafe { &*(team.job.load(Ordering::Acquire) as *const Job) };
         // A panicking task must not leave the caller waiting: the panic is caught here and
         // raised again on the caller.
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_tasks(job))).is_err() {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_tasks(job, me))).is_err() {
             team.panicked.store(true, Ordering::Release);
         }
         team.gate.fetch_sub(1, Ordering::Release);
@@ -221,21 +258,17 @@ fn wait_for_job(team: &Team, seen: u64) -> u64 {
 /// holds the team, the tasks run here, one after another.
 pub fn parallel_for(tasks: usize, f: impl Fn(usize) + Sync) {
     let f: &(dyn Fn(usize) + Sync) = &f;
-    let job = Job {
-        f,
-        tasks,
-        next: AtomicUsize::new(0),
-    };
     if tasks <= 1 || IN_TEAM.with(|c| c.get()) {
-        return run_tasks(&job);
+        return run_tasks(&Job::new(f, tasks, 1), 0);
     }
     let team = team();
     let Some(_owner) = (team.workers > 0)
         .then(|| team.owner.try_lock().ok())
         .flatten()
     else {
-        return run_tasks(&job);
+        return run_tasks(&Job::new(f, tasks, 1), 0);
     };
+    let job = Job::new(f, tasks, team.workers + 1);
     let id = team.epoch.load(Ordering::Relaxed) + 1;
     team.job
         .store(&job as *const Job as usize, Ordering::Relaxed);
@@ -247,7 +280,7 @@ pub fn parallel_for(tasks: usize, f: impl Fn(usize) + Sync) {
         team.wake.notify_all();
     }
     IN_TEAM.with(|c| c.set(true));
-    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_tasks(&job)));
+    let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_tasks(&job, 0)));
     IN_TEAM.with(|c| c.set(false));
     // Close the job to late workers, then wait for those inside to leave.
     team.gate.fetch_and(!OPEN, Ordering::AcqRel);
@@ -313,6 +346,31 @@ mod tests {
             n.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(n.load(Ordering::Relaxed), 100);
+    }
+
+    /// The caller walks its home from task 0 upward: its tasks are a run 0, 1, 2, … (then
+    /// whatever it takes over from other homes, each run ascending), so a GEMV's thread streams
+    /// contiguous weight rows.
+    #[test]
+    fn each_member_walks_its_home_in_order() {
+        let caller = std::thread::current().id();
+        let order = Mutex::new(Vec::new());
+        parallel_for(64, |i| {
+            if std::thread::current().id() == caller {
+                order.lock().unwrap().push(i);
+            }
+            std::thread::sleep(Duration::from_micros(20));
+        });
+        let order = order.into_inner().unwrap();
+        assert_eq!(order.first(), Some(&0), "{order:?}");
+        // Ascending runs, each starting at a home's next unclaimed task: never a step back
+        // inside a run.
+        let breaks = order.windows(2).filter(|w| w[1] != w[0] + 1).count();
+        assert!(breaks < threads().max(2), "{order:?}");
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), order.len(), "a task ran twice: {order:?}");
     }
 
     #[test]
