@@ -20,9 +20,14 @@ const BF16_WIRE_TOL: f64 = 3e-2;
 const PROMPT: &str = "3,17,255,42,8,99,100,7,1,64,65,66";
 
 fn local(model: &Path) -> Value {
-    generate(&[
+    local_with(model, &[])
+}
+
+fn local_with(model: &Path, extra: &[&str]) -> Value {
+    let model = model.to_string_lossy();
+    let mut args = vec![
         "--model",
-        &model.to_string_lossy(),
+        &model,
         "--prompt-tokens",
         PROMPT,
         "--max-tokens",
@@ -31,8 +36,9 @@ fn local(model: &Path) -> Value {
         "--echo",
         "--kv-cache-dtype",
         "f32",
-    ])
-    .expect("in-process generate")
+    ];
+    args.extend_from_slice(extra);
+    generate(&args).expect("in-process generate")
 }
 
 fn remote(addr: &str) -> Value {
@@ -112,6 +118,45 @@ fn tiny_model_with_redundant_experts_f32_wire() {
             &remote(&addr),
             F32_WIRE_TOL,
             &format!("tiny fp8, {shards} shards, {redundant} redundant, f32 wire"),
+            true,
+        );
+    }
+}
+
+/// bf16 activations (`--activation-dtype bf16`, passed by `up` to the pod and the shards) are
+/// the same rounding of each GEMM's input in every process, so the cluster still gives the
+/// single process's tokens, its log-probs at summation order.
+#[test]
+fn bf16_activations_cluster_equals_single_process() {
+    if !shardseek_kernels::cpu::Isa::Avx512Bf16.available() {
+        eprintln!("skipped: bf16 activations need AVX512-BF16");
+        return;
+    }
+    let m = tiny("fp8");
+    let exact = local(m.path());
+    let want = local_with(m.path(), &["--activation-dtype", "bf16"]);
+    assert_ne!(
+        exact["prompt_logprobs"], want["prompt_logprobs"],
+        "bf16 activations changed nothing"
+    );
+    for shards in [2, 4] {
+        let (_up, addr) = up(
+            m.path(),
+            shards,
+            &[
+                "--dispatch-dtype",
+                "f32",
+                "--kv-cache-dtype",
+                "f32",
+                "--activation-dtype",
+                "bf16",
+            ],
+        );
+        compare(
+            &want,
+            &remote(&addr),
+            F32_WIRE_TOL,
+            &format!("tiny fp8, {shards} shards, bf16 activations, f32 wire"),
             true,
         );
     }
