@@ -191,7 +191,18 @@ pub fn run(only: &Only, mut progress: impl FnMut(&str)) -> Result<Report> {
         note: String::new(),
         bf16_activations: false,
     };
+    // The rows' compute: exact, or bf16 activations where the CPU has them (else the row is
+    // skipped, saying why).
     let bf16_act = Compute::new(isa, Activations::Bf16);
+    let compute_for = |act: bool, progress: &mut dyn FnMut(&str), name: &str| match (act, &bf16_act)
+    {
+        (false, _) => Some(Compute::from(isa)),
+        (true, Ok(c)) => Some(*c),
+        (true, Err(e)) => {
+            progress(&format!("{name}: skipped: {e}"));
+            None
+        }
+    };
 
     // Decode GEMMs, M = 1: DeepSeek-V3 and medium shapes.
     for (name, kind, n, k, act) in [
@@ -226,13 +237,8 @@ pub fn run(only: &Only, mut progress: impl FnMut(&str)) -> Result<Report> {
         if !only.wants(name) {
             continue;
         }
-        let c = match (act, &bf16_act) {
-            (false, _) => Compute::from(isa),
-            (true, Ok(c)) => *c,
-            (true, Err(e)) => {
-                progress(&format!("{name}: skipped: {e}"));
-                continue;
-            }
+        let Some(c) = compute_for(act, &mut progress, name) else {
+            continue;
         };
         let (s, bytes) = decode_gemm(c, kind, 1, n, k)?;
         let r = mk(
@@ -291,13 +297,8 @@ pub fn run(only: &Only, mut progress: impl FnMut(&str)) -> Result<Report> {
         if !only.wants(name) {
             continue;
         }
-        let c = match (act, &bf16_act) {
-            (false, _) => Compute::from(isa),
-            (true, Ok(c)) => *c,
-            (true, Err(e)) => {
-                progress(&format!("{name}: skipped: {e}"));
-                continue;
-            }
+        let Some(c) = compute_for(act, &mut progress, name) else {
+            continue;
         };
         let s = prefill_gemm(c, kind, m, n, k)?;
         let w_bytes = (n * k * kind.bytes()) as f64;
@@ -374,13 +375,8 @@ pub fn run(only: &Only, mut progress: impl FnMut(&str)) -> Result<Report> {
         if !only.wants(name) {
             continue;
         }
-        let c = match (act, &bf16_act) {
-            (false, _) => Compute::from(isa),
-            (true, Ok(c)) => *c,
-            (true, Err(e)) => {
-                progress(&format!("{name}: skipped: {e}"));
-                continue;
-            }
+        let Some(c) = compute_for(act, &mut progress, name) else {
+            continue;
         };
         let (s, bytes, flops) = grouped(c, hidden, inter, rows_per)?;
         let total: usize = rows_per.iter().sum();

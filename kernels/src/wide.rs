@@ -164,11 +164,7 @@ mod avx512 {
                 a = a.add(t.csa);
                 b = b.add(t.rsb);
             }
-            let mut masks = [0 as __mmask16; H];
-            for (h, m) in masks.iter_mut().enumerate() {
-                let n = t.nr.saturating_sub(h * NR).min(NR);
-                *m = if n == NR { 0xffff } else { (1u16 << n) - 1 };
-            }
+            let masks = half_masks::<H>(t.nr);
             for (i, ai) in acc.iter().enumerate() {
                 let c = t.c.add(i * t.ldc);
                 for h in 0..H {
@@ -278,6 +274,15 @@ mod avx512 {
         }
     }
 
+    /// The store masks of a tile's `H` 16-column halves for `nr` columns in use.
+    #[inline(always)]
+    fn half_masks<const H: usize>(nr: usize) -> [__mmask16; H] {
+        std::array::from_fn(|h| {
+            let n = nr.saturating_sub(h * NR).min(NR);
+            if n == NR { 0xffff } else { (1u16 << n) - 1 }
+        })
+    }
+
     /// [`super::microkernel_pairs`]: `R`×(16·`H`) accumulators, one 32-bit broadcast of x's
     /// pair per row and pair step, `H` B loads.
     #[target_feature(enable = "avx512f,avx512bf16")]
@@ -304,11 +309,7 @@ mod avx512 {
                 a = a.add(1);
                 b = b.add(NR);
             }
-            let mut masks = [0 as __mmask16; H];
-            for (h, m) in masks.iter_mut().enumerate() {
-                let n = t.nr.saturating_sub(h * NR).min(NR);
-                *m = if n == NR { 0xffff } else { (1u16 << n) - 1 };
-            }
+            let masks = half_masks::<H>(t.nr);
             for (i, ai) in acc.iter().enumerate() {
                 let c = t.c.add(i * t.ldc);
                 for h in 0..H {

@@ -22,6 +22,14 @@ fn updating() -> bool {
 }
 
 /// Compares `actual` with the file at `path` (or rewrites it when updating).
+/// What the CRD's CEL rules say of `dsd` (empty when they accept it).
+fn cel_errors(dsd: &DeepSeekDeployment) -> String {
+    kube::core::cel::validate_cel(dsd)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default()
+}
+
 fn golden(path: &Path, actual: &str) {
     if updating() {
         std::fs::write(path, actual).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
@@ -367,29 +375,23 @@ fn hub_source_pulls_in_an_init_container() {
 #[test]
 fn model_source_rules() {
     let hub = example("hub.yaml");
-    let errors_of = |dsd: &DeepSeekDeployment| {
-        kube::core::cel::validate_cel(dsd)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default()
-    };
     let mut both = hub.clone();
     both.spec.model.volume = example("minimal.yaml").spec.model.volume;
     assert!(
-        errors_of(&both).contains("exactly one of volume, source"),
+        cel_errors(&both).contains("exactly one of volume, source"),
         "{}",
-        errors_of(&both)
+        cel_errors(&both)
     );
     let mut neither = hub.clone();
     neither.spec.model.source = None;
-    assert!(errors_of(&neither).contains("exactly one of volume, source"));
+    assert!(cel_errors(&neither).contains("exactly one of volume, source"));
     // Source-only fields on a volume source would be accepted and ignored: refused.
     let mut stray = example("minimal.yaml");
     stray.spec.model.cache_claim = Some("c".into());
     assert!(
-        errors_of(&stray).contains("apply to model.source only"),
+        cel_errors(&stray).contains("apply to model.source only"),
         "{}",
-        errors_of(&stray)
+        cel_errors(&stray)
     );
     for bad in [
         "deepseek-ai/DeepSeek-V3",
@@ -401,7 +403,7 @@ fn model_source_rules() {
         let mut dsd = hub.clone();
         dsd.spec.model.source = Some(bad.into());
         assert!(
-            errors_of(&dsd).contains("source must be hf://"),
+            cel_errors(&dsd).contains("source must be hf://"),
             "{bad} accepted"
         );
     }
@@ -412,14 +414,14 @@ fn model_source_rules() {
     ] {
         let mut dsd = hub.clone();
         dsd.spec.model.source = Some(good.into());
-        assert_eq!(errors_of(&dsd), "", "{good}");
+        assert_eq!(cel_errors(&dsd), "", "{good}");
     }
     let mut outside = hub.clone();
     outside.spec.model.path = "/data".into();
-    assert!(errors_of(&outside).contains("path must be /models or below"));
+    assert!(cel_errors(&outside).contains("path must be /models or below"));
     let mut endpoint = hub;
     endpoint.spec.model.endpoint = Some("hf-mirror.internal".into());
-    assert!(errors_of(&endpoint).contains("endpoint must be an http"));
+    assert!(cel_errors(&endpoint).contains("endpoint must be an http"));
 }
 
 #[test]
@@ -1189,19 +1191,13 @@ fn devices_put_gpus_only_on_roles_on_a_gpu() {
 /// field; the builders refuse the same for objects stored before the rules.
 #[test]
 fn device_rules_name_the_field() {
-    let errors_of = |dsd: &DeepSeekDeployment| {
-        kube::core::cel::validate_cel(dsd)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default()
-    };
     let full = example("full.yaml");
     for good in ["cpu", "cuda", "cuda:0", "cuda:7"] {
         let mut dsd = full.clone();
         dsd.spec.experts.device = good.into();
         // The example's bf16 activations are a CPU setting.
         dsd.spec.experts.activation_dtype = crd::ActivationDtype::F32;
-        assert_eq!(errors_of(&dsd), "", "{good}");
+        assert_eq!(cel_errors(&dsd), "", "{good}");
         builders::build(&as_stored(dsd)).unwrap_or_else(|e| panic!("{good}: {e}"));
     }
     for bad in [
@@ -1214,7 +1210,7 @@ fn device_rules_name_the_field() {
             } else {
                 dsd.spec.experts.device = bad.into();
             }
-            let errors = errors_of(&dsd);
+            let errors = cel_errors(&dsd);
             assert!(
                 errors.contains(&format!("{role}.device must be cpu, cuda or cuda:N")),
                 "{role}.device {bad:?}: {errors}"
@@ -1228,11 +1224,11 @@ fn device_rules_name_the_field() {
     on_cpu.spec.attention.device = "cpu".into();
     on_cpu.spec.attention.resources = None;
     assert!(
-        errors_of(&on_cpu).contains(
+        cel_errors(&on_cpu).contains(
             "attention.kvCache.gpuMemoryUtilization applies only when attention.device is cuda"
         ),
         "{}",
-        errors_of(&on_cpu)
+        cel_errors(&on_cpu)
     );
     let err = builders::build(&as_stored(on_cpu)).unwrap_err().to_string();
     assert!(
@@ -1242,11 +1238,11 @@ fn device_rules_name_the_field() {
     let mut both = full.clone();
     both.spec.attention.kv_cache.memory = Some(Quantity("64Gi".into()));
     assert!(
-        errors_of(&both).contains(
+        cel_errors(&both).contains(
             "attention.kvCache.gpuMemoryUtilization and attention.kvCache.memory both size"
         ),
         "{}",
-        errors_of(&both)
+        cel_errors(&both)
     );
     let err = builders::build(&as_stored(both)).unwrap_err().to_string();
     assert!(err.contains("not both"), "{err}");
@@ -1281,17 +1277,17 @@ fn device_rules_name_the_field() {
     let mut hoarding = full.clone();
     hoarding.spec.experts.resources = hoarding.spec.attention.resources.clone();
     assert!(
-        errors_of(&hoarding)
+        cel_errors(&hoarding)
             .contains("experts.resources asks for nvidia.com/gpu but experts.device is cpu"),
         "{}",
-        errors_of(&hoarding)
+        cel_errors(&hoarding)
     );
     let mut in_requests = full.clone();
     in_requests.spec.experts.resources = Some(k8s_openapi::api::core::v1::ResourceRequirements {
         requests: Some([("nvidia.com/gpu".to_string(), Quantity("1".into()))].into()),
         ..Default::default()
     });
-    assert!(errors_of(&in_requests).contains("experts.resources asks for nvidia.com/gpu"));
+    assert!(cel_errors(&in_requests).contains("experts.resources asks for nvidia.com/gpu"));
     let mut attention_on_cpu = full.clone();
     attention_on_cpu.spec.attention.device = "cpu".into();
     attention_on_cpu
@@ -1300,10 +1296,10 @@ fn device_rules_name_the_field() {
         .kv_cache
         .gpu_memory_utilization = None;
     assert!(
-        errors_of(&attention_on_cpu)
+        cel_errors(&attention_on_cpu)
             .contains("attention.resources asks for nvidia.com/gpu but attention.device is cpu"),
         "{}",
-        errors_of(&attention_on_cpu)
+        cel_errors(&attention_on_cpu)
     );
 
     // Without shards the experts run in the attention pods, on their device.
@@ -1312,9 +1308,9 @@ fn device_rules_name_the_field() {
     no_shards.spec.experts.redundant_slots = 0;
     no_shards.spec.experts.rebalance_interval_seconds = None;
     assert!(
-        errors_of(&no_shards).contains("experts.device must equal attention.device"),
+        cel_errors(&no_shards).contains("experts.device must equal attention.device"),
         "{}",
-        errors_of(&no_shards)
+        cel_errors(&no_shards)
     );
     let err = builders::build(&as_stored(no_shards.clone()))
         .unwrap_err()
@@ -1325,7 +1321,7 @@ fn device_rules_name_the_field() {
     );
     no_shards.spec.experts.device = "cuda".into();
     no_shards.spec.experts.activation_dtype = crd::ActivationDtype::F32;
-    assert_eq!(errors_of(&no_shards), "");
+    assert_eq!(cel_errors(&no_shards), "");
     builders::build(&as_stored(no_shards)).expect("same device without shards");
 }
 
@@ -1396,15 +1392,9 @@ fn changing_a_roles_device_rolls_only_that_role() {
 #[test]
 fn activation_dtype_reaches_only_its_role_and_only_cpus() {
     use shardseek_operator::crd::ActivationDtype;
-    let errors_of = |dsd: &DeepSeekDeployment| {
-        kube::core::cel::validate_cel(dsd)
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default()
-    };
     let full = example("full.yaml");
     assert_eq!(full.spec.experts.activation_dtype, ActivationDtype::Bf16);
-    assert_eq!(errors_of(&full), "");
+    assert_eq!(cel_errors(&full), "");
     let base = as_stored(full.clone());
     let cfg = builders::cluster_config(&base).expect("config");
     assert_eq!(
@@ -1437,9 +1427,9 @@ fn activation_dtype_reaches_only_its_role_and_only_cpus() {
     let mut on_gpu = full.clone();
     on_gpu.spec.attention.activation_dtype = ActivationDtype::Bf16;
     assert!(
-        errors_of(&on_gpu).contains("attention.activationDtype bf16 is a CPU setting"),
+        cel_errors(&on_gpu).contains("attention.activationDtype bf16 is a CPU setting"),
         "{}",
-        errors_of(&on_gpu)
+        cel_errors(&on_gpu)
     );
     let err = builders::build(&as_stored(on_gpu))
         .expect_err("bf16 on cuda")
@@ -1455,10 +1445,10 @@ fn activation_dtype_reaches_only_its_role_and_only_cpus() {
     no_shards.spec.experts.redundant_slots = 0;
     no_shards.spec.experts.rebalance_interval_seconds = None;
     assert!(
-        errors_of(&no_shards)
+        cel_errors(&no_shards)
             .contains("experts.activationDtype must equal attention.activationDtype"),
         "{}",
-        errors_of(&no_shards)
+        cel_errors(&no_shards)
     );
     let err = builders::build(&as_stored(no_shards.clone()))
         .expect_err("mismatch")
@@ -1468,7 +1458,7 @@ fn activation_dtype_reaches_only_its_role_and_only_cpus() {
         "{err}"
     );
     no_shards.spec.attention.activation_dtype = ActivationDtype::Bf16;
-    assert_eq!(errors_of(&no_shards), "");
+    assert_eq!(cel_errors(&no_shards), "");
     let cfg = builders::cluster_config(&as_stored(no_shards)).expect("config");
     assert_eq!(
         cfg.attention.activation_dtype,
