@@ -468,6 +468,7 @@ mod avx512 {
 /// u32 at `b + p·16` (the same two k of 16 weight rows); columns `16..nr` read B at
 /// `b + b_hi`. `scale[h]` multiplies the products of half h (the FP8 block scale of its 16
 /// weight rows, 1 for BF16), so weights stay exact in bf16 and one call covers one scale block.
+#[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 pub(crate) struct PairTile {
     pub pairs: usize,
@@ -540,6 +541,7 @@ pub(crate) unsafe fn pack_pairs(
 /// The per-half scales of a pair tile whose 16-row halves start at weight rows `r0` and
 /// `r0 + 16`, over the columns of scale block `kb`: FP8 block scales (the ×2⁸ of the f16 route
 /// the packing takes is not applied: [`pack_pairs`] stores the codes' true values), 1 for BF16.
+#[cfg(target_arch = "x86_64")]
 pub(crate) fn pair_scales(w: &Weight, r0: usize, kb: usize) -> [f32; 2] {
     match w.data {
         crate::weight::WeightData::Fp8E4m3 { scale_inv, .. } => {
