@@ -628,6 +628,14 @@ impl<'a> XOperand<'a> {
         let kp = KC / 2;
         let rsa = k.div_ceil(2);
         let xb = self.pairs.as_ptr() as *const u32;
+        // A task is at most NC_MAX columns (`col_chunk`, more than STREAM_MAX_M rows): the
+        // scales of its wide tiles and scale blocks fit a fixed array, looked up once per
+        // k-block instead of once per tile call.
+        assert!(
+            cols <= NC_MAX,
+            "pair tiles take at most {NC_MAX} columns a task"
+        );
+        let mut scales = [[[0f32; 2]; KC / FP8_BLOCK]; NC_MAX / NW];
         with_pair_panel(kp * panels * NR, |bp| {
             for (pi, k0) in (0..k).step_by(KC).enumerate() {
                 let kc = KC.min(k - k0);
@@ -636,6 +644,11 @@ impl<'a> XOperand<'a> {
                     let panel = &mut bp[p * kp * NR..(p * kp + kc.div_ceil(2)) * NR];
                     // SAFETY: pair tiles serve only FP8 and BF16 weights on AVX512-BF16.
                     unsafe { pack_pairs(w, r0, NR.min(n1 - r0), k0, kc, panel) };
+                }
+                for (p, tile) in (0..panels).step_by(2).zip(scales.iter_mut()) {
+                    for (si, s0) in (0..kc).step_by(FP8_BLOCK).enumerate() {
+                        tile[si] = pair_scales(w, n0 + p * NR, (k0 + s0) / FP8_BLOCK);
+                    }
                 }
                 for ib in 0..m.div_ceil(MR) {
                     let mr = MR.min(m - ib * MR);
@@ -654,7 +667,7 @@ impl<'a> XOperand<'a> {
                                 mr,
                                 nr,
                                 accumulate: pi > 0 || si > 0,
-                                scale: pair_scales(w, n0 + p * NR, (k0 + s0) / FP8_BLOCK),
+                                scale: scales[p / 2][si],
                             };
                             // SAFETY: x rows are `rsa` pairs (zero-padded), panels hold
                             // `kp` pairs of 16 rows (the second half, read only when nr > 16,

@@ -13,7 +13,7 @@ use super::common::*;
 use shardseek_kernels::cpu::Isa;
 use shardseek_kernels::fp8::{bf16_to_f32, f32_to_bf16};
 use shardseek_kernels::gemm::{self, Activations, Compute, Epilogue, PAIRS_MIN_M, reference};
-use shardseek_kernels::moe::{self, Combine, ExpertWeights, Group};
+use shardseek_kernels::moe::{self, Combine};
 use shardseek_kernels::sampling::Rng;
 
 const TOL: f64 = 1e-5;
@@ -146,34 +146,10 @@ fn grouped_ffn_with_bf16_activations() {
     for &seed in &SEEDS {
         let mut rng = Rng::new(seed);
         let (hidden, inter) = (200, 136);
-        let owned: Vec<[OwnedWeight; 3]> = (0..4)
-            .map(|e| {
-                let kind = if e == 2 { Kind::Bf16 } else { Kind::Fp8 };
-                [
-                    OwnedWeight::random(&mut rng, inter, hidden, kind),
-                    OwnedWeight::random(&mut rng, inter, hidden, kind),
-                    OwnedWeight::random(&mut rng, hidden, inter, kind),
-                ]
-            })
-            .collect();
-        let experts: Vec<ExpertWeights> = owned
-            .iter()
-            .map(|[g, u, d]| ExpertWeights {
-                gate: g.view(),
-                up: u.view(),
-                down: d.view(),
-            })
-            .collect();
+        let owned = random_experts(&mut rng, 4, hidden, inter, 2);
+        let experts = expert_views(&owned);
         let sizes = [(3, 1), (0, 40), (2, 9), (1, 2)];
-        let mut groups = Vec::new();
-        let mut r = 0;
-        for (e, n) in sizes {
-            groups.push(Group {
-                expert: e,
-                rows: r..r + n,
-            });
-            r += n;
-        }
+        let (groups, r) = groups_of(&sizes);
         let x = randv(&mut rng, r * hidden);
         let w = randv(&mut rng, r);
         let mut want = vec![0f32; r * hidden];

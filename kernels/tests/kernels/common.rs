@@ -98,3 +98,50 @@ pub fn misalign(v: &[u8]) -> (Vec<u8>, usize) {
     b[1..].copy_from_slice(v);
     (b, 1)
 }
+
+/// `n` random experts (gate, up: `[inter, hidden]`; down: `[hidden, inter]`), FP8 except
+/// expert `bf16_at`, which is BF16.
+pub fn random_experts(
+    rng: &mut Rng,
+    n: usize,
+    hidden: usize,
+    inter: usize,
+    bf16_at: usize,
+) -> Vec<[OwnedWeight; 3]> {
+    (0..n)
+        .map(|e| {
+            let kind = if e == bf16_at { Kind::Bf16 } else { Kind::Fp8 };
+            [
+                OwnedWeight::random(rng, inter, hidden, kind),
+                OwnedWeight::random(rng, inter, hidden, kind),
+                OwnedWeight::random(rng, hidden, inter, kind),
+            ]
+        })
+        .collect()
+}
+
+/// The kernels' view of [`random_experts`].
+pub fn expert_views(owned: &[[OwnedWeight; 3]]) -> Vec<shardseek_kernels::moe::ExpertWeights<'_>> {
+    owned
+        .iter()
+        .map(|[g, u, d]| shardseek_kernels::moe::ExpertWeights {
+            gate: g.view(),
+            up: u.view(),
+            down: d.view(),
+        })
+        .collect()
+}
+
+/// Consecutive row groups of the given (expert, rows) sizes, and the rows they cover.
+pub fn groups_of(sizes: &[(usize, usize)]) -> (Vec<shardseek_kernels::moe::Group>, usize) {
+    let mut groups = Vec::new();
+    let mut r = 0;
+    for &(e, n) in sizes {
+        groups.push(shardseek_kernels::moe::Group {
+            expert: e,
+            rows: r..r + n,
+        });
+        r += n;
+    }
+    (groups, r)
+}

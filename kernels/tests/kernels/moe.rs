@@ -10,35 +10,11 @@ fn grouped_ffn_matches_reference_on_skewed_groups() {
     for &seed in &SEEDS {
         let mut rng = Rng::new(seed);
         let (hidden, inter) = (200, 136);
-        let owned: Vec<[OwnedWeight; 3]> = (0..5)
-            .map(|e| {
-                let kind = if e == 3 { Kind::Bf16 } else { Kind::Fp8 };
-                [
-                    OwnedWeight::random(&mut rng, inter, hidden, kind),
-                    OwnedWeight::random(&mut rng, inter, hidden, kind),
-                    OwnedWeight::random(&mut rng, hidden, inter, kind),
-                ]
-            })
-            .collect();
-        let experts: Vec<ExpertWeights> = owned
-            .iter()
-            .map(|[g, u, d]| ExpertWeights {
-                gate: g.view(),
-                up: u.view(),
-                down: d.view(),
-            })
-            .collect();
+        let owned = random_experts(&mut rng, 5, hidden, inter, 3);
+        let experts = expert_views(&owned);
         // Skewed: one large group (prefill path), singles and an empty one (decode path).
         let sizes = [(4, 1), (0, 3), (2, 0), (1, 40), (3, 17)];
-        let mut groups = Vec::new();
-        let mut r = 0;
-        for (e, n) in sizes {
-            groups.push(Group {
-                expert: e,
-                rows: r..r + n,
-            });
-            r += n;
-        }
+        let (groups, r) = groups_of(&sizes);
         let rows = r + 2; // two rows belong to no group and must stay untouched
         let x = randv(&mut rng, rows * hidden);
         let w = randv(&mut rng, rows);
